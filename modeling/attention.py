@@ -1,0 +1,211 @@
+"""The three-tier attention function, registered with transformers as `attn_implementation="sparsemem"`.
+
+For each query: exact softmax over
+  anchors (sinks + recent window) ∪ top-k scored blocks of the block store ∪ slots of cold blocks/spans,
+computed per tier and merged by log-sum-exp. A slot is counted only when the block it stands for is
+neither selected nor touched by the query's anchors, so no token is counted twice. With
+`top_k_blocks=None` and no slots this is dense causal attention.
+
+This file holds the vectorised PyTorch reference path (CPU and GPU); it materialises the logits of one
+query chunk against the physical keys and masks them, which makes it the oracle for fast kernels.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
+
+from .anchors import anchor_mask, blocks_touching_anchors, causal_mask, sliding_window_mask
+from .cache import SlotTier
+from .configuration_sparsemem import SparseMemOptions
+from .merge import masked_attention, merge_attention_states
+from .scorer import PooledKeyScorer, summarize_blocks
+from .selection import select_blocks
+
+ATTENTION_NAME = "sparsemem"
+_DEFAULTS = SparseMemOptions()
+
+
+@dataclass
+class MemoryView:
+    """Everything the attention function needs beyond q/k/v, passed by the sparsemem attention module.
+
+    query_positions [Q] and key_positions [N] are logical positions; slots is the layer's slot tier.
+    """
+
+    query_positions: torch.Tensor
+    key_positions: torch.Tensor
+    slots: SlotTier | None = None
+    sliding_window: int | None = None
+
+
+class AttentionStats:
+    """Counts (query head, key) pairs attended versus the pairs dense causal attention would compute."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.attended = {"prefill": 0.0, "decode": 0.0}
+        self.dense = {"prefill": 0.0, "decode": 0.0}
+
+    def add(self, phase: str, attended: torch.Tensor, dense: torch.Tensor) -> None:
+        self.attended[phase] += float(attended)
+        self.dense[phase] += float(dense)
+
+
+def _option(config, name):
+    return getattr(config, name, getattr(_DEFAULTS, name))
+
+
+def _dense_pair_counts(query_positions, padding, sliding_window) -> torch.Tensor:
+    """Logical keys a dense causal query would see: [B or 1, Q]."""
+    if padding is None:
+        counts = query_positions + 1
+        if sliding_window is not None:
+            counts = counts.clamp(max=sliding_window)
+        return counts[None].float()
+    cumulative = torch.nn.functional.pad(padding.float().cumsum(-1), (1, 0))
+    upper = cumulative[:, query_positions + 1]
+    if sliding_window is None:
+        return upper
+    return upper - cumulative[:, (query_positions + 1 - sliding_window).clamp(min=0)]
+
+
+def sparsemem_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    sparsemem: MemoryView | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query [B, H, Q, D], key/value [B, Hkv, N, D] -> (output [B, Q, H, D], None).
+
+    `attention_mask` is the [B, T] padding mask over logical positions made by `sparsemem_mask` (or None),
+    or a 4D mask over logical positions passed by the caller.
+    """
+    if dropout > 0.0:
+        raise ValueError("attn_implementation='sparsemem' does not implement attention dropout; set attention_dropout=0")
+    config = module.config
+    block_size, top_k = _option(config, "block_size"), _option(config, "top_k_blocks")
+    sink, local = _option(config, "sink_tokens"), _option(config, "local_tokens")
+    chunk = _option(config, "query_chunk_size")
+    batch, heads, num_queries, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+
+    if sparsemem is None:
+        # called by a plain transformers attention module over a cache that holds every token in order
+        total = key.shape[-2]
+        positions = torch.arange(total, device=key.device)
+        sparsemem = MemoryView(positions[total - num_queries :], positions, None, sliding_window)
+    query_positions, key_positions, slots = sparsemem.query_positions, sparsemem.key_positions, sparsemem.slots
+    window = sparsemem.sliding_window
+
+    padding, full_mask4d = None, None
+    if attention_mask is not None:
+        if attention_mask.dim() == 2:
+            padding = attention_mask.bool()
+        elif attention_mask.dim() == 4:
+            full_mask4d = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        else:
+            raise ValueError(f"attention_mask must be 2D [B, T] or 4D [B, 1, Q, T], got shape {tuple(attention_mask.shape)}")
+
+    block_ids = torch.div(key_positions, block_size, rounding_mode="floor")
+    num_blocks = int(block_ids.max()) + 1 if block_ids.numel() else 0
+    if slots is not None and slots.block.numel():
+        num_blocks = max(num_blocks, int(slots.block.max()) + 1)
+    num_blocks = max(num_blocks, 1)
+    summaries = summarize_blocks(key, block_ids, num_blocks)
+    scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
+
+    query_groups = query.view(batch, kv_heads, groups, num_queries, dim).float()
+    keys_f, values_f = key.float(), value.float()
+    stats = getattr(module, "sparsemem_stats", None)
+    outputs = []
+    for start in range(0, num_queries, chunk):
+        q = query_groups[:, :, :, start : start + chunk]
+        q_pos = query_positions[start : start + chunk]
+        n_q = q_pos.shape[0]
+
+        visible = causal_mask(q_pos, key_positions)[None]  # [1|B, q, N]
+        window_mask = sliding_window_mask(q_pos, key_positions, window)
+        if window_mask is not None:
+            visible = visible & window_mask
+        if padding is not None:
+            visible = visible & padding[:, key_positions][:, None, :]
+        if full_mask4d is not None:
+            visible = visible & full_mask4d[:, 0, start : start + n_q][..., key_positions]
+        anchors = anchor_mask(q_pos, key_positions, sink, local)  # [q, N]
+
+        # candidate blocks hold at least one visible key that is not an anchor
+        cold = (visible & ~anchors).float()
+        candidates = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, block_ids, cold) > 0
+        scores = scorer(q, summaries)  # [B, Hkv, q, nb]
+        selected = select_blocks(scores, candidates[:, None], top_k)
+        key_selected = selected.gather(-1, block_ids.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
+        full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]
+
+        logits = torch.einsum("bhgqd,bhnd->bhgqn", q, keys_f) * scaling
+        states = [masked_attention(logits, full[:, :, None], values_f[:, :, None])]
+        attended = full.sum() * groups
+
+        if slots is not None and slots.position.numel():
+            slot_logits = torch.einsum("bhgqd,bhsd->bhgqs", q, slots.keys.float()) * scaling
+            slot_logits = slot_logits + slots.beta.float()[:, :, None, None, :]
+            slot_visible = slots.position[None, :] < q_pos[:, None]  # [q, S]
+            if window is not None:
+                slot_visible = slot_visible & (slots.position[None, :] > q_pos[:, None] - window)
+            touched = blocks_touching_anchors(q_pos, num_blocks, block_size, sink, local)  # [q, nb]
+            slot_block = slots.block.clamp(min=0)
+            covered = selected.gather(-1, slot_block.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
+            covered = (covered | touched[:, slot_block][None, None]) & (slots.block >= 0)
+            slot_mask = slot_visible[None, None] & ~covered & torch.isfinite(slots.beta)[:, :, None, :]
+            states.append(masked_attention(slot_logits, slot_mask[:, :, None], slots.values.float()[:, :, None]))
+            attended = attended + slot_mask.sum() * groups
+
+        out, _ = merge_attention_states(states)
+        outputs.append(out)
+        if stats is not None:
+            dense = _dense_pair_counts(q_pos, padding, window).sum() * heads
+            if padding is None:
+                dense = dense * batch
+            stats.add("decode" if num_queries == 1 else "prefill", attended, dense)
+
+    output = torch.cat(outputs, dim=3).reshape(batch, heads, num_queries, dim)
+    return output.transpose(1, 2).to(query.dtype), None
+
+
+def sparsemem_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask interface for "sparsemem": only the [B, T] padding mask over logical positions 0..T-1.
+
+    Causality, sliding windows and anchors are applied by the attention function from logical
+    positions, so no [Q, T] mask is materialised at long context lengths.
+    """
+    if attention_mask is None:
+        return None
+    padding = prepare_padding_mask(attention_mask.bool(), kv_length + kv_offset, 0)
+    return None if bool(padding.all()) else padding
+
+
+def register_attention() -> None:
+    AttentionInterface.register(ATTENTION_NAME, sparsemem_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sparsemem_mask)
+
+
+register_attention()

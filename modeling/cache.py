@@ -1,0 +1,233 @@
+"""`SparseMemCache`: a transformers `Cache` holding the three memory tiers per layer.
+
+Per layer it keeps
+- full-resolution K/V (anchors and the block store) with the logical position of every entry, and
+- a slot tier of consolidated `(k, v, beta)` entries standing for spans whose K/V are not attended.
+
+The logical length never shrinks when tokens are evicted into slots, so new tokens keep the RoPE
+positions they would have had with the full cache, and masks are built over logical positions.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+@dataclass
+class SlotTier:
+    """Consolidated memory of one layer.
+
+    keys, values: [B, Hkv, S, D]; beta: [B, Hkv, S] logit bias (-inf marks an unused slot);
+    block: [S] block id the slot stands for while that block is also stored at full resolution, or -1
+    for a span whose full-resolution K/V were dropped; position: [S] last logical position it covers.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    beta: torch.Tensor
+    block: torch.Tensor
+    position: torch.Tensor
+
+    def __post_init__(self):
+        batch, heads, num, dim = self.keys.shape
+        checks = {
+            "values": (self.values.shape, (batch, heads, num, self.values.shape[-1])),
+            "beta": (self.beta.shape, (batch, heads, num)),
+            "block": (self.block.shape, (num,)),
+            "position": (self.position.shape, (num,)),
+        }
+        for name, (got, want) in checks.items():
+            if tuple(got) != tuple(want):
+                raise ValueError(f"slot `{name}` has shape {tuple(got)}, expected {tuple(want)}")
+        for name in ("keys", "values"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise ValueError(f"slot `{name}` contain non-finite values")
+        if torch.isnan(self.beta).any() or (self.beta == float("inf")).any():
+            raise ValueError("slot `beta` must be finite or -inf (unused slot)")
+
+    def map(self, fn) -> "SlotTier":
+        """Apply `fn` to the batch-carrying tensors (keys, values, beta)."""
+        return SlotTier(fn(self.keys), fn(self.values), fn(self.beta), self.block, self.position)
+
+    def select(self, keep: torch.Tensor) -> "SlotTier":
+        """Keep the slots where the [S] boolean `keep` is True."""
+        return SlotTier(
+            self.keys[:, :, keep], self.values[:, :, keep], self.beta[:, :, keep], self.block[keep], self.position[keep]
+        )
+
+    @staticmethod
+    def cat(first: "SlotTier | None", second: "SlotTier") -> "SlotTier":
+        if first is None:
+            return second
+        return SlotTier(
+            torch.cat([first.keys, second.keys], dim=2),
+            torch.cat([first.values, second.values], dim=2),
+            torch.cat([first.beta, second.beta], dim=2),
+            torch.cat([first.block, second.block]),
+            torch.cat([first.position, second.position]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.beta))
+
+
+class SparseMemLayer(CacheLayerMixin):
+    """One layer of `SparseMemCache`."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.positions: torch.Tensor | None = None
+        self.logical_length = 0
+        self.slots: SlotTier | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.positions = torch.empty(0, dtype=torch.long, device=key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        new_positions = torch.arange(self.logical_length, self.logical_length + new, device=self.positions.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions])
+        self.logical_length += new
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        # masks are built over logical positions, from 0
+        return self.logical_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def reset(self) -> None:
+        self.keys = self.values = self.positions = None
+        self.slots = None
+        self.logical_length = 0
+        self.is_initialized = False
+
+    # -- tier edits used by compaction and consolidation ---------------------------------------------
+
+    def add_slots(self, slots: SlotTier) -> None:
+        if not self.is_initialized:
+            raise ValueError("cannot add slots to an empty cache layer: run the context through the model first")
+        if slots.keys.shape[:2] != self.keys.shape[:2] or slots.keys.shape[-1] != self.keys.shape[-1]:
+            raise ValueError(
+                f"slot keys {tuple(slots.keys.shape)} do not match the layer's keys {tuple(self.keys.shape)} "
+                "in batch, KV heads or head dim"
+            )
+        if (slots.position >= self.logical_length).any():
+            raise ValueError("slots may only stand for positions already in the cache")
+        slots = slots.map(lambda t: t.to(self.device))
+        self.slots = SlotTier.cat(self.slots, slots)
+
+    def evict(self, drop: torch.Tensor) -> None:
+        """Drop the full-resolution entries where the [N] boolean `drop` is True (their slots stay)."""
+        keep = ~drop.to(self.positions.device)
+        self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
+        self.positions = self.positions[keep]
+
+    # -- transformers cache API ---------------------------------------------------------------------
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: remove that many newest logical tokens; positive: keep that many (legacy meaning)."""
+        if not self.is_initialized or tokens_to_remove == 0:
+            return
+        new_length = tokens_to_remove if tokens_to_remove > 0 else self.logical_length + tokens_to_remove
+        if new_length >= self.logical_length:
+            return
+        if new_length < 0:
+            raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache of {self.logical_length}")
+        if self.slots is not None and (self.slots.position >= new_length).any():
+            raise ValueError(
+                f"cannot crop the cache to {new_length} tokens: consolidated slots cover positions beyond it "
+                "and a slot cannot be split"
+            )
+        self.evict(self.positions >= new_length)
+        self.logical_length = new_length
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.slots is not None:
+            self.slots = self.slots.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def offload(self):
+        super().offload()
+        if self.slots is not None:
+            self.slots = self.slots.map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        super().prefetch()
+        if self.slots is not None:
+            self.slots = self.slots.map(lambda t: t.to(self.device, non_blocking=True))
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def memory_bytes(self, sink_tokens: int, local_tokens: int) -> dict[str, int]:
+        """Bytes held per tier; anchors are judged against the next query position."""
+        if not self.is_initialized:
+            return {"anchors": 0, "block_store": 0, "slots": 0}
+        per_token = (self.keys[..., :1, :].numel() * self.keys.element_size()) + (
+            self.values[..., :1, :].numel() * self.values.element_size()
+        )
+        anchors = (self.positions < sink_tokens) | (self.positions >= self.logical_length - local_tokens)
+        num_anchors = int(anchors.sum())
+        return {
+            "anchors": num_anchors * per_token,
+            "block_store": (self.physical_length - num_anchors) * per_token,
+            "slots": 0 if self.slots is None else self.slots.nbytes,
+        }
+
+
+class SparseMemCache(Cache):
+    """Cache of a sparsemem model; created automatically by `forward` and `generate`.
+
+    Pass `config` (a sparsemem config) so the per-tier byte report knows the anchor sizes.
+    """
+
+    is_sparsemem = True
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(layer_class_to_replicate=SparseMemLayer)
+        self.sink_tokens = getattr(config, "sink_tokens", 0)
+        self.local_tokens = getattr(config, "local_tokens", 0)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Physical bytes per tier over all layers, and their total."""
+        totals = {"anchors": 0, "block_store": 0, "slots": 0}
+        for layer in self.layers:
+            for tier, value in layer.memory_bytes(self.sink_tokens, self.local_tokens).items():
+                totals[tier] += value
+        totals["total"] = sum(totals.values())
+        return totals
+
+    def physical_lengths(self) -> list[int]:
+        return [layer.physical_length for layer in self.layers]

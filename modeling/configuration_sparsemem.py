@@ -1,0 +1,120 @@
+"""Configurations of the sparsemem model families.
+
+Each config is the base family's config plus the sparse-memory options, so a base checkpoint's
+`config.json` loads unchanged and the options travel inside `config.json` of a saved sparsemem
+checkpoint.
+"""
+
+from dataclasses import dataclass
+
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+SCORERS = ("minmax", "mean")
+
+
+@dataclass(kw_only=True)
+class SparseMemOptions:
+    """Options shared by every sparsemem family.
+
+    block_size: tokens per block of the block store; selection and summaries work per block.
+    sink_tokens: the first tokens of the sequence, always attended exactly (attention sinks).
+    local_tokens: the newest tokens before each query, always attended exactly.
+    top_k_blocks: blocks attended exactly per query on top of the anchors; `None` means every block
+        (dense-equivalent).
+    scorer: training-free block scorer, "minmax" (upper bound of q.k from per-block key extrema) or
+        "mean" (q . mean key).
+    query_chunk_size: queries processed at once by the reference path; bounds its memory.
+    """
+
+    block_size: int = 64
+    sink_tokens: int = 16
+    local_tokens: int = 128
+    top_k_blocks: int | None = 8
+    scorer: str = "minmax"
+    query_chunk_size: int = 512
+
+    def validate_sparsemem_options(self) -> None:
+        def _int(name, value, minimum):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+        _int("block_size", self.block_size, 1)
+        _int("sink_tokens", self.sink_tokens, 0)
+        _int("local_tokens", self.local_tokens, 0)
+        _int("query_chunk_size", self.query_chunk_size, 1)
+        if self.top_k_blocks is not None:
+            _int("top_k_blocks", self.top_k_blocks, 1)
+        if self.scorer not in SCORERS:
+            raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        if kv_heads is not None and (kv_heads < 1 or heads % kv_heads != 0):
+            raise ValueError(
+                f"`num_key_value_heads` ({kv_heads}) must divide `num_attention_heads` ({heads}): "
+                "block selection is shared by the query heads of one KV group"
+            )
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        source = config_dict.get("model_type")
+        if source is not None and source not in (cls.model_type, cls.base_model_type):
+            raise ValueError(
+                f"{cls.__name__} cannot load a checkpoint of model_type {source!r}; expected "
+                f"{cls.base_model_type!r} (a base checkpoint) or {cls.model_type!r}"
+            )
+        result = super().from_dict(config_dict, **kwargs)
+        # options passed as keyword arguments are set after __post_init__: validate again
+        (result[0] if isinstance(result, tuple) else result).validate_sparsemem_options()
+        return result
+
+    def sparsemem_options(self) -> dict:
+        return {
+            "block_size": self.block_size,
+            "sink_tokens": self.sink_tokens,
+            "local_tokens": self.local_tokens,
+            "top_k_blocks": self.top_k_blocks,
+            "scorer": self.scorer,
+            "query_chunk_size": self.query_chunk_size,
+        }
+
+
+OPTION_NAMES = tuple(SparseMemOptions.__dataclass_fields__)
+
+
+class SparseMemLlamaConfig(SparseMemOptions, LlamaConfig):
+    model_type = "sparsemem_llama"
+    base_model_type = "llama"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_sparsemem_options()
+
+
+class SparseMemMistralConfig(SparseMemOptions, MistralConfig):
+    model_type = "sparsemem_mistral"
+    base_model_type = "mistral"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_sparsemem_options()
+
+
+class SparseMemQwen2Config(SparseMemOptions, Qwen2Config):
+    model_type = "sparsemem_qwen2"
+    base_model_type = "qwen2"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_sparsemem_options()
+
+
+class SparseMemQwen3Config(SparseMemOptions, Qwen3Config):
+    model_type = "sparsemem_qwen3"
+    base_model_type = "qwen3"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_sparsemem_options()
+
+
+for _config_class in (SparseMemLlamaConfig, SparseMemMistralConfig, SparseMemQwen2Config, SparseMemQwen3Config):
+    _config_class.register_for_auto_class()

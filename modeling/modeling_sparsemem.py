@@ -1,0 +1,253 @@
+"""Sparsemem causal LMs for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+Each class is its base family's `*ForCausalLM` with the attention modules replaced by sparse-memory
+ones that keep the base parameter names, so base checkpoints load unchanged. The attention call goes
+through `ALL_ATTENTION_FUNCTIONS`; the default implementation is "sparsemem" (three-tier attention),
+and any other registered implementation ("sdpa", "eager", ...) gives the base model's dense attention.
+"""
+
+import logging
+
+import torch
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+
+from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
+from .cache import SparseMemCache
+from .configuration_sparsemem import (
+    SparseMemLlamaConfig,
+    SparseMemMistralConfig,
+    SparseMemQwen2Config,
+    SparseMemQwen3Config,
+)
+from .scorer import build_scorer
+
+logger = logging.getLogger(__name__)
+
+
+class SparseMemAttentionMixin:
+    """Forward pass of a family attention module with logical positions and the slot tier.
+
+    Owns the per-layer places of the learned modules: `scorer` (block relevance) today.
+    """
+
+    def _init_sparsemem(self) -> None:
+        self.scorer = build_scorer(self.config)
+        self.sparsemem_stats = AttentionStats()
+        # Qwen2/Qwen3 set `sliding_window` per layer type; Mistral keeps it on the config
+        self.attention_window = (
+            self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if getattr(self, "q_norm", None) is not None:  # Qwen3 normalises each head before RoPE
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        past, layer = 0, None
+        if past_key_values is not None:
+            past = past_key_values.get_seq_length(self.layer_idx)
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+            layer = past_key_values.layers[self.layer_idx]
+        total = past + query_states.shape[-2]
+        device = key_states.device
+        key_positions = getattr(layer, "positions", None)
+        slots = getattr(layer, "slots", None)
+        if key_positions is None:  # a transformers cache (or none): the newest `physical` tokens, in order
+            key_positions = torch.arange(total - key_states.shape[-2], total, device=device)
+
+        implementation = self.config._attn_implementation
+        if implementation == ATTENTION_NAME:
+            query_positions = torch.arange(past, total, device=device)
+            kwargs["sparsemem"] = MemoryView(query_positions, key_positions, slots, self.attention_window)
+        elif getattr(layer, "positions", None) is not None and (
+            slots is not None or key_positions.shape[0] != total
+        ):
+            raise ValueError(
+                f"attn_implementation={implementation!r} cannot read a SparseMemCache whose tokens were evicted "
+                f"or consolidated into slots; use attn_implementation={ATTENTION_NAME!r}"
+            )
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.attention_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class SparseMemLlamaAttention(SparseMemAttentionMixin, LlamaAttention):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._init_sparsemem()
+
+
+class SparseMemMistralAttention(SparseMemAttentionMixin, MistralAttention):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._init_sparsemem()
+
+
+class SparseMemQwen2Attention(SparseMemAttentionMixin, Qwen2Attention):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._init_sparsemem()
+
+
+class SparseMemQwen3Attention(SparseMemAttentionMixin, Qwen3Attention):
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self._init_sparsemem()
+
+
+class SparseMemForCausalLMMixin:
+    """What every sparsemem causal LM adds to its base class."""
+
+    attention_class: type = None
+
+    def __init__(self, config):
+        config.validate_sparsemem_options()
+        super().__init__(config)
+        for idx, decoder_layer in enumerate(self.model.layers):
+            decoder_layer.self_attn = self.attention_class(config, idx)
+        self.post_init()
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, *args, **kwargs):
+        # sparse attention is the default of a sparsemem model; "sdpa"/"eager" remain available for dense runs
+        if attn_implementation is None:
+            attn_implementation = ATTENTION_NAME
+        if attn_implementation == ATTENTION_NAME:
+            register_attention()  # this module's function, also when loaded as remote code
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = SparseMemCache(self.config)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.cache_implementation is None
+            and generation_config.use_cache is not False
+        ):
+            model_kwargs["past_key_values"] = SparseMemCache(self.config)
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    # -- reporting ----------------------------------------------------------------------------------
+
+    def sparsemem_stats(self) -> dict[str, float]:
+        """Attention density since the last reset: attended (query head, key) pairs / dense causal pairs."""
+        attended = {"prefill": 0.0, "decode": 0.0}
+        dense = {"prefill": 0.0, "decode": 0.0}
+        for module in self.modules():
+            stats = getattr(module, "sparsemem_stats", None)
+            if isinstance(stats, AttentionStats):
+                for phase in attended:
+                    attended[phase] += stats.attended[phase]
+                    dense[phase] += stats.dense[phase]
+        result = {f"{phase}_density": attended[phase] / dense[phase] if dense[phase] else None for phase in attended}
+        total_dense = sum(dense.values())
+        result["density"] = sum(attended.values()) / total_dense if total_dense else None
+        return result
+
+    def reset_sparsemem_stats(self) -> None:
+        for module in self.modules():
+            stats = getattr(module, "sparsemem_stats", None)
+            if isinstance(stats, AttentionStats):
+                stats.reset()
+
+
+class SparseMemLlamaForCausalLM(SparseMemForCausalLMMixin, LlamaForCausalLM):
+    config_class = SparseMemLlamaConfig
+    attention_class = SparseMemLlamaAttention
+
+
+class SparseMemMistralForCausalLM(SparseMemForCausalLMMixin, MistralForCausalLM):
+    config_class = SparseMemMistralConfig
+    attention_class = SparseMemMistralAttention
+
+
+class SparseMemQwen2ForCausalLM(SparseMemForCausalLMMixin, Qwen2ForCausalLM):
+    config_class = SparseMemQwen2Config
+    attention_class = SparseMemQwen2Attention
+
+
+class SparseMemQwen3ForCausalLM(SparseMemForCausalLMMixin, Qwen3ForCausalLM):
+    config_class = SparseMemQwen3Config
+    attention_class = SparseMemQwen3Attention
+
+
+for _model_class in (
+    SparseMemLlamaForCausalLM,
+    SparseMemMistralForCausalLM,
+    SparseMemQwen2ForCausalLM,
+    SparseMemQwen3ForCausalLM,
+):
+    _model_class.register_for_auto_class("AutoModelForCausalLM")
+
+# base model_type -> (config class, model class)
+FAMILIES = {
+    "llama": (SparseMemLlamaConfig, SparseMemLlamaForCausalLM),
+    "mistral": (SparseMemMistralConfig, SparseMemMistralForCausalLM),
+    "qwen2": (SparseMemQwen2Config, SparseMemQwen2ForCausalLM),
+    "qwen3": (SparseMemQwen3Config, SparseMemQwen3ForCausalLM),
+}
+
+__all__ = [
+    "FAMILIES",
+    "SparseMemLlamaForCausalLM",
+    "SparseMemMistralForCausalLM",
+    "SparseMemQwen2ForCausalLM",
+    "SparseMemQwen3ForCausalLM",
+]

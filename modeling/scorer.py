@@ -1,0 +1,69 @@
+"""Block scorers: rank the blocks of the block store for each query.
+
+A scorer reads per-block routing summaries (pooled keys) instead of the keys themselves, so a decode
+step scores O(blocks) items. Scores are shared by the query heads of one KV group (max over the
+group), because the selected blocks are fetched once per KV head.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlockSummaries:
+    """Pooled keys of each block, per (batch, KV head): [B, Hkv, num_blocks, D]; `count` is [num_blocks]."""
+
+    key_min: torch.Tensor
+    key_max: torch.Tensor
+    key_mean: torch.Tensor
+    count: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.count.shape[0]
+
+
+def summarize_blocks(keys: torch.Tensor, block_ids: torch.Tensor, num_blocks: int) -> BlockSummaries:
+    """Min, max and mean of the stored keys of every block. `keys` [B, Hkv, N, D], `block_ids` [N]."""
+    batch, kv_heads, _, dim = keys.shape
+    keys = keys.float()
+    index = block_ids.view(1, 1, -1, 1).expand_as(keys)
+    shape = (batch, kv_heads, num_blocks, dim)
+    key_min = keys.new_full(shape, float("inf")).scatter_reduce(2, index, keys, "amin")
+    key_max = keys.new_full(shape, float("-inf")).scatter_reduce(2, index, keys, "amax")
+    key_sum = keys.new_zeros(shape).scatter_add(2, index, keys)
+    count = torch.bincount(block_ids, minlength=num_blocks)
+    key_mean = key_sum / count.clamp(min=1).view(1, 1, -1, 1).to(key_sum.dtype)
+    return BlockSummaries(key_min, key_max, key_mean, count)
+
+
+class PooledKeyScorer(nn.Module):
+    """Training-free scorer.
+
+    "minmax": sum_d max(q_d * max_d, q_d * min_d), an upper bound of q.k over every key of the block, so a
+        block holding one strongly matching key (a needle) ranks high even when its mean does not.
+    "mean": q . mean key of the block.
+    Blocks with no stored key score -inf.
+    """
+
+    def __init__(self, kind: str = "minmax"):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
+        """`query` [B, Hkv, G, Q, D] -> scores [B, Hkv, Q, num_blocks]."""
+        query = query.float()
+        if self.kind == "minmax":
+            # max(q_d * max_d, q_d * min_d) picks max_d where q_d >= 0 and min_d where q_d < 0
+            scores = torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(min=0), summaries.key_max)
+            scores = scores + torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(max=0), summaries.key_min)
+        else:
+            scores = torch.einsum("bhgqd,bhnd->bhgqn", query, summaries.key_mean)
+        scores = scores.amax(dim=2)
+        return scores.masked_fill(summaries.count.view(1, 1, 1, -1) == 0, float("-inf"))
+
+
+def build_scorer(config) -> nn.Module:
+    return PooledKeyScorer(config.scorer)

@@ -1,0 +1,48 @@
+"""sparsemem: long memory at small cost for Hugging Face causal LMs.
+
+Three-tier attention (anchors, a scored block store, consolidated slots) for Llama, Mistral, Qwen2 and
+Qwen3, registered with transformers as `attn_implementation="sparsemem"`.
+"""
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .convert import convert
+from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
+from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+from .modeling.configuration_sparsemem import (
+    SparseMemLlamaConfig,
+    SparseMemMistralConfig,
+    SparseMemQwen2Config,
+    SparseMemQwen3Config,
+)
+from .modeling.modeling_sparsemem import (
+    FAMILIES,
+    SparseMemLlamaForCausalLM,
+    SparseMemMistralForCausalLM,
+    SparseMemQwen2ForCausalLM,
+    SparseMemQwen3ForCausalLM,
+)
+
+__version__ = "0.1.0"
+
+for _config_class, _model_class in FAMILIES.values():
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForCausalLM.register(_config_class, _model_class, exist_ok=True)
+
+__all__ = [
+    "AttentionStats",
+    "MemoryView",
+    "SlotTier",
+    "SparseMemCache",
+    "SparseMemLayer",
+    "SparseMemLlamaConfig",
+    "SparseMemLlamaForCausalLM",
+    "SparseMemMistralConfig",
+    "SparseMemMistralForCausalLM",
+    "SparseMemQwen2Config",
+    "SparseMemQwen2ForCausalLM",
+    "SparseMemQwen3Config",
+    "SparseMemQwen3ForCausalLM",
+    "convert",
+    "sparsemem_attention_forward",
+]
