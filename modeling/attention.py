@@ -133,32 +133,40 @@ def sparsemem_attention_forward(
         q = query_groups[:, :, :, start : start + chunk]
         q_pos = query_positions[start : start + chunk]
         n_q = q_pos.shape[0]
+        # keys are stored in increasing logical order: later keys are in this chunk's future
+        end = int(torch.searchsorted(key_positions, q_pos[-1], right=True))
+        key_pos, key_blocks = key_positions[:end], block_ids[:end]
+        k_chunk, v_chunk = keys_f[:, :, :end], values_f[:, :, :end]
 
-        visible = causal_mask(q_pos, key_positions)[None]  # [1|B, q, N]
-        window_mask = sliding_window_mask(q_pos, key_positions, window)
+        visible = causal_mask(q_pos, key_pos)[None]  # [1|B, q, N]
+        window_mask = sliding_window_mask(q_pos, key_pos, window)
         if window_mask is not None:
             visible = visible & window_mask
         if padding is not None:
-            visible = visible & padding[:, key_positions][:, None, :]
+            visible = visible & padding[:, key_pos][:, None, :]
         if full_mask4d is not None:
-            visible = visible & full_mask4d[:, 0, start : start + n_q][..., key_positions]
-        anchors = anchor_mask(q_pos, key_positions, sink, local)  # [q, N]
+            visible = visible & full_mask4d[:, 0, start : start + n_q][..., key_pos]
+        anchors = anchor_mask(q_pos, key_pos, sink, local)  # [q, N]
 
         # candidate blocks hold at least one visible key that is not an anchor
         cold = (visible & ~anchors).float()
-        candidates = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, block_ids, cold) > 0
+        candidates = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold) > 0
         scores = scorer(q, summaries)  # [B, Hkv, q, nb]
         selected = select_blocks(scores, candidates[:, None], top_k)
-        key_selected = selected.gather(-1, block_ids.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
+        key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]
 
-        logits = torch.einsum("bhgqd,bhnd->bhgqn", q, keys_f) * scaling
-        states = [masked_attention(logits, full[:, :, None], values_f[:, :, None])]
+        has_slots = slots is not None and slots.position.numel() > 0
+        # fold the GQA group into the query axis: [B, Hkv, G*q, D] against [B, Hkv, N, D]
+        q_flat = q.reshape(batch, kv_heads, groups * n_q, dim)
+        logits = (q_flat @ k_chunk.transpose(-1, -2)).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
+        out, lse = masked_attention(logits, full[:, :, None], v_chunk, need_lse=has_slots)
+        states = [(out, lse)]
         attended = full.sum() * groups
 
-        if slots is not None and slots.position.numel():
-            slot_logits = torch.einsum("bhgqd,bhsd->bhgqs", q, slots.keys.float()) * scaling
-            slot_logits = slot_logits + slots.beta.float()[:, :, None, None, :]
+        if has_slots:
+            slot_logits = (q_flat @ slots.keys.float().transpose(-1, -2)).mul_(scaling)
+            slot_logits = slot_logits.view(batch, kv_heads, groups, n_q, -1) + slots.beta.float()[:, :, None, None, :]
             slot_visible = slots.position[None, :] < q_pos[:, None]  # [q, S]
             if window is not None:
                 slot_visible = slot_visible & (slots.position[None, :] > q_pos[:, None] - window)
@@ -167,10 +175,10 @@ def sparsemem_attention_forward(
             covered = selected.gather(-1, slot_block.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
             covered = (covered | touched[:, slot_block][None, None]) & (slots.block >= 0)
             slot_mask = slot_visible[None, None] & ~covered & torch.isfinite(slots.beta)[:, :, None, :]
-            states.append(masked_attention(slot_logits, slot_mask[:, :, None], slots.values.float()[:, :, None]))
+            states.append(masked_attention(slot_logits, slot_mask[:, :, None], slots.values.float()))
             attended = attended + slot_mask.sum() * groups
 
-        out, _ = merge_attention_states(states)
+        out = merge_attention_states(states)[0] if len(states) > 1 else states[0][0]
         outputs.append(out)
         if stats is not None:
             dense = _dense_pair_counts(q_pos, padding, window).sum() * heads

@@ -8,18 +8,30 @@ sees no key for a query has LSE = -inf and weight 0.
 import torch
 
 
-def masked_attention(logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over the keys where `mask` is True.
+def masked_attention(
+    logits: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, need_lse: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax attention over the keys where `mask` is True, in the grouped-query layout.
 
-    `logits` [..., Q, N] (fp32), `mask` broadcastable to it, `values` [..., N, D].
-    Returns output [..., Q, D] and lse [..., Q]; rows with no visible key give zeros and -inf.
+    `logits` [B, Hkv, G, Q, N] (fp32; overwritten when no gradient is needed), `mask` broadcastable to
+    it, `values` [B, Hkv, N, D] shared by the G query heads of a KV head. Returns output
+    [B, Hkv, G, Q, D] and lse [B, Hkv, G, Q] (None unless `need_lse`); rows with no visible key give
+    zeros and lse -inf.
     """
     any_visible = mask.any(dim=-1)
-    logits = logits.masked_fill(~mask, float("-inf"))
-    # rows without any key are given a finite lse so gradients stay finite; their probs are all 0
-    lse = torch.logsumexp(logits.masked_fill(~any_visible.unsqueeze(-1), 0.0), dim=-1)
-    probs = torch.exp(logits - lse.unsqueeze(-1))
-    return probs @ values, lse.masked_fill(~any_visible, float("-inf"))
+    if torch.is_grad_enabled():
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits.masked_fill_(~mask, float("-inf"))
+    row_max = logits.amax(dim=-1).masked_fill(~any_visible, 0.0)
+    probs = torch.softmax(logits, dim=-1)
+    probs = probs.masked_fill(~any_visible.unsqueeze(-1), 0.0)
+    output = torch.einsum("bhgqn,bhnd->bhgqd", probs, values)
+    if not need_lse:
+        return output, None
+    # softmax's largest probability is exp(max - lse): recover lse without a second pass of exp
+    lse = row_max - torch.log(probs.amax(dim=-1).clamp(min=torch.finfo(probs.dtype).tiny))
+    return output, lse.masked_fill(~any_visible, float("-inf"))
 
 
 def merge_attention_states(states: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

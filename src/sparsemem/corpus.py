@@ -1,0 +1,82 @@
+"""Real text for evaluation: files named by the user, or the Python reference documentation that every
+CPython installation carries (`pydoc_data.topics`), or the system's documentation files."""
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Corpus:
+    text: str
+    source: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+
+def python_reference_docs() -> Corpus:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name].strip() for name in sorted(topics))
+    return Corpus(text, "pydoc_data.topics (Python reference documentation)")
+
+
+def load_corpus(paths: list[str] | None = None) -> Corpus:
+    """Concatenate the given text files, or fall back to the Python reference documentation."""
+    if not paths:
+        return python_reference_docs()
+    texts = []
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"corpus file {path!r} does not exist")
+        texts.append(file.read_text(encoding="utf-8", errors="replace"))
+    return Corpus("\n\n".join(texts), ", ".join(paths))
+
+
+def token_window(tokenizer, corpus: Corpus, num_tokens: int, offset: int = 0) -> list[int]:
+    """`num_tokens` consecutive token ids of the corpus starting at token `offset` (wrapping around)."""
+    ids = tokenizer(corpus.text, add_special_tokens=False)["input_ids"]
+    if len(ids) < 2:
+        raise ValueError(f"corpus {corpus.source!r} is empty")
+    out = []
+    position = offset % len(ids)
+    while len(out) < num_tokens:
+        out.extend(ids[position : position + num_tokens - len(out)])
+        position = 0
+    return out
+
+
+PASSKEY_INTRO = (
+    "There is an important piece of information hidden inside a lot of irrelevant text. "
+    "Find it and memorize it. I will quiz you about it.\n\n"
+)
+PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyCase:
+    input_ids: list[int]
+    passkey: str
+    depth: float
+    length: int
+
+
+def passkey_case(tokenizer, corpus: Corpus, length: int, depth: float, seed: int = 0) -> PasskeyCase:
+    """A prompt of about `length` tokens with a random 5-digit pass key at relative `depth` of the haystack."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    rng = random.Random(f"{seed}-{length}-{depth}")
+    key = str(rng.randint(10000, 99999))
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    intro, needle, question = encode(PASSKEY_INTRO), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
+    budget = length - len(intro) - len(needle) - len(question)
+    if budget < 16:
+        raise ValueError(f"length {length} is too short for a pass key prompt")
+    hay = token_window(tokenizer, corpus, budget, offset=rng.randint(0, 10**6))
+    cut = int(round(depth * budget))
+    return PasskeyCase(intro + hay[:cut] + needle + hay[cut:] + question, key, depth, length)

@@ -1,0 +1,59 @@
+import os
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+_COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+
+# small random configs; Mistral and Qwen2 use a sliding window shorter than the test sequences
+FAMILY_CONFIGS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 48}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 48, "max_window_layers": 1}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+}
+
+
+def make_base_model(family: str, seed: int = 0, **overrides):
+    config_class, model_class, extra = FAMILY_CONFIGS[family]
+    torch.manual_seed(seed)
+    config = config_class(**{**_COMMON, **extra, **overrides})
+    model = model_class(config).eval()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILY_CONFIGS))
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real default model (SmolLM2-135M-Instruct) as a cached safetensors folder."""
+    from sparsemem.default_model import default_model_dir
+
+    return default_model_dir()

@@ -1,0 +1,59 @@
+"""Invalid options and architectures raise a ValueError naming the problem."""
+
+import pytest
+import torch
+from conftest import make_base_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import sparsemem
+from sparsemem import SparseMemLlamaConfig, SparseMemLlamaForCausalLM
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"block_size": -4}, "block_size"),
+        ({"block_size": 2.5}, "block_size"),
+        ({"top_k_blocks": 0}, "top_k_blocks"),
+        ({"sink_tokens": -1}, "sink_tokens"),
+        ({"local_tokens": -1}, "local_tokens"),
+        ({"scorer": "oracle"}, "scorer"),
+        ({"query_chunk_size": 0}, "query_chunk_size"),
+        ({"topk_blocks": 4}, "topk_blocks"),
+    ],
+)
+def test_invalid_options(options, name):
+    base = make_base_model("llama")
+    with pytest.raises(ValueError, match=name):
+        sparsemem.convert(base, **options)
+
+
+def test_invalid_head_layout():
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        SparseMemLlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+
+
+def test_unsupported_architecture():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="gpt2"):
+        sparsemem.convert(model)
+
+
+def test_from_pretrained_validates_options_and_architecture(tmp_path):
+    make_base_model("llama").save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="top_k_blocks"):
+        SparseMemLlamaForCausalLM.from_pretrained(tmp_path / "llama", top_k_blocks=0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="gpt2"):
+        SparseMemLlamaForCausalLM.from_pretrained(tmp_path / "gpt2")
+    model = SparseMemLlamaForCausalLM.from_pretrained(tmp_path / "llama", top_k_blocks=3, block_size=16)
+    assert (model.config.top_k_blocks, model.config.block_size) == (3, 16)
+    assert model.config._attn_implementation == "sparsemem"
+
+
+def test_dropout_is_refused_not_ignored():
+    base = make_base_model("llama", attention_dropout=0.1)
+    sparse = sparsemem.convert(base).train()
+    with pytest.raises(ValueError, match="dropout"):
+        sparse(torch.randint(3, 256, (1, 20)))
