@@ -156,7 +156,7 @@ def sparsemem_attention_forward(
         key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]
 
-        has_slots = slots is not None and slots.position.numel() > 0
+        has_slots = slots is not None and len(slots) > 0
         # fold the GQA group into the query axis: [B, Hkv, G*q, D] against [B, Hkv, N, D]
         q_flat = q.reshape(batch, kv_heads, groups * n_q, dim)
         logits = (q_flat @ k_chunk.transpose(-1, -2)).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
@@ -165,8 +165,10 @@ def sparsemem_attention_forward(
         attended = full.sum() * groups
 
         if has_slots:
-            slot_logits = (q_flat @ slots.keys.float().transpose(-1, -2)).mul_(scaling)
-            slot_logits = slot_logits.view(batch, kv_heads, groups, n_q, -1) + slots.beta.float()[:, :, None, None, :]
+            # packed slots: score every slot against every KV head, keep each slot's own head
+            slot_logits = torch.einsum("bhgqd,bsd->bhgqs", q, slots.keys.float()).mul_(scaling)
+            slot_logits = slot_logits + slots.beta.float()[:, None, None, None, :]
+            own_head = slots.head[None, :] == torch.arange(kv_heads, device=slots.head.device)[:, None]  # [Hkv, S]
             slot_visible = slots.position[None, :] < q_pos[:, None]  # [q, S]
             if window is not None:
                 slot_visible = slot_visible & (slots.position[None, :] > q_pos[:, None] - window)
@@ -174,8 +176,14 @@ def sparsemem_attention_forward(
             slot_block = slots.block.clamp(min=0)
             covered = selected.gather(-1, slot_block.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
             covered = (covered | touched[:, slot_block][None, None]) & (slots.block >= 0)
-            slot_mask = slot_visible[None, None] & ~covered & torch.isfinite(slots.beta)[:, :, None, :]
-            states.append(masked_attention(slot_logits, slot_mask[:, :, None], slots.values.float()))
+            slot_mask = (
+                own_head[None, :, None, :]
+                & slot_visible[None, None]
+                & ~covered
+                & torch.isfinite(slots.beta)[:, None, None, :]
+            )  # [B, Hkv, q, S]
+            slot_values = slots.values.float()[:, None].expand(batch, kv_heads, -1, -1)
+            states.append(masked_attention(slot_logits, slot_mask[:, :, None], slot_values))
             attended = attended + slot_mask.sum() * groups
 
         out = merge_attention_states(states)[0] if len(states) > 1 else states[0][0]

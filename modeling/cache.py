@@ -16,44 +16,63 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 @dataclass
 class SlotTier:
-    """Consolidated memory of one layer.
+    """Consolidated memory of one layer, packed over KV heads so budgets may differ per head.
 
-    keys, values: [B, Hkv, S, D]; beta: [B, Hkv, S] logit bias (-inf marks an unused slot);
-    block: [S] block id the slot stands for while that block is also stored at full resolution, or -1
-    for a span whose full-resolution K/V were dropped; position: [S] last logical position it covers.
+    keys, values: [B, S, D]; beta: [B, S] logit bias (-inf marks an unused slot); head: [S] KV head of
+    each slot; block: [S] block id the slot stands for while that block is also stored at full
+    resolution, or -1 for a span whose full-resolution K/V were dropped; position: [S] last logical
+    position the slot covers.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     beta: torch.Tensor
+    head: torch.Tensor
     block: torch.Tensor
     position: torch.Tensor
 
     def __post_init__(self):
-        batch, heads, num, dim = self.keys.shape
+        batch, num, _ = self.keys.shape
         checks = {
-            "values": (self.values.shape, (batch, heads, num, self.values.shape[-1])),
-            "beta": (self.beta.shape, (batch, heads, num)),
+            "values": (self.values.shape[:2], (batch, num)),
+            "beta": (self.beta.shape, (batch, num)),
+            "head": (self.head.shape, (num,)),
             "block": (self.block.shape, (num,)),
             "position": (self.position.shape, (num,)),
         }
         for name, (got, want) in checks.items():
             if tuple(got) != tuple(want):
-                raise ValueError(f"slot `{name}` has shape {tuple(got)}, expected {tuple(want)}")
+                raise ValueError(f"slot `{name}` has shape {tuple(got)}, expected {tuple(want)} (+ head dim for values)")
         for name in ("keys", "values"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"slot `{name}` contain non-finite values")
         if torch.isnan(self.beta).any() or (self.beta == float("inf")).any():
             raise ValueError("slot `beta` must be finite or -inf (unused slot)")
 
+    @classmethod
+    def from_heads(cls, keys, values, beta, block, position) -> "SlotTier":
+        """Build from a uniform per-head layout: keys/values [B, Hkv, S, D], beta [B, Hkv, S], block/position [S]."""
+        batch, heads, num, dim = keys.shape
+        return cls(
+            keys.reshape(batch, heads * num, dim),
+            values.reshape(batch, heads * num, values.shape[-1]),
+            beta.reshape(batch, heads * num),
+            torch.arange(heads, device=keys.device).repeat_interleave(num),
+            block.repeat(heads),
+            position.repeat(heads),
+        )
+
     def map(self, fn) -> "SlotTier":
         """Apply `fn` to the batch-carrying tensors (keys, values, beta)."""
-        return SlotTier(fn(self.keys), fn(self.values), fn(self.beta), self.block, self.position)
+        return SlotTier(fn(self.keys), fn(self.values), fn(self.beta), self.head, self.block, self.position)
+
+    def to(self, device) -> "SlotTier":
+        return SlotTier(*(t.to(device) for t in (self.keys, self.values, self.beta, self.head, self.block, self.position)))
 
     def select(self, keep: torch.Tensor) -> "SlotTier":
         """Keep the slots where the [S] boolean `keep` is True."""
         return SlotTier(
-            self.keys[:, :, keep], self.values[:, :, keep], self.beta[:, :, keep], self.block[keep], self.position[keep]
+            self.keys[:, keep], self.values[:, keep], self.beta[:, keep], self.head[keep], self.block[keep], self.position[keep]
         )
 
     @staticmethod
@@ -61,12 +80,16 @@ class SlotTier:
         if first is None:
             return second
         return SlotTier(
-            torch.cat([first.keys, second.keys], dim=2),
-            torch.cat([first.values, second.values], dim=2),
-            torch.cat([first.beta, second.beta], dim=2),
+            torch.cat([first.keys, second.keys], dim=1),
+            torch.cat([first.values, second.values], dim=1),
+            torch.cat([first.beta, second.beta], dim=1),
+            torch.cat([first.head, second.head]),
             torch.cat([first.block, second.block]),
             torch.cat([first.position, second.position]),
         )
+
+    def __len__(self) -> int:
+        return self.head.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -128,14 +151,16 @@ class SparseMemLayer(CacheLayerMixin):
     def add_slots(self, slots: SlotTier) -> None:
         if not self.is_initialized:
             raise ValueError("cannot add slots to an empty cache layer: run the context through the model first")
-        if slots.keys.shape[:2] != self.keys.shape[:2] or slots.keys.shape[-1] != self.keys.shape[-1]:
+        batch, heads, _, dim = self.keys.shape
+        if slots.keys.shape[0] != batch or slots.keys.shape[-1] != dim or slots.values.shape[-1] != self.values.shape[-1]:
             raise ValueError(
-                f"slot keys {tuple(slots.keys.shape)} do not match the layer's keys {tuple(self.keys.shape)} "
-                "in batch, KV heads or head dim"
+                f"slot keys {tuple(slots.keys.shape)} do not match the layer's keys {tuple(self.keys.shape)} in batch or head dim"
             )
+        if len(slots) and (int(slots.head.min()) < 0 or int(slots.head.max()) >= heads):
+            raise ValueError(f"slot `head` must lie in [0, {heads})")
         if (slots.position >= self.logical_length).any():
             raise ValueError("slots may only stand for positions already in the cache")
-        slots = slots.map(lambda t: t.to(self.device))
+        slots = slots.to(self.device)
         self.slots = SlotTier.cat(self.slots, slots)
 
     def evict(self, drop: torch.Tensor) -> None:
@@ -182,12 +207,12 @@ class SparseMemLayer(CacheLayerMixin):
     def offload(self):
         super().offload()
         if self.slots is not None:
-            self.slots = self.slots.map(lambda t: t.to("cpu", non_blocking=True))
+            self.slots = self.slots.to("cpu")
 
     def prefetch(self):
         super().prefetch()
         if self.slots is not None:
-            self.slots = self.slots.map(lambda t: t.to(self.device, non_blocking=True))
+            self.slots = self.slots.to(self.device)
 
     # -- reporting ----------------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 import os
 
+# no test needs the network; Hub code paths are exercised against local folders and offline caches
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import (

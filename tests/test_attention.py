@@ -94,7 +94,7 @@ def test_duplicate_keys_as_slots_with_log_count_bias():
 
     keep = (pos < 8) | (pos >= 20)
     counts = torch.tensor([2.0, 4.0, 6.0])
-    slots = SlotTier(
+    slots = SlotTier.from_heads(
         keys=distinct_k,
         values=distinct_v,
         beta=counts.log().expand(B, HKV, 3).clone(),
@@ -112,7 +112,7 @@ def test_slots_of_a_selected_block_are_not_counted_twice():
     k, v, pos = torch.randn(B, HKV, n, D) * 0.1, torch.randn(B, HKV, n, D), torch.arange(n)
     k[:, :, 21] = q[:, :, 0].view(B, HKV, H // HKV, D).sum(2) * 3  # block 5 (20..23) wins top-1
     # exact copies (beta = 0) of block 3 (positions 12..15) as slots standing for that block
-    slots = SlotTier(
+    slots = SlotTier.from_heads(
         k[:, :, 12:16].clone(), v[:, :, 12:16].clone(), torch.zeros(B, HKV, 4), torch.full((4,), 3), torch.full((4,), 15)
     )
     # every block selected: the slots must be ignored, or block 3 would count twice
@@ -158,3 +158,27 @@ def test_gradients_stay_finite_for_rows_without_keys():
     merged, _ = merge_attention_states([(out, lse), (torch.zeros_like(out), torch.full_like(lse, float("-inf")))])
     merged.sum().backward()
     assert torch.isfinite(logits.grad).all() and torch.isfinite(values.grad).all()
+
+
+def test_packed_slots_with_different_budgets_per_head():
+    """Head 0 keeps 3 slots and head 1 keeps 1: each head sees only its own, as if stored separately."""
+    torch.manual_seed(5)
+    n = 24
+    q = torch.randn(1, H, 1, D)
+    k, v, pos = torch.randn(1, HKV, n, D), torch.randn(1, HKV, n, D), torch.arange(n)
+    keep = (pos < 8) | (pos >= 16)  # positions 8..15 evicted; head 0 keeps 8,9,10 and head 1 keeps 12 as exact slots
+    slots = SlotTier(
+        keys=torch.stack([k[0, 0, 8], k[0, 0, 9], k[0, 0, 10], k[0, 1, 12]])[None],
+        values=torch.stack([v[0, 0, 8], v[0, 0, 9], v[0, 0, 10], v[0, 1, 12]])[None],
+        beta=torch.zeros(1, 4),
+        head=torch.tensor([0, 0, 0, 1]),
+        block=torch.full((4,), -1),
+        position=torch.full((4,), 15),
+    )
+    out = run(module(), q, k[:, :, keep], v[:, :, keep], pos[-1:], pos[keep], slots=slots)
+    for head, extra in ((0, [8, 9, 10]), (1, [12])):
+        sel = keep.clone()
+        sel[extra] = True
+        ref = dense_reference(q, k[:, :, sel], v[:, :, sel], pos[-1:], pos[sel])
+        group = slice(head * (H // HKV), (head + 1) * (H // HKV))
+        torch.testing.assert_close(out[:, :, group], ref[:, :, group], rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ def _replace_block_by_exact_slots(cache, first, last):
         span = (layer.positions >= first) & (layer.positions <= last)
         count = int(span.sum())
         layer.add_slots(
-            SlotTier(
+            SlotTier.from_heads(
                 keys=layer.keys[:, :, span].clone(),
                 values=layer.values[:, :, span].clone(),
                 beta=torch.zeros(layer.keys.shape[0], layer.keys.shape[1], count),
@@ -106,12 +106,12 @@ def test_memory_bytes_per_tier():
 
 
 def test_slot_validation():
-    good = dict(keys=torch.zeros(1, 2, 3, 4), values=torch.zeros(1, 2, 3, 4), beta=torch.zeros(1, 2, 3),
+    good = dict(keys=torch.zeros(1, 3, 4), values=torch.zeros(1, 3, 4), beta=torch.zeros(1, 3), head=torch.zeros(3, dtype=torch.long),
                 block=torch.full((3,), -1), position=torch.zeros(3, dtype=torch.long))
     SlotTier(**good)
     with pytest.raises(ValueError, match="beta"):
-        SlotTier(**{**good, "beta": torch.zeros(1, 2, 4)})
+        SlotTier(**{**good, "beta": torch.zeros(1, 4)})
     with pytest.raises(ValueError, match="non-finite"):
-        SlotTier(**{**good, "keys": torch.full((1, 2, 3, 4), float("nan"))})
+        SlotTier(**{**good, "keys": torch.full((1, 3, 4), float("nan"))})
     with pytest.raises(ValueError, match="beta"):
-        SlotTier(**{**good, "beta": torch.full((1, 2, 3), float("nan"))})
+        SlotTier(**{**good, "beta": torch.full((1, 3), float("nan"))})

@@ -1,0 +1,56 @@
+"""The real default model, SmolLM2-135M-Instruct (Llama architecture), on real text."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sparsemem
+from sparsemem.cli import main
+from sparsemem.corpus import load_corpus, passkey_case, token_window
+from sparsemem.evaluation import answer_passkey, perplexity
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return tokenizer, model
+
+
+@torch.no_grad()
+def test_dense_equivalent_on_real_text(smollm2):
+    tokenizer, base = smollm2
+    sparse = sparsemem.convert(base, top_k_blocks=None)
+    ids = torch.tensor([token_window(tokenizer, load_corpus(), 700, offset=5000)])
+    diff = (base(ids).logits - sparse(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert torch.equal(base.generate(ids, **kwargs), sparse.generate(ids, **kwargs))
+
+
+@torch.no_grad()
+def test_sparse_budget_keeps_retrieval_and_perplexity(smollm2):
+    """Default sparse options at 2K tokens: same pass-key answers as dense, perplexity within 5%."""
+    tokenizer, base = smollm2
+    sparse = sparsemem.convert(base)
+    corpus = load_corpus()
+    for depth in (0.25, 0.75):
+        case = passkey_case(tokenizer, corpus, 2000, depth)
+        dense_answer = answer_passkey(base, tokenizer, case)
+        sparse_answer = answer_passkey(sparse, tokenizer, case)
+        assert (case.passkey in dense_answer) == (case.passkey in sparse_answer), (dense_answer, sparse_answer)
+    ids = token_window(tokenizer, corpus, 2000, offset=0)
+    sparse.reset_sparsemem_stats()
+    dense_ppl, sparse_ppl = perplexity(base, ids), perplexity(sparse, ids)
+    density = sparse.sparsemem_stats()["density"]
+    assert density < 0.4
+    assert dense_ppl <= sparse_ppl * 1.001  # skipping blocks does not help on average
+    assert sparse_ppl / dense_ppl < 1.05, (dense_ppl, sparse_ppl)
+
+
+def test_demo_command(capsys):
+    assert main(["demo", "--length", "1500", "--depth", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "dense     answer" in out and "sparsemem answer" in out and "attention density" in out
