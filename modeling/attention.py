@@ -94,6 +94,7 @@ def sparsemem_attention_forward(
         raise ValueError("attn_implementation='sparsemem' does not implement attention dropout; set attention_dropout=0")
     config = module.config
     block_size, top_k = _option(config, "block_size"), _option(config, "top_k_blocks")
+    fraction = _option(config, "block_fraction")
     sink, local = _option(config, "sink_tokens"), _option(config, "local_tokens")
     chunk = _option(config, "query_chunk_size")
     batch, heads, num_queries, dim = query.shape
@@ -152,7 +153,7 @@ def sparsemem_attention_forward(
         cold = (visible & ~anchors).float()
         candidates = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold) > 0
         scores = scorer(q, summaries)  # [B, Hkv, q, nb]
-        selected = select_blocks(scores, candidates[:, None], top_k)
+        selected = select_blocks(scores, candidates[:, None], top_k, fraction)
         key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-SCORERS = ("minmax", "mean")
+SCORERS = ("hybrid", "minmax", "mean")
 
 
 @dataclass(kw_only=True)
@@ -21,8 +21,10 @@ class SparseMemOptions:
     local_tokens: the newest tokens before each query, always attended exactly.
     top_k_blocks: blocks attended exactly per query on top of the anchors; `None` means every block
         (dense-equivalent).
-    scorer: training-free block scorer, "minmax" (upper bound of q.k from per-block key extrema) or
-        "mean" (q . mean key).
+    block_fraction: when set, each query attends ceil(block_fraction x its candidate blocks), at least
+        `top_k_blocks`: a density that holds across context lengths.
+    scorer: training-free block scorer: "minmax" (upper bound of q.k from per-block key extrema), "mean"
+        (q . mean key) or "hybrid" (both, standardised and added).
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     """
 
@@ -30,7 +32,8 @@ class SparseMemOptions:
     sink_tokens: int = 16
     local_tokens: int = 128
     top_k_blocks: int | None = 16
-    scorer: str = "minmax"
+    block_fraction: float | None = None
+    scorer: str = "hybrid"
     query_chunk_size: int = 512
 
     def validate_sparsemem_options(self) -> None:
@@ -44,6 +47,12 @@ class SparseMemOptions:
         _int("query_chunk_size", self.query_chunk_size, 1)
         if self.top_k_blocks is not None:
             _int("top_k_blocks", self.top_k_blocks, 1)
+        if self.block_fraction is not None and (
+            isinstance(self.block_fraction, bool)
+            or not isinstance(self.block_fraction, (int, float))
+            or not 0 < self.block_fraction <= 1
+        ):
+            raise ValueError(f"`block_fraction` must be a number in (0, 1], got {self.block_fraction!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
         heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
@@ -72,6 +81,7 @@ class SparseMemOptions:
             "sink_tokens": self.sink_tokens,
             "local_tokens": self.local_tokens,
             "top_k_blocks": self.top_k_blocks,
+            "block_fraction": self.block_fraction,
             "scorer": self.scorer,
             "query_chunk_size": self.query_chunk_size,
         }

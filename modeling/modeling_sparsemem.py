@@ -38,6 +38,7 @@ class SparseMemAttentionMixin:
     def _init_sparsemem(self) -> None:
         self.scorer = build_scorer(self.config)
         self.sparsemem_stats = AttentionStats()
+        self.query_recorder = None
         # Qwen2/Qwen3 set `sliding_window` per layer type; Mistral keeps it on the config
         self.attention_window = (
             self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
@@ -63,6 +64,9 @@ class SparseMemAttentionMixin:
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        recorder = getattr(self, "query_recorder", None)
+        if recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
+            recorder(self.layer_idx, query_states)
 
         past, layer = 0, None
         if past_key_values is not None:

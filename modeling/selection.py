@@ -3,17 +3,29 @@
 import torch
 
 
-def select_blocks(scores: torch.Tensor, candidates: torch.Tensor, top_k: int | None) -> torch.Tensor:
+def select_blocks(
+    scores: torch.Tensor, candidates: torch.Tensor, top_k: int | None, fraction: float | None = None
+) -> torch.Tensor:
     """Boolean [B, Hkv, Q, num_blocks] of the blocks each query attends at full resolution.
 
     `scores` [B, Hkv, Q, nb]; `candidates` (broadcastable to it) marks blocks that hold at least one key
-    the query may see and that is not already an anchor. `top_k=None` selects every candidate.
+    the query may see and that is not already an anchor. Each query takes its `top_k` best candidates,
+    or, with `fraction`, ceil(fraction x its number of candidates) and at least `top_k`.
+    `top_k=None` and no fraction selects every candidate.
     """
     candidates = candidates.expand_as(scores)
-    if top_k is None or top_k >= scores.shape[-1]:
-        return candidates.clone()
+    if fraction is None:
+        if top_k is None or top_k >= scores.shape[-1]:
+            return candidates.clone()
+        masked = scores.masked_fill(~candidates, float("-inf"))
+        top = masked.topk(top_k, dim=-1).indices
+        selected = torch.zeros_like(candidates).scatter_(-1, top, True)
+        # topk pads with non-candidates when fewer than top_k exist
+        return selected & candidates
+    # a per-query budget: rank the candidates and keep those ranked below it
+    budget = torch.ceil(candidates.sum(-1, keepdim=True) * fraction)
+    if top_k is not None:
+        budget = budget.clamp(min=top_k)
     masked = scores.masked_fill(~candidates, float("-inf"))
-    top = masked.topk(top_k, dim=-1).indices
-    selected = torch.zeros_like(candidates).scatter_(-1, top, True)
-    # topk pads with non-candidates when fewer than top_k exist
-    return selected & candidates
+    rank = masked.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return (rank < budget) & candidates

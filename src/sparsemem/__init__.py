@@ -6,6 +6,7 @@ Qwen3, registered with transformers as `attn_implementation="sparsemem"`.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .compact import compact
 from .convert import convert
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
@@ -43,6 +44,7 @@ __all__ = [
     "SparseMemQwen2ForCausalLM",
     "SparseMemQwen3Config",
     "SparseMemQwen3ForCausalLM",
+    "compact",
     "convert",
     "sparsemem_attention_forward",
 ]

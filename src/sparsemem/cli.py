@@ -30,7 +30,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-tokens", type=int, default=16)
     parser.add_argument("--local-tokens", type=int, default=128)
     parser.add_argument("--top-k-blocks", type=_top_k, default=16, help="integer, or 'all' for dense-equivalent")
-    parser.add_argument("--scorer", default="minmax", choices=["minmax", "mean"])
+    parser.add_argument("--block-fraction", type=float, default=None, help="attend this fraction of each query's blocks (at least --top-k-blocks)")
+    parser.add_argument("--scorer", default="hybrid", choices=["hybrid", "minmax", "mean"])
 
 
 def _options(args) -> dict:
@@ -39,6 +40,7 @@ def _options(args) -> dict:
         "sink_tokens": args.sink_tokens,
         "local_tokens": args.local_tokens,
         "top_k_blocks": args.top_k_blocks,
+        "block_fraction": args.block_fraction,
         "scorer": args.scorer,
     }
 

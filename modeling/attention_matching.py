@@ -1,0 +1,182 @@
+"""Attention Matching (Zweiger et al., arXiv 2602.16284): closed-form consolidation of a span of K/V.
+
+For one span of keys K, values V (T x d) and reference queries Q (n x d), find t << T slots (k, v, beta)
+such that for every reference query
+  - the attention mass of the slots, sum_j exp(q.k_j*s + beta_j), matches the span's mass, and
+  - the slots' softmax output matches the span's attention output,
+so the slot tier can replace the span inside the log-sum-exp merge with the other tiers.
+
+Keys are a subset of the span's keys (chosen by highest attention or by OMP on the mass), beta comes
+from a non-negative least-squares fit of the mass (beta = log w), and values from a (ridge) least-squares
+fit of the outputs. Every function works on a batch of independent problems (leading dim P) and solves
+in fp32 whatever the model's dtype.
+
+Masses are measured relative to each query's log-sum-exp over the whole context (`context_lse`), so a
+query that barely attends to the span also weighs little in the fits: the error it would cause in the
+merged output is proportional to the span's share of its attention.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_WEIGHT = 1e-6  # w below this is a dead slot (beta ~ -13.8)
+
+
+@dataclass
+class SpanProblem:
+    """queries [P, n, d], keys/values [P, T, d], key_bias [P, T] (beta of keys that already are slots),
+    context_lse [P, n] (log-sum-exp of each query over the whole context), scaling."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_bias: torch.Tensor
+    context_lse: torch.Tensor
+    scaling: float
+
+    def __post_init__(self):
+        for name in ("queries", "keys", "values", "key_bias", "context_lse"):
+            tensor = getattr(self, name).float()
+            if not torch.isfinite(tensor).all() and name != "key_bias":
+                raise ValueError(f"attention matching: non-finite values in `{name}`")
+            setattr(self, name, tensor)
+
+    def weights(self) -> torch.Tensor:
+        """Phi [P, n, T]: each key's attention weight for each query, normalised over the whole context."""
+        logits = self.queries @ self.keys.transpose(-1, -2) * self.scaling + self.key_bias[:, None, :]
+        return torch.exp(logits - self.context_lse[:, :, None])
+
+    def targets(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Span mass share m [P, n] and span-local attention output Y [P, n, d]."""
+        mass = phi.sum(-1)
+        output = (phi @ self.values) / mass.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
+        return mass, output
+
+
+def select_by_attention(phi: torch.Tensor, budget: int) -> torch.Tensor:
+    """Indices [P, t] of the keys with the highest RMS attention weight over the reference queries."""
+    score = phi.pow(2).mean(dim=1).sqrt()
+    return score.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
+def nnls(gram: torch.Tensor, rhs: torch.Tensor, iterations: int = 400, initial: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched non-negative least squares on the normal equations: argmin_{w>=0} ||A w - m||^2 given
+    gram = A^T A [P, t, t] and rhs = A^T m [P, t]. Accelerated projected gradient (FISTA)."""
+    # step 1/L with L the largest eigenvalue of the Gram matrix (power iteration)
+    vector = torch.ones_like(rhs)
+    for _ in range(30):
+        vector = (gram @ vector[..., None])[..., 0]
+        vector = vector / vector.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    lipschitz = ((gram @ vector[..., None])[..., 0] * vector).sum(-1).clamp(min=1e-30)[:, None] * 1.01
+    w = initial.clone() if initial is not None else torch.zeros_like(rhs)
+    y, momentum = w.clone(), 1.0
+    for _ in range(iterations):
+        gradient = (gram @ y[..., None])[..., 0] - rhs
+        w_next = (y - gradient / lipschitz).clamp(min=0)
+        momentum_next = (1 + (1 + 4 * momentum * momentum) ** 0.5) / 2
+        y = w_next + ((momentum - 1) / momentum_next) * (w_next - w)
+        w, momentum = w_next, momentum_next
+    return w
+
+
+def fit_beta(phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400) -> torch.Tensor:
+    """beta [P, t] = log w, w = NNLS fit of the span mass by the selected keys' weights.
+
+    Bounded to [log 1e-6, log(10 * span_length)]: one slot can stand for at most the whole span."""
+    gram = phi_selected.transpose(-1, -2) @ phi_selected
+    rhs = (phi_selected.transpose(-1, -2) @ mass[..., None])[..., 0]
+    # start from the single scale that matches the total mass
+    scale = mass.sum(-1) / phi_selected.sum((-1, -2)).clamp(min=1e-30)
+    w = nnls(gram, rhs, iterations, initial=scale[:, None].expand_as(rhs).clone())
+    return torch.log(w.clamp(min=MIN_WEIGHT, max=10.0 * span_length))
+
+
+def fit_values(
+    phi_selected: torch.Tensor, beta: torch.Tensor, mass: torch.Tensor, output: torch.Tensor, ridge: float = 1e-3
+) -> torch.Tensor:
+    """Values [P, t, d] minimising sum_i m_i^2 ||X_i C - Y_i||^2 + ridge * tr(X^T W X)/t * ||C||^2,
+    with X the slots' softmax weights (beta included) for each reference query."""
+    scores = phi_selected * torch.exp(beta)[:, None, :]
+    x = scores / scores.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    weight = mass[..., None]  # rows weighted by the span's share of the query's attention
+    xw = x * weight
+    gram = xw.transpose(-1, -2) @ xw
+    t = gram.shape[-1]
+    damping = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+    gram = gram + damping[:, None, None] * torch.eye(t, device=gram.device)
+    rhs = xw.transpose(-1, -2) @ (output * weight)
+    values = torch.linalg.solve(gram, rhs)
+    if not torch.isfinite(values).all():
+        raise FloatingPointError("attention matching: non-finite values from the least-squares fit")
+    return values
+
+
+def select_by_omp(
+    phi: torch.Tensor, mass: torch.Tensor, budget: int, picks_per_step: int = 1, refit_every: int = 1, iterations: int = 100
+) -> torch.Tensor:
+    """Greedy orthogonal matching pursuit on the attention mass: repeatedly add the keys whose weights
+    correlate most with the unexplained mass, refitting the non-negative weights every `refit_every`
+    steps. `picks_per_step > 1` is the fast variant."""
+    problems, _, total = phi.shape
+    norms = phi.norm(dim=1).clamp(min=1e-30)  # [P, T]
+    chosen = torch.zeros(problems, total, dtype=torch.bool, device=phi.device)
+    residual = mass.clone()
+    step = 0
+    while int(chosen.sum(-1).min()) < budget:
+        remaining = budget - int(chosen.sum(-1).min())
+        correlation = (phi.transpose(-1, -2) @ residual[..., None])[..., 0] / norms
+        correlation = correlation.masked_fill(chosen, float("-inf"))
+        picks = correlation.topk(min(picks_per_step, remaining), dim=-1).indices
+        chosen.scatter_(-1, picks, True)
+        step += 1
+        if step % refit_every == 0 or int(chosen.sum(-1).min()) >= budget:
+            index = chosen.nonzero()[:, 1].view(problems, -1)
+            selected = phi.gather(-1, index[:, None, :].expand(-1, phi.shape[1], -1))
+            gram = selected.transpose(-1, -2) @ selected
+            rhs = (selected.transpose(-1, -2) @ mass[..., None])[..., 0]
+            w = nnls(gram, rhs, iterations)
+            residual = mass - (selected @ w[..., None])[..., 0]
+    return chosen.nonzero()[:, 1].view(problems, -1)
+
+
+def attention_matching(
+    problem: SpanProblem,
+    budget: int,
+    key_selection: str = "attention",
+    fit_bias: bool = True,
+    refit_values: bool = True,
+    ridge: float = 1e-3,
+    omp_picks_per_step: int | None = None,
+    omp_refit_every: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
+    values [P, t, d], beta [P, t])."""
+    total = problem.keys.shape[1]
+    if budget <= 0:
+        raise ValueError(f"attention matching needs a positive slot budget, got {budget}")
+    if budget >= total:
+        # nothing to compress: every key becomes a slot, exactly
+        index = torch.arange(total, device=problem.keys.device).expand(problem.keys.shape[0], -1)
+        return index, problem.keys, problem.values, problem.key_bias
+    phi = problem.weights()
+    mass, output = problem.targets(phi)
+    if key_selection == "attention":
+        index = select_by_attention(phi, budget)
+    elif key_selection == "omp":
+        picks = omp_picks_per_step or max(1, budget // 32)
+        index = select_by_omp(phi, mass, budget, picks, omp_refit_every if picks > 1 else 1)
+    else:
+        raise ValueError(f"key_selection must be 'attention' or 'omp', got {key_selection!r}")
+    gather = lambda t: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    keys, values = gather(problem.keys), gather(problem.values)
+    phi_selected = phi.gather(-1, index[:, None, :].expand(-1, phi.shape[1], -1))
+    prior_bias = problem.key_bias.gather(1, index)
+    if fit_bias:
+        # phi already includes each key's prior bias; the fitted weight multiplies it
+        beta = prior_bias + fit_beta(phi_selected, mass, total)
+    else:
+        beta = prior_bias
+    if refit_values:
+        values = fit_values(phi_selected, beta - prior_bias, mass, output, ridge)
+    return index, keys, values, beta

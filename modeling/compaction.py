@@ -1,0 +1,227 @@
+"""KV compaction: replace a span of a cache layer by a few slots, one KV head at a time.
+
+Every method is a small "press" dataclass with one contract, `compact(span, budget)`, returning which
+span entries to keep and the keys, values and beta of the slots. Eviction baselines keep original keys
+and values with their prior beta; Attention Matching fits beta and values in closed form.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention_matching import SpanProblem, attention_matching
+from .cache import SlotTier
+
+
+@dataclass
+class HeadSpan:
+    """The span of one KV head, for a batch of B sequences.
+
+    problem: reference queries [B, n, d] (the head's query group pooled), span keys/values [B, T, d],
+    prior beta [B, T] (0 for tokens, beta for existing slots), context log-sum-exp [B, n].
+    positions: [T] logical positions of the span entries; query_positions: [n] logical positions of the
+    reference queries (-1 for queries that stand for the future and see every key).
+    """
+
+    problem: SpanProblem
+    positions: torch.Tensor
+    query_positions: torch.Tensor
+
+    def causal_weights(self) -> torch.Tensor:
+        """Attention weights [B, n, T] with context queries restricted to keys at or before them."""
+        phi = self.problem.weights()
+        future = self.query_positions < 0
+        visible = future[:, None] | (self.positions[None, :] <= self.query_positions[:, None])
+        return phi * visible[None]
+
+
+class Press:
+    """Contract: `compact(span, budget)` -> (index [B, t], keys [B, t, d], values [B, t, d], beta [B, t])."""
+
+    def scores(self, span: HeadSpan) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compact(self, span: HeadSpan, budget: int):
+        problem = span.problem
+        total = problem.keys.shape[1]
+        if budget >= total:
+            index = torch.arange(total, device=problem.keys.device).expand(problem.keys.shape[0], -1)
+        else:
+            index = self.scores(span).topk(budget, dim=-1).indices.sort(dim=-1).values
+        gather = lambda t: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        return index, gather(problem.keys), gather(problem.values), problem.key_bias.gather(1, index)
+
+
+@dataclass
+class AttentionMatchingPress(Press):
+    """Attention Matching; `fit_bias=False` / `refit_values=False` are its ablations."""
+
+    key_selection: str = "attention"
+    fit_bias: bool = True
+    refit_values: bool = True
+    ridge: float = 1e-3
+    omp_picks_per_step: int | None = None
+
+    def compact(self, span: HeadSpan, budget: int):
+        return attention_matching(
+            span.problem,
+            budget,
+            key_selection=self.key_selection,
+            fit_bias=self.fit_bias,
+            refit_values=self.refit_values,
+            ridge=self.ridge,
+            omp_picks_per_step=self.omp_picks_per_step,
+        )
+
+
+@dataclass
+class StreamingLLMPress(Press):
+    """Keep the newest entries of the span (with the anchors: StreamingLLM's sink + recent window)."""
+
+    def scores(self, span):
+        return span.positions.float()[None].expand(span.problem.keys.shape[0], -1)
+
+
+@dataclass
+class H2OPress(Press):
+    """Heavy hitters: attention accumulated by the (causal) reference queries."""
+
+    def scores(self, span):
+        return span.causal_weights().sum(dim=1)
+
+
+@dataclass
+class SnapKVPress(Press):
+    """Attention from an observation window of the last context queries, pooled over neighbours."""
+
+    window: int = 32
+    kernel: int = 7
+
+    def scores(self, span):
+        context = span.query_positions >= 0
+        if not bool(context.any()):
+            raise ValueError("SnapKV needs context queries (queries=('context',))")
+        order = torch.where(context, span.query_positions, -1).argsort(descending=True)[: self.window]
+        weights = span.causal_weights()[:, order].sum(dim=1)
+        return torch.nn.functional.max_pool1d(weights[:, None], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
+
+
+@dataclass
+class KVzipPress(Press):
+    """KVzip-style: the largest attention any reference query (e.g. a repeat pass) gives each entry."""
+
+    def scores(self, span):
+        return span.problem.weights().amax(dim=1)
+
+
+@dataclass
+class RandomPress(Press):
+    seed: int = 0
+
+    def scores(self, span):
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(span.problem.keys.shape[:2], generator=generator).to(span.problem.keys.device)
+
+
+PRESSES = {
+    "am": AttentionMatchingPress,
+    "am-omp": lambda: AttentionMatchingPress(key_selection="omp"),
+    "am-no-beta": lambda: AttentionMatchingPress(fit_bias=False),
+    "am-no-refit": lambda: AttentionMatchingPress(refit_values=False),
+    "streaming-llm": StreamingLLMPress,
+    "h2o": H2OPress,
+    "snapkv": SnapKVPress,
+    "kvzip": KVzipPress,
+    "random": RandomPress,
+}
+
+
+def make_press(method) -> Press:
+    if isinstance(method, Press):
+        return method
+    if method not in PRESSES:
+        raise ValueError(f"unknown compaction method {method!r}; choose one of {sorted(PRESSES)}")
+    return PRESSES[method]()
+
+
+def head_spans(layer, queries: torch.Tensor, query_positions: torch.Tensor, span: torch.Tensor, scaling: float, fold_slots: bool):
+    """Yield (head, HeadSpan) for every KV head of a `SparseMemLayer`.
+
+    queries [B, H, n, d] (all query heads), span [N] boolean over the layer's physical entries. With
+    `fold_slots`, existing slots of each head join the span with their beta; otherwise they only take
+    part in the context log-sum-exp.
+    """
+    batch, kv_heads, _, dim = layer.keys.shape
+    groups = queries.shape[1] // kv_heads
+    keys, values = layer.keys.float(), layer.values.float()
+    for head in range(kv_heads):
+        q = queries[:, head * groups : (head + 1) * groups].reshape(batch, -1, dim).float()
+        q_pos = query_positions.repeat(groups)
+        span_keys, span_values = keys[:, head, span], values[:, head, span]
+        bias = torch.zeros(span_keys.shape[:2], device=keys.device)
+        positions = layer.positions[span]
+        kept = keys[:, head, ~span]
+        kept_logits = [q @ kept.transpose(-1, -2) * scaling]
+        if layer.slots is not None:
+            own = layer.slots.head == head
+            slot_keys, slot_beta = layer.slots.keys[:, own].float(), layer.slots.beta[:, own].float()
+            if fold_slots:
+                span_keys = torch.cat([slot_keys, span_keys], dim=1)
+                span_values = torch.cat([layer.slots.values[:, own].float(), span_values], dim=1)
+                bias = torch.cat([slot_beta, bias], dim=1)
+                positions = torch.cat([layer.slots.position[own], positions])
+            else:
+                kept_logits.append(q @ slot_keys.transpose(-1, -2) * scaling + slot_beta[:, None])
+        logits = torch.cat([*kept_logits, q @ span_keys.transpose(-1, -2) * scaling + bias[:, None]], -1)
+        problem = SpanProblem(q, span_keys, span_values, bias, torch.logsumexp(logits, dim=-1), scaling)
+        yield head, HeadSpan(problem, positions, q_pos)
+
+
+def _stack(spans: list[HeadSpan]) -> HeadSpan:
+    """One HeadSpan whose batch holds the batches of `spans` (same span positions and query count)."""
+    fields = ("queries", "keys", "values", "key_bias", "context_lse")
+    stacked = {name: torch.cat([getattr(s.problem, name) for s in spans]) for name in fields}
+    return HeadSpan(SpanProblem(**stacked, scaling=spans[0].problem.scaling), spans[0].positions, spans[0].query_positions)
+
+
+def compact_layer(
+    layer, queries, query_positions, span: torch.Tensor, budgets: list[int], press: Press, scaling: float, fold_slots: bool = True
+) -> None:
+    """Replace the `span` entries of `layer` (and, with `fold_slots`, its existing slots) by `budgets[h]`
+    slots per KV head. Heads with the same span and budget are solved together as one batch."""
+    dtype = layer.keys.dtype
+    batch = layer.keys.shape[0]
+    last_position = int(layer.positions[span].max()) if bool(span.any()) else -1
+    groups: list[tuple[list[int], list[HeadSpan]]] = []
+    for head, head_span in head_spans(layer, queries, query_positions, span, scaling, fold_slots):
+        if head_span.problem.keys.shape[1] == 0:
+            continue
+        for heads, members in groups:
+            if budgets[heads[0]] == budgets[head] and torch.equal(members[0].positions, head_span.positions):
+                heads.append(head)
+                members.append(head_span)
+                break
+        else:
+            groups.append(([head], [head_span]))
+    parts = []
+    for heads, members in groups:
+        _, keys, values, beta = press.compact(_stack(members), budgets[heads[0]])
+        position = max(last_position, int(members[0].positions.max()))
+        for i, head in enumerate(heads):
+            rows = slice(i * batch, (i + 1) * batch)
+            count = keys.shape[1]
+            parts.append(
+                SlotTier(
+                    keys[rows].to(dtype),
+                    values[rows].to(dtype),
+                    beta[rows].float(),
+                    torch.full((count,), head, device=keys.device),
+                    torch.full((count,), -1, device=keys.device),
+                    torch.full((count,), position, device=keys.device),
+                )
+            )
+    layer.evict(span)
+    if fold_slots:
+        layer.slots = None
+    for part in parts:
+        layer.add_slots(part)

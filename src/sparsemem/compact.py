@@ -1,0 +1,268 @@
+"""`compact`: Attention-Matching compaction (and baselines) of a `SparseMemCache`.
+
+Reference queries are captured from the model itself:
+- "context": the context's own prefill queries;
+- "repeat": a teacher-forced pass over "<context> Repeat the previous text: <context>", keeping the
+  queries of the repetition (they look for every part of the context, which favours recall);
+- "self-study": the model writes about the document with `generate`, and the queries of its own words
+  are captured in a teacher-forced pass;
+- "random": Gaussian queries with the per-dimension scale of the layer's keys.
+"""
+
+import contextlib
+import logging
+import math
+import time
+
+import torch
+
+from .modeling.compaction import compact_layer, make_press
+
+logger = logging.getLogger(__name__)
+
+QUERY_SOURCES = ("context", "repeat", "self-study", "random")
+REPEAT_PROMPT = "\n\nRepeat the previous text exactly.\n\n"
+SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and questions a reader might ask about it.\n"
+
+
+@contextlib.contextmanager
+def recording_queries(model, keep_from: int = 0):
+    """Collect post-RoPE queries of every attention layer: {layer_idx: [B, H, n, d]} (positions >= keep_from)."""
+    captured: dict[int, list[torch.Tensor]] = {}
+    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
+    offset = {"seen": {}}
+
+    def record(layer_idx, query_states):
+        start = offset["seen"].get(layer_idx, 0)
+        length = query_states.shape[-2]
+        offset["seen"][layer_idx] = start + length
+        lo = max(keep_from - start, 0)
+        if lo < length:
+            captured.setdefault(layer_idx, []).append(query_states[..., lo:, :].detach().float().cpu())
+
+    for module in modules:
+        module.query_recorder = record
+    try:
+        yield captured
+    finally:
+        for module in modules:
+            module.query_recorder = None
+
+
+@contextlib.contextmanager
+def _dense_attention(model):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def _capture(model, input_ids, keep_from):
+    with _dense_attention(model), recording_queries(model, keep_from) as captured:
+        model(input_ids, use_cache=False)
+    return {layer: torch.cat(parts, dim=-2) for layer, parts in captured.items()}
+
+
+@torch.no_grad()
+def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=None, self_study_tokens=128):
+    """{layer: (queries [B, H, n, d], positions [n])}; positions are -1 for queries standing for the future."""
+    sources = [s for s in sources if s != "random"]  # random queries need no model pass
+    unknown = [s for s in sources if s not in QUERY_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown query source(s) {unknown}; choose from {QUERY_SOURCES}")
+    length = input_ids.shape[1]
+    device = input_ids.device
+    per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(captured, positions):
+        for layer, queries in captured.items():
+            per_layer.setdefault(layer, []).append((queries, positions))
+
+    if "context" in sources:
+        add(_capture(model, input_ids, 0), torch.arange(length))
+    if "repeat" in sources or "self-study" in sources:
+        if tokenizer is None:
+            raise ValueError("query sources 'repeat' and 'self-study' need the `tokenizer`")
+    if "repeat" in sources:
+        prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        ids = torch.cat([input_ids, prompt.expand(input_ids.shape[0], -1), input_ids], dim=1)
+        captured = _capture(model, ids, ids.shape[1] - length)
+        add(captured, torch.full((length,), -1))
+    if "self-study" in sources:
+        prompt = tokenizer(SELF_STUDY_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+        ids = torch.cat([input_ids, prompt.expand(input_ids.shape[0], -1)], dim=1)
+        with _dense_attention(model):
+            written = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=self_study_tokens, do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        captured = _capture(model, written, ids.shape[1])
+        add(captured, torch.full((written.shape[1] - ids.shape[1],), -1))
+    result = {}
+    for layer, parts in per_layer.items():
+        result[layer] = (torch.cat([q for q, _ in parts], dim=-2), torch.cat([p for _, p in parts]))
+    return result
+
+
+def _random_queries(layer, heads, count, generator):
+    batch, _, _, dim = layer.keys.shape
+    scale = layer.keys.float().std(dim=(0, 2)).mean(0)  # per-dimension scale of the keys
+    queries = torch.randn(batch, heads, count, dim, generator=generator) * scale.cpu()
+    return queries, torch.full((count,), -1)
+
+
+def _subsample(queries, positions, cap, generator):
+    n = queries.shape[-2]
+    if n <= cap:
+        return queries, positions
+    index = torch.randperm(n, generator=generator)[:cap].sort().values
+    return queries[..., index, :], positions[index]
+
+
+def plan_budget(logical_length: int, ratio: float, sink_tokens: int, local_tokens: int, keep_first=None, keep_last=None):
+    """Split the physical budget ceil(T / ratio) into kept first tokens, kept last tokens and slots per head."""
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio)) or ratio < 1:
+        raise ValueError(f"`ratio` must be a finite number >= 1, got {ratio!r}")
+    budget = max(1, math.ceil(logical_length / ratio))
+    first = min(sink_tokens, budget // 8) if keep_first is None else keep_first
+    last = min(local_tokens, budget // 4) if keep_last is None else keep_last
+    if first < 0 or last < 0:
+        raise ValueError("`keep_first` and `keep_last` must be >= 0")
+    slots = budget - first - last
+    if slots < 1 and first + last < logical_length:
+        raise ValueError(
+            f"ratio {ratio} leaves {budget} entries, fewer than keep_first + keep_last = {first + last}; "
+            "lower them or the ratio"
+        )
+    return first, last, max(slots, 0)
+
+
+def allocate_head_budgets(total: int, weights: torch.Tensor, minimum: int = 1) -> list[int]:
+    """Split `total` slots over heads in proportion to `weights` (largest remainders), each >= `minimum`."""
+    heads = weights.numel()
+    if total < minimum * heads:
+        raise ValueError(f"{total} slots cannot give {heads} heads at least {minimum} each")
+    share = weights.clamp(min=0).double()
+    share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1 / heads)
+    extra = total - minimum * heads
+    raw = share * extra
+    budgets = raw.floor().long()
+    remainder = extra - int(budgets.sum())
+    budgets[(raw - budgets).argsort(descending=True)[:remainder]] += 1
+    return [int(b) + minimum for b in budgets]
+
+
+@torch.no_grad()
+def compact(
+    model,
+    cache,
+    ratio: float,
+    method="am",
+    input_ids: torch.Tensor | None = None,
+    queries=("context",),
+    tokenizer=None,
+    keep_first: int | None = None,
+    keep_last: int | None = None,
+    head_budgets: str = "uniform",
+    max_queries: int = 2048,
+    chunk_size: int | None = None,
+    seed: int = 0,
+    reference_queries=None,
+):
+    """Compact `cache` (a `SparseMemCache` filled by `model`) in place to about 1/`ratio` of its logical
+    length, and return it.
+
+    Everything but the first `keep_first` and the last `keep_last` positions becomes slots (defaults
+    derive from the model's sink/local options and the budget). `method`: "am" (Attention Matching),
+    "am-omp", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random", or a
+    `Press`. `head_budgets`: "uniform" or "proportional" (slots per KV head in proportion to how much
+    attention that head's reference queries give the span). `chunk_size`: compact long spans in chunks
+    of that many tokens, each to its share of the slots.
+    """
+    if not getattr(cache, "is_sparsemem", False):
+        raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
+    if getattr(model.config, "block_size", None) is None:
+        raise ValueError("compact() needs a sparsemem model: use sparsemem.convert(model) first")
+    if head_budgets not in ("uniform", "proportional"):
+        raise ValueError(f"`head_budgets` must be 'uniform' or 'proportional', got {head_budgets!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    press = make_press(method)
+    start_time = time.perf_counter()
+    length = cache.get_seq_length()
+    first, last, slots_per_head = plan_budget(length, ratio, cache.sink_tokens, cache.local_tokens, keep_first, keep_last)
+    sources = tuple(queries)
+    if reference_queries is None:
+        needs_model = [s for s in sources if s != "random"]
+        if needs_model and input_ids is None:
+            raise ValueError(f"query sources {needs_model} need the context's `input_ids`")
+        reference_queries = capture_reference_queries(model, input_ids, sources, tokenizer) if needs_model else {}
+    generator = torch.Generator().manual_seed(seed)
+    scaling = model.model.layers[0].self_attn.scaling
+    heads = model.config.num_attention_heads
+    for layer_idx, layer in enumerate(cache.layers):
+        if not layer.is_initialized:
+            continue
+        device = layer.keys.device
+        parts = []
+        if layer_idx in reference_queries:
+            parts.append(reference_queries[layer_idx])
+        if "random" in sources:
+            parts.append(_random_queries(layer, heads, max_queries // max(1, heads // layer.keys.shape[1]), generator))
+        if not parts:
+            raise ValueError(f"no reference queries for layer {layer_idx}")
+        layer_queries = torch.cat([q for q, _ in parts], dim=-2)
+        layer_positions = torch.cat([p for _, p in parts])
+        groups = heads // layer.keys.shape[1]
+        layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
+        layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
+
+        span = (layer.positions >= first) & (layer.positions < length - last)
+        if not bool(span.any()) and layer.slots is None:
+            continue
+        kv_heads = layer.keys.shape[1]
+        total_slots = slots_per_head * kv_heads
+        chunks = [span]
+        if chunk_size is not None and int(span.sum()) > chunk_size:
+            index = span.nonzero()[:, 0]
+            chunks = []
+            for lo in range(0, index.numel(), chunk_size):
+                chunk = torch.zeros_like(span)
+                chunk[index[lo : lo + chunk_size]] = True
+                chunks.append(chunk)
+        span_total = int(span.sum())
+        for chunk in chunks:
+            share = max(1, round(total_slots * int(chunk.sum()) / max(span_total, 1)))
+            if head_budgets == "uniform":
+                budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
+            else:
+                budgets = allocate_head_budgets(share, _span_attention_share(layer, layer_queries, chunk, scaling))
+            # later chunks leave the slots made from earlier chunks alone
+            compact_layer(layer, layer_queries, layer_positions, chunk, budgets, press, scaling, fold_slots=chunk is chunks[0])
+    cache.compaction_info = {
+        "method": method if isinstance(method, str) else type(method).__name__,
+        "ratio": ratio,
+        "queries": list(sources),
+        "keep_first": first,
+        "keep_last": last,
+        "slots_per_head": slots_per_head,
+        "head_budgets": head_budgets,
+        "seconds": time.perf_counter() - start_time,
+    }
+    logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
+    return cache
+
+
+def _span_attention_share(layer, queries, span, scaling) -> torch.Tensor:
+    """[Hkv]: mean share of attention the head's reference queries give the span (non-causal)."""
+    batch, kv_heads, _, dim = layer.keys.shape
+    groups = queries.shape[1] // kv_heads
+    shares = []
+    for head in range(kv_heads):
+        q = queries[:, head * groups : (head + 1) * groups].reshape(batch, -1, dim).float()
+        weights = torch.softmax(q @ layer.keys[:, head].float().transpose(-1, -2) * scaling, dim=-1)
+        shares.append(weights[..., span].sum(-1).mean())
+    return torch.stack(shares)
