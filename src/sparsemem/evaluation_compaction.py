@@ -1,0 +1,187 @@
+"""`sparsemem eval compaction`: compaction methods side by side at several ratios on one real document.
+
+For each (method, ratio): compact a copy of the full cache of the document, then measure on a real
+continuation (teacher-forced) the mean next-token KL to the full cache and the perplexity, and, on
+pass-key documents compacted the same way, whether the question asked after compaction is answered.
+Also the physical KV bytes and the seconds compaction took.
+"""
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .compact import capture_reference_queries, compact
+from .corpus import PASSKEY_QUESTION, passkey_case, token_window
+from .evaluation import _atomic_write
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("am", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random")
+
+
+@dataclass
+class CompactionResult:
+    method: str
+    ratio: float
+    kl: float
+    perplexity: float
+    bytes: int
+    bytes_ratio: float
+    seconds: float
+    needle_accuracy: float | None
+
+
+def _prefill(model, ids):
+    from .modeling.cache import SparseMemCache
+
+    cache = SparseMemCache(model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    return cache
+
+
+@torch.no_grad()
+def _continuation_logprobs(model, cache, continuation):
+    logits = model(continuation, past_key_values=cache).logits.float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _queries_for(method: str, sources) -> tuple:
+    # KVzip scores entries by a repeat pass; SnapKV and H2O by the context's own queries
+    if method == "kvzip":
+        return ("repeat",)
+    if method in ("snapkv", "h2o"):
+        return ("context",)
+    return tuple(sources)
+
+
+@torch.no_grad()
+def evaluate_compaction(
+    model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
+    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("context", "repeat"),
+) -> tuple[list[CompactionResult], dict]:
+    device = model.device
+    ids = torch.tensor([token_window(tokenizer, corpus, length + continuation, offset=20000)], device=device)
+    context, cont = ids[:, :length], ids[:, length:]
+    full = _prefill(model, context)
+    reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
+    full_bytes = full.memory_bytes()["total"]
+    targets = cont[0, 1:]
+    full_ppl = math.exp(torch.nn.functional.nll_loss(reference[0, :-1], targets).item())
+
+    question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    needles = []
+    for depth in needle_depths:
+        case = passkey_case(tokenizer, corpus, length + question.shape[1], depth)
+        doc = torch.tensor([case.input_ids[: -question.shape[1]]], device=device)
+        needles.append((case, doc, _prefill(model, doc)))
+    full_needle = sum(_answer(model, tokenizer, copy.deepcopy(cache), question, case) for case, _, cache in needles) / max(len(needles), 1)
+
+    query_cache: dict = {}
+
+    def reference_queries(sources, doc, key):
+        if (sources, key) not in query_cache:
+            query_cache[(sources, key)] = capture_reference_queries(model, doc, sources, tokenizer)
+        return query_cache[(sources, key)]
+
+    results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
+    for method in tqdm(methods, desc="methods"):
+        sources = _queries_for(method, queries)
+        for ratio in ratios:
+            cache = copy.deepcopy(full)
+            start = time.perf_counter()
+            compact(model, cache, ratio, method=method, queries=sources, reference_queries=reference_queries(sources, context, "doc"))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            size = cache.memory_bytes()["total"]
+            logprobs = _continuation_logprobs(model, cache, cont)
+            kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+            ppl = math.exp(torch.nn.functional.nll_loss(logprobs[0, :-1], targets).item())
+            correct = 0
+            for index, (case, doc, needle_full) in enumerate(needles):
+                needle_cache = copy.deepcopy(needle_full)
+                compact(model, needle_cache, ratio, method=method, queries=sources,
+                        reference_queries=reference_queries(sources, doc, f"needle{index}"))
+                correct += _answer(model, tokenizer, needle_cache, question, case)
+            results.append(
+                CompactionResult(method, ratio, kl, ppl, size, full_bytes / size, seconds, correct / max(len(needles), 1))
+            )
+            logger.info("%s x%s: KL %.4f ppl %.3f bytes x%.2f %.2fs", method, ratio, kl, ppl, full_bytes / size, seconds)
+    meta = {"context_tokens": length, "continuation_tokens": continuation, "needle_depths": list(needle_depths),
+            "am_queries": list(queries), "full_cache_bytes": full_bytes}
+    return results, meta
+
+
+def _answer(model, tokenizer, cache, question, case) -> int:
+    # the question is read after compaction, as when a saved compacted document is reused
+    length = cache.get_seq_length()
+    ids = torch.cat([torch.zeros(1, length, dtype=torch.long, device=question.device), question], dim=1)
+    out = model.generate(
+        ids, past_key_values=cache, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    return int(case.passkey in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def write_compaction_report(results: list[CompactionResult], meta: dict, output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "compaction.json", output_dir / "compaction.md"
+    _atomic_write(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    _atomic_write(md_path, render_compaction_markdown(results, meta))
+    paths = [json_path, md_path]
+    try:
+        paths.append(plot_compaction(results, output_dir / "compaction.png"))
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot written")
+    return paths
+
+
+def render_compaction_markdown(results, meta) -> str:
+    lines = ["# sparsemem eval compaction", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    ratios = sorted({r.ratio for r in results if r.method != "full"})
+    methods = list(dict.fromkeys(r.method for r in results if r.method != "full"))
+    by = {(r.method, r.ratio): r for r in results}
+    full = by[("full", 1.0)]
+    for title, cell in (
+        ("Mean next-token KL to the full cache (lower is better)", lambda r: f"{r.kl:.4f}"),
+        (f"Continuation perplexity (full cache: {full.perplexity:.3f})", lambda r: f"{r.perplexity:.3f}"),
+        (f"Needle accuracy (full cache: {full.needle_accuracy:.0%})", lambda r: f"{r.needle_accuracy:.0%}"),
+        ("Physical KV bytes, full / compacted", lambda r: f"{r.bytes_ratio:.2f}x"),
+        ("Compaction seconds", lambda r: f"{r.seconds:.2f}"),
+    ):
+        lines += [f"## {title}", "", "| method | " + " | ".join(f"{x:g}x" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(cell(by[(method, x)]) if (method, x) in by else "-" for x in ratios) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_compaction(results, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r.method for r in results if r.method != "full"):
+        rows = sorted((r for r in results if r.method == method), key=lambda r: r.ratio)
+        style = "-" if method.startswith("am") else "--"
+        axes[0].plot([r.ratio for r in rows], [max(r.kl, 1e-5) for r in rows], style, marker="o", label=method)
+        axes[1].plot([r.ratio for r in rows], [r.needle_accuracy for r in rows], style, marker="o", label=method)
+    axes[0].set(xscale="log", yscale="log", xlabel="compaction ratio", ylabel="next-token KL to full cache")
+    axes[1].set(xscale="log", xlabel="compaction ratio", ylabel="needle accuracy", ylim=(-0.05, 1.05))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

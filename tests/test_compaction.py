@@ -1,0 +1,125 @@
+"""Attention Matching and the compaction presses."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_base_model
+
+import sparsemem
+from sparsemem.modeling.attention_matching import SpanProblem, attention_matching, nnls
+from sparsemem.modeling.compaction import PRESSES
+
+
+def _problem(seed=0, n=256, span=200, kept=20, dim=16, duplicate=False):
+    torch.manual_seed(seed)
+    q = torch.randn(2, n, dim)
+    k = torch.randn(2, span, dim)
+    v = torch.randn(2, span, dim)
+    if duplicate:
+        k[:] = k[:, :1]
+    other = torch.randn(2, kept, dim)
+    scale = dim**-0.5
+    lse = torch.logsumexp(torch.cat([q @ other.transpose(1, 2), q @ k.transpose(1, 2)], -1) * scale, -1)
+    return SpanProblem(q, k, v, torch.zeros(2, span), lse, scale)
+
+
+def test_nnls_matches_the_kkt_conditions():
+    torch.manual_seed(0)
+    a = torch.rand(3, 50, 8)
+    m = torch.rand(3, 50)
+    w = nnls(a.transpose(1, 2) @ a, (a.transpose(1, 2) @ m[..., None])[..., 0], iterations=3000)
+    gradient = (a.transpose(1, 2) @ (a @ w[..., None] - m[..., None]))[..., 0]
+    assert (w >= 0).all()
+    # KKT: zero gradient where w > 0, non-negative gradient where w == 0
+    assert gradient[w > 1e-6].abs().max() < 1e-4
+    assert (gradient[w <= 1e-6] > -1e-4).all()
+
+
+def test_identical_keys_collapse_to_one_slot_exactly():
+    """T identical keys: one kept key with beta = log(T) and value = mean value reproduces the span."""
+    problem = _problem(duplicate=True)
+    _, keys, values, beta = attention_matching(problem, budget=1)
+    torch.testing.assert_close(beta, torch.full_like(beta, math.log(200)), rtol=0, atol=1e-3)
+    torch.testing.assert_close(values[:, 0], problem.values.mean(1), rtol=0, atol=1e-3)
+
+
+def _errors(problem, keys, values, beta):
+    phi = problem.weights()
+    mass, output = problem.targets(phi)
+    logits = problem.queries @ keys.transpose(1, 2) * problem.scaling + beta[:, None]
+    got_mass = torch.exp(logits - problem.context_lse[..., None]).sum(-1)
+    got_out = torch.softmax(logits, -1) @ values
+    return ((got_mass - mass).abs() / mass).mean().item(), ((got_out - output).norm(dim=-1) * mass).mean().item()
+
+
+@pytest.mark.parametrize("selection", ["attention", "omp"])
+def test_beta_and_value_fits_each_reduce_their_error(selection):
+    problem = _problem()
+    base = attention_matching(problem, 40, key_selection=selection, fit_bias=False, refit_values=False)
+    with_beta = attention_matching(problem, 40, key_selection=selection, refit_values=False)
+    full = attention_matching(problem, 40, key_selection=selection)
+    mass_err0, out_err0 = _errors(problem, *base[1:])
+    mass_err1, _ = _errors(problem, *with_beta[1:])
+    _, out_err2 = _errors(problem, *full[1:])
+    assert mass_err1 < 0.5 * mass_err0
+    assert out_err2 < 0.5 * out_err0
+
+
+def test_budget_at_least_the_span_is_exact():
+    problem = _problem(span=10)
+    index, keys, values, beta = attention_matching(problem, budget=12)
+    assert torch.equal(keys, problem.keys) and torch.equal(values, problem.values) and (beta == 0).all()
+
+
+def test_non_finite_input_is_refused():
+    problem = _problem()
+    keys = problem.keys.clone()
+    keys[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="keys"):
+        SpanProblem(problem.queries, keys, problem.values, problem.key_bias, problem.context_lse, problem.scaling)
+
+
+@pytest.fixture(scope="module")
+def filled():
+    model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
+    ids = torch.randint(3, 256, (1, 260), generator=torch.Generator().manual_seed(0))
+    cache = sparsemem.SparseMemCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :240], past_key_values=cache)
+    return model, ids, cache
+
+
+@pytest.mark.parametrize("method", sorted(PRESSES))
+def test_every_method_compacts_to_the_nominal_ratio(filled, method):
+    model, ids, full = filled
+    cache = copy.deepcopy(full)
+    sparsemem.compact(model, cache, ratio=8, method=method, input_ids=ids[:, :240], queries=("context",))
+    before = full.memory_bytes()["total"]
+    after = cache.memory_bytes()["total"]
+    assert abs(before / after - 8) / 8 < 0.05, before / after
+    assert cache.get_seq_length() == 240
+    with torch.no_grad():
+        logits = model(ids[:, 240:], past_key_values=cache).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_compaction_with_proportional_head_budgets_stays_at_ratio(filled):
+    model, ids, full = filled
+    cache = copy.deepcopy(full)
+    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], head_budgets="proportional")
+    counts = [torch.bincount(layer.slots.head, minlength=2).tolist() for layer in cache.layers]
+    assert all(sum(c) == sum(counts[0]) for c in counts)
+    assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 6) / 6 < 0.05
+
+
+def test_ratio_one_below_one_and_bad_arguments(filled):
+    model, ids, full = filled
+    for bad in (0.5, float("nan"), 0):
+        with pytest.raises(ValueError, match="ratio"):
+            sparsemem.compact(model, copy.deepcopy(full), ratio=bad, input_ids=ids[:, :240])
+    with pytest.raises(ValueError, match="input_ids"):
+        sparsemem.compact(model, copy.deepcopy(full), ratio=4)
+    with pytest.raises(ValueError, match="method"):
+        sparsemem.compact(model, copy.deepcopy(full), ratio=4, method="magic", input_ids=ids[:, :240])
