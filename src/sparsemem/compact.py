@@ -10,6 +10,7 @@ Reference queries are captured from the model itself:
 """
 
 import contextlib
+import copy
 import logging
 import math
 import time
@@ -194,6 +195,13 @@ def compact(
     start_time = time.perf_counter()
     length = cache.get_seq_length()
     first, last, slots_per_head = plan_budget(length, ratio, cache.sink_tokens, cache.local_tokens, keep_first, keep_last)
+    budget = first + last + slots_per_head
+    if keep_last is None and slots_per_head > 0:
+        rest = budget - first
+        splits = sorted({max(0, min(rest - 1, rest * share // 4)) for share in (1, 2, 3)})
+    else:
+        splits = [last]
+    chosen: list[int] = []
     sources = tuple(queries)
     if reference_queries is None:
         needs_model = [s for s in sources if s != "random"]
@@ -203,6 +211,7 @@ def compact(
     generator = torch.Generator().manual_seed(seed)
     scaling = model.model.layers[0].self_attn.scaling
     heads = model.config.num_attention_heads
+    config = model.config
     for layer_idx, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             continue
@@ -216,44 +225,85 @@ def compact(
             raise ValueError(f"no reference queries for layer {layer_idx}")
         layer_queries = torch.cat([q for q, _ in parts], dim=-2)
         layer_positions = torch.cat([p for _, p in parts])
+        held_out = _held_out(layer_queries, layer_positions, length, generator).to(device)
         groups = heads // layer.keys.shape[1]
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
-
-        span = (layer.positions >= first) & (layer.positions < length - last)
-        if not bool(span.any()) and layer.slots is None:
+        if len(splits) == 1:
+            _compact_one_layer(layer, layer_queries, layer_positions, first, splits[0], budget - first - splits[0], length,
+                               press, scaling, head_budgets, chunk_size)
+            chosen.append(splits[0])
             continue
-        kv_heads = layer.keys.shape[1]
-        total_slots = slots_per_head * kv_heads
-        chunks = [span]
-        if chunk_size is not None and int(span.sum()) > chunk_size:
-            index = span.nonzero()[:, 0]
-            chunks = []
-            for lo in range(0, index.numel(), chunk_size):
-                chunk = torch.zeros_like(span)
-                chunk[index[lo : lo + chunk_size]] = True
-                chunks.append(chunk)
-        span_total = int(span.sum())
-        for chunk in chunks:
-            share = max(1, round(total_slots * int(chunk.sum()) / max(span_total, 1)))
-            if head_budgets == "uniform":
-                budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
-            else:
-                budgets = allocate_head_budgets(share, _span_attention_share(layer, layer_queries, chunk, scaling))
-            # later chunks leave the slots made from earlier chunks alone
-            compact_layer(layer, layer_queries, layer_positions, chunk, budgets, press, scaling, fold_slots=chunk is chunks[0])
+        # choose the split between exact recent tokens and slots that best keeps this layer's attention output
+        reference = _layer_output(layer, held_out, scaling, config, length)
+        best = None
+        for last in splits:
+            trial = copy.deepcopy(layer)
+            _compact_one_layer(trial, layer_queries, layer_positions, first, last, budget - first - last, length,
+                               press, scaling, head_budgets, chunk_size)
+            error = (_layer_output(trial, held_out, scaling, config, length) - reference).pow(2).sum(-1).mean().item()
+            if best is None or error < best[0]:
+                best = (error, last, trial)
+        layer.__dict__.update(best[2].__dict__)
+        chosen.append(best[1])
     cache.compaction_info = {
         "method": method if isinstance(method, str) else type(method).__name__,
         "ratio": ratio,
         "queries": list(sources),
         "keep_first": first,
-        "keep_last": last,
-        "slots_per_head": slots_per_head,
+        "keep_last": chosen,
+        "slots_per_head": [budget - first - c for c in chosen],
         "head_budgets": head_budgets,
         "seconds": time.perf_counter() - start_time,
     }
     logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
     return cache
+
+
+def _compact_one_layer(layer, queries, positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size):
+    span = (layer.positions >= first) & (layer.positions < length - last)
+    if not bool(span.any()) and layer.slots is None:
+        return
+    kv_heads = layer.keys.shape[1]
+    total_slots = slots_per_head * kv_heads
+    chunks = [span]
+    if chunk_size is not None and int(span.sum()) > chunk_size:
+        index = span.nonzero()[:, 0]
+        chunks = []
+        for lo in range(0, index.numel(), chunk_size):
+            chunk = torch.zeros_like(span)
+            chunk[index[lo : lo + chunk_size]] = True
+            chunks.append(chunk)
+    span_total = int(span.sum())
+    for number, chunk in enumerate(chunks):
+        share = max(kv_heads, round(total_slots * int(chunk.sum()) / max(span_total, 1)))
+        if head_budgets == "uniform":
+            budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
+        else:
+            budgets = allocate_head_budgets(share, _span_attention_share(layer, queries, chunk, scaling))
+        # later chunks leave the slots made from earlier chunks alone
+        compact_layer(layer, queries, positions, chunk, budgets, press, scaling, fold_slots=number == 0)
+
+
+def _held_out(queries, positions, length, generator, count: int = 256):
+    """Queries that stand for the future: the context's last queries and the future-style ones (-1)."""
+    late = (positions >= length - 64) | (positions < 0)
+    pool = queries[..., late, :]
+    if pool.shape[-2] > count:
+        pool = pool[..., torch.randperm(pool.shape[-2], generator=generator)[:count], :]
+    return pool
+
+
+def _layer_output(layer, queries, scaling, config, length):
+    """Attention output [B, n, H, d] of `queries` placed after the whole context, over every tier of `layer`."""
+    from types import SimpleNamespace
+
+    from .modeling.attention import MemoryView, sparsemem_attention_forward
+
+    options = SimpleNamespace(**{**config.sparsemem_options(), "top_k_blocks": None, "block_fraction": None})
+    view = MemoryView(torch.full((queries.shape[-2],), length, device=queries.device), layer.positions, layer.slots, None)
+    out, _ = sparsemem_attention_forward(SimpleNamespace(config=options), queries, layer.keys, layer.values, None, scaling, sparsemem=view)
+    return out.float()
 
 
 def _span_attention_share(layer, queries, span, scaling) -> torch.Tensor:

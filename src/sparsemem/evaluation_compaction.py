@@ -185,3 +185,17 @@ def plot_compaction(results, path: Path) -> Path:
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+def merge_reports(parts: list[str], output_dir: str) -> list[Path]:
+    """Merge `compaction.json` files of runs that each measured some methods (same document and model)."""
+    results, meta = [], None
+    for part in parts:
+        payload = json.loads((Path(part) / "compaction.json").read_text())
+        meta = meta or payload["meta"]
+        for row in payload["results"]:
+            if row["method"] == "full" and any(r.method == "full" for r in results):
+                continue
+            results.append(CompactionResult(**row))
+    meta = {**meta, "command": meta.get("command", "").split(" --methods")[0] + " (one process per method, merged)"}
+    return write_compaction_report(results, meta, Path(output_dir))
