@@ -22,17 +22,17 @@ class SparseMemOptions:
     top_k_blocks: blocks attended exactly per query on top of the anchors; `None` means every block
         (dense-equivalent).
     block_fraction: when set, each query attends ceil(block_fraction x its candidate blocks), at least
-        `top_k_blocks`: a density that holds across context lengths.
+        `top_k_blocks`: a density that holds across context lengths. Ignored when `top_k_blocks` is None.
     scorer: training-free block scorer: "minmax" (upper bound of q.k from per-block key extrema), "mean"
         (q . mean key) or "hybrid" (both, standardised and added).
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     """
 
-    block_size: int = 16
+    block_size: int = 8
     sink_tokens: int = 16
-    local_tokens: int = 128
+    local_tokens: int = 64
     top_k_blocks: int | None = 16
-    block_fraction: float | None = None
+    block_fraction: float | None = 0.17
     scorer: str = "hybrid"
     query_chunk_size: int = 512
 

@@ -11,11 +11,13 @@ def select_blocks(
     `scores` [B, Hkv, Q, nb]; `candidates` (broadcastable to it) marks blocks that hold at least one key
     the query may see and that is not already an anchor. Each query takes its `top_k` best candidates,
     or, with `fraction`, ceil(fraction x its number of candidates) and at least `top_k`.
-    `top_k=None` and no fraction selects every candidate.
+    `top_k=None` selects every candidate (dense-equivalent), whatever the fraction.
     """
     candidates = candidates.expand_as(scores)
+    if top_k is None:
+        return candidates.clone()
     if fraction is None:
-        if top_k is None or top_k >= scores.shape[-1]:
+        if top_k >= scores.shape[-1]:
             return candidates.clone()
         masked = scores.masked_fill(~candidates, float("-inf"))
         top = masked.topk(top_k, dim=-1).indices
@@ -23,9 +25,7 @@ def select_blocks(
         # topk pads with non-candidates when fewer than top_k exist
         return selected & candidates
     # a per-query budget: rank the candidates and keep those ranked below it
-    budget = torch.ceil(candidates.sum(-1, keepdim=True) * fraction)
-    if top_k is not None:
-        budget = budget.clamp(min=top_k)
+    budget = torch.ceil(candidates.sum(-1, keepdim=True) * fraction).clamp(min=top_k)
     masked = scores.masked_fill(~candidates, float("-inf"))
     rank = masked.argsort(dim=-1, descending=True).argsort(dim=-1)
     return (rank < budget) & candidates

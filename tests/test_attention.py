@@ -15,7 +15,8 @@ B, H, HKV, D = 2, 4, 2, 8
 
 def module(**options):
     config = SimpleNamespace(
-        block_size=4, sink_tokens=2, local_tokens=4, top_k_blocks=None, scorer="minmax", query_chunk_size=3
+        block_size=4, sink_tokens=2, local_tokens=4, top_k_blocks=None, block_fraction=None, scorer="minmax",
+        query_chunk_size=3,
     )
     for name, value in options.items():
         setattr(config, name, value)

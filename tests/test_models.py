@@ -47,7 +47,7 @@ def test_left_padded_batch_matches_dense(family):
 @torch.no_grad()
 def test_sparse_mode_differs_from_dense_and_reports_density():
     base = make_base_model("llama")
-    sparse = sparsemem.convert(base, top_k_blocks=2, block_size=8, sink_tokens=2, local_tokens=8)
+    sparse = sparsemem.convert(base, top_k_blocks=2, block_fraction=None, block_size=8, sink_tokens=2, local_tokens=8)
     ids = _ids(1, 200)
     diff = (base(ids).logits - sparse(ids).logits).abs().max().item()
     assert diff > 1e-3  # blocks really are skipped

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .modeling.configuration_sparsemem import SCORERS, SparseMemOptions
+
 logger = logging.getLogger("sparsemem")
 
 
@@ -21,17 +23,28 @@ def _top_k(value: str):
         raise argparse.ArgumentTypeError(f"--top-k-blocks expects an integer or 'all', got {value!r}") from None
 
 
+def _fraction(value: str):
+    if value in ("none", "None"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--block-fraction expects a number in (0, 1] or 'none', got {value!r}") from None
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--text", nargs="*", default=None, help="text files for the haystack (default: Python reference docs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--sink-tokens", type=int, default=16)
-    parser.add_argument("--local-tokens", type=int, default=128)
-    parser.add_argument("--top-k-blocks", type=_top_k, default=16, help="integer, or 'all' for dense-equivalent")
-    parser.add_argument("--block-fraction", type=float, default=None, help="attend this fraction of each query's blocks (at least --top-k-blocks)")
-    parser.add_argument("--scorer", default="hybrid", choices=["hybrid", "minmax", "mean"])
+    defaults = SparseMemOptions()
+    parser.add_argument("--block-size", type=int, default=defaults.block_size)
+    parser.add_argument("--sink-tokens", type=int, default=defaults.sink_tokens)
+    parser.add_argument("--local-tokens", type=int, default=defaults.local_tokens)
+    parser.add_argument("--top-k-blocks", type=_top_k, default=defaults.top_k_blocks, help="integer, or 'all' for every block")
+    parser.add_argument("--block-fraction", type=_fraction, default=defaults.block_fraction,
+                        help="attend this fraction of each query's blocks, at least --top-k-blocks ('none' to use the count alone)")
+    parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS))
 
 
 def _options(args) -> dict:
