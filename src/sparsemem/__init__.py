@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .compact import compact
 from .convert import convert
+from .documents import load_document, save_document
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 from .modeling.configuration_sparsemem import (
@@ -46,5 +47,7 @@ __all__ = [
     "SparseMemQwen3ForCausalLM",
     "compact",
     "convert",
+    "load_document",
+    "save_document",
     "sparsemem_attention_forward",
 ]

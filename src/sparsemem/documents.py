@@ -1,0 +1,131 @@
+"""Compacted documents on disk: read a long document once, compact it, answer many questions later.
+
+A document is a folder with `kv.safetensors` (every tier of every layer) and `document.json` (format,
+model fingerprint, shapes, logical length, how it was compacted). It is written to a temporary folder
+and renamed, so a crash never leaves half a document; loading checks the model, the shapes and the file.
+"""
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+
+FORMAT = "sparsemem-compacted-document/1"
+TENSORS, META = "kv.safetensors", "document.json"
+_SLOT_FIELDS = ("keys", "values", "beta", "head", "block", "position")
+
+
+def model_fingerprint(model) -> str:
+    """Architecture fields plus a hash of the first layer's key projection: two models share a
+    fingerprint only if their caches are interchangeable."""
+    config = model.config
+    fields = {name: getattr(config, name, None) for name in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+        "rope_parameters", "rope_theta",
+    )}
+    fields["family"] = getattr(config, "base_model_type", config.model_type)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    weight = model.model.layers[0].self_attn.k_proj.weight.detach().float().cpu().contiguous()
+    digest.update(weight.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    tensors: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(cache.layers):
+        if not layer.is_initialized:
+            raise ValueError(f"layer {index} of the cache is empty: run the document through the model first")
+        tensors[f"layers.{index}.keys"] = layer.keys
+        tensors[f"layers.{index}.values"] = layer.values
+        tensors[f"layers.{index}.positions"] = layer.positions
+        if layer.slots is not None:
+            for name in _SLOT_FIELDS:
+                tensors[f"layers.{index}.slots.{name}"] = getattr(layer.slots, name)
+    first = cache.layers[0]
+    meta = {
+        "format": FORMAT,
+        "model_fingerprint": model_fingerprint(model),
+        "num_layers": len(cache.layers),
+        "batch_size": first.keys.shape[0],
+        "num_key_value_heads": first.keys.shape[1],
+        "head_dim": first.keys.shape[-1],
+        "dtype": str(first.keys.dtype).removeprefix("torch."),
+        "logical_length": cache.get_seq_length(),
+        "sink_tokens": cache.sink_tokens,
+        "local_tokens": cache.local_tokens,
+        "compaction": getattr(cache, "compaction_info", None),
+        "bytes": cache.memory_bytes(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / TENSORS)
+        (staging / META).write_text(json.dumps(meta, indent=2, default=str))
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def load_document(path, model) -> SparseMemCache:
+    """A `SparseMemCache` holding the saved document, on the model's device, ready for `generate`."""
+    path = Path(path)
+    for name in (META, TENSORS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: not a saved sparsemem document")
+    try:
+        meta = json.loads((path / META).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path / META} is not valid JSON: {error}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    fingerprint = model_fingerprint(model)
+    if meta.get("model_fingerprint") != fingerprint:
+        raise ValueError(
+            f"{path} was made with a different model (fingerprint {meta.get('model_fingerprint')}, this model {fingerprint})"
+        )
+    config = model.config
+    expected = {
+        "num_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+    }
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise ValueError(f"{path / META}: {key} is {meta.get(key)}, the model has {value}")
+    try:
+        tensors = load_file(path / TENSORS)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path / TENSORS} is truncated or corrupt: {error}") from None
+    device = model.device
+    cache = SparseMemCache(config)
+    for index in range(meta["num_layers"]):
+        prefix = f"layers.{index}."
+        try:
+            keys, values, positions = (tensors[prefix + n] for n in ("keys", "values", "positions"))
+        except KeyError as error:
+            raise ValueError(f"{path / TENSORS} lacks tensor {error.args[0]!r}") from None
+        if keys.shape[1] != meta["num_key_value_heads"] or keys.shape[-1] != meta["head_dim"] or keys.shape[-2] != positions.shape[0]:
+            raise ValueError(f"{path / TENSORS}: layer {index} has keys {tuple(keys.shape)}, inconsistent with {META}")
+        layer = SparseMemLayer()
+        layer.lazy_initialization(keys.to(device), values.to(device))
+        layer.keys, layer.values, layer.positions = keys.to(device), values.to(device), positions.to(device)
+        layer.logical_length = meta["logical_length"]
+        if prefix + "slots.keys" in tensors:
+            layer.slots = SlotTier(*(tensors[prefix + "slots." + n].to(device) for n in _SLOT_FIELDS))
+        cache.layers.append(layer)
+    cache.compaction_info = meta.get("compaction")
+    return cache
