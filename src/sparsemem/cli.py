@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="hide a pass key in a long real document; answer with dense and sparse attention")
     _add_model_args(demo)
-    demo.add_argument("--length", type=int, default=4000, help="prompt length in tokens")
+    demo.add_argument("--length", type=int, default=3000, help="prompt length in tokens")
     demo.add_argument("--depth", type=float, default=0.5, help="relative depth of the pass key")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
