@@ -75,16 +75,14 @@ class SparseMemOptions:
         (result[0] if isinstance(result, tuple) else result).validate_sparsemem_options()
         return result
 
+    def __post_init__(self, **kwargs):
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # a family config: finish its own setup, then check the options
+            parent(**kwargs)
+            self.validate_sparsemem_options()
+
     def sparsemem_options(self) -> dict:
-        return {
-            "block_size": self.block_size,
-            "sink_tokens": self.sink_tokens,
-            "local_tokens": self.local_tokens,
-            "top_k_blocks": self.top_k_blocks,
-            "block_fraction": self.block_fraction,
-            "scorer": self.scorer,
-            "query_chunk_size": self.query_chunk_size,
-        }
+        return {name: getattr(self, name) for name in OPTION_NAMES}
 
 
 OPTION_NAMES = tuple(SparseMemOptions.__dataclass_fields__)
@@ -94,36 +92,20 @@ class SparseMemLlamaConfig(SparseMemOptions, LlamaConfig):
     model_type = "sparsemem_llama"
     base_model_type = "llama"
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_sparsemem_options()
-
 
 class SparseMemMistralConfig(SparseMemOptions, MistralConfig):
     model_type = "sparsemem_mistral"
     base_model_type = "mistral"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_sparsemem_options()
 
 
 class SparseMemQwen2Config(SparseMemOptions, Qwen2Config):
     model_type = "sparsemem_qwen2"
     base_model_type = "qwen2"
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_sparsemem_options()
-
 
 class SparseMemQwen3Config(SparseMemOptions, Qwen3Config):
     model_type = "sparsemem_qwen3"
     base_model_type = "qwen3"
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.validate_sparsemem_options()
 
 
 for _config_class in (SparseMemLlamaConfig, SparseMemMistralConfig, SparseMemQwen2Config, SparseMemQwen3Config):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .modeling.configuration_sparsemem import SCORERS, SparseMemOptions
+from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 
 logger = logging.getLogger("sparsemem")
 
@@ -48,14 +48,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args) -> dict:
-    return {
-        "block_size": args.block_size,
-        "sink_tokens": args.sink_tokens,
-        "local_tokens": args.local_tokens,
-        "top_k_blocks": args.top_k_blocks,
-        "block_fraction": args.block_fraction,
-        "scorer": args.scorer,
-    }
+    return {name: getattr(args, name) for name in OPTION_NAMES if hasattr(args, name)}
 
 
 def _load(args):

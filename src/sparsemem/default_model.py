@@ -4,11 +4,11 @@
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,9 @@ def default_model_dir() -> Path:
     model = LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -7,14 +7,13 @@ and renamed, so a crash never leaves half a document; loading checks the model, 
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import staged_directory
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 
 FORMAT = "sparsemem-compacted-document/1"
@@ -66,17 +65,9 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         "compaction": getattr(cache, "compaction_info", None),
         "bytes": cache.memory_bytes(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as staging:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / TENSORS)
         (staging / META).write_text(json.dumps(meta, indent=2, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        staging.rename(path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -3,8 +3,6 @@
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import write_text
 from .corpus import Corpus, passkey_case, token_window
 
 logger = logging.getLogger(__name__)
@@ -100,8 +99,8 @@ def write_reports(reports: list[ModelReport], meta: dict, output_dir: Path) -> t
         "models": [{**asdict(r), "passkey_accuracy": r.passkey_accuracy} for r in reports],
     }
     json_path, md_path = output_dir / "eval.json", output_dir / "eval.md"
-    _atomic_write(json_path, json.dumps(payload, indent=2))
-    _atomic_write(md_path, render_markdown(reports, meta))
+    write_text(json_path, json.dumps(payload, indent=2))
+    write_text(md_path, render_markdown(reports, meta))
     return json_path, md_path
 
 
@@ -127,14 +126,3 @@ def render_markdown(reports: list[ModelReport], meta: dict) -> str:
                 cells.append(mark + (f" ({hit.density:.1%})" if hit.density else ""))
             lines.append(f"| {length} | {depth:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .compact import capture_reference_queries, compact
 from .corpus import PASSKEY_QUESTION, passkey_case, token_window
-from .evaluation import _atomic_write
+from .atomic import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def _answer(model, tokenizer, cache, question, case) -> int:
 def write_compaction_report(results: list[CompactionResult], meta: dict, output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / "compaction.json", output_dir / "compaction.md"
-    _atomic_write(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
-    _atomic_write(md_path, render_compaction_markdown(results, meta))
+    write_text(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    write_text(md_path, render_compaction_markdown(results, meta))
     paths = [json_path, md_path]
     try:
         paths.append(plot_compaction(results, output_dir / "compaction.png"))
