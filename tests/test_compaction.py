@@ -123,3 +123,15 @@ def test_ratio_one_below_one_and_bad_arguments(filled):
         sparsemem.compact(model, copy.deepcopy(full), ratio=4)
     with pytest.raises(ValueError, match="method"):
         sparsemem.compact(model, copy.deepcopy(full), ratio=4, method="magic", input_ids=ids[:, :240])
+
+
+def test_chunked_compaction_keeps_the_ratio_and_every_chunk(filled):
+    model, ids, full = filled
+    cache = copy.deepcopy(full)
+    sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :240], chunk_size=64, keep_last=16)
+    layer = cache.layers[0]
+    # 4..223 is compacted in 4 chunks: the slots of each chunk stand at that chunk's last position
+    assert sorted(set(layer.slots.position.tolist())) == [67, 131, 195, 223]
+    assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 5) / 5 < 0.05
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()

@@ -260,29 +260,26 @@ def compact(
     return cache
 
 
-def _compact_one_layer(layer, queries, positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size):
+def _compact_one_layer(layer, queries, reference_positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size):
     span = (layer.positions >= first) & (layer.positions < length - last)
     if not bool(span.any()) and layer.slots is None:
         return
     kv_heads = layer.keys.shape[1]
     total_slots = slots_per_head * kv_heads
-    chunks = [span]
-    if chunk_size is not None and int(span.sum()) > chunk_size:
-        index = span.nonzero()[:, 0]
-        chunks = []
-        for lo in range(0, index.numel(), chunk_size):
-            chunk = torch.zeros_like(span)
-            chunk[index[lo : lo + chunk_size]] = True
-            chunks.append(chunk)
-    span_total = int(span.sum())
-    for number, chunk in enumerate(chunks):
-        share = max(kv_heads, round(total_slots * int(chunk.sum()) / max(span_total, 1)))
+    # chunks are ranges of logical positions: the layer's physical entries shrink as each one is compacted
+    positions = layer.positions[span]
+    step = chunk_size if chunk_size is not None else max(positions.numel(), 1)
+    bounds = [(int(positions[lo]), int(positions[min(lo + step, positions.numel()) - 1])) for lo in range(0, positions.numel(), step)]
+    span_total = max(positions.numel(), 1)
+    for number, (lo, hi) in enumerate(bounds or [(0, -1)]):
+        chunk = (layer.positions >= lo) & (layer.positions <= hi)
+        share = max(kv_heads, round(total_slots * int(chunk.sum()) / span_total))
         if head_budgets == "uniform":
             budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
         else:
             budgets = allocate_head_budgets(share, _span_attention_share(layer, queries, chunk, scaling))
         # later chunks leave the slots made from earlier chunks alone
-        compact_layer(layer, queries, positions, chunk, budgets, press, scaling, fold_slots=number == 0)
+        compact_layer(layer, queries, reference_positions, chunk, budgets, press, scaling, fold_slots=number == 0)
 
 
 def _held_out(queries, positions, length, generator, count: int = 256):
