@@ -106,7 +106,14 @@ def fit_values(
     damping = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
     gram = gram + damping[:, None, None] * torch.eye(t, device=gram.device)
     rhs = xw.transpose(-1, -2) @ (output * weight)
-    values = torch.linalg.solve(gram, rhs)
+    if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
+        raise FloatingPointError("attention matching: non-finite normal equations in the value fit")
+    # the damped Gram matrix is symmetric positive definite: Cholesky (batched LU breaks on some CPU
+    # builds for systems of a few hundred unknowns)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        raise FloatingPointError("attention matching: the value fit's Gram matrix is not positive definite")
+    values = torch.cholesky_solve(rhs, factor)
     if not torch.isfinite(values).all():
         raise FloatingPointError("attention matching: non-finite values from the least-squares fit")
     return values
