@@ -69,12 +69,6 @@ class SlotTier:
     def to(self, device) -> "SlotTier":
         return SlotTier(*(t.to(device) for t in (self.keys, self.values, self.beta, self.head, self.block, self.position)))
 
-    def select(self, keep: torch.Tensor) -> "SlotTier":
-        """Keep the slots where the [S] boolean `keep` is True."""
-        return SlotTier(
-            self.keys[:, keep], self.values[:, keep], self.beta[:, keep], self.head[keep], self.block[keep], self.position[keep]
-        )
-
     @staticmethod
     def cat(first: "SlotTier | None", second: "SlotTier") -> "SlotTier":
         if first is None:

@@ -144,6 +144,13 @@ def make_press(method) -> Press:
     return PRESSES[method]()
 
 
+def group_queries(queries: torch.Tensor, head: int, kv_heads: int) -> torch.Tensor:
+    """The queries of KV head `head`'s query group, pooled: [B, H, n, d] -> [B, G*n, d] (fp32)."""
+    groups = queries.shape[1] // kv_heads
+    batch, _, _, dim = queries.shape
+    return queries[:, head * groups : (head + 1) * groups].reshape(batch, -1, dim).float()
+
+
 def head_spans(layer, queries: torch.Tensor, query_positions: torch.Tensor, span: torch.Tensor, scaling: float, fold_slots: bool):
     """Yield (head, HeadSpan) for every KV head of a `SparseMemLayer`.
 
@@ -151,12 +158,11 @@ def head_spans(layer, queries: torch.Tensor, query_positions: torch.Tensor, span
     `fold_slots`, existing slots of each head join the span with their beta; otherwise they only take
     part in the context log-sum-exp.
     """
-    batch, kv_heads, _, dim = layer.keys.shape
-    groups = queries.shape[1] // kv_heads
+    kv_heads = layer.keys.shape[1]
+    q_pos = query_positions.repeat(queries.shape[1] // kv_heads)  # positions of the pooled group queries
     keys, values = layer.keys.float(), layer.values.float()
     for head in range(kv_heads):
-        q = queries[:, head * groups : (head + 1) * groups].reshape(batch, -1, dim).float()
-        q_pos = query_positions.repeat(groups)
+        q = group_queries(queries, head, kv_heads)
         span_keys, span_values = keys[:, head, span], values[:, head, span]
         bias = torch.zeros(span_keys.shape[:2], device=keys.device)
         positions = layer.positions[span]

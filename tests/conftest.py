@@ -49,6 +49,18 @@ def make_base_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def prefilled(family: str, total: int, context: int, **options):
+    """A converted tiny model, `total` random token ids, and a SparseMemCache holding the first `context`."""
+    import sparsemem
+
+    model = sparsemem.convert(make_base_model(family), **options)
+    ids = torch.randint(3, 256, (1, total), generator=torch.Generator().manual_seed(0))
+    cache = sparsemem.SparseMemCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :context], past_key_values=cache)
+    return model, ids, cache
+
+
 @pytest.fixture(params=sorted(FAMILY_CONFIGS))
 def family(request):
     return request.param

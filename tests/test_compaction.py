@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_base_model
+from conftest import prefilled
 
 import sparsemem
 from sparsemem.modeling.attention_matching import SpanProblem, attention_matching, nnls
@@ -83,12 +83,7 @@ def test_non_finite_input_is_refused():
 
 @pytest.fixture(scope="module")
 def filled():
-    model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
-    ids = torch.randint(3, 256, (1, 260), generator=torch.Generator().manual_seed(0))
-    cache = sparsemem.SparseMemCache(model.config)
-    with torch.no_grad():
-        model(ids[:, :240], past_key_values=cache)
-    return model, ids, cache
+    return prefilled("llama", 260, 240, top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
 
 
 @pytest.mark.parametrize("method", sorted(PRESSES))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_base_model
+from conftest import make_base_model, prefilled
 
 import sparsemem
 from sparsemem.documents import load_document, save_document
@@ -12,11 +12,7 @@ from sparsemem.documents import load_document, save_document
 
 @pytest.fixture(scope="module")
 def compacted():
-    model = sparsemem.convert(make_base_model("qwen2"), top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
-    ids = torch.randint(3, 256, (1, 220), generator=torch.Generator().manual_seed(0))
-    cache = sparsemem.SparseMemCache(model.config)
-    with torch.no_grad():
-        model(ids[:, :200], past_key_values=cache)
+    model, ids, cache = prefilled("qwen2", 220, 200, top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
     sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :200], head_budgets="proportional")
     return model, ids, cache
 

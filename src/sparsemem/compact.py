@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .modeling.compaction import compact_layer, make_press
+from .modeling.compaction import compact_layer, group_queries, make_press
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,12 @@ def recording_queries(model, keep_from: int = 0):
     """Collect post-RoPE queries of every attention layer: {layer_idx: [B, H, n, d]} (positions >= keep_from)."""
     captured: dict[int, list[torch.Tensor]] = {}
     modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
-    offset = {"seen": {}}
+    seen: dict[int, int] = {}  # queries already passed per layer, across forward calls
 
     def record(layer_idx, query_states):
-        start = offset["seen"].get(layer_idx, 0)
+        start = seen.get(layer_idx, 0)
         length = query_states.shape[-2]
-        offset["seen"][layer_idx] = start + length
+        seen[layer_idx] = start + length
         lo = max(keep_from - start, 0)
         if lo < length:
             captured.setdefault(layer_idx, []).append(query_states[..., lo:, :].detach().float().cpu())
@@ -225,7 +225,7 @@ def compact(
             raise ValueError(f"no reference queries for layer {layer_idx}")
         layer_queries = torch.cat([q for q, _ in parts], dim=-2)
         layer_positions = torch.cat([p for _, p in parts])
-        held_out = _held_out(layer_queries, layer_positions, length, generator).to(device)
+        held_out = _held_out(layer_queries, layer_positions, length, generator).to(device) if len(splits) > 1 else None
         groups = heads // layer.keys.shape[1]
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
@@ -305,11 +305,10 @@ def _layer_output(layer, queries, scaling, config, length):
 
 def _span_attention_share(layer, queries, span, scaling) -> torch.Tensor:
     """[Hkv]: mean share of attention the head's reference queries give the span (non-causal)."""
-    batch, kv_heads, _, dim = layer.keys.shape
-    groups = queries.shape[1] // kv_heads
+    kv_heads = layer.keys.shape[1]
     shares = []
     for head in range(kv_heads):
-        q = queries[:, head * groups : (head + 1) * groups].reshape(batch, -1, dim).float()
+        q = group_queries(queries, head, kv_heads)
         weights = torch.softmax(q @ layer.keys[:, head].float().transpose(-1, -2) * scaling, dim=-1)
         shares.append(weights[..., span].sum(-1).mean())
     return torch.stack(shares)
