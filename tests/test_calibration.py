@@ -282,3 +282,35 @@ def test_push_fails_fast_offline(uninterrupted, tmp_path):
                             env={**{k: v for k, v in os.environ.items() if k != "HF_TOKEN"}, **env, "HF_HOME": str(tmp_path / "hf")},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 3 and "no Hugging Face token" in result.stderr
+
+
+# -- learned consolidation ----------------------------------------------------------------------------
+
+
+def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_queries():
+    from sparsemem.modeling.attention_matching import SpanProblem, attention_matching
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.consolidation import LearnedConsolidationPress, consolidation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    problems, queries, span, dim = 4, 96, 120, 16
+    # structured queries (a few directions plus noise), like a head's real queries
+    directions = torch.randn(problems, 3, dim, generator=generator)
+    mix = torch.randn(problems, queries, 3, generator=generator)
+    q = mix @ directions + 0.3 * torch.randn(problems, queries, dim, generator=generator)
+    k = torch.randn(problems, span, dim, generator=generator)
+    v = torch.randn(problems, span, dim, generator=generator)
+    scaling = dim**-0.5
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * scaling, -1) + 0.5
+    problem = SpanProblem(q, k, v, torch.zeros(problems, span), lse, scaling)
+    press = LearnedConsolidationPress(steps=30)
+    index, keys, values, beta = press.compact(HeadSpan(problem, torch.arange(span), torch.full((queries,), -1)), 12)
+    _, am_keys, am_values, am_beta = attention_matching(problem, 12)
+    held_out = torch.arange(queries) % press.holdout_every == 0
+    learned = consolidation_loss(problem, keys, values, beta, held_out)
+    closed_form = consolidation_loss(problem, am_keys, am_values, am_beta, held_out)
+    assert bool((learned <= closed_form + 1e-6).all())
+    assert index.shape == (problems, 12) and torch.isfinite(values).all()
+    # where a problem was refined, its held-out loss is strictly lower
+    refined = ~torch.isclose(beta, am_beta).all(-1)
+    assert bool((learned[refined] < closed_form[refined]).all())

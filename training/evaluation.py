@@ -56,7 +56,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     models = {"dense": base, "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"})}
     phase1 = run_dir / "phase1_modules.safetensors"
     final = load_file(run_dir / "final" / "sparsemem_modules.safetensors")
-    if phase1.is_file() and run.get("lora") is None:
+    if phase1.is_file() and run.get("lora") is None and run.get("phase2_steps", 1) > 0:
         learned = convert(base, **options)
         learned.load_sparsemem_modules(load_file(phase1))
         models["learned (phase 1)"] = learned

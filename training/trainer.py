@@ -250,6 +250,8 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             "sparsemem": model.config.sparsemem_options(),
             "lora": lora_config,
             "steps": recipe.total_steps,
+            "phase1_steps": p1.steps,
+            "phase2_steps": p2.steps,
             "tokens": tokens_seen,
             "sequence_length": recipe.sequence_length,
             "data": [s.name for s in recipe.data.train],
