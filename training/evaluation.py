@@ -17,8 +17,16 @@ from safetensors.torch import load_file
 
 from sparsemem.atomic import write_text
 from sparsemem.convert import convert
+from sparsemem.default_model import resolve_model
 
 logger = logging.getLogger(__name__)
+
+
+def run_base_model(run: dict) -> str:
+    """The base checkpoint of a run: its resolved folder when present here, else the recipe's name
+    (a run copied from another machine)."""
+    resolved = run.get("resolved_base_model")
+    return resolved if resolved and Path(resolved).is_dir() else resolve_model(run["base_model"])
 
 
 @torch.no_grad()
@@ -50,7 +58,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     if too_long:
         raise ValueError(f"eval lengths {too_long} exceed the {ids.numel()} held-out tokens")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = AutoModelForCausalLM.from_pretrained(run["resolved_base_model"], dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    base = AutoModelForCausalLM.from_pretrained(run_base_model(run), dtype=getattr(torch, dtype), attn_implementation="sdpa")
     base = base.to(device).eval()
     options = {**run["sparsemem"], "block_fraction": block_fraction}
     models = {"dense": base, "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"})}
@@ -85,7 +93,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     meta = {
         "run": str(run_dir), "base_model": run["base_model"], "options": options, "calibration_steps": run["steps"],
         "calibration_tokens": run["tokens"], "calibration_device": run.get("device"),
-        "eval_tokens": "first N tokens of the held-out tail of " + ", ".join(run["data"]),
+        "eval_tokens": f"first N tokens of the last {ids.numel()} tokens of {run.get('eval_data')}, held out from calibration",
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({platform.machine()})",
         "dtype": dtype, "torch": torch.__version__,
     }

@@ -19,7 +19,10 @@ from safetensors.torch import load_file, save_file
 from sparsemem.atomic import staged_directory
 from sparsemem.convert import convert
 
+from .evaluation import run_base_model
+
 logger = logging.getLogger(__name__)
+
 
 MODULES_FILE = "sparsemem_modules.safetensors"
 
@@ -54,10 +57,10 @@ def build_calibrated_model(run_dir: Path, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run = json.loads((Path(run_dir) / "final" / "run.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(run["resolved_base_model"], dtype=getattr(torch, dtype))
+    base = AutoModelForCausalLM.from_pretrained(run_base_model(run), dtype=getattr(torch, dtype))
     model = convert(base, **run["sparsemem"]).eval()
     model.load_sparsemem_modules(load_file(Path(run_dir) / "final" / MODULES_FILE))
-    tokenizer = AutoTokenizer.from_pretrained(run["resolved_base_model"])
+    tokenizer = AutoTokenizer.from_pretrained(run_base_model(run))
     return model, tokenizer, run
 
 
@@ -72,7 +75,7 @@ def export(run_dir, output, repo_id: str | None = None, base_reference: str | No
         raise FileNotFoundError(f"{run_dir} is not a finished calibration run (no final/run.json)")
     model, tokenizer, run = build_calibrated_model(run_dir, dtype)
     name = repo_id or output.name
-    base_name = run["base_model"] if run["base_model"] not in ("default", "", None) else run["resolved_base_model"]
+    base_name = run["base_model"] if run["base_model"] not in ("default", "", None) else run_base_model(run)
     base_reference = base_reference or base_name
     template = load_card_template(card_template)
     common = dict(

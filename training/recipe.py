@@ -44,6 +44,10 @@ class Phase2:
     warmup_steps: int = 0
     kl_tokens: int = 512
     gate_temperature: float = 1.0
+    # the sparse reference path keeps its attention graph for the backward pass: phase 2 may use shorter
+    # sequences and fewer of them than phase 1 (None: the recipe's sequence_length / micro_batch_size)
+    sequence_length: int | None = None
+    micro_batch_size: int | None = None
     lora: LoraSettings | None = None
 
 
@@ -185,6 +189,10 @@ def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
     _number("phase1.queries_per_layer", recipe.phase1.queries_per_layer, int, 1)
     _number("phase2.kl_tokens", recipe.phase2.kl_tokens, int, 1)
     _number("phase2.gate_temperature", recipe.phase2.gate_temperature, (int, float), 1e-6)
+    if recipe.phase2.sequence_length is not None:
+        _number("phase2.sequence_length", recipe.phase2.sequence_length, int, 16, recipe.sequence_length)
+    if recipe.phase2.micro_batch_size is not None:
+        _number("phase2.micro_batch_size", recipe.phase2.micro_batch_size, int, 1, recipe.micro_batch_size)
     if recipe.total_steps < 1:
         raise ValueError("recipe: `phase1.steps` + `phase2.steps` must be at least 1")
     if recipe.mixed_precision not in ("no", "fp16", "bf16"):

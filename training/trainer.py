@@ -129,6 +129,10 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
     accelerator = accelerator or Accelerator(
         mixed_precision=recipe.mixed_precision, log_with=recipe.report_to or None, project_dir=recipe.output_dir
     )
+    from transformers import AutoConfig
+
+    # refuse an unsupported base before anything is written
+    check_architecture(AutoConfig.from_pretrained(resolve_model(recipe.base_model)))
     output = Path(recipe.output_dir)
     checkpoints = output / "checkpoints"
     fingerprint = recipe_fingerprint(recipe)
@@ -197,6 +201,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             if phase == 1:
                 loss, metrics = _phase1_loss(model, config, ids, p1.queries_per_layer, generator, accelerator)
             else:
+                ids = ids[: p2.micro_batch_size or ids.shape[0], : p2.sequence_length or ids.shape[1]]
                 loss, metrics = _phase2_loss(model, ids, p2, recipe.gradient_checkpointing, accelerator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step + 1}")
@@ -255,6 +260,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             "tokens": tokens_seen,
             "sequence_length": recipe.sequence_length,
             "data": [s.name for s in recipe.data.train],
+            "eval_data": recipe.data.eval.name if recipe.data.eval is not None else None,
             "data_fingerprint": data.fingerprint,
             "fingerprint": fingerprint,
             "device": _device_name(accelerator),
