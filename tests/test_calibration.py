@@ -122,7 +122,8 @@ def _recipe(base, output, **overrides):
         "micro_batch_size": 2,
         "gradient_accumulation_steps": 2,
         "phase1": {"steps": 4, "lr": 1e-2, "queries_per_layer": 32},
-        "phase2": {"steps": 2, "lr": 1e-3, "kl_tokens": 64},
+        "phase2": {"steps": 2, "lr": 1e-3, "kl_tokens": 64, "sequence_length": 96, "micro_batch_size": 1},
+        "gradient_checkpointing": True,
         "checkpoint_every": 2,
     }
     for key, value in overrides.items():

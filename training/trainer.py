@@ -235,8 +235,10 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
         accelerator.wait_for_everyone()
         if stop_after is not None and step >= stop_after and step < recipe.total_steps:
             progress.close()
+            end_phase2(model)
             raise StopTraining(f"stopped after step {step}")
     progress.close()
+    end_phase2(model)
 
     if accelerator.is_main_process:
         final = output / "final"
@@ -334,6 +336,12 @@ def _phase1_loss(model, config, ids, queries_per_layer, generator, accelerator):
     return loss, metrics
 
 
+def end_phase2(model) -> None:
+    for module in attention_modules(model):
+        module.selection_gate_temperature = None
+    _unwrap(model).eval()
+
+
 def _phase2_loss(model, ids, settings, gradient_checkpointing, accelerator):
     inner = _unwrap(model)
     config = inner.config
@@ -351,16 +359,12 @@ def _phase2_loss(model, ids, settings, gradient_checkpointing, accelerator):
                 teacher = model(ids, use_cache=False, logits_to_keep=keep).logits
         finally:
             config._attn_implementation = implementation
-    modules = attention_modules(model)
-    for module in modules:
+    # the gates stay on (and the model in training mode) until `end_phase2`: gradient checkpointing
+    # recomputes each layer during the backward pass, which must take the same path as the forward pass
+    for module in attention_modules(model):
         module.selection_gate_temperature = settings.gate_temperature
     inner.train()
-    try:
-        with accelerator.autocast():
-            student = model(ids, use_cache=False, logits_to_keep=keep).logits
-    finally:
-        inner.eval()
-        for module in modules:
-            module.selection_gate_temperature = None
+    with accelerator.autocast():
+        student = model(ids, use_cache=False, logits_to_keep=keep).logits
     loss = next_token_kl(student, teacher)
     return loss, {}
