@@ -46,6 +46,7 @@ class OnlineCompaction:
         if self.num_queries < 1:
             raise ValueError(f"online compaction `num_queries` must be >= 1, got {self.num_queries!r}")
         self.press = make_press(self.method)
+        self.compactions = 0  # layer compactions done so far
         compacted = math.floor(self.target * self.max_kv_tokens)
         # the sinks may take at most an eighth of the compacted budget
         self.keep_first = min(self.keep_first, compacted // 8)
@@ -82,5 +83,6 @@ class OnlineCompaction:
             layer, layer.recent_queries, layer.recent_query_positions, span, [self.slots_per_head] * kv_heads,
             self.press, scaling, fold_slots=True,
         )
+        self.compactions += 1
         logger.debug("online compaction at %d tokens: %d physical entries per head", length, self.physical_size(layer))
         return True

@@ -1,5 +1,5 @@
-"""Held-out evaluation of a calibrated scorer: perplexity of dense attention, the training-free hybrid
-scorer and the learned scorer (after phase 1 and after phase 2) at the same block budget, on real text
+"""Held-out evaluation of a calibrated scorer: perplexity of dense attention, the training-free minmax
+and hybrid scorers and the learned scorer (after phase 1 and after phase 2) at the same block budget, on real text
 the calibration did not see. Densities are measured, not assumed: the budget is shared, so the learned
 and training-free selections attend the same number of pairs.
 """
@@ -61,7 +61,11 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     base = AutoModelForCausalLM.from_pretrained(run_base_model(run), dtype=getattr(torch, dtype), attn_implementation="sdpa")
     base = base.to(device).eval()
     options = {**run["sparsemem"], "block_fraction": block_fraction}
-    models = {"dense": base, "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"})}
+    models = {
+        "dense": base,
+        "training-free (minmax)": convert(base, **{**options, "scorer": "minmax"}),
+        "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"}),  # the learned scorer's start
+    }
     phase1 = run_dir / "phase1_modules.safetensors"
     final = load_file(run_dir / "final" / "sparsemem_modules.safetensors")
     if phase1.is_file() and run.get("lora") is None and run.get("phase2_steps", 1) > 0:
