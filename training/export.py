@@ -79,7 +79,7 @@ def export(run_dir, output, repo_id: str | None = None, base_reference: str | No
     base_reference = base_reference or base_name
     template = load_card_template(card_template)
     common = dict(
-        base_model=base_name, scorer_dim=run["sparsemem"]["scorer_dim"],
+        base_model=base_reference, scorer_dim=run["sparsemem"]["scorer_dim"],
         options=json.dumps(run["sparsemem"], indent=2), data=", ".join(run["data"]), tokens=run["tokens"],
         sequence_length=run["sequence_length"], steps=run["steps"], device=run.get("device"),
         lora=f" with LoRA {run['lora']}" if run.get("lora") else "", eval_table=_eval_table(run_dir),
