@@ -22,6 +22,7 @@ from .configuration_sparsemem import SparseMemOptions
 from .merge import masked_attention, merge_attention_states
 from .scorer import PooledKeyScorer, summarize_blocks
 from .selection import select_blocks
+from .selection_gate import gated_attention, straight_through_gate
 
 ATTENTION_NAME = "sparsemem"
 _DEFAULTS = SparseMemOptions()
@@ -161,7 +162,15 @@ def sparsemem_attention_forward(
         # fold the GQA group into the query axis: [B, Hkv, G*q, D] against [B, Hkv, N, D]
         q_flat = q.reshape(batch, kv_heads, groups * n_q, dim)
         logits = (q_flat @ k_chunk.transpose(-1, -2)).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
-        out, lse = masked_attention(logits, full[:, :, None], v_chunk, need_lse=has_slots)
+        gate_temperature = getattr(module, "selection_gate_temperature", None)
+        if gate_temperature is not None and torch.is_grad_enabled():
+            # calibration: the same sparse output, with a straight-through gradient to the scorer
+            gate = straight_through_gate(scores, selected, candidates[:, None], gate_temperature)
+            key_gate = gate.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
+            weights = torch.where(anchors[None, None], torch.ones_like(key_gate), key_gate)
+            out, lse = gated_attention(logits, visible[:, None, None], weights[:, :, None], v_chunk)
+        else:
+            out, lse = masked_attention(logits, full[:, :, None], v_chunk, need_lse=has_slots)
         states = [(out, lse)]
         attended = full.sum() * groups
 

@@ -139,8 +139,12 @@ PRESSES = {
 def make_press(method) -> Press:
     if isinstance(method, Press):
         return method
+    if method == "am-learned":  # lives in consolidation.py, which builds on this module
+        from .consolidation import LearnedConsolidationPress
+
+        return LearnedConsolidationPress()
     if method not in PRESSES:
-        raise ValueError(f"unknown compaction method {method!r}; choose one of {sorted(PRESSES)}")
+        raise ValueError(f"unknown compaction method {method!r}; choose one of {sorted([*PRESSES, 'am-learned'])}")
     return PRESSES[method]()
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-SCORERS = ("minmax", "hybrid", "mean")
+SCORERS = ("minmax", "hybrid", "mean", "learned")
 
 
 @dataclass(kw_only=True)
@@ -24,7 +24,9 @@ class SparseMemOptions:
     block_fraction: when set, each query attends ceil(block_fraction x its candidate blocks), at least
         `top_k_blocks`: a density that holds across context lengths. Ignored when `top_k_blocks` is None.
     scorer: training-free block scorer: "minmax" (upper bound of q.k from per-block key extrema), "mean"
-        (q . mean key) or "hybrid" (both, standardised and added).
+        (q . mean key), "hybrid" (both, standardised and added), or "learned" (hybrid plus trained per-KV-head
+        projections of queries and pooled block keys; untrained it equals "hybrid").
+    scorer_dim: width of the learned scorer's query/key projections (used when `scorer="learned"`).
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     """
 
@@ -34,6 +36,7 @@ class SparseMemOptions:
     top_k_blocks: int | None = 8
     block_fraction: float | None = 0.2
     scorer: str = "minmax"
+    scorer_dim: int = 64
     query_chunk_size: int = 512
 
     def validate_sparsemem_options(self) -> None:
@@ -45,6 +48,7 @@ class SparseMemOptions:
         _int("sink_tokens", self.sink_tokens, 0)
         _int("local_tokens", self.local_tokens, 0)
         _int("query_chunk_size", self.query_chunk_size, 1)
+        _int("scorer_dim", self.scorer_dim, 1)
         if self.top_k_blocks is not None:
             _int("top_k_blocks", self.top_k_blocks, 1)
         if self.block_fraction is not None and (

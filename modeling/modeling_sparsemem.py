@@ -7,10 +7,12 @@ and any other registered implementation ("sdpa", "eager", ...) gives the base mo
 """
 
 import logging
+import os
 
 import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, load_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
@@ -24,6 +26,7 @@ from .configuration_sparsemem import (
     SparseMemQwen2Config,
     SparseMemQwen3Config,
 )
+from .learned_scorer import LearnedBlockScorer
 from .scorer import build_scorer
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,8 @@ logger = logging.getLogger(__name__)
 class SparseMemAttentionMixin:
     """Forward pass of a family attention module with logical positions and the slot tier.
 
-    Owns the per-layer places of the learned modules: `scorer` (block relevance) today.
+    Owns the per-layer places of the learned modules: `scorer` (block relevance; a `LearnedBlockScorer`
+    with `scorer="learned"`).
     """
 
     def _init_sparsemem(self) -> None:
@@ -137,6 +141,36 @@ class SparseMemQwen3Attention(SparseMemAttentionMixin, Qwen3Attention):
         self._init_sparsemem()
 
 
+MODULES_FILE = "sparsemem_modules.safetensors"
+LEARNED_MODULES = (LearnedBlockScorer,)
+_HUB_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def _hub_kwargs(kwargs) -> dict:
+    return {key: kwargs[key] for key in _HUB_KEYS if key in kwargs}
+
+
+def _modules_only_file(name_or_path, kwargs) -> str | None:
+    """Path of `sparsemem_modules.safetensors` when `name_or_path` is a modules-only checkpoint."""
+    if os.path.isdir(name_or_path):
+        full = any(os.path.isfile(os.path.join(name_or_path, f)) for f in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME))
+        path = os.path.join(name_or_path, MODULES_FILE)
+        return path if os.path.isfile(path) and not full else None
+    hub = _hub_kwargs(kwargs)
+    for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME):
+        if cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub):
+            return None
+    return cached_file(name_or_path, MODULES_FILE, _raise_exceptions_for_missing_entries=False, **hub)
+
+
+def _reset_missing_modules(model, missing_keys) -> None:
+    """Initialise learned modules whose parameters the checkpoint did not hold."""
+    missing = {key.rpartition(".")[0] for key in missing_keys}
+    for name, module in model.named_modules():
+        if isinstance(module, LEARNED_MODULES) and name in missing:
+            module.reset_parameters()
+
+
 class SparseMemForCausalLMMixin:
     """What every sparsemem causal LM adds to its base class."""
 
@@ -148,6 +182,52 @@ class SparseMemForCausalLMMixin:
         for idx, decoder_layer in enumerate(self.model.layers):
             decoder_layer.self_attn = self.attention_class(config, idx)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also loads a "modules only" checkpoint: a folder holding `sparsemem_modules.safetensors` and a
+        config whose `sparsemem_base_model` names the base checkpoint the modules go on top of.
+
+        Parameters of the learned modules missing from a checkpoint (a base checkpoint) get their own
+        initialisation, which reproduces the training-free behaviour.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        modules_file = _modules_only_file(pretrained_model_name_or_path, kwargs)
+        if modules_file is not None:
+            config = kwargs.pop("config", None) or cls.config_class.from_pretrained(
+                pretrained_model_name_or_path, **_hub_kwargs(kwargs)
+            )
+            base = getattr(config, "sparsemem_base_model", None)
+            if not base:
+                raise ValueError(f"{pretrained_model_name_or_path}: {MODULES_FILE} needs `sparsemem_base_model` in config.json")
+            model, info = super().from_pretrained(base, *args, config=config, output_loading_info=True, **kwargs)
+            _reset_missing_modules(model, info["missing_keys"])
+            model.load_sparsemem_modules(load_state_dict(modules_file))
+        else:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+            _reset_missing_modules(model, info["missing_keys"])
+        return (model, info) if want_info else model
+
+    def sparsemem_module_state_dict(self, extra_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Parameters of the learned modules (and of any base parameter named by `extra_prefixes`/suffixes)."""
+        names = {name for name, module in self.named_modules() if isinstance(module, LEARNED_MODULES)}
+        return {
+            key: value
+            for key, value in self.state_dict().items()
+            if key.rpartition(".")[0] in names or any(part in key for part in extra_prefixes)
+        }
+
+    def load_sparsemem_modules(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a modules-only state dict; every key must exist in this model."""
+        own = self.state_dict()
+        unknown = sorted(set(state_dict) - set(own))
+        if unknown:
+            raise ValueError(f"{MODULES_FILE}: parameters this model does not have: {unknown[:5]}")
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                if own[key].shape != value.shape:
+                    raise ValueError(f"{MODULES_FILE}: `{key}` has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+                own[key].copy_(value)
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, *args, **kwargs):
         # sparse attention is the default of a sparsemem model; "sdpa"/"eager" remain available for dense runs

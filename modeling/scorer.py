@@ -66,16 +66,20 @@ class PooledKeyScorer(nn.Module):
         super().__init__()
         self.kind = kind
 
+    @staticmethod
+    def raw_scores(query: torch.Tensor, summaries: BlockSummaries) -> tuple[torch.Tensor, torch.Tensor]:
+        """(minmax bound, mean score), each maxed over the query heads of a group: [B, Hkv, Q, nb]."""
+        # max(q_d * max_d, q_d * min_d) picks max_d where q_d >= 0 and min_d where q_d < 0
+        bound = torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(min=0), summaries.key_max)
+        bound = (bound + torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(max=0), summaries.key_min)).amax(dim=2)
+        mean = torch.einsum("bhgqd,bhnd->bhgqn", query, summaries.key_mean).amax(dim=2)
+        return bound, mean
+
     def forward(self, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
         """`query` [B, Hkv, G, Q, D] -> scores [B, Hkv, Q, num_blocks]."""
         query = query.float()
         empty = summaries.count.view(1, 1, 1, -1) == 0
-        if self.kind in ("minmax", "hybrid"):
-            # max(q_d * max_d, q_d * min_d) picks max_d where q_d >= 0 and min_d where q_d < 0
-            bound = torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(min=0), summaries.key_max)
-            bound = (bound + torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(max=0), summaries.key_min)).amax(dim=2)
-        if self.kind in ("mean", "hybrid"):
-            mean = torch.einsum("bhgqd,bhnd->bhgqn", query, summaries.key_mean).amax(dim=2)
+        bound, mean = self.raw_scores(query, summaries)
         if self.kind == "minmax":
             scores = bound
         elif self.kind == "mean":
@@ -87,4 +91,10 @@ class PooledKeyScorer(nn.Module):
 
 
 def build_scorer(config) -> nn.Module:
+    if config.scorer == "learned":
+        from .learned_scorer import LearnedBlockScorer
+
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads or config.num_attention_heads
+        return LearnedBlockScorer(kv_heads, head_dim, config.scorer_dim)
     return PooledKeyScorer(config.scorer)

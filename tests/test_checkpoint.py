@@ -21,10 +21,12 @@ REMOTE_FILES = {
     "cache.py",
     "anchors.py",
     "scorer.py",
+    "learned_scorer.py",
+    "selection_gate.py",
     "selection.py",
     "merge.py",
 }
-ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "logging", "math", "typing"}
+ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "logging", "math", "os", "typing"}
 
 # runs in a fresh interpreter where `import sparsemem` fails
 LOADER = textwrap.dedent(

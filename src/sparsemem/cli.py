@@ -1,4 +1,4 @@
-"""`sparsemem` command line: demo and eval."""
+"""`sparsemem` command line: demo, eval, calibrate, export and push."""
 
 import argparse
 import logging
@@ -128,6 +128,8 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     if args.suite == "compaction":
         return cmd_eval_compaction(args)
+    if args.suite == "scorer":
+        return cmd_eval_scorer(args)
     if args.suite == "online":
         return cmd_eval_online(args)
     from . import convert
@@ -178,6 +180,57 @@ def cmd_eval_compaction(args) -> int:
     return 0
 
 
+def cmd_eval_scorer(args) -> int:
+    from .training.evaluation import evaluate_scorer, render_markdown
+
+    if not args.run:
+        raise ValueError("eval scorer needs --run RUN_DIR (a calibration output folder)")
+    fraction = args.block_fraction if args.block_fraction is not None else 0.1
+    report = evaluate_scorer(args.run, lengths=args.lengths, block_fraction=fraction, device=args.device,
+                             dtype=args.dtype, output=args.output if args.output != "reports/eval" else None)
+    print(render_markdown(report))
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .training import load_recipe, train
+    from .training.evaluation import evaluate_scorer, render_markdown
+
+    recipe = load_recipe(args.recipe)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    output = train(recipe, resume=not args.no_resume)
+    if recipe.eval is not None and not args.skip_eval:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            report = evaluate_scorer(output, recipe.eval.lengths, recipe.eval.block_fraction, dtype=recipe.dtype)
+            print(render_markdown(report))
+    print(f"calibration written to {output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .training.export import export
+
+    full, modules = export(args.run, args.output, repo_id=args.repo_id, base_reference=args.base_reference,
+                           card_template=args.card_template, dtype=args.dtype)
+    print(f"wrote {full} (full weights) and {modules} (modules only)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .push import PushError, push
+
+    try:
+        url = push(args.folder, args.repo_id, private=args.private, token=args.token, revision=args.revision)
+    except PushError as error:
+        print(f"sparsemem push: error: {error}", file=sys.stderr)
+        return 3
+    print(f"pushed to {url}")
+    return 0
+
+
 def cmd_eval_online(args) -> int:
     from . import convert
     from .corpus import load_corpus
@@ -220,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="'retrieval' (default): perplexity and pass keys, dense vs sparse; 'compaction': compaction methods by "
-        "ratio; 'online': generation under a physical KV budget",
+        "ratio; 'online': generation under a physical KV budget; 'scorer': a calibrated scorer vs the training-free "
+        "ones (--run, --lengths, --block-fraction)",
     )
-    ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction", "online"])
+    ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction", "online", "scorer"])
+    ev.add_argument("--run", default=None, help="scorer suite: a calibration output folder")
     _add_model_args(ev)
     ev.add_argument("--methods", nargs="+", default=list(DEFAULT_COMPACTION_METHODS))
     ev.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="online: max_kv_tokens values")
@@ -238,6 +293,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
     ev.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown (and PNG) reports")
     ev.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser("calibrate", help="calibrate the learned modules from a YAML recipe (resumes from the last checkpoint)")
+    cal.add_argument("recipe", help="recipe YAML (see recipes/)")
+    cal.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
+    cal.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
+    cal.add_argument("--skip-eval", action="store_true", help="do not run the recipe's evaluation at the end")
+    cal.set_defaults(func=cmd_calibrate)
+
+    exp = sub.add_parser("export", help="write Hub-ready checkpoints (full and modules-only) from a calibration run")
+    exp.add_argument("run", help="calibration output folder")
+    exp.add_argument("--output", required=True, help="folder to write full/ and modules/ into")
+    exp.add_argument("--repo-id", default=None, help="repo id named in the model card")
+    exp.add_argument("--base-reference", default=None, help="base checkpoint the modules-only variant names")
+    exp.add_argument("--card-template", default=None, help="model card template (default: hub_cards/model_card.md)")
+    exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    exp.set_defaults(func=cmd_export)
+
+    pu = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    pu.add_argument("folder")
+    pu.add_argument("--repo-id", required=True)
+    pu.add_argument("--private", action="store_true")
+    pu.add_argument("--token", default=None)
+    pu.add_argument("--revision", default=None)
+    pu.set_defaults(func=cmd_push)
     return parser
 
 

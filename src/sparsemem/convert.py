@@ -5,7 +5,7 @@ import copy
 import torch
 
 from .modeling.configuration_sparsemem import OPTION_NAMES
-from .modeling.modeling_sparsemem import FAMILIES
+from .modeling.modeling_sparsemem import FAMILIES, LEARNED_MODULES
 
 
 def family_of(config) -> str:
@@ -28,7 +28,8 @@ def convert(model: torch.nn.Module, **options):
     """Return the sparsemem model of `model`'s family, sharing `model`'s parameters and buffers.
 
     Options: block_size, sink_tokens, local_tokens, top_k_blocks (None = every block, dense-equivalent),
-    scorer, query_chunk_size. Converting a sparsemem model again gives a new model with the new options.
+    block_fraction, scorer, scorer_dim, query_chunk_size. Learned modules (`scorer="learned"`) start from
+    their initialisation; load trained ones with `load_sparsemem_modules`. Converting a sparsemem model again gives a new model with the new options.
     """
     check_options(options)
     family = family_of(model.config)
@@ -49,6 +50,11 @@ def convert(model: torch.nn.Module, **options):
         sparse.get_submodule(owner)._buffers[leaf] = buffer
     # the rotary embedding keeps derived tensors as plain attributes too
     sparse.model.rotary_emb = model.model.rotary_emb
+    # learned modules have no source in the base model: materialise them next to their layer's weights
+    for module in sparse.modules():
+        if isinstance(module, LEARNED_MODULES):
+            module.to_empty(device=model.device)
+            module.reset_parameters()
     left_on_meta = [n for n, t in [*sparse.named_parameters(), *sparse.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"convert: tensors without a source in the base model: {left_on_meta[:5]}")

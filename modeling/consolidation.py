@@ -1,0 +1,87 @@
+"""Learned consolidation: slots `(k, v, beta)` trained on the Attention Matching objective.
+
+Closed-form Attention Matching fits beta and the values for fixed keys (a subset of the span's keys) by
+least squares, one after the other. This press starts from those slots and trains keys, values and beta
+jointly by gradient descent on the AM objective itself, for each span:
+
+    loss = sum_i m_i ||out_slots(q_i) - out_span(q_i)||^2 / sum_i m_i ||out_span(q_i)||^2
+           + mass_weight * sum_i m_i (log mass_slots(q_i) - log m_i)^2 / sum_i m_i
+
+with m_i the span's share of reference query i's attention (so queries that barely look at the span
+weigh little, as in the closed form). Every problem keeps its refined slots only where the loss on
+held-out reference queries (every `holdout_every`-th one, not trained on) is lower than the closed-form
+slots' loss, so the result is never worse than Attention Matching on queries it did not fit.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .attention_matching import SpanProblem, attention_matching
+from .compaction import HeadSpan, Press
+
+
+def slot_attention(problem: SpanProblem, keys, values, beta):
+    """(mass share [P, n], output [P, n, d]) of slots for the problem's reference queries."""
+    logits = problem.queries @ keys.transpose(-1, -2) * problem.scaling + beta[:, None, :] - problem.context_lse[:, :, None]
+    log_mass = torch.logsumexp(logits, dim=-1)
+    output = torch.softmax(logits, dim=-1) @ values
+    return log_mass, output
+
+
+def consolidation_loss(problem: SpanProblem, keys, values, beta, rows: torch.Tensor, mass_weight: float = 1.0):
+    """Per-problem AM loss [P] over the reference queries selected by the boolean `rows` [n]."""
+    phi = problem.weights()[:, rows]
+    mass, target = problem.targets(phi)
+    sub = SpanProblem(problem.queries[:, rows], problem.keys, problem.values, problem.key_bias,
+                      problem.context_lse[:, rows], problem.scaling)
+    log_mass, output = slot_attention(sub, keys, values, beta)
+    weight = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+    scale = (weight * target.pow(2).sum(-1)).sum(-1).clamp(min=1e-12)
+    output_error = (weight * (output - target).pow(2).sum(-1)).sum(-1) / scale
+    mass_error = (weight * (log_mass - torch.log(mass.clamp(min=1e-30))).pow(2)).sum(-1)
+    return output_error + mass_weight * mass_error
+
+
+@dataclass
+class LearnedConsolidationPress(Press):
+    """Attention Matching slots refined by `steps` of Adam on the AM objective, kept only where better on
+    held-out reference queries."""
+
+    steps: int = 60
+    lr: float = 3e-2
+    mass_weight: float = 1.0
+    holdout_every: int = 4
+
+    def compact(self, span: HeadSpan, budget: int):
+        problem = span.problem
+        index, keys, values, beta = attention_matching(problem, budget)
+        if budget >= problem.keys.shape[1] or problem.queries.shape[1] < 2 * self.holdout_every:
+            return index, keys, values, beta
+        n = problem.queries.shape[1]
+        held_out = torch.arange(n, device=keys.device) % self.holdout_every == 0
+        with torch.enable_grad():
+            # optimise in a normalised parametrisation: keys and values move relative to their scale
+            k_scale = keys.detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
+            v_scale = values.detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
+            k = (keys.detach() / k_scale).clone().requires_grad_(True)
+            v = (values.detach() / v_scale).clone().requires_grad_(True)
+            b = beta.detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([k, v, b], lr=self.lr)
+            for _ in range(self.steps):
+                loss = consolidation_loss(problem, k * k_scale, v * v_scale, b, ~held_out, self.mass_weight).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            new_k, new_v, new_b = k * k_scale, v * v_scale, b
+            before = consolidation_loss(problem, keys, values, beta, held_out, self.mass_weight)
+            after = consolidation_loss(problem, new_k, new_v, new_b, held_out, self.mass_weight)
+            better = torch.isfinite(after) & (after < before)
+            finite = torch.isfinite(new_k).all(-1).all(-1) & torch.isfinite(new_v).all(-1).all(-1) & torch.isfinite(new_b).all(-1)
+            better = better & finite
+            keys = torch.where(better[:, None, None], new_k, keys)
+            values = torch.where(better[:, None, None], new_v, values)
+            beta = torch.where(better[:, None], new_b, beta)
+        self.last_accepted = float(better.float().mean())
+        return index, keys.detach(), values.detach(), beta.detach()

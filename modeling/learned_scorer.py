@@ -1,0 +1,71 @@
+"""Learned block scorer: the training-free hybrid score plus a trained low-rank relevance projection.
+
+For each KV head h the scorer maps the query (per query head of the group) and the pooled keys of each
+block (max, min and mean of its post-RoPE keys, so the block's positions are already rotated in) to a
+small space of `scorer_dim` dimensions and adds their dot product to the hybrid score:
+
+    score[b] = a_h * z(minmax bound) + c_h * z(q . mean key) + max_g (W_q,h q_g) . (W_k,h [max_b; min_b; mean_b]) / sqrt(r)
+
+The query side is maxed over the query heads of a KV group, like the training-free scorer, so the
+choice is shared by the group. `W_k` starts at zero and `a_h = c_h = 1`, so an untrained scorer gives
+exactly the hybrid scores and a calibration starts no worse than the training-free selection.
+`inverse_temperature` only shapes the scorer's softmax distribution used for training; ranking (and so
+selection) does not depend on it.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .scorer import BlockSummaries, PooledKeyScorer, _standardize
+
+
+class LearnedBlockScorer(nn.Module):
+    """Per-layer learned block scorer; `forward(query [B, Hkv, G, Q, D], summaries)` -> [B, Hkv, Q, nb]."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dim: int = 64):
+        super().__init__()
+        self.num_kv_heads, self.head_dim, self.dim = num_kv_heads, head_dim, dim
+        self.query_proj = nn.Parameter(torch.empty(num_kv_heads, head_dim, dim))
+        self.key_proj = nn.Parameter(torch.empty(num_kv_heads, 3 * head_dim, dim))
+        self.mix = nn.Parameter(torch.empty(num_kv_heads, 2))
+        self.inverse_temperature = nn.Parameter(torch.empty(num_kv_heads))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # W_q random (so W_k receives gradient from the first step), W_k zero: the learned term starts at 0
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        weight = torch.randn(self.query_proj.shape, generator=generator) / math.sqrt(self.head_dim)
+        self.query_proj.copy_(weight.to(self.query_proj.device, self.query_proj.dtype))
+        self.key_proj.zero_()
+        self.mix.fill_(1.0)
+        self.inverse_temperature.fill_(1.0)
+
+    def hybrid_terms(self, query: torch.Tensor, summaries: BlockSummaries) -> tuple[torch.Tensor, torch.Tensor]:
+        """z-scored minmax bound and mean score, [B, Hkv, Q, nb] each (zero on empty blocks)."""
+        bound, mean = PooledKeyScorer.raw_scores(query, summaries)
+        valid = (summaries.count.view(1, 1, 1, -1) > 0).expand_as(mean)
+        return _standardize(bound.masked_fill(~valid, 0.0), valid), _standardize(mean.masked_fill(~valid, 0.0), valid)
+
+    def forward(self, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
+        query = query.float()
+        bound, mean = self.hybrid_terms(query, summaries)
+        mix = self.mix.float()
+        scores = mix[None, :, None, None, 0] * bound + mix[None, :, None, None, 1] * mean
+        pooled = torch.cat([summaries.key_max, summaries.key_min, summaries.key_mean], dim=-1).float()
+        pooled = pooled.masked_fill(~torch.isfinite(pooled), 0.0)  # empty blocks hold +-inf extrema
+        keys = torch.einsum("bhnc,hcr->bhnr", pooled, self.key_proj.float())
+        queries = torch.einsum("bhgqd,hdr->bhgqr", query, self.query_proj.float())
+        learned = torch.einsum("bhgqr,bhnr->bhgqn", queries, keys).amax(dim=2) / math.sqrt(self.dim)
+        scores = scores + learned
+        empty = summaries.count.view(1, 1, 1, -1) == 0
+        return scores.masked_fill(empty, float("-inf"))
+
+    def log_distribution(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the scores over each query's candidate blocks (the distribution trained by KL)."""
+        logits = scores * self.inverse_temperature.float()[None, :, None, None]
+        logits = logits.masked_fill(~candidates, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
+
