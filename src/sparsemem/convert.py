@@ -28,7 +28,8 @@ def convert(model: torch.nn.Module, **options):
     """Return the sparsemem model of `model`'s family, sharing `model`'s parameters and buffers.
 
     Options: block_size, sink_tokens, local_tokens, top_k_blocks (None = every block, dense-equivalent),
-    scorer, query_chunk_size. Converting a sparsemem model again gives a new model with the new options.
+    block_fraction, scorer, query_chunk_size, query_block_size, attention_backend. Converting a sparsemem
+    model again gives a new model with the new options.
     """
     check_options(options)
     family = family_of(model.config)
