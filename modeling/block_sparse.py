@@ -14,6 +14,7 @@ positions), which makes each padded (queries, keys) shape one compiled kernel.
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -150,6 +151,87 @@ def block_candidates(first_query: int, total: int, num_q_blocks: int, num_blocks
     return (block_first[None] <= (last_query - local)[:, None]) & (block_last[None] >= sink)
 
 
+@dataclass
+class BlockSparsePlan:
+    """What one call computes: the shared selection [B, Hkv, nQb, nb] and the BlockMask over padded shapes."""
+
+    selected: torch.Tensor
+    block_mask: "BlockMask"
+    first_query: int
+    front: int
+    padded_queries: int
+    padded_keys: int
+
+
+def plan_block_sparse(query: torch.Tensor, key: torch.Tensor, scorer, options: dict, slots=None) -> BlockSparsePlan:
+    """Score the key blocks for every query block, select, and build the BlockMask (no attention yet).
+
+    query [B, H, Q, D] at logical positions N-Q..N-1, key [B, Hkv, N, D] at 0..N-1.
+    """
+    batch, heads, num_queries, dim = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    query_block, block_size = options["query_block_size"], options["block_size"]
+    sink, local = options["sink_tokens"], options["local_tokens"]
+    first_query = total - num_queries
+    front = first_query % query_block
+    num_q_blocks = math.ceil((front + num_queries) / query_block)
+    num_blocks = math.ceil(total / block_size)
+    if slots is not None and len(slots) and slots.block.numel():
+        num_blocks = max(num_blocks, int(slots.block.max()) + 1)
+    device = query.device
+
+    # selection: one per (batch, KV head, query block), as in the reference path
+    key_positions = torch.arange(total, device=device)
+    summaries = summarize_blocks(key, torch.div(key_positions, block_size, rounding_mode="floor"), num_blocks)
+    pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
+    candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, device)
+    selected = select_blocks(scorer(pooled, summaries), candidates[None, None], options["top_k_blocks"], options["block_fraction"])
+
+    partial, full = tile_flags(selected, first_query, total, query_block, block_size, sink, local)
+    kv_num_blocks, kv_indices = block_lists(partial, groups)
+    full_num_blocks, full_indices = block_lists(full, groups)
+    query_origin = torch.tensor(first_query - front, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        position = q_idx + query_origin
+        anchor = (kv_idx < sink) | (kv_idx > position - local)
+        chosen = selected[b, h // groups, q_idx // query_block, kv_idx // block_size]
+        return (kv_idx <= position) & (anchor | chosen)
+
+    padded_queries, padded_keys = num_q_blocks * query_block, num_blocks * block_size
+    block_mask = BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_num_blocks,
+        full_indices,
+        BLOCK_SIZE=(query_block, block_size),
+        mask_mod=mask_mod,
+        seq_lengths=(padded_queries, padded_keys),
+        compute_q_blocks=False,
+    )
+    return BlockSparsePlan(selected, block_mask, first_query, front, padded_queries, padded_keys)
+
+
+def run_flex(query, key, value, plan: BlockSparsePlan, scaling: float, need_lse: bool, compiled: bool = True):
+    """FlexAttention over the plan's tiles: (output [B, H, Q, D], lse [B, H, Q] natural log or None)."""
+    num_queries, total = query.shape[-2], key.shape[-2]
+    pad = torch.nn.functional.pad
+    q_in = pad(query, (0, 0, plan.front, plan.padded_queries - plan.front - num_queries))
+    k_in, v_in = (pad(t, (0, 0, 0, plan.padded_keys - total)) for t in (key, value))
+    kernel = _flex_kernel(compiled)
+    kwargs = dict(block_mask=plan.block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    if not need_lse:
+        out, lse = kernel(q_in, k_in, v_in, **kwargs), None
+    elif AuxRequest is not None:
+        out, aux = kernel(q_in, k_in, v_in, return_aux=AuxRequest(lse=True), **kwargs)
+        lse = aux.lse[:, :, plan.front : plan.front + num_queries]
+    else:  # pragma: no cover
+        out, lse = kernel(q_in, k_in, v_in, return_lse=True, **kwargs)
+        lse = lse[:, :, plan.front : plan.front + num_queries]
+    return out[:, :, plan.front : plan.front + num_queries], lse
+
+
 def block_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -169,65 +251,17 @@ def block_sparse_attention(
     groups = heads // kv_heads
     query_block, block_size = options["query_block_size"], options["block_size"]
     sink, local = options["sink_tokens"], options["local_tokens"]
-    first_query = total - num_queries
-    front = first_query % query_block
-    num_q_blocks = math.ceil((front + num_queries) / query_block)
-    num_blocks = math.ceil(total / block_size)
-    if slots is not None and len(slots) and slots.block.numel():
-        num_blocks = max(num_blocks, int(slots.block.max()) + 1)
-    padded_queries, padded_keys = num_q_blocks * query_block, num_blocks * block_size
-    device = query.device
-
-    # selection: one per (batch, KV head, query block), as in the reference path
-    key_positions = torch.arange(total, device=device)
-    summaries = summarize_blocks(key, torch.div(key_positions, block_size, rounding_mode="floor"), num_blocks)
-    query_groups = query.view(batch, kv_heads, groups, num_queries, dim)
-    pooled = pool_query_blocks(query_groups, first_query, query_block)
-    candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, device)
-    selected = select_blocks(scorer(pooled, summaries), candidates[None, None], options["top_k_blocks"], options["block_fraction"])
-
-    partial, full = tile_flags(selected, first_query, total, query_block, block_size, sink, local)
-    kv_num_blocks, kv_indices = block_lists(partial, groups)
-    full_num_blocks, full_indices = block_lists(full, groups)
-    query_origin = torch.tensor(first_query - front, device=device)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        position = q_idx + query_origin
-        anchor = (kv_idx < sink) | (kv_idx > position - local)
-        chosen = selected[b, h // groups, q_idx // query_block, kv_idx // block_size]
-        return (kv_idx <= position) & (anchor | chosen)
-
-    block_mask = BlockMask.from_kv_blocks(
-        kv_num_blocks,
-        kv_indices,
-        full_num_blocks,
-        full_indices,
-        BLOCK_SIZE=(query_block, block_size),
-        mask_mod=mask_mod,
-        seq_lengths=(padded_queries, padded_keys),
-        compute_q_blocks=False,
-    )
-    pad = torch.nn.functional.pad
-    q_in = pad(query, (0, 0, front, padded_queries - front - num_queries))
-    k_in, v_in = (pad(t, (0, 0, 0, padded_keys - total)) for t in (key, value))
+    plan = plan_block_sparse(query, key, scorer, options, slots)
+    selected, first_query = plan.selected, plan.first_query
     has_slots = slots is not None and len(slots) > 0
-    kernel = _flex_kernel(compiled)
-    kwargs = dict(block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
-    if has_slots:
-        if AuxRequest is not None:
-            out, aux = kernel(q_in, k_in, v_in, return_aux=AuxRequest(lse=True), **kwargs)
-            lse = aux.lse
-        else:  # pragma: no cover
-            out, lse = kernel(q_in, k_in, v_in, return_lse=True, **kwargs)
-    else:
-        out, lse = kernel(q_in, k_in, v_in, **kwargs), None
-    out = out[:, :, front : front + num_queries]
+    out, lse = run_flex(query, key, value, plan, scaling, has_slots, compiled)
     attended = attended_pairs(selected, first_query, total, query_block, block_size, sink, local) * groups
 
     if has_slots:
-        lse = lse[:, :, front : front + num_queries].float().view(batch, kv_heads, groups, num_queries)
+        lse = lse.float().view(batch, kv_heads, groups, num_queries)
         out = out.float().view(batch, kv_heads, groups, num_queries, dim)
-        positions = torch.arange(first_query, total, device=device)
+        query_groups = query.view(batch, kv_heads, groups, num_queries, dim)
+        positions = torch.arange(first_query, total, device=query.device)
         index = torch.div(positions, query_block, rounding_mode="floor") - (first_query // query_block)
         merged = torch.empty_like(out)
         chunk = max(1, options["query_chunk_size"])

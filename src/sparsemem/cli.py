@@ -1,4 +1,4 @@
-"""`sparsemem` command line: demo and eval."""
+"""`sparsemem` command line: demo, eval and bench."""
 
 import argparse
 import logging
@@ -173,6 +173,15 @@ def cmd_eval_compaction(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import render_markdown, run_bench
+
+    report = run_bench(args, "sparsemem " + " ".join(sys.argv[1:]))
+    print(render_markdown(report))
+    print(f"wrote {args.output}/bench.json, bench.md" + "".join(f", {Path(p).name}" for p in report["plots"]))
+    return 0
+
+
 def _device_name(model) -> str:
     if model.device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name()})"
@@ -204,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
     ev.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown (and PNG) reports")
     ev.set_defaults(func=cmd_eval)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
 
 
