@@ -26,7 +26,7 @@ from .cache import SlotTier
 from .configuration_sparsemem import SparseMemOptions
 from .merge import masked_attention, merge_attention_states
 from .query_blocks import aligned_chunks, pool_query_blocks, query_block_index
-from .scorer import PooledKeyScorer, summarize_blocks
+from .scorer import PooledKeyScorer, summarize_blocks, summarize_contiguous_blocks
 from .selection import select_blocks
 from .slot_attention import slot_attention
 
@@ -155,7 +155,11 @@ def sparsemem_attention_forward(
     if slots is not None and slots.block.numel():
         num_blocks = max(num_blocks, int(slots.block.max()) + 1)
     num_blocks = max(num_blocks, 1)
-    summaries = summarize_blocks(key, block_ids, num_blocks)
+    total_keys = key.shape[-2]
+    if total_keys and key_positions.shape[0] == total_keys and int(key_positions[-1]) == total_keys - 1:
+        summaries = summarize_contiguous_blocks(key, block_size, num_blocks)  # nothing evicted
+    else:
+        summaries = summarize_blocks(key, block_ids, num_blocks)
 
     query_groups = query.view(batch, kv_heads, groups, num_queries, dim).float()
     keys_f, values_f = key.float(), value.float()

@@ -20,7 +20,7 @@ import torch
 
 from .merge import merge_attention_states
 from .query_blocks import pool_query_blocks
-from .scorer import summarize_blocks
+from .scorer import summarize_contiguous_blocks
 from .selection import select_blocks
 from .slot_attention import slot_attention
 
@@ -36,6 +36,10 @@ except ImportError:  # pragma: no cover - torch < 2.9 returns the LSE through `r
 logger = logging.getLogger(__name__)
 
 _compiled = None
+# FlexAttention tile options (e.g. {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8}); None = torch's defaults
+KERNEL_OPTIONS: dict | None = None
+# one compiled kernel per padded (queries, keys) shape: chunked prefill of a long context meets many
+_SHAPE_BUCKETS = 64
 
 
 def _flex_kernel(compiled: bool):
@@ -44,6 +48,11 @@ def _flex_kernel(compiled: bool):
     if not compiled:
         return flex_attention
     if _compiled is None:
+        import torch._dynamo
+
+        # past the limit dynamo would run FlexAttention eagerly, which materialises [Q, N] scores
+        name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), _SHAPE_BUCKETS))
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
 
@@ -113,8 +122,8 @@ def block_lists(flags: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.T
     """(kv_num_blocks [B, H, nQb], kv_indices [B, H, nQb, W]) of the True entries of [B, Hkv, nQb, nb]
     flags, in increasing block order, repeated for the `groups` query heads of each KV head."""
     counts = flags.sum(-1, dtype=torch.int32)
-    width = max(int(counts.max()), 1)
-    order = torch.argsort(flags.to(torch.uint8), dim=-1, descending=True, stable=True)[..., :width].to(torch.int32)
+    # full width: the shapes a compiled kernel sees depend on the sequence lengths alone
+    order = torch.argsort(flags.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
     batch, kv_heads = flags.shape[:2]
 
     def per_query_head(t):
@@ -182,8 +191,7 @@ def plan_block_sparse(query: torch.Tensor, key: torch.Tensor, scorer, options: d
     device = query.device
 
     # selection: one per (batch, KV head, query block), as in the reference path
-    key_positions = torch.arange(total, device=device)
-    summaries = summarize_blocks(key, torch.div(key_positions, block_size, rounding_mode="floor"), num_blocks)
+    summaries = summarize_contiguous_blocks(key, block_size, num_blocks)
     pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
     candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, device)
     selected = select_blocks(scorer(pooled, summaries), candidates[None, None], options["top_k_blocks"], options["block_fraction"])
@@ -221,6 +229,8 @@ def run_flex(query, key, value, plan: BlockSparsePlan, scaling: float, need_lse:
     k_in, v_in = (pad(t, (0, 0, 0, plan.padded_keys - total)) for t in (key, value))
     kernel = _flex_kernel(compiled)
     kwargs = dict(block_mask=plan.block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    if KERNEL_OPTIONS:
+        kwargs["kernel_options"] = dict(KERNEL_OPTIONS)
     if not need_lse:
         out, lse = kernel(q_in, k_in, v_in, **kwargs), None
     elif AuxRequest is not None:

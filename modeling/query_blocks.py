@@ -19,8 +19,9 @@ def pool_query_blocks(query: torch.Tensor, first_position: int, query_block_size
     front = first_position % query_block_size
     total = front + num_queries
     back = -total % query_block_size
-    padded = torch.nn.functional.pad(query.float(), (0, 0, front, back))
-    blocks = padded.view(*lead, (total + back) // query_block_size, query_block_size, dim).sum(-2)
+    if front or back:
+        query = torch.nn.functional.pad(query, (0, 0, front, back))
+    blocks = query.reshape(*lead, (total + back) // query_block_size, query_block_size, dim).sum(-2, dtype=torch.float32)
     counts = torch.full((blocks.shape[-2],), float(query_block_size), device=query.device)
     counts[0] -= front
     counts[-1] -= back

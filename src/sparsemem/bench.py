@@ -73,7 +73,8 @@ def bench_attention(args) -> list[dict]:
         )
         del k_rep, v_rep
         dense_pairs = total * (total + 1) / 2
-        rows.append(dict(context=total, method="dense SDPA", fraction=1.0, density=1.0, ms=dense_ms, kernel_ms=dense_ms))
+        rows.append(dict(context=total, method="dense SDPA", fraction=1.0, density=1.0, ms=dense_ms, kernel_ms=dense_ms,
+                         peak_gib=torch.cuda.max_memory_allocated() / 2**30))
         logger.info("attention %d dense %.2f ms", total, dense_ms)
         for fraction in args.densities:
             options = _sparse_options(args, fraction)
@@ -247,6 +248,11 @@ def run_bench(args, command: str) -> dict:
         scorer=args.scorer, chunk=args.chunk, command=command,
     )
     report = {"meta": meta}
+    if args.kernel_options:
+        from .modeling import block_sparse
+
+        block_sparse.KERNEL_OPTIONS = dict(args.kernel_options)
+        meta["kernel_options"] = block_sparse.KERNEL_OPTIONS
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -278,4 +284,6 @@ def add_parser(sub) -> None:
     bench.add_argument("--sink-tokens", type=int, default=128)
     bench.add_argument("--local-tokens", type=int, default=256)
     bench.add_argument("--scorer", default="hybrid")
+    bench.add_argument("--kernel-options", type=json.loads, default=None,
+                       help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
     bench.add_argument("--output", default="reports/bench", help="folder for bench.json, bench.md and PNGs")
