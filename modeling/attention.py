@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 
 from .anchors import anchor_mask, causal_mask, sliding_window_mask
+from .block_decode import block_decode_attention, unsupported_decode_reason
 from .block_sparse import block_sparse_attention, unsupported_reason
 from .cache import SlotTier
 from .configuration_sparsemem import SparseMemOptions
@@ -50,6 +51,7 @@ class MemoryView:
     key_positions: torch.Tensor
     slots: SlotTier | None = None
     sliding_window: int | None = None
+    summary_cache: object | None = None  # block_decode.BlockSummaryCache of the cache layer, if any
 
 
 class AttentionStats:
@@ -63,8 +65,9 @@ class AttentionStats:
         self.dense = {"prefill": 0.0, "decode": 0.0}
 
     def add(self, phase: str, attended: torch.Tensor, dense: torch.Tensor) -> None:
-        self.attended[phase] += float(attended)
-        self.dense[phase] += float(dense)
+        # kept as (device) tensors: reading a count would wait for the GPU at every layer of every step
+        self.attended[phase] = self.attended[phase] + torch.as_tensor(attended, dtype=torch.float64)
+        self.dense[phase] = self.dense[phase] + torch.as_tensor(dense, dtype=torch.float64)
 
 
 def _option(config, name):
@@ -135,12 +138,20 @@ def sparsemem_attention_forward(
     backend = _option(config, "attention_backend")
     if backend != "reference":
         options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
-        reason = unsupported_reason(query, key, query_positions, key_positions, attention_mask, window, options)
+        if num_queries == 1:
+            reason = unsupported_decode_reason(query, key, query_positions, key_positions, attention_mask, window)
+        else:
+            reason = unsupported_reason(query, key, query_positions, key_positions, attention_mask, window, options)
         if reason is None:
-            output, attended = block_sparse_attention(query, key, value, scaling, scorer, options, slots)
+            if num_queries == 1:
+                output, attended = block_decode_attention(
+                    query, key, value, scaling, scorer, options, sparsemem.summary_cache, slots
+                )
+            else:
+                output, attended = block_sparse_attention(query, key, value, scaling, scorer, options, slots)
             if stats is not None:
                 dense = _dense_pair_counts(query_positions, None, None).sum() * heads * batch
-                stats.add("prefill", attended, dense)
+                stats.add("decode" if num_queries == 1 else "prefill", attended, dense)
             return output, None
         if backend == "flex":
             raise ValueError(

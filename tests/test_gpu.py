@@ -78,3 +78,27 @@ def test_model_prefill_and_decode_equal_reference():
             step = model(ids[:, 1499:], past_key_values=cache).logits  # one decode step
         logits[backend] = torch.cat([first, second, step], dim=1)
     assert relative_error(logits["auto"], logits["reference"]) < 2e-2
+
+
+@pytest.mark.parametrize("total", [3000, 4096])
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_block_decode_equals_reference(total, with_slots):
+    from sparsemem.modeling.block_decode import BlockSummaryCache, block_decode_attention
+
+    torch.manual_seed(total)
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, total, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, HKV, total, D, device="cuda", dtype=torch.bfloat16)
+    slots = slots_for(total) if with_slots else None
+    positions = torch.arange(total, device="cuda")
+    mod = module("reference")
+    ref, _ = sparsemem_attention_forward(mod, q, k, v, None, scaling=D**-0.5, sparsemem=MemoryView(positions[-1:], positions, slots))
+    options = {**OPTIONS}
+    summaries = BlockSummaryCache(OPTIONS["block_size"])
+    summaries.update(k[:, :, : total - 300])
+    out, attended = block_decode_attention(q, k, v, D**-0.5, mod.scorer, options, summaries, slots)
+    gathered, _ = block_decode_attention(q, k, v, D**-0.5, mod.scorer, options, None, slots, use_triton=False)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) < 1e-2
+    assert relative_error(out, gathered) < 1e-2
+    assert float(attended) == float(mod.sparsemem_stats.attended["decode"])

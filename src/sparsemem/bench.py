@@ -5,6 +5,8 @@ Sections (each optional):
   d=128, bf16): dense causal SDPA against sparsemem (selection + FlexAttention, and the kernel alone).
 - prefill: end-to-end chunked prefill of a Llama-3-8B-shaped model with random bf16 weights: plain
   transformers with SDPA against the same weights converted to sparsemem.
+- decode: one layer's decode attention (dense SDPA against block-sparse decode), then decode steps of
+  the 8B-shaped model over a filled 128K cache, at batch 1 and the largest batch dense fits.
 Writes bench.json, bench.md and PNG plots to the output folder; timings are medians of CUDA-event runs
 after warm-up (compilation excluded).
 """
@@ -160,6 +162,112 @@ def bench_prefill(args) -> list[dict]:
     return rows
 
 
+def copy_bandwidth_gbs() -> float:
+    """Device memory bandwidth seen by a large copy (bytes read + written), GB/s."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, repeats=10)
+    return 2 * src.numel() / ms / 1e6
+
+
+@torch.no_grad()
+def bench_decode_attention(args) -> list[dict]:
+    from .modeling.block_decode import BlockSummaryCache, block_decode_attention
+    from .modeling.scorer import PooledKeyScorer
+
+    heads, kv_heads, dim = 32, 8, 128
+    scorer, scale = PooledKeyScorer(args.scorer), dim**-0.5
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    for total in args.decode_contexts:
+        for batch in args.decode_batches:
+            gen = torch.Generator(device="cuda").manual_seed(total + batch)
+            q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(batch, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            v = torch.randn(batch, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            dense_ms = cuda_time_ms(lambda: sdpa(q, k, v, enable_gqa=True), warmup=3, repeats=20)
+            rows.append(dict(context=total, batch=batch, method="dense SDPA", fraction=1.0, density=1.0, ms=dense_ms))
+            for fraction in args.densities:
+                options = _sparse_options(args, fraction)
+                summaries = BlockSummaryCache(args.block_size)
+                summaries.update(k)  # built as tokens arrive; a step only re-reads the newest block
+                ms = cuda_time_ms(lambda: block_decode_attention(q, k, v, scale, scorer, options, summaries), warmup=3, repeats=20)
+                _, attended = block_decode_attention(q, k, v, scale, scorer, options, summaries)
+                density = float(attended) / (total * heads * batch)
+                rows.append(dict(context=total, batch=batch, method="sparsemem", fraction=fraction, density=density, ms=ms,
+                                 speedup=dense_ms / ms))
+                logger.info("decode attention %d x%d fraction %.4f: %.3f ms vs dense %.3f ms", total, batch, fraction, ms, dense_ms)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _filled_cache(cache, layers: int, batch: int, total: int, gen):
+    shape = (batch, LLAMA3_8B["num_key_value_heads"], total, LLAMA3_8B["hidden_size"] // LLAMA3_8B["num_attention_heads"])
+    for index in range(layers):
+        k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cache.update(k, v, index, {"cache_position": torch.arange(total, device="cuda")})
+        del k, v
+    return cache
+
+
+@torch.no_grad()
+def bench_decode_model(args, bandwidth: float) -> list[dict]:
+    from transformers import DynamicCache, StaticCache
+
+    from . import SparseMemCache, convert
+
+    total, steps = args.decode_model_context, args.decode_steps
+    dense = _llama_8b(total + steps + 8)
+    layers = LLAMA3_8B["num_hidden_layers"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    per_sequence = 2 * layers * LLAMA3_8B["num_key_value_heads"] * 128 * 2 * (total + steps)
+    free = torch.cuda.mem_get_info()[0]
+    largest = max(1, min(16, int((free - 8 * 2**30) // per_sequence)))
+    sparse_models = {f: convert(dense, **_sparse_options(args, f), attention_backend="flex") for f in args.decode_model_densities}
+    rows = []
+    for batch in sorted({1, largest}):
+        gen = torch.Generator(device="cuda").manual_seed(batch)
+        ids = torch.randint(0, LLAMA3_8B["vocab_size"], (batch, steps + 3), device="cuda", generator=gen)
+        runs = [("dense SDPA, StaticCache", dense, 1.0, lambda: StaticCache(config=dense.config, max_cache_len=total + steps + 8)),
+                ("dense SDPA, DynamicCache", dense, 1.0, lambda: DynamicCache(config=dense.config))]
+        runs += [("sparsemem", m, f, lambda m=m: SparseMemCache(m.config)) for f, m in sparse_models.items()]
+        for method, model, fraction, make_cache in runs:
+            try:
+                cache = _filled_cache(make_cache(), layers, batch, total, gen)
+                for step in range(3):  # warm-up: kernels, buffers with room for the new tokens
+                    model(input_ids=ids[:, step : step + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                if hasattr(model, "reset_sparsemem_stats"):
+                    model.reset_sparsemem_stats()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for step in range(steps):
+                    model(input_ids=ids[:, 3 + step - 1 : 3 + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - start) * 1000 / steps
+            except (torch.OutOfMemoryError, TypeError, ValueError, RuntimeError) as error:
+                logger.warning("decode %s at batch %d failed: %s", method, batch, str(error)[:300])
+                cache = None
+                torch.cuda.empty_cache()
+                continue
+            density = model.sparsemem_stats()["decode_density"] if hasattr(model, "sparsemem_stats") else 1.0
+            kv_read = per_sequence * batch * density
+            bound_ms = (weight_bytes + kv_read) / bandwidth / 1e6
+            rows.append(dict(context=total, batch=batch, method=method, fraction=fraction, density=density, ms_per_step=ms,
+                             tokens_per_s=batch * 1000 / ms, bound_ms=bound_ms, peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+            logger.info("decode model %d x%d %s %.4f: %.2f ms/step (bound %.2f ms)", total, batch, method, fraction, ms, bound_ms)
+            del cache
+            torch.cuda.empty_cache()
+    for row in rows:
+        base = [r for r in rows if r["batch"] == row["batch"] and r["method"].startswith("dense")]
+        if base and row["method"] == "sparsemem":
+            row["speedup_vs_static"] = next((b["ms_per_step"] for b in base if "Static" in b["method"]), float("nan")) / row["ms_per_step"]
+            row["speedup_vs_dynamic"] = next((b["ms_per_step"] for b in base if "Dynamic" in b["method"]), float("nan")) / row["ms_per_step"]
+    return rows
+
+
 def render_markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"# sparsemem bench on {meta['gpu']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}; "
@@ -184,6 +292,27 @@ def render_markdown(report: dict) -> str:
                 f"{r.get('speedup', 1.0):.2f}x | {r['peak_gib']:.1f} |"
             )
         lines.append("")
+    if report.get("decode_attention"):
+        lines += ["## Decode attention, one layer (32 q / 8 KV heads, d=128, bf16), one new token per sequence", "",
+                  "| context | batch | method | block fraction | density | ms | speedup |", "|---:|---:|---|---:|---:|---:|---:|"]
+        for r in report["decode_attention"]:
+            lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['fraction']:.4g} | {r['density']:.1%} | "
+                         f"{r['ms']:.3f} | {r.get('speedup', 1.0):.2f}x |")
+        lines += ["", "sparsemem = scorer on cached block summaries + selection + Triton kernel over the selected blocks "
+                  "+ anchors + LSE merge.", ""]
+    if report.get("decode_model"):
+        lines += [f"## Decode, Llama-3-8B-shaped model (random bf16 weights), eager, copy bandwidth {meta.get('bandwidth_gbs', 0):.0f} GB/s", "",
+                  "| context | batch | method | block fraction | density | ms/step | tokens/s | bound ms | vs dense Static | vs dense Dynamic | peak GiB |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["decode_model"]:
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['method']} | {r['fraction']:.4g} | {r['density']:.1%} | {r['ms_per_step']:.2f} | "
+                f"{r['tokens_per_s']:.1f} | {r['bound_ms']:.2f} | {r.get('speedup_vs_static', 1.0):.2f}x | "
+                f"{r.get('speedup_vs_dynamic', 1.0):.2f}x | {r['peak_gib']:.1f} |"
+            )
+        lines += ["", "bound = (weight bytes + attended KV bytes) / copy bandwidth: the step time a perfectly memory-bound "
+                  "implementation would reach. DynamicCache (transformers' default) copies every layer's cache at each step; "
+                  "StaticCache and SparseMemCache append in place.", ""]
     lines += [f"command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -234,6 +363,24 @@ def _plots(report: dict, folder: Path) -> list[Path]:
         paths.append(folder / "prefill.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    if report.get("decode_attention"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = report["decode_attention"]
+        labels = sorted({(r["batch"], r["method"], r["fraction"]) for r in rows}, key=lambda t: (t[0], -t[2]))
+        for batch, method, fraction in labels:
+            chosen = [r for r in rows if (r["batch"], r["method"], r["fraction"]) == (batch, method, fraction)]
+            name = method if method != "sparsemem" else f"sparsemem {fraction:.4g}"
+            ax.plot([r["context"] for r in chosen], [r["ms"] for r in chosen], marker="o", label=f"batch {batch}: {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per layer and step")
+        ax.set_title(f"decode attention, 32/8 heads d=128 bf16 ({gpu})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(folder / "decode.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
@@ -266,6 +413,12 @@ def run_bench(args, command: str) -> dict:
     if "prefill" in args.sections:
         report["prefill"] = bench_prefill(args)
         save()
+    if "decode" in args.sections:
+        meta["bandwidth_gbs"] = copy_bandwidth_gbs()
+        report["decode_attention"] = bench_decode_attention(args)
+        save()
+        report["decode_model"] = bench_decode_model(args, meta["bandwidth_gbs"])
+        save()
     save()
     report["plots"] = [str(p) for p in _plots(report, folder)]
     return report
@@ -273,12 +426,18 @@ def run_bench(args, command: str) -> dict:
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="dense SDPA against the sparsemem GPU paths: JSON, markdown and PNG reports")
-    bench.add_argument("--sections", nargs="+", default=["attention", "prefill"], choices=["attention", "prefill"])
+    bench.add_argument("--sections", nargs="+", default=["attention", "prefill", "decode"],
+                       choices=["attention", "prefill", "decode"])
     bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     bench.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
                        help="fractions of each query block's candidate blocks attended exactly (block_fraction)")
     bench.add_argument("--prefill-contexts", type=int, nargs="+", default=[32768, 65536, 131072])
     bench.add_argument("--prefill-densities", type=float, nargs="+", default=[0.125])
+    bench.add_argument("--decode-contexts", type=int, nargs="+", default=[32768, 131072])
+    bench.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    bench.add_argument("--decode-model-context", type=int, default=131072)
+    bench.add_argument("--decode-model-densities", type=float, nargs="+", default=[0.125, 0.0625])
+    bench.add_argument("--decode-steps", type=int, default=8)
     bench.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward call)")
     bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
     bench.add_argument("--sink-tokens", type=int, default=128)
