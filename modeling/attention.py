@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 
 from .anchors import anchor_mask, causal_mask, sliding_window_mask
 from .block_decode import block_decode_attention, unsupported_decode_reason
-from .block_sparse import block_sparse_attention, unsupported_reason
+from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
 from .cache import SlotTier
 from .configuration_sparsemem import SparseMemOptions
 from .merge import masked_attention, merge_attention_states
@@ -52,6 +52,9 @@ class MemoryView:
     slots: SlotTier | None = None
     sliding_window: int | None = None
     summary_cache: object | None = None  # block_decode.BlockSummaryCache of the cache layer, if any
+    # keys are exactly positions 0..N-1 and the queries the newest of them; None: check the positions
+    # (which waits for the device), so callers that know it say so
+    contiguous: bool | None = None
 
 
 class AttentionStats:
@@ -120,7 +123,7 @@ def sparsemem_attention_forward(
         # called by a plain transformers attention module over a cache that holds every token in order
         total = key.shape[-2]
         positions = torch.arange(total, device=key.device)
-        sparsemem = MemoryView(positions[total - num_queries :], positions, None, sliding_window)
+        sparsemem = MemoryView(positions[total - num_queries :], positions, None, sliding_window, contiguous=True)
     query_positions, key_positions, slots = sparsemem.query_positions, sparsemem.key_positions, sparsemem.slots
     window = sparsemem.sliding_window
 
@@ -136,12 +139,15 @@ def sparsemem_attention_forward(
     scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
     stats = getattr(module, "sparsemem_stats", None)
     backend = _option(config, "attention_backend")
+    contiguous = sparsemem.contiguous
+    if contiguous is None and key.shape[-2]:
+        contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
     if backend != "reference":
         options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
         if num_queries == 1:
-            reason = unsupported_decode_reason(query, key, query_positions, key_positions, attention_mask, window)
+            reason = unsupported_decode_reason(query, attention_mask, window, contiguous)
         else:
-            reason = unsupported_reason(query, key, query_positions, key_positions, attention_mask, window, options)
+            reason = unsupported_reason(query, attention_mask, window, contiguous, options)
         if reason is None:
             if num_queries == 1:
                 output, attended = block_decode_attention(
@@ -166,8 +172,7 @@ def sparsemem_attention_forward(
     if slots is not None and slots.block.numel():
         num_blocks = max(num_blocks, int(slots.block.max()) + 1)
     num_blocks = max(num_blocks, 1)
-    total_keys = key.shape[-2]
-    if total_keys and key_positions.shape[0] == total_keys and int(key_positions[-1]) == total_keys - 1:
+    if contiguous:
         summaries = summarize_contiguous_blocks(key, block_size, num_blocks)  # nothing evicted
     else:
         summaries = summarize_blocks(key, block_ids, num_blocks)

@@ -73,7 +73,7 @@ class BlockSummaryCache:
         return BlockSummaries(key_min[:, :, :num_blocks], key_max[:, :, :num_blocks], key_mean, count)
 
 
-def unsupported_decode_reason(query, key, query_positions, key_positions, attention_mask, sliding_window) -> str | None:
+def unsupported_decode_reason(query, attention_mask, sliding_window, contiguous: bool) -> str | None:
     if not query.is_cuda:
         return "the inputs are not on a CUDA device"
     if query.shape[-2] != 1:
@@ -82,8 +82,7 @@ def unsupported_decode_reason(query, key, query_positions, key_positions, attent
         return "a padding or 4D attention mask"
     if sliding_window is not None:
         return "a sliding window"
-    total = key.shape[-2]
-    if key_positions.shape[0] != total or int(key_positions[-1]) != total - 1 or int(query_positions[0]) != total - 1:
+    if not contiguous:
         return "evicted tokens (the block store is not contiguous)"
     return None
 

@@ -57,7 +57,14 @@ def _flex_kernel(compiled: bool):
     return _compiled
 
 
-def unsupported_reason(query, key, query_positions, key_positions, attention_mask, sliding_window, options) -> str | None:
+def contiguous_positions(query_positions, key_positions, num_keys: int) -> bool:
+    """Keys at positions 0..N-1 (nothing evicted) with the queries the newest of them (waits for the device)."""
+    if num_keys == 0 or key_positions.shape[0] != num_keys or int(key_positions[-1]) != num_keys - 1:
+        return False
+    return int(query_positions[0]) == num_keys - query_positions.shape[0]
+
+
+def unsupported_reason(query, attention_mask, sliding_window, contiguous: bool, options) -> str | None:
     """Why the fast path cannot compute this call exactly, or None when it can."""
     query_block, block_size = options["query_block_size"], options["block_size"]
     if flex_attention is None:
@@ -74,12 +81,8 @@ def unsupported_reason(query, key, query_positions, key_positions, attention_mas
         return "a padding or 4D attention mask"
     if sliding_window is not None:
         return "a sliding window"
-    total = key.shape[-2]
-    # keys must be logical positions 0..N-1 (nothing evicted) and the queries the newest of them
-    if key_positions.shape[0] != total or int(key_positions[-1]) != total - 1:
-        return "evicted tokens (the block store is not contiguous)"
-    if int(query_positions[0]) != total - query.shape[-2]:
-        return "queries that are not the newest keys"
+    if not contiguous:
+        return "evicted tokens (the block store is not contiguous) or queries that are not the newest keys"
     return None
 
 

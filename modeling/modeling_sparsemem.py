@@ -89,7 +89,11 @@ class SparseMemAttentionMixin:
                 summaries = layer.block_summaries
                 if summaries is None or summaries.block_size != self.config.block_size:
                     summaries = layer.block_summaries = BlockSummaryCache(self.config.block_size)
-            kwargs["sparsemem"] = MemoryView(query_positions, key_positions, slots, self.attention_window, summaries)
+            # a SparseMemLayer holds positions 0..L-1 exactly when it holds L entries (nothing evicted)
+            contiguous = key_positions.shape[0] == total and key_states.shape[-2] == total
+            kwargs["sparsemem"] = MemoryView(
+                query_positions, key_positions, slots, self.attention_window, summaries, contiguous
+            )
         elif getattr(layer, "positions", None) is not None and (
             slots is not None or key_positions.shape[0] != total
         ):

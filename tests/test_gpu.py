@@ -56,7 +56,7 @@ def test_flex_prefill_equals_reference(total, num_queries, with_slots):
     for backend in ("flex", "reference"):
         mod = module(backend)
         outs[backend], _ = sparsemem_attention_forward(mod, q, k, v, None, scaling=D**-0.5, sparsemem=view)
-        stats[backend] = mod.sparsemem_stats.attended["prefill"] / mod.sparsemem_stats.dense["prefill"]
+        stats[backend] = float(mod.sparsemem_stats.attended["prefill"]) / float(mod.sparsemem_stats.dense["prefill"])
     assert torch.isfinite(outs["flex"]).all()
     assert relative_error(outs["flex"], outs["reference"]) < 1e-2
     assert stats["flex"] == pytest.approx(stats["reference"], rel=1e-9)
