@@ -102,6 +102,9 @@ class SparseMemLayer(CacheLayerMixin):
         self.logical_length = 0
         self.slots: SlotTier | None = None
         self.block_summaries = None  # kept by the decode fast path; dropped when keys change other than by appending
+        # newest queries of the layer, kept only under online compaction (its reference queries)
+        self.recent_queries: torch.Tensor | None = None
+        self.recent_query_positions: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -166,6 +169,7 @@ class SparseMemLayer(CacheLayerMixin):
         self.slots = None
         self.block_summaries = None
         self._buffers_kv = None
+        self.recent_queries = self.recent_query_positions = None
         self.logical_length = 0
         self.is_initialized = False
 
@@ -219,6 +223,8 @@ class SparseMemLayer(CacheLayerMixin):
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.slots is not None:
             self.slots = self.slots.map(fn)
+        if self.recent_queries is not None:
+            self.recent_queries = fn(self.recent_queries)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -261,14 +267,23 @@ class SparseMemCache(Cache):
     """Cache of a sparsemem model; created automatically by `forward` and `generate`.
 
     Pass `config` (a sparsemem config) so the per-tier byte report knows the anchor sizes.
+    `max_kv_tokens` (or an `OnlineCompaction` as `online`) bounds the physical memory of every layer:
+    after each forward pass a layer that reached the budget is compacted into slots.
     """
 
     is_sparsemem = True
 
-    def __init__(self, config=None, **kwargs):
+    def __init__(self, config=None, max_kv_tokens: int | None = None, online=None, **kwargs):
         super().__init__(layer_class_to_replicate=SparseMemLayer)
         self.sink_tokens = getattr(config, "sink_tokens", 0)
         self.local_tokens = getattr(config, "local_tokens", 0)
+        if max_kv_tokens is not None:
+            if online is not None:
+                raise ValueError("pass either `max_kv_tokens` or `online`, not both")
+            from .online_compaction import OnlineCompaction
+
+            online = OnlineCompaction(max_kv_tokens, keep_first=self.sink_tokens)
+        self.online = online
 
     def memory_bytes(self) -> dict[str, int]:
         """Physical bytes per tier over all layers, and their total."""

@@ -114,6 +114,11 @@ class SparseMemAttentionMixin:
             sliding_window=self.attention_window,
             **kwargs,
         )
+        online = getattr(past_key_values, "online", None)
+        if online is not None and layer is not None:
+            # after this step attended everything: remember its queries, then keep the layer in budget
+            online.observe(layer, query_states, torch.arange(past, total, device=device))
+            online.maybe_compact(layer, self.scaling)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 
@@ -188,6 +193,18 @@ class SparseMemForCausalLMMixin:
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def generate(self, *args, max_kv_tokens: int | None = None, **kwargs):
+        """`transformers` generate; `max_kv_tokens` bounds every layer's physical KV memory by compacting
+        all but the sinks and the newest tokens into slots whenever a layer reaches it (online compaction)."""
+        if max_kv_tokens is not None:
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError(
+                    "pass `max_kv_tokens` either to generate() or to SparseMemCache(config, max_kv_tokens=...), "
+                    "not with a `past_key_values` of your own"
+                )
+            kwargs["past_key_values"] = SparseMemCache(self.config, max_kv_tokens=max_kv_tokens)
+        return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if (

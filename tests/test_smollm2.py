@@ -61,3 +61,26 @@ def test_demo_command(capsys):
     assert main(["demo", "--length", "1500", "--depth", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "dense     answer" in out and "sparsemem answer" in out and "attention density" in out
+
+
+@torch.no_grad()
+def test_self_study_queries_drive_compaction(smollm2):
+    """The model writes about a real document; the queries of its own words are captured (standing for
+    the future: position -1) and Attention Matching compacts the document with them alone."""
+    from sparsemem.compact import capture_reference_queries
+
+    tokenizer, base = smollm2
+    model = sparsemem.convert(base)
+    ids = torch.tensor([token_window(tokenizer, load_corpus(), 300, offset=9000)])
+    queries = capture_reference_queries(model, ids, ("self-study",), tokenizer, self_study_tokens=12)
+    assert sorted(queries) == list(range(model.config.num_hidden_layers))
+    layer0, positions = queries[0]
+    assert layer0.shape[:2] == (1, model.config.num_attention_heads) and 0 < layer0.shape[2] <= 12
+    assert bool((positions == -1).all())
+    cache = sparsemem.SparseMemCache(model.config)
+    model(ids, past_key_values=cache)
+    full_bytes = cache.memory_bytes()["total"]
+    sparsemem.compact(model, cache, ratio=5, method="am", queries=("self-study",), reference_queries=queries)
+    assert cache.compaction_info["queries"] == ["self-study"]
+    assert abs(full_bytes / cache.memory_bytes()["total"] - 5) < 0.25
+    assert torch.isfinite(model(ids[:, -1:], past_key_values=cache).logits).all()

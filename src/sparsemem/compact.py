@@ -198,7 +198,9 @@ def compact(
     budget = first + last + slots_per_head
     if keep_last is None and slots_per_head > 0:
         rest = budget - first
-        splits = sorted({max(0, min(rest - 1, rest * share // 4)) for share in (1, 2, 3)})
+        # candidate numbers of exact recent tokens; `rest` (no slots at all) is StreamingLLM, so the
+        # search never does worse than it on the held-out queries
+        splits = sorted({max(0, min(rest - 1, rest * share // 4)) for share in (1, 2, 3)} | {rest})
     else:
         splits = [last]
     chosen: list[int] = []
@@ -264,6 +266,10 @@ def _compact_one_layer(layer, queries, reference_positions, first, last, slots_p
     span = (layer.positions >= first) & (layer.positions < length - last)
     if not bool(span.any()) and layer.slots is None:
         return
+    if slots_per_head == 0:  # the whole budget holds exact tokens: plain eviction
+        layer.evict(span)
+        layer.slots = None
+        return
     kv_heads = layer.keys.shape[1]
     total_slots = slots_per_head * kv_heads
     # chunks are ranges of logical positions: the layer's physical entries shrink as each one is compacted
@@ -283,8 +289,12 @@ def _compact_one_layer(layer, queries, reference_positions, first, last, slots_p
 
 
 def _held_out(queries, positions, length, generator, count: int = 256):
-    """Queries that stand for the future: the context's last queries and the future-style ones (-1)."""
-    late = (positions >= length - 64) | (positions < 0)
+    """Queries that stand for what follows the context: its last queries, or, without context queries,
+    the future-style ones (-1). Repeat/self-study queries look back over the whole document; mixed in,
+    they would outnumber the late queries and favour slots over the recent tokens the continuation reads."""
+    late = positions >= length - 64
+    if not bool(late.any()):
+        late = positions < 0
     pool = queries[..., late, :]
     if pool.shape[-2] > count:
         pool = pool[..., torch.randperm(pool.shape[-2], generator=generator)[:count], :]

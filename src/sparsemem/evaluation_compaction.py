@@ -199,3 +199,77 @@ def merge_reports(parts: list[str], output_dir: str) -> list[Path]:
             results.append(CompactionResult(**row))
     meta = {**meta, "command": meta.get("command", "").split(" --methods")[0] + " (one process per method, merged)"}
     return write_compaction_report(results, meta, Path(output_dir))
+
+
+@dataclass
+class OnlineResult:
+    method: str
+    max_kv_tokens: int
+    kl: float
+    perplexity: float
+    peak_physical: int
+    compactions: int
+    seconds: float
+
+
+@torch.no_grad()
+def evaluate_online(
+    model, tokenizer, corpus, methods=("am", "streaming-llm", "h2o", "kvzip"), budgets=(256, 512), context=1024, steps=512,
+) -> tuple[list[OnlineResult], dict]:
+    """Decode a real text token by token (teacher-forced) under a physical budget `max_kv_tokens`; mean
+    next-token KL and perplexity against the unbounded cache, and the largest physical size any layer
+    reached after a forward pass."""
+    from .modeling.cache import SparseMemCache
+    from .modeling.online_compaction import OnlineCompaction
+
+    ids = torch.tensor([token_window(tokenizer, corpus, context + steps, offset=20000)], device=model.device)
+    targets = ids[0, context:]
+
+    def run(online):
+        cache = SparseMemCache(model.config, online=online)
+        peak = 0
+        logits = [model(ids[:, :context], past_key_values=cache).logits[:, -1:]]
+        for index in range(context, context + steps - 1):
+            logits.append(model(ids[:, index : index + 1], past_key_values=cache).logits)
+            if online is not None:
+                peak = max(peak, max(OnlineCompaction.physical_size(layer) for layer in cache.layers))
+        return torch.log_softmax(torch.cat(logits, dim=1).float(), dim=-1)[0], peak
+
+    reference, _ = run(None)
+    full_ppl = math.exp(torch.nn.functional.nll_loss(reference, targets).item())
+    results = [OnlineResult("full", 0, 0.0, full_ppl, context + steps, 0, 0.0)]
+    for method in tqdm(methods, desc="methods"):
+        for budget in budgets:
+            start = time.perf_counter()
+            online = OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method)
+            logprobs, peak = run(online)
+            seconds = time.perf_counter() - start
+            kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+            ppl = math.exp(torch.nn.functional.nll_loss(logprobs, targets).item())
+            results.append(OnlineResult(method, budget, kl, ppl, peak, online.compactions, seconds))
+            logger.info("online %s @%d: KL %.4f ppl %.3f peak %d", method, budget, kl, ppl, peak)
+    return results, {"context_tokens": context, "decoded_tokens": steps}
+
+
+def write_online_report(results: list[OnlineResult], meta: dict, output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / "online.json", output_dir / "online.md"
+    write_text(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
+    write_text(md_path, render_online_markdown(results, meta))
+    return [json_path, md_path]
+
+
+def render_online_markdown(results: list[OnlineResult], meta: dict) -> str:
+    full = next(r for r in results if r.method == "full")
+    lines = ["# sparsemem eval online", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += [
+        f"Full cache: perplexity {full.perplexity:.3f}, {full.peak_physical} tokens at the end.",
+        "",
+        "| method | max_kv_tokens | KL to full | perplexity | peak physical | layer compactions | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in results if r.method != "full"), key=lambda r: (r.max_kv_tokens, r.kl)):
+        lines.append(
+            f"| {r.method} | {r.max_kv_tokens} | {r.kl:.4f} | {r.perplexity:.3f} | {r.peak_physical} | {r.compactions} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,88 @@
+"""Online compaction: a physical memory budget for generation.
+
+When a layer's physical memory (full-resolution entries plus its largest per-head slot count) reaches
+`max_kv_tokens` after a forward pass, everything but the first `keep_first` and the newest tokens is
+compacted into slots, existing slots (with their beta) included, and generation goes on. Compaction
+shrinks the layer to `target` x the budget so it does not run at every decode step, and decode steps
+never push the layer past the budget.
+
+The reference queries are the layer's own most recent queries, kept in a small ring per layer: the
+tokens being generated are exactly the queries whose attention the slots must preserve.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .compaction import compact_layer, make_press
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineCompaction:
+    """max_kv_tokens: physical entries per layer and KV head that a forward pass leaves at most.
+    keep_first: first tokens kept exact (attention sinks). recent_fraction: share of the compacted
+    budget kept as exact recent tokens (the rest are slots). target: the layer shrinks to this share
+    of the budget. method: a compaction press name ("am", "streaming-llm", ...). num_queries: recent
+    queries remembered per layer as reference queries."""
+
+    max_kv_tokens: int
+    keep_first: int = 16
+    recent_fraction: float = 0.5
+    target: float = 0.75
+    method: str = "am"
+    num_queries: int = 256
+
+    def __post_init__(self):
+        if isinstance(self.max_kv_tokens, bool) or not isinstance(self.max_kv_tokens, int) or self.max_kv_tokens < 8:
+            raise ValueError(f"`max_kv_tokens` must be an integer >= 8, got {self.max_kv_tokens!r}")
+        if not 0 < self.target < 1:
+            raise ValueError(f"online compaction `target` must lie in (0, 1), got {self.target!r}")
+        if not 0 <= self.recent_fraction < 1:
+            raise ValueError(f"online compaction `recent_fraction` must lie in [0, 1), got {self.recent_fraction!r}")
+        if self.num_queries < 1:
+            raise ValueError(f"online compaction `num_queries` must be >= 1, got {self.num_queries!r}")
+        self.press = make_press(self.method)
+        self.compactions = 0  # layer compactions done so far
+        compacted = math.floor(self.target * self.max_kv_tokens)
+        # the sinks may take at most an eighth of the compacted budget
+        self.keep_first = min(self.keep_first, compacted // 8)
+        self.keep_last = max(1, math.floor(self.recent_fraction * (compacted - self.keep_first)))
+        self.slots_per_head = compacted - self.keep_first - self.keep_last
+        if self.slots_per_head < 1:
+            raise ValueError(f"`max_kv_tokens`={self.max_kv_tokens} leaves no room for slots; raise it")
+
+    def observe(self, layer, query_states: torch.Tensor, query_positions: torch.Tensor) -> None:
+        """Remember the newest `num_queries` queries [B, H, q, d] of the layer (fp32, detached)."""
+        queries = query_states.detach().float()
+        if layer.recent_queries is not None and layer.recent_queries.shape[0] == queries.shape[0]:
+            queries = torch.cat([layer.recent_queries, queries], dim=-2)
+            query_positions = torch.cat([layer.recent_query_positions, query_positions])
+        layer.recent_queries = queries[..., -self.num_queries :, :]
+        layer.recent_query_positions = query_positions[-self.num_queries :]
+
+    @staticmethod
+    def physical_size(layer) -> int:
+        """Entries one KV head holds: full-resolution tokens plus that head's slots (the largest head)."""
+        slots = 0
+        if layer.slots is not None and len(layer.slots):
+            slots = int(torch.bincount(layer.slots.head).max())
+        return layer.physical_length + slots
+
+    def maybe_compact(self, layer, scaling: float) -> bool:
+        # compact when the next token would not fit
+        if self.physical_size(layer) < self.max_kv_tokens:
+            return False
+        length = layer.logical_length
+        span = (layer.positions >= self.keep_first) & (layer.positions < length - self.keep_last)
+        kv_heads = layer.keys.shape[1]
+        compact_layer(
+            layer, layer.recent_queries, layer.recent_query_positions, span, [self.slots_per_head] * kv_heads,
+            self.press, scaling, fold_slots=True,
+        )
+        self.compactions += 1
+        logger.debug("online compaction at %d tokens: %d physical entries per head", length, self.physical_size(layer))
+        return True
