@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-SCORERS = ("hybrid", "minmax", "mean")
+SCORERS = ("minmax", "hybrid", "mean")
 ATTENTION_BACKENDS = ("auto", "reference", "flex")
 
 
@@ -38,9 +38,9 @@ class SparseMemOptions:
     block_size: int = 8
     sink_tokens: int = 16
     local_tokens: int = 64
-    top_k_blocks: int | None = 16
-    block_fraction: float | None = 0.17
-    scorer: str = "hybrid"
+    top_k_blocks: int | None = 8
+    block_fraction: float | None = 0.2
+    scorer: str = "minmax"
     query_chunk_size: int = 512
     query_block_size: int | None = None
     attention_backend: str = "auto"

@@ -84,11 +84,13 @@ class PooledKeyScorer(nn.Module):
     "mean": q . mean key of the block.
     "hybrid": the sum of both after z-scoring each over the blocks of the query. On SmolLM2-135M the two
         are complementary (the bound wins in early layers, the mean in middle ones) and their sum
-        captures more of the dense attention mass than either.
+        captures more of the dense attention mass than either (recall of the last query's cold attention
+        mass .77 vs .74 at 6K tokens), yet in pass-key retrieval the bound alone keeps the needle block
+        more often, which is why "minmax" is the default.
     Blocks with no stored key score -inf.
     """
 
-    def __init__(self, kind: str = "hybrid"):
+    def __init__(self, kind: str = "minmax"):
         super().__init__()
         self.kind = kind
 
