@@ -7,25 +7,38 @@ neither selected nor touched by the query's anchors, so no token is counted twic
 `top_k_blocks=None` and no slots this is dense causal attention.
 
 This file holds the vectorised PyTorch reference path (CPU and GPU); it materialises the logits of one
-query chunk against the physical keys and masks them, which makes it the oracle for fast kernels.
+query chunk against the physical keys and masks them, which makes it the oracle for fast kernels. With
+`query_block_size` set, queries share one selection per query block; on CUDA the function then runs
+the block-sparse FlexAttention path of block_sparse.py (option `attention_backend`), which computes
+the same function.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 
-from .anchors import anchor_mask, blocks_touching_anchors, causal_mask, sliding_window_mask
+from .anchors import anchor_mask, causal_mask, sliding_window_mask
+from .block_decode import block_decode_attention, unsupported_decode_reason
+from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
 from .cache import SlotTier
 from .configuration_sparsemem import SparseMemOptions
 from .merge import masked_attention, merge_attention_states
-from .scorer import PooledKeyScorer, summarize_blocks
+from .query_blocks import aligned_chunks, pool_query_blocks, query_block_index
+from .scorer import PooledKeyScorer, summarize_blocks, summarize_contiguous_blocks
 from .selection import select_blocks
 from .selection_gate import gated_attention, straight_through_gate
+from .slot_attention import slot_attention
 
 ATTENTION_NAME = "sparsemem"
 _DEFAULTS = SparseMemOptions()
+_FAST_PATH_OPTIONS = (
+    "block_size", "query_block_size", "sink_tokens", "local_tokens", "top_k_blocks", "block_fraction", "query_chunk_size"
+)
+_LOGGED: set[str] = set()
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +52,10 @@ class MemoryView:
     key_positions: torch.Tensor
     slots: SlotTier | None = None
     sliding_window: int | None = None
+    summary_cache: object | None = None  # block_decode.BlockSummaryCache of the cache layer, if any
+    # keys are exactly positions 0..N-1 and the queries the newest of them; None: check the positions
+    # (which waits for the device), so callers that know it say so
+    contiguous: bool | None = None
 
 
 class AttentionStats:
@@ -52,8 +69,9 @@ class AttentionStats:
         self.dense = {"prefill": 0.0, "decode": 0.0}
 
     def add(self, phase: str, attended: torch.Tensor, dense: torch.Tensor) -> None:
-        self.attended[phase] += float(attended)
-        self.dense[phase] += float(dense)
+        # kept as (device) tensors: reading a count would wait for the GPU at every layer of every step
+        self.attended[phase] = self.attended[phase] + torch.as_tensor(attended, dtype=torch.float64)
+        self.dense[phase] = self.dense[phase] + torch.as_tensor(dense, dtype=torch.float64)
 
 
 def _option(config, name):
@@ -97,7 +115,7 @@ def sparsemem_attention_forward(
     block_size, top_k = _option(config, "block_size"), _option(config, "top_k_blocks")
     fraction = _option(config, "block_fraction")
     sink, local = _option(config, "sink_tokens"), _option(config, "local_tokens")
-    chunk = _option(config, "query_chunk_size")
+    chunk, query_block = _option(config, "query_chunk_size"), _option(config, "query_block_size")
     batch, heads, num_queries, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -106,7 +124,7 @@ def sparsemem_attention_forward(
         # called by a plain transformers attention module over a cache that holds every token in order
         total = key.shape[-2]
         positions = torch.arange(total, device=key.device)
-        sparsemem = MemoryView(positions[total - num_queries :], positions, None, sliding_window)
+        sparsemem = MemoryView(positions[total - num_queries :], positions, None, sliding_window, contiguous=True)
     query_positions, key_positions, slots = sparsemem.query_positions, sparsemem.key_positions, sparsemem.slots
     window = sparsemem.sliding_window
 
@@ -119,21 +137,54 @@ def sparsemem_attention_forward(
         else:
             raise ValueError(f"attention_mask must be 2D [B, T] or 4D [B, 1, Q, T], got shape {tuple(attention_mask.shape)}")
 
+    scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
+    stats = getattr(module, "sparsemem_stats", None)
+    backend = _option(config, "attention_backend")
+    contiguous = sparsemem.contiguous
+    if contiguous is None and key.shape[-2]:
+        contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
+    if backend != "reference":
+        options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
+        if num_queries == 1:
+            reason = unsupported_decode_reason(query, attention_mask, window, contiguous)
+        else:
+            reason = unsupported_reason(query, attention_mask, window, contiguous, options)
+        if reason is None:
+            if num_queries == 1:
+                output, attended = block_decode_attention(
+                    query, key, value, scaling, scorer, options, sparsemem.summary_cache, slots
+                )
+            else:
+                output, attended = block_sparse_attention(query, key, value, scaling, scorer, options, slots)
+            if stats is not None:
+                dense = _dense_pair_counts(query_positions, None, None).sum() * heads * batch
+                stats.add("decode" if num_queries == 1 else "prefill", attended, dense)
+            return output, None
+        if backend == "flex":
+            raise ValueError(
+                f"attention_backend='flex' cannot compute this call: {reason}; use attention_backend='auto' or 'reference'"
+            )
+        if query.is_cuda and reason not in _LOGGED:
+            _LOGGED.add(reason)
+            logger.info("sparsemem attention uses the reference path on CUDA: %s", reason)
+
     block_ids = torch.div(key_positions, block_size, rounding_mode="floor")
     num_blocks = int(block_ids.max()) + 1 if block_ids.numel() else 0
     if slots is not None and slots.block.numel():
         num_blocks = max(num_blocks, int(slots.block.max()) + 1)
     num_blocks = max(num_blocks, 1)
-    summaries = summarize_blocks(key, block_ids, num_blocks)
-    scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
+    if contiguous:
+        summaries = summarize_contiguous_blocks(key, block_size, num_blocks)  # nothing evicted
+    else:
+        summaries = summarize_blocks(key, block_ids, num_blocks)
 
     query_groups = query.view(batch, kv_heads, groups, num_queries, dim).float()
     keys_f, values_f = key.float(), value.float()
-    stats = getattr(module, "sparsemem_stats", None)
+    first_position = int(query_positions[0]) if query_block else 0
     outputs = []
-    for start in range(0, num_queries, chunk):
-        q = query_groups[:, :, :, start : start + chunk]
-        q_pos = query_positions[start : start + chunk]
+    for start, stop in aligned_chunks(first_position, num_queries, chunk, query_block):
+        q = query_groups[:, :, :, start:stop]
+        q_pos = query_positions[start:stop]
         n_q = q_pos.shape[0]
         # keys are stored in increasing logical order: later keys are in this chunk's future
         end = int(torch.searchsorted(key_positions, q_pos[-1], right=True))
@@ -147,14 +198,24 @@ def sparsemem_attention_forward(
         if padding is not None:
             visible = visible & padding[:, key_pos][:, None, :]
         if full_mask4d is not None:
-            visible = visible & full_mask4d[:, 0, start : start + n_q][..., key_pos]
+            visible = visible & full_mask4d[:, 0, start:stop][..., key_pos]
         anchors = anchor_mask(q_pos, key_pos, sink, local)  # [q, N]
 
         # candidate blocks hold at least one visible key that is not an anchor
         cold = (visible & ~anchors).float()
-        candidates = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold) > 0
-        scores = scorer(q, summaries)  # [B, Hkv, q, nb]
-        selected = select_blocks(scores, candidates[:, None], top_k, fraction)
+        candidate_keys = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold)
+        candidates = candidate_keys > 0
+        if query_block is None:
+            scores = scorer(q, summaries)  # [B, Hkv, q, nb]
+            selected = select_blocks(scores, candidates[:, None], top_k, fraction)
+        else:
+            # one selection per query block, from its mean query, over the union of its queries' candidates
+            index = query_block_index(q_pos, query_block)
+            pooled = pool_query_blocks(q, int(q_pos[0]), query_block)  # [B, Hkv, G, nQb, D]
+            block_candidates = candidate_keys.new_zeros(candidates.shape[0], pooled.shape[-2], num_blocks)
+            block_candidates = block_candidates.index_add_(1, index, candidate_keys) > 0
+            shared = select_blocks(scorer(pooled, summaries), block_candidates[:, None], top_k, fraction)
+            selected = shared[:, :, index]
         key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]
 
@@ -171,32 +232,15 @@ def sparsemem_attention_forward(
             out, lse = gated_attention(logits, visible[:, None, None], weights[:, :, None], v_chunk)
         else:
             out, lse = masked_attention(logits, full[:, :, None], v_chunk, need_lse=has_slots)
-        states = [(out, lse)]
         attended = full.sum() * groups
 
         if has_slots:
-            # packed slots: score every slot against every KV head, keep each slot's own head
-            slot_logits = torch.einsum("bhgqd,bsd->bhgqs", q, slots.keys.float()).mul_(scaling)
-            slot_logits = slot_logits + slots.beta.float()[:, None, None, None, :]
-            own_head = slots.head[None, :] == torch.arange(kv_heads, device=slots.head.device)[:, None]  # [Hkv, S]
-            slot_visible = slots.position[None, :] < q_pos[:, None]  # [q, S]
-            if window is not None:
-                slot_visible = slot_visible & (slots.position[None, :] > q_pos[:, None] - window)
-            touched = blocks_touching_anchors(q_pos, num_blocks, block_size, sink, local)  # [q, nb]
-            slot_block = slots.block.clamp(min=0)
-            covered = selected.gather(-1, slot_block.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
-            covered = (covered | touched[:, slot_block][None, None]) & (slots.block >= 0)
-            slot_mask = (
-                own_head[None, :, None, :]
-                & slot_visible[None, None]
-                & ~covered
-                & torch.isfinite(slots.beta)[:, None, None, :]
-            )  # [B, Hkv, q, S]
-            slot_values = slots.values.float()[:, None].expand(batch, kv_heads, -1, -1)
-            states.append(masked_attention(slot_logits, slot_mask[:, :, None], slot_values))
-            attended = attended + slot_mask.sum() * groups
+            slot_out, slot_lse, slot_pairs = slot_attention(
+                q, q_pos, slots, selected, scaling, block_size, sink, local, window
+            )
+            out = merge_attention_states([(out, lse), (slot_out, slot_lse)])[0]
+            attended = attended + slot_pairs * groups
 
-        out = merge_attention_states(states)[0] if len(states) > 1 else states[0][0]
         outputs.append(out)
         if stats is not None:
             dense = _dense_pair_counts(q_pos, padding, window).sum() * heads

@@ -101,6 +101,7 @@ class SparseMemLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None
         self.logical_length = 0
         self.slots: SlotTier | None = None
+        self.block_summaries = None  # kept by the decode fast path; dropped when keys change other than by appending
         # newest queries of the layer, kept only under online compaction (its reference queries)
         self.recent_queries: torch.Tensor | None = None
         self.recent_query_positions: torch.Tensor | None = None
@@ -117,11 +118,37 @@ class SparseMemLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
         new_positions = torch.arange(self.logical_length, self.logical_length + new, device=self.positions.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = self._append(key_states, value_states)
         self.positions = torch.cat([self.positions, new_positions])
         self.logical_length += new
         return self.keys, self.values
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append in place into buffers with spare room, so a decode step does not copy the whole layer.
+
+        `keys`/`values` stay views of the first `physical_length` entries; any other edit of them
+        (eviction, beam reordering, compaction) replaces the tensors and the next append starts a new buffer.
+        """
+        held, new = self.keys.shape[-2], key_states.shape[-2]
+        buffers = getattr(self, "_buffers_kv", None)
+        in_buffer = (
+            buffers is not None
+            and self.keys.data_ptr() == buffers[0].data_ptr()
+            and self.values.data_ptr() == buffers[1].data_ptr()
+            and buffers[0].shape[:2] == self.keys.shape[:2]
+        )
+        if not in_buffer or buffers[0].shape[-2] < held + new:
+            # room for later steps: 1/16 of the layer, between 256 and 4096 entries
+            spare = 0 if new > 1 and held == 0 else min(max(256, (held + new) // 16), 4096)
+            buffers = tuple(
+                t.new_empty(*t.shape[:-2], held + new + spare, t.shape[-1]) for t in (self.keys, self.values)
+            )
+            buffers[0][..., :held, :] = self.keys
+            buffers[1][..., :held, :] = self.values
+            self._buffers_kv = buffers
+        buffers[0][..., held : held + new, :] = key_states
+        buffers[1][..., held : held + new, :] = value_states
+        return buffers[0][..., : held + new, :], buffers[1][..., : held + new, :]
 
     def get_seq_length(self) -> int:
         return self.logical_length
@@ -140,6 +167,8 @@ class SparseMemLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.positions = None
         self.slots = None
+        self.block_summaries = None
+        self._buffers_kv = None
         self.recent_queries = self.recent_query_positions = None
         self.logical_length = 0
         self.is_initialized = False
@@ -164,6 +193,7 @@ class SparseMemLayer(CacheLayerMixin):
     def evict(self, drop: torch.Tensor) -> None:
         """Drop the full-resolution entries where the [N] boolean `drop` is True (their slots stay)."""
         keep = ~drop.to(self.positions.device)
+        self.block_summaries = None
         self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
         self.positions = self.positions[keep]
 
@@ -189,6 +219,7 @@ class SparseMemLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        self.block_summaries = None
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.slots is not None:
             self.slots = self.slots.map(fn)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 SCORERS = ("minmax", "hybrid", "mean", "learned")
+ATTENTION_BACKENDS = ("auto", "reference", "flex")
 
 
 @dataclass(kw_only=True)
@@ -28,6 +29,12 @@ class SparseMemOptions:
         projections of queries and pooled block keys; untrained it equals "hybrid").
     scorer_dim: width of the learned scorer's query/key projections (used when `scorer="learned"`).
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
+    query_block_size: `None` selects blocks per query. An integer groups queries into aligned blocks of
+        that many logical positions that share one selection, scored from their mean query (the
+        granularity of block-sparse GPU kernels, which need it: see `attention_backend`).
+    attention_backend: "reference" (vectorised PyTorch, any device), "flex" (block-sparse
+        FlexAttention on CUDA; raises when the inputs do not allow it) or "auto" ("flex" when on CUDA
+        and the inputs allow it, else "reference"; both compute the same function).
     """
 
     block_size: int = 8
@@ -38,6 +45,8 @@ class SparseMemOptions:
     scorer: str = "minmax"
     scorer_dim: int = 64
     query_chunk_size: int = 512
+    query_block_size: int | None = None
+    attention_backend: str = "auto"
 
     def validate_sparsemem_options(self) -> None:
         def _int(name, value, minimum):
@@ -51,6 +60,10 @@ class SparseMemOptions:
         _int("scorer_dim", self.scorer_dim, 1)
         if self.top_k_blocks is not None:
             _int("top_k_blocks", self.top_k_blocks, 1)
+        if self.query_block_size is not None:
+            _int("query_block_size", self.query_block_size, 1)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"`attention_backend` must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.block_fraction is not None and (
             isinstance(self.block_fraction, bool)
             or not isinstance(self.block_fraction, (int, float))

@@ -19,6 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
+from .block_decode import BlockSummaryCache
 from .cache import SparseMemCache
 from .configuration_sparsemem import (
     SparseMemLlamaConfig,
@@ -87,7 +88,16 @@ class SparseMemAttentionMixin:
         implementation = self.config._attn_implementation
         if implementation == ATTENTION_NAME:
             query_positions = torch.arange(past, total, device=device)
-            kwargs["sparsemem"] = MemoryView(query_positions, key_positions, slots, self.attention_window)
+            summaries = None
+            if layer is not None and hasattr(layer, "block_summaries"):
+                summaries = layer.block_summaries
+                if summaries is None or summaries.block_size != self.config.block_size:
+                    summaries = layer.block_summaries = BlockSummaryCache(self.config.block_size)
+            # a SparseMemLayer holds positions 0..L-1 exactly when it holds L entries (nothing evicted)
+            contiguous = key_positions.shape[0] == total and key_states.shape[-2] == total
+            kwargs["sparsemem"] = MemoryView(
+                query_positions, key_positions, slots, self.attention_window, summaries, contiguous
+            )
         elif getattr(layer, "positions", None) is not None and (
             slots is not None or key_positions.shape[0] != total
         ):
@@ -295,8 +305,8 @@ class SparseMemForCausalLMMixin:
             stats = getattr(module, "sparsemem_stats", None)
             if isinstance(stats, AttentionStats):
                 for phase in attended:
-                    attended[phase] += stats.attended[phase]
-                    dense[phase] += stats.dense[phase]
+                    attended[phase] += float(stats.attended[phase])
+                    dense[phase] += float(stats.dense[phase])
         result = {f"{phase}_density": attended[phase] / dense[phase] if dense[phase] else None for phase in attended}
         total_dense = sum(dense.values())
         result["density"] = sum(attended.values()) / total_dense if total_dense else None

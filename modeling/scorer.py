@@ -39,6 +39,34 @@ def summarize_blocks(keys: torch.Tensor, block_ids: torch.Tensor, num_blocks: in
     return BlockSummaries(key_min, key_max, key_mean, count)
 
 
+def summarize_contiguous_blocks(keys: torch.Tensor, block_size: int, num_blocks: int) -> BlockSummaries:
+    """`summarize_blocks` for keys at positions 0..N-1 (nothing evicted): reductions over a reshape.
+
+    Blocks past the keys (num_blocks > ceil(N / block_size)) are empty.
+    """
+    batch, kv_heads, total, dim = keys.shape
+    whole = total // block_size
+    shape = (batch, kv_heads, num_blocks, dim)
+    key_min = keys.new_full(shape, float("inf"), dtype=torch.float32)
+    key_max = keys.new_full(shape, float("-inf"), dtype=torch.float32)
+    key_sum = keys.new_zeros(shape, dtype=torch.float32)
+    count = torch.zeros(num_blocks, dtype=torch.long, device=keys.device)
+    if whole:
+        blocks = keys[:, :, : whole * block_size].view(batch, kv_heads, whole, block_size, dim)
+        key_min[:, :, :whole] = blocks.amin(-2)
+        key_max[:, :, :whole] = blocks.amax(-2)
+        key_sum[:, :, :whole] = blocks.sum(-2, dtype=torch.float32)
+        count[:whole] = block_size
+    if total > whole * block_size:
+        tail = keys[:, :, whole * block_size :]
+        key_min[:, :, whole] = tail.amin(-2)
+        key_max[:, :, whole] = tail.amax(-2)
+        key_sum[:, :, whole] = tail.sum(-2, dtype=torch.float32)
+        count[whole] = total - whole * block_size
+    key_mean = key_sum / count.clamp(min=1).view(1, 1, -1, 1).to(key_sum.dtype)
+    return BlockSummaries(key_min, key_max, key_mean, count)
+
+
 def _standardize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """z-score over the valid blocks of each row, so scores of different kinds can be added."""
     zeros = torch.zeros_like(scores)

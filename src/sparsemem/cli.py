@@ -1,4 +1,4 @@
-"""`sparsemem` command line: demo, eval, calibrate, export and push."""
+"""`sparsemem` command line: demo, eval, bench, calibrate, export and push."""
 
 import argparse
 import logging
@@ -231,6 +231,15 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import render_markdown, run_bench
+
+    report = run_bench(args, "sparsemem " + " ".join(sys.argv[1:]))
+    print(render_markdown(report))
+    print(f"wrote {args.output}/bench.json, bench.md" + "".join(f", {Path(p).name}" for p in report["plots"]))
+    return 0
+
+
 def cmd_eval_online(args) -> int:
     from . import convert
     from .corpus import load_corpus
@@ -317,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--token", default=None)
     pu.add_argument("--revision", default=None)
     pu.set_defaults(func=cmd_push)
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
 
 

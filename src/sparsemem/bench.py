@@ -1,0 +1,448 @@
+"""`sparsemem bench`: dense SDPA against the sparsemem fast paths on one CUDA GPU.
+
+Sections (each optional):
+- attention: one attention layer's prefill at Llama-3-8B's attention shape (32 query / 8 KV heads,
+  d=128, bf16): dense causal SDPA against sparsemem (selection + FlexAttention, and the kernel alone).
+- prefill: end-to-end chunked prefill of a Llama-3-8B-shaped model with random bf16 weights: plain
+  transformers with SDPA against the same weights converted to sparsemem.
+- decode: one layer's decode attention (dense SDPA against block-sparse decode), then decode steps of
+  the 8B-shaped model over a filled 128K cache, at batch 1 and the largest batch dense fits.
+Writes bench.json, bench.md and PNG plots to the output folder; timings are medians of CUDA-event runs
+after warm-up (compilation excluded).
+"""
+
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .atomic import write_text
+
+logger = logging.getLogger(__name__)
+
+LLAMA3_8B = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, rope_theta=500000.0,
+)
+
+
+def cuda_time_ms(fn, warmup: int = 2, repeats: int = 5) -> float:
+    """Median milliseconds of `fn()` between CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _sparse_options(args, fraction: float) -> dict:
+    return dict(
+        block_size=args.block_size, query_block_size=args.block_size, sink_tokens=args.sink_tokens,
+        local_tokens=args.local_tokens, top_k_blocks=1, block_fraction=fraction, query_chunk_size=512,
+    )
+
+
+@torch.no_grad()
+def bench_attention(args) -> list[dict]:
+    from .modeling.block_sparse import attended_pairs, block_sparse_attention, plan_block_sparse, run_flex
+    from .modeling.scorer import PooledKeyScorer
+
+    heads, kv_heads, dim = 32, 8, 128
+    scorer, scale = PooledKeyScorer(args.scorer), dim**-0.5
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    for total in args.contexts:
+        gen = torch.Generator(device="cuda").manual_seed(total)
+        q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k_rep, v_rep = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        torch.cuda.reset_peak_memory_stats()
+        dense_ms = min(
+            cuda_time_ms(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)),
+            cuda_time_ms(lambda: sdpa(q, k_rep, v_rep, is_causal=True)),
+        )
+        del k_rep, v_rep
+        dense_pairs = total * (total + 1) / 2
+        rows.append(dict(context=total, method="dense SDPA", fraction=1.0, density=1.0, ms=dense_ms, kernel_ms=dense_ms,
+                         peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+        logger.info("attention %d dense %.2f ms", total, dense_ms)
+        for fraction in args.densities:
+            options = _sparse_options(args, fraction)
+            torch.cuda.reset_peak_memory_stats()
+            total_ms = cuda_time_ms(lambda: block_sparse_attention(q, k, v, scale, scorer, options))
+            plan = plan_block_sparse(q, k, scorer, options)
+            kernel_ms = cuda_time_ms(lambda: run_flex(q, k, v, plan, scale, need_lse=False))
+            pairs = attended_pairs(plan.selected, 0, total, args.block_size, args.block_size, args.sink_tokens, args.local_tokens)
+            density = float(pairs) / (dense_pairs * kv_heads)
+            rows.append(dict(
+                context=total, method="sparsemem", fraction=fraction, density=density, ms=total_ms, kernel_ms=kernel_ms,
+                speedup=dense_ms / total_ms, kernel_speedup=dense_ms / kernel_ms,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+            ))
+            logger.info("attention %d fraction %.4f: %.2f ms (kernel %.2f ms), density %.3f", total, fraction, total_ms, kernel_ms, density)
+            del plan
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _llama_8b(max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**LLAMA3_8B, max_position_embeddings=max_positions)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _prefill_seconds(model, ids, chunk: int, make_cache) -> tuple[float, float]:
+    """Seconds of a chunked prefill of `ids` and the peak GPU memory (GiB) it reached."""
+    cache = make_cache()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for begin in range(0, ids.shape[1], chunk):
+        model(input_ids=ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del cache
+    torch.cuda.empty_cache()
+    return seconds, peak
+
+
+@torch.no_grad()
+def bench_prefill(args) -> list[dict]:
+    from transformers import DynamicCache
+
+    from . import SparseMemCache, convert
+
+    longest = max(args.prefill_contexts)
+    dense = _llama_8b(longest + 1)
+    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, longest), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    rows = []
+    # warm-up: kernels, cuBLAS handles; for sparsemem every (chunk, cached length) shape is compiled here
+    _prefill_seconds(dense, ids[:, : args.chunk], args.chunk, lambda: DynamicCache(config=dense.config))
+    sparse_models = {f: convert(dense, **_sparse_options(args, f), attention_backend="flex") for f in args.prefill_densities}
+    for fraction, model in sparse_models.items():
+        start = time.perf_counter()
+        _prefill_seconds(model, ids, args.chunk, lambda: SparseMemCache(model.config))
+        logger.info("prefill warm-up (compilation) at fraction %.4f: %.1f s", fraction, time.perf_counter() - start)
+    for total in args.prefill_contexts:
+        seconds, peak = _prefill_seconds(dense, ids[:, :total], args.chunk, lambda: DynamicCache(config=dense.config))
+        rows.append(dict(context=total, method="dense SDPA (transformers)", fraction=1.0, density=1.0, seconds=seconds, peak_gib=peak))
+        logger.info("prefill %d dense: %.2f s", total, seconds)
+        for fraction, model in sparse_models.items():
+            model.reset_sparsemem_stats()
+            seconds_sparse, peak = _prefill_seconds(model, ids[:, :total], args.chunk, lambda: SparseMemCache(model.config))
+            density = model.sparsemem_stats()["prefill_density"]
+            rows.append(dict(
+                context=total, method="sparsemem", fraction=fraction, density=density, seconds=seconds_sparse,
+                peak_gib=peak, speedup=seconds / seconds_sparse,
+            ))
+            logger.info("prefill %d fraction %.4f: %.2f s (density %.3f)", total, fraction, seconds_sparse, density)
+    return rows
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device memory bandwidth seen by a large copy (bytes read + written), GB/s."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=3, repeats=10)
+    return 2 * src.numel() / ms / 1e6
+
+
+@torch.no_grad()
+def bench_decode_attention(args) -> list[dict]:
+    from .modeling.block_decode import BlockSummaryCache, block_decode_attention
+    from .modeling.scorer import PooledKeyScorer
+
+    heads, kv_heads, dim = 32, 8, 128
+    scorer, scale = PooledKeyScorer(args.scorer), dim**-0.5
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    for total in args.decode_contexts:
+        for batch in args.decode_batches:
+            gen = torch.Generator(device="cuda").manual_seed(total + batch)
+            q = torch.randn(batch, heads, 1, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(batch, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            v = torch.randn(batch, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+            dense_ms = cuda_time_ms(lambda: sdpa(q, k, v, enable_gqa=True), warmup=3, repeats=20)
+            rows.append(dict(context=total, batch=batch, method="dense SDPA", fraction=1.0, density=1.0, ms=dense_ms))
+            for fraction in args.densities:
+                options = _sparse_options(args, fraction)
+                summaries = BlockSummaryCache(args.block_size)
+                summaries.update(k)  # built as tokens arrive; a step only re-reads the newest block
+                ms = cuda_time_ms(lambda: block_decode_attention(q, k, v, scale, scorer, options, summaries), warmup=3, repeats=20)
+                _, attended = block_decode_attention(q, k, v, scale, scorer, options, summaries)
+                density = float(attended) / (total * heads * batch)
+                rows.append(dict(context=total, batch=batch, method="sparsemem", fraction=fraction, density=density, ms=ms,
+                                 speedup=dense_ms / ms))
+                logger.info("decode attention %d x%d fraction %.4f: %.3f ms vs dense %.3f ms", total, batch, fraction, ms, dense_ms)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _filled_cache(cache, layers: int, batch: int, total: int, gen):
+    shape = (batch, LLAMA3_8B["num_key_value_heads"], total, LLAMA3_8B["hidden_size"] // LLAMA3_8B["num_attention_heads"])
+    for index in range(layers):
+        k = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cache.update(k, v, index, {"cache_position": torch.arange(total, device="cuda")})
+        del k, v
+    return cache
+
+
+@torch.no_grad()
+def bench_decode_model(args, bandwidth: float) -> list[dict]:
+    from transformers import DynamicCache, StaticCache
+
+    from . import SparseMemCache, convert
+
+    total, steps = args.decode_model_context, args.decode_steps
+    dense = _llama_8b(total + steps + 8)
+    layers = LLAMA3_8B["num_hidden_layers"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    per_sequence = 2 * layers * LLAMA3_8B["num_key_value_heads"] * 128 * 2 * (total + steps)
+    free = torch.cuda.mem_get_info()[0]
+    largest = max(1, min(16, int((free - 8 * 2**30) // per_sequence)))
+    sparse_models = {f: convert(dense, **_sparse_options(args, f), attention_backend="flex") for f in args.decode_model_densities}
+    rows = []
+    for batch in sorted({1, largest}):
+        gen = torch.Generator(device="cuda").manual_seed(batch)
+        ids = torch.randint(0, LLAMA3_8B["vocab_size"], (batch, steps + 3), device="cuda", generator=gen)
+        runs = [("dense SDPA, StaticCache", dense, 1.0, lambda: StaticCache(config=dense.config, max_cache_len=total + steps + 8)),
+                ("dense SDPA, DynamicCache", dense, 1.0, lambda: DynamicCache(config=dense.config))]
+        runs += [("sparsemem", m, f, lambda m=m: SparseMemCache(m.config)) for f, m in sparse_models.items()]
+        for method, model, fraction, make_cache in runs:
+            try:
+                cache = _filled_cache(make_cache(), layers, batch, total, gen)
+                for step in range(3):  # warm-up: kernels, buffers with room for the new tokens
+                    model(input_ids=ids[:, step : step + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                if hasattr(model, "reset_sparsemem_stats"):
+                    model.reset_sparsemem_stats()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                for step in range(steps):
+                    model(input_ids=ids[:, 3 + step - 1 : 3 + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - start) * 1000 / steps
+            except (torch.OutOfMemoryError, TypeError, ValueError, RuntimeError) as error:
+                logger.warning("decode %s at batch %d failed: %s", method, batch, str(error)[:300])
+                cache = None
+                torch.cuda.empty_cache()
+                continue
+            density = model.sparsemem_stats()["decode_density"] if hasattr(model, "sparsemem_stats") else 1.0
+            kv_read = per_sequence * batch * density
+            bound_ms = (weight_bytes + kv_read) / bandwidth / 1e6
+            rows.append(dict(context=total, batch=batch, method=method, fraction=fraction, density=density, ms_per_step=ms,
+                             tokens_per_s=batch * 1000 / ms, bound_ms=bound_ms, peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+            logger.info("decode model %d x%d %s %.4f: %.2f ms/step (bound %.2f ms)", total, batch, method, fraction, ms, bound_ms)
+            del cache
+            torch.cuda.empty_cache()
+    for row in rows:
+        base = [r for r in rows if r["batch"] == row["batch"] and r["method"].startswith("dense")]
+        if base and row["method"] == "sparsemem":
+            row["speedup_vs_static"] = next((b["ms_per_step"] for b in base if "Static" in b["method"]), float("nan")) / row["ms_per_step"]
+            row["speedup_vs_dynamic"] = next((b["ms_per_step"] for b in base if "Dynamic" in b["method"]), float("nan")) / row["ms_per_step"]
+    return rows
+
+
+def render_markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"# sparsemem bench on {meta['gpu']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}; "
+             f"block {meta['block_size']} (query blocks too), sinks {meta['sink_tokens']}, recent window {meta['local_tokens']}, "
+             f"scorer {meta['scorer']}. Density = attended (query, key) pairs / dense causal pairs, measured.", ""]
+    if report.get("attention"):
+        lines += ["## Attention prefill, one layer (32 q / 8 KV heads, d=128, bf16)", "",
+                  "| context | method | block fraction | density | time ms | kernel ms | speedup | kernel speedup |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in report["attention"]:
+            lines.append(
+                f"| {r['context']} | {r['method']} | {r['fraction']:.4g} | {r['density']:.1%} | {r['ms']:.2f} | {r['kernel_ms']:.2f} | "
+                f"{r.get('speedup', 1.0):.2f}x | {r.get('kernel_speedup', 1.0):.2f}x |"
+            )
+        lines += ["", "time = selection (block summaries, scorer, top-k, BlockMask) + kernel; kernel = FlexAttention alone.", ""]
+    if report.get("prefill"):
+        lines += [f"## End-to-end prefill, Llama-3-8B-shaped model (random bf16 weights), {meta['chunk']}-token chunks", "",
+                  "| context | method | block fraction | density | seconds | speedup | peak GiB |", "|---:|---|---:|---:|---:|---:|---:|"]
+        for r in report["prefill"]:
+            lines.append(
+                f"| {r['context']} | {r['method']} | {r['fraction']:.4g} | {r['density']:.1%} | {r['seconds']:.2f} | "
+                f"{r.get('speedup', 1.0):.2f}x | {r['peak_gib']:.1f} |"
+            )
+        lines.append("")
+    if report.get("decode_attention"):
+        lines += ["## Decode attention, one layer (32 q / 8 KV heads, d=128, bf16), one new token per sequence", "",
+                  "| context | batch | method | block fraction | density | ms | speedup |", "|---:|---:|---|---:|---:|---:|---:|"]
+        for r in report["decode_attention"]:
+            lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['fraction']:.4g} | {r['density']:.1%} | "
+                         f"{r['ms']:.3f} | {r.get('speedup', 1.0):.2f}x |")
+        lines += ["", "sparsemem = scorer on cached block summaries + selection + Triton kernel over the selected blocks "
+                  "+ anchors + LSE merge.", ""]
+    if report.get("decode_model"):
+        lines += [f"## Decode, Llama-3-8B-shaped model (random bf16 weights), eager, copy bandwidth {meta.get('bandwidth_gbs', 0):.0f} GB/s", "",
+                  "| context | batch | method | block fraction | density | ms/step | tokens/s | bound ms | vs dense Static | vs dense Dynamic | peak GiB |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["decode_model"]:
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['method']} | {r['fraction']:.4g} | {r['density']:.1%} | {r['ms_per_step']:.2f} | "
+                f"{r['tokens_per_s']:.1f} | {r['bound_ms']:.2f} | {r.get('speedup_vs_static', 1.0):.2f}x | "
+                f"{r.get('speedup_vs_dynamic', 1.0):.2f}x | {r['peak_gib']:.1f} |"
+            )
+        lines += ["", "bound = (weight bytes + attended KV bytes) / copy bandwidth: the step time a perfectly memory-bound "
+                  "implementation would reach. DynamicCache (transformers' default) copies every layer's cache at each step; "
+                  "StaticCache and SparseMemCache append in place.", ""]
+    lines += [f"command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def _plots(report: dict, folder: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no PNG plots (pip install matplotlib)")
+        return []
+    paths = []
+    gpu = report["meta"]["gpu"]
+    if report.get("attention"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = report["attention"]
+        for label, select in [("dense SDPA", lambda r: r["method"] == "dense SDPA")] + [
+            (f"sparsemem {f:.4g} of blocks", lambda r, f=f: r["method"] == "sparsemem" and r["fraction"] == f)
+            for f in sorted({r["fraction"] for r in rows if r["method"] == "sparsemem"}, reverse=True)
+        ]:
+            chosen = [r for r in rows if select(r)]
+            ax.plot([r["context"] for r in chosen], [r["ms"] for r in chosen], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per layer")
+        ax.set_title(f"attention prefill, 32/8 heads d=128 bf16 ({gpu})", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(folder / "attention.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if report.get("prefill"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = report["prefill"]
+        for method, fraction in sorted({(r["method"], r["fraction"]) for r in rows}, key=lambda t: -t[1]):
+            chosen = [r for r in rows if r["method"] == method and r["fraction"] == fraction]
+            label = method if method != "sparsemem" else f"sparsemem {fraction:.4g} of blocks"
+            ax.plot([r["context"] for r in chosen], [r["seconds"] for r in chosen], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("prefill seconds")
+        ax.set_title(f"Llama-3-8B-shaped prefill ({gpu})", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(folder / "prefill.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    if report.get("decode_attention"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        rows = report["decode_attention"]
+        labels = sorted({(r["batch"], r["method"], r["fraction"]) for r in rows}, key=lambda t: (t[0], -t[2]))
+        for batch, method, fraction in labels:
+            chosen = [r for r in rows if (r["batch"], r["method"], r["fraction"]) == (batch, method, fraction)]
+            name = method if method != "sparsemem" else f"sparsemem {fraction:.4g}"
+            ax.plot([r["context"] for r in chosen], [r["ms"] for r in chosen], marker="o", label=f"batch {batch}: {name}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("ms per layer and step")
+        ax.set_title(f"decode attention, 32/8 heads d=128 bf16 ({gpu})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(folder / "decode.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def run_bench(args, command: str) -> dict:
+    if not torch.cuda.is_available():
+        raise ValueError("sparsemem bench needs a CUDA device (no GPU is visible to torch)")
+    import transformers
+
+    meta = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+        host=platform.node(), block_size=args.block_size, sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
+        scorer=args.scorer, chunk=args.chunk, command=command,
+    )
+    report = {"meta": meta}
+    if args.kernel_options:
+        from .modeling import block_sparse
+
+        block_sparse.KERNEL_OPTIONS = dict(args.kernel_options)
+        meta["kernel_options"] = block_sparse.KERNEL_OPTIONS
+    folder = Path(args.output)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        write_text(folder / "bench.json", json.dumps(report, indent=2))
+        write_text(folder / "bench.md", render_markdown(report))
+
+    if "attention" in args.sections:
+        report["attention"] = bench_attention(args)
+        save()
+    if "prefill" in args.sections:
+        report["prefill"] = bench_prefill(args)
+        save()
+    if "decode" in args.sections:
+        meta["bandwidth_gbs"] = copy_bandwidth_gbs()
+        report["decode_attention"] = bench_decode_attention(args)
+        save()
+        report["decode_model"] = bench_decode_model(args, meta["bandwidth_gbs"])
+        save()
+    save()
+    report["plots"] = [str(p) for p in _plots(report, folder)]
+    return report
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="dense SDPA against the sparsemem GPU paths: JSON, markdown and PNG reports")
+    bench.add_argument("--sections", nargs="+", default=["attention", "prefill", "decode"],
+                       choices=["attention", "prefill", "decode"])
+    bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    bench.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
+                       help="fractions of each query block's candidate blocks attended exactly (block_fraction)")
+    bench.add_argument("--prefill-contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    bench.add_argument("--prefill-densities", type=float, nargs="+", default=[0.125])
+    bench.add_argument("--decode-contexts", type=int, nargs="+", default=[32768, 131072])
+    bench.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    bench.add_argument("--decode-model-context", type=int, default=131072)
+    bench.add_argument("--decode-model-densities", type=float, nargs="+", default=[0.125, 0.0625])
+    bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward call)")
+    bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
+    bench.add_argument("--sink-tokens", type=int, default=128)
+    bench.add_argument("--local-tokens", type=int, default=256)
+    bench.add_argument("--scorer", default="hybrid")
+    bench.add_argument("--kernel-options", type=json.loads, default=None,
+                       help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
+    bench.add_argument("--output", default="reports/bench", help="folder for bench.json, bench.md and PNGs")
