@@ -239,7 +239,8 @@ def block_decode_attention(
 
     q_rows = query.view(batch, kv_heads, groups, dim)
     if use_triton is None:
-        use_triton = triton is not None and query.is_cuda
+        # tl.dot needs tiles of at least 16 along each axis; smaller blocks or heads take the gather route
+        use_triton = triton is not None and query.is_cuda and size >= 16 and dim >= 16
     tier = _selected_blocks_triton if use_triton else _selected_blocks_gather
     block_out, block_lse = tier(q_rows, key, value, index, sink, high, scaling, size)
 

@@ -40,8 +40,8 @@ class SparseMemOptions:
     block_size: int = 8
     sink_tokens: int = 16
     local_tokens: int = 64
-    top_k_blocks: int | None = 8
-    block_fraction: float | None = 0.2
+    top_k_blocks: int | None = 16
+    block_fraction: float | None = 0.195
     scorer: str = "minmax"
     scorer_dim: int = 64
     query_chunk_size: int = 512
