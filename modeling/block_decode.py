@@ -1,20 +1,19 @@
 """Block-sparse decode: one new query per sequence attends anchors + its selected blocks + slots.
 
 Per step the scorer reads the cached block summaries (`BlockSummaryCache`, O(blocks) work, updated as
-tokens arrive), picks the blocks as the reference path does, and only those blocks' keys are read:
-on CUDA by a Triton split-K kernel that reads them in place (no gathered copy), elsewhere by a gather.
-The anchors (sinks + recent window, a few hundred keys) and the slot tier are computed apart; all tiers
-are merged by log-sum-exp. Same function as the reference path, whatever `query_block_size` (a decode
-query forms its own query block).
-"""
+tokens arrive), picks the blocks as the reference path does, and only those blocks' keys are read.
+On CUDA (Triton) a step is a handful of kernels: the "minmax" scores straight from the summary
+buffers, a top-k, one split-K kernel over the selected blocks and the anchors (sinks + recent window)
+that reads the keys in place, and one log-sum-exp merge of the splits. Elsewhere the selected keys are
+gathered. The slot tier is computed apart and merged by log-sum-exp. Same function as the reference
+path, whatever `query_block_size` (a decode query forms its own query block)."""
 
 import math
 
 import torch
 
 from .merge import masked_attention, merge_attention_states
-from .scorer import BlockSummaries, summarize_contiguous_blocks
-from .selection import select_blocks
+from .scorer import BlockSummaries, PooledKeyScorer, summarize_contiguous_blocks
 from .slot_attention import slot_attention
 
 try:  # Triton ships with CUDA builds of torch; the gather path needs nothing
@@ -46,7 +45,9 @@ class BlockSummaryCache:
                 new[:, :, : self.complete] = old[:, :, : self.complete]
         self.buffers = fresh
 
-    def update(self, keys: torch.Tensor) -> BlockSummaries:
+    def refresh(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bring the summaries up to `keys` [B, Hkv, N, D]; returns the (min, max, sum) buffers
+        [B, Hkv, capacity, D], of which the first ceil(N / block_size) blocks are valid."""
         batch, kv_heads, total, dim = keys.shape
         size = self.block_size
         if self.buffers is not None and (self.buffers[0].shape[:2] != (batch, kv_heads) or total < self.complete * size):
@@ -67,6 +68,12 @@ class BlockSummaryCache:
             key_min[:, :, whole] = tail.amin(-2)
             key_max[:, :, whole] = tail.amax(-2)
             key_sum[:, :, whole] = tail.sum(-2, dtype=torch.float32)
+        return self.buffers
+
+    def update(self, keys: torch.Tensor) -> BlockSummaries:
+        key_min, key_max, key_sum = self.refresh(keys)
+        total, size = keys.shape[2], self.block_size
+        num_blocks = math.ceil(total / size)
         count = torch.full((num_blocks,), size, dtype=torch.long, device=keys.device)
         count[-1] = total - (num_blocks - 1) * size
         key_mean = key_sum[:, :, :num_blocks] / count.view(1, 1, -1, 1).to(torch.float32)
@@ -100,21 +107,54 @@ def selection_budget(num_candidates: int, top_k: int | None, fraction: float | N
 if triton is not None:
 
     @triton.jit
-    def _selected_blocks_kernel(
-        Q, K, V, IDX, ACC, M, L,
+    def _minmax_scores_kernel(
+        Q, KMIN, KMAX, S,
+        stride_qb, stride_qh, stride_qg,
+        stride_sb, stride_sh, stride_sn,
+        stride_ob, stride_oh,
+        num_blocks, first, last,
+        KV_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+    ):
+        # scores of NB blocks for one (sequence, KV head): max over the group's query heads of the
+        # bound sum_d max(q_d max_d, q_d min_d); non-candidates get -inf. Elementwise, not tl.dot:
+        # a group has a few query heads, and the pass is bound by reading the summaries once.
+        pid = tl.program_id(0)
+        tile = tl.program_id(1)
+        b = (pid // KV_HEADS).to(tl.int64)
+        h = (pid % KV_HEADS).to(tl.int64)
+        dims = tl.arange(0, D)
+        blocks = tile * NB + tl.arange(0, NB)
+        inside = blocks < num_blocks
+        base = b * stride_sb + h * stride_sh + blocks[:, None] * stride_sn + dims[None, :]
+        kmax = tl.load(KMAX + base, mask=inside[:, None], other=0.0)
+        kmin = tl.load(KMIN + base, mask=inside[:, None], other=0.0)
+        score = tl.full([NB], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            q = tl.load(Q + b * stride_qb + h * stride_qh + g * stride_qg + dims).to(tl.float32)
+            bound = tl.sum(tl.maximum(q[None, :] * kmax, q[None, :] * kmin), 1)
+            score = tl.maximum(score, bound)
+        candidate = (blocks >= first) & (blocks <= last)
+        score = tl.where(candidate, score, float("-inf"))
+        tl.store(S + b * stride_ob + h * stride_oh + blocks, score, mask=inside)
+
+    @triton.jit
+    def _decode_tiles_kernel(
+        Q, K, V, IDX, ACC, M, L, CNT,
         stride_qb, stride_qh, stride_qg,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih,
-        num_selected, per_split, total, low, high, scale,
+        num_selected, num_tiles, per_split, total, low, high, sink_end, sink_tiles, window_start, scale,
         KV_HEADS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     ):
-        # one program: one (sequence, KV head) and a range of its selected blocks; G query heads as rows
+        # one program: one (sequence, KV head) and a range of its tiles of BS keys, G query heads as
+        # rows. Tiles [0, num_selected) are the selected blocks (keys in [low, high]); then the sink
+        # tiles (keys < sink_end), then the recent-window tiles (keys from window_start to the query).
         pid = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
-        b = pid // KV_HEADS
-        h = pid % KV_HEADS
+        b = (pid // KV_HEADS).to(tl.int64)
+        h = (pid % KV_HEADS).to(tl.int64)
         rows = tl.arange(0, GP)
         dims = tl.arange(0, D)
         offs = tl.arange(0, BS)
@@ -122,14 +162,23 @@ if triton is not None:
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
+        count = tl.zeros([BS], tl.int32)
         start = split * per_split
-        stop = tl.minimum(start + per_split, num_selected)
-        for i in range(start, stop):
-            block = tl.load(IDX + b * stride_ib + h * stride_ih + i)
-            tokens = block * BS + offs
-            valid = (tokens < total) & (tokens >= low) & (tokens <= high)
-            k = tl.load(K + b * stride_kb + h * stride_kh + tokens[:, None] * stride_kn + dims[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(V + b * stride_vb + h * stride_vh + tokens[:, None] * stride_vn + dims[None, :], mask=valid[:, None], other=0.0)
+        stop = tl.minimum(start + per_split, num_tiles)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        for t in range(start, stop):
+            is_selected = t < num_selected
+            is_sink = (t >= num_selected) & (t < num_selected + sink_tiles)
+            block = tl.load(IDX + b * stride_ib + h * stride_ih + t, mask=is_selected, other=0).to(tl.int64)
+            anchor_first = tl.where(is_sink, (t - num_selected) * BS, window_start + (t - num_selected - sink_tiles) * BS)
+            tile_first = tl.where(is_selected, block * BS, anchor_first)
+            lo = tl.where(is_selected, low, tl.where(is_sink, 0, window_start))
+            hi = tl.where(is_selected, high, tl.where(is_sink, sink_end - 1, total - 1))
+            tokens = tile_first + offs
+            valid = (tokens >= lo) & (tokens <= hi) & (tokens < total)
+            k = tl.load(k_base + tokens[:, None] * stride_kn + dims[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + tokens[:, None] * stride_vn + dims[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -139,47 +188,105 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+            count += valid.to(tl.int32)
         out = (pid * num_splits + split) * G
         row_ok = rows < G
         tl.store(ACC + (out + rows[:, None]) * D + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(M + out + rows, m_i, mask=row_ok)
         tl.store(L + out + rows, l_i, mask=row_ok)
+        tl.store(CNT + pid * num_splits + split, tl.sum(count, 0))
+
+    @triton.jit
+    def _merge_splits_kernel(
+        ACC, M, L, OUT, LSE, num_splits,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    ):
+        # log-sum-exp merge of one (sequence, KV head)'s splits into normalised outputs and the LSE
+        pid = tl.program_id(0)
+        rows = tl.arange(0, GP)
+        dims = tl.arange(0, D)
+        row_ok = rows < G
+        m_run = tl.full([GP], float("-inf"), tl.float32)
+        l_run = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for split in range(0, num_splits):
+            at = (pid * num_splits + split) * G + rows
+            m_s = tl.load(M + at, mask=row_ok, other=float("-inf"))
+            l_s = tl.load(L + at, mask=row_ok, other=0.0)
+            acc_s = tl.load(ACC + at[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+            m_new = tl.maximum(m_run, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a = tl.exp(m_run - m_safe)
+            c = tl.exp(m_s - m_safe)
+            l_run = l_run * a + l_s * c
+            acc = acc * a[:, None] + acc_s * c[:, None]
+            m_run = m_new
+        has = l_run > 0
+        out = acc / tl.where(has, l_run, 1.0)[:, None]
+        lse = tl.where(has, m_run + tl.log(tl.where(has, l_run, 1.0)), float("-inf"))
+        at = pid * G + rows
+        tl.store(OUT + at[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(LSE + at, lse, mask=row_ok)
 
 
-def _selected_blocks_triton(query, key, value, index, low, high, scaling, block_size):
-    """Attention of query [B, Hkv, G, D] over the selected blocks index [B, Hkv, S] (int32), keys
-    restricted to positions low..high: (output [B, Hkv, G, D] fp32, lse [B, Hkv, G])."""
+def _launch_width(num_tiles: int, programs: int) -> int:
+    """Tiles per program: enough programs to fill the GPU (a few thousand), at most 16 tiles each."""
+    return max(1, min(16, math.ceil(num_tiles * programs / 2048)))
+
+
+def _tiles_triton(query, key, value, index, sink, high, scaling, block_size, out_dtype):
+    """Attention of query [B, Hkv, G, D] over the selected blocks index [B, Hkv, S] (keys in
+    [sink, high]) and the anchors (keys < sink, keys > high), in one kernel and one merge:
+    (output [B, Hkv, G, D] in `out_dtype`, lse [B, Hkv, G] fp32, attended keys per query head)."""
     batch, kv_heads, groups, dim = query.shape
+    total = key.shape[-2]
     num_selected = index.shape[-1]
-    per_split = 8
-    splits = max(1, math.ceil(num_selected / per_split))
-    acc = torch.empty(batch * kv_heads * splits * groups, dim, dtype=torch.float32, device=query.device)
-    m = torch.empty(batch * kv_heads * splits * groups, dtype=torch.float32, device=query.device)
+    sink_end = min(sink, total)
+    window_start = max(high + 1, sink_end)
+    sink_tiles = math.ceil(sink_end / block_size)
+    window_tiles = math.ceil((total - window_start) / block_size)
+    num_tiles = num_selected + sink_tiles + window_tiles
+    programs = batch * kv_heads
+    per_split = _launch_width(num_tiles, programs)
+    splits = max(1, math.ceil(num_tiles / per_split))
+    device = query.device
+    acc = torch.empty(programs * splits * groups, dim, dtype=torch.float32, device=device)
+    m = torch.empty(programs * splits * groups, dtype=torch.float32, device=device)
     l = torch.empty_like(m)
-    if num_selected:
-        _selected_blocks_kernel[(batch * kv_heads, splits)](
-            query, key, value, index, acc, m, l,
-            query.stride(0), query.stride(1), query.stride(2),
-            key.stride(0), key.stride(1), key.stride(2),
-            value.stride(0), value.stride(1), value.stride(2),
-            index.stride(0), index.stride(1),
-            num_selected, per_split, key.shape[-2], low, high, scaling,
-            KV_HEADS=kv_heads, G=groups, GP=max(16, triton.next_power_of_2(groups)), D=dim, BS=block_size,
-        )
-    else:
-        m.fill_(float("-inf"))
-        l.zero_()
-        acc.zero_()
-    m = m.view(batch, kv_heads, splits, groups)
-    l = l.view(batch, kv_heads, splits, groups)
-    acc = acc.view(batch, kv_heads, splits, groups, dim)
-    top = m.amax(dim=2, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    weight = torch.exp(m - top)
-    total = (weight * l).sum(2)
-    out = (weight[..., None] * acc).sum(2) / total.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
-    lse = torch.where(total > 0, top.squeeze(2) + torch.log(total), torch.full_like(total, float("-inf")))
-    return out, lse
+    count = torch.empty(programs * splits, dtype=torch.int32, device=device)
+    if num_selected == 0:
+        index = torch.zeros(batch, kv_heads, 1, dtype=torch.int64, device=device)
+    gp = max(16, triton.next_power_of_2(groups))
+    _decode_tiles_kernel[(programs, splits)](
+        query, key, value, index, acc, m, l, count,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        index.stride(0), index.stride(1),
+        num_selected, num_tiles, per_split, total, sink, high, sink_end, sink_tiles, window_start, scaling,
+        KV_HEADS=kv_heads, G=groups, GP=gp, D=dim, BS=block_size,
+    )
+    out = torch.empty(batch, kv_heads, groups, dim, dtype=out_dtype, device=device)
+    lse = torch.empty(batch, kv_heads, groups, dtype=torch.float32, device=device)
+    _merge_splits_kernel[(programs,)](acc, m, l, out, lse, splits, G=groups, GP=gp, D=dim)
+    return out, lse, count.sum()
+
+
+def _minmax_scores_triton(query, key_min, key_max, num_blocks: int, first: int, last: int) -> torch.Tensor:
+    """The "minmax" scorer's scores [B, Hkv, nb] of query [B, Hkv, G, D] from the summary buffers,
+    -inf outside the candidate blocks [first, last]."""
+    batch, kv_heads, groups, dim = query.shape
+    scores = torch.empty(batch, kv_heads, num_blocks, dtype=torch.float32, device=query.device)
+    per_program = 32
+    _minmax_scores_kernel[(batch * kv_heads, math.ceil(num_blocks / per_program))](
+        query, key_min, key_max, scores,
+        query.stride(0), query.stride(1), query.stride(2),
+        key_min.stride(0), key_min.stride(1), key_min.stride(2),
+        scores.stride(0), scores.stride(1),
+        num_blocks, first, last,
+        KV_HEADS=kv_heads, G=groups, D=dim, NB=per_program,
+    )
+    return scores
 
 
 def _selected_blocks_gather(query, key, value, index, low, high, scaling, block_size):
@@ -210,58 +317,73 @@ def block_decode_attention(
     """query [B, H, 1, D] at position N-1, key/value [B, Hkv, N, D] at 0..N-1.
 
     Returns (output [B, 1, H, D] in the query dtype, attended (query head, key) pairs as a 0-d tensor).
+    On CUDA a step is a handful of kernels (summary update, scores, top-k, one attention kernel over the
+    selected blocks and the anchors, one merge), because at decode the launches, not the bytes, dominate.
     """
     batch, heads, _, dim = query.shape
     kv_heads, total = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
     position = total - 1
+    has_slots = slots is not None and len(slots) > 0
     num_blocks = math.ceil(total / size)
-    if slots is not None and len(slots) and slots.block.numel():
+    if has_slots and slots.block.numel():
         num_blocks = max(num_blocks, int(slots.block.max()) + 1)
     device = query.device
-
-    if summary_cache is not None and num_blocks == math.ceil(total / size):
-        summaries = summary_cache.update(key)
-    else:
-        summaries = summarize_contiguous_blocks(key, size, num_blocks)
-    q = query.view(batch, kv_heads, groups, 1, dim)
-    # candidates: blocks holding a key in [sink, position - local]
-    high = position - local
-    first, last = sink // size, (high // size if high >= 0 else -1)
-    block_ids = torch.arange(num_blocks, device=device)
-    candidates = (block_ids >= first) & (block_ids <= last) & (block_ids * size <= high)
-    num_candidates = max(0, min(last, num_blocks - 1) - first + 1)
-    budget = selection_budget(num_candidates, options["top_k_blocks"], options["block_fraction"])
-    selected = select_blocks(scorer(q, summaries), candidates, options["top_k_blocks"], options["block_fraction"])
-    index = torch.argsort(selected.to(torch.uint8), dim=-1, descending=True, stable=True)[..., 0, :budget]
-    index = index.to(torch.int32).contiguous()  # [B, Hkv, S]
-
     q_rows = query.view(batch, kv_heads, groups, dim)
     if use_triton is None:
         # tl.dot needs tiles of at least 16 along each axis; smaller blocks or heads take the gather route
-        use_triton = triton is not None and query.is_cuda and size >= 16 and dim >= 16
-    tier = _selected_blocks_triton if use_triton else _selected_blocks_gather
-    block_out, block_lse = tier(q_rows, key, value, index, sink, high, scaling, size)
+        # (and power-of-two extents for tl.arange)
+        use_triton = triton is not None and query.is_cuda and size >= 16 and dim >= 16 and not (size & (size - 1)) and not (dim & (dim - 1))
 
-    # anchors: the sinks and the recent window (disjoint ranges of positions), a few hundred keys
-    sink_end = min(sink, total)
-    window_start = max(position - local + 1, sink_end)
-    anchor_keys = torch.cat([key[:, :, :sink_end], key[:, :, window_start:]], dim=2).float()
-    anchor_values = torch.cat([value[:, :, :sink_end], value[:, :, window_start:]], dim=2).float()
-    logits = torch.einsum("bhgd,bhnd->bhgn", q_rows.float(), anchor_keys).mul_(scaling)
-    anchor_out, anchor_lse = masked_attention(
-        logits[:, :, :, None], torch.ones(1, 1, 1, 1, 1, dtype=torch.bool, device=device), anchor_values
-    )
-    states = [(block_out, block_lse), (anchor_out[:, :, :, 0], anchor_lse[:, :, :, 0])]
+    # candidates: blocks holding a key in [sink, position - local]
+    high = position - local
+    first, last = sink // size, min(high // size if high >= 0 else -1, num_blocks - 1)
+    num_candidates = max(0, last - first + 1)
+    budget = selection_budget(num_candidates, options["top_k_blocks"], options["block_fraction"])
+    if budget == 0:
+        index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=device)
+    else:
+        incremental = summary_cache is not None and num_blocks == math.ceil(total / size)
+        if use_triton and incremental and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
+            key_min, key_max, _ = summary_cache.refresh(key)
+            scores = _minmax_scores_triton(q_rows, key_min, key_max, num_blocks, first, last)
+        else:
+            summaries = summary_cache.update(key) if incremental else summarize_contiguous_blocks(key, size, num_blocks)
+            scores = scorer(query.view(batch, kv_heads, groups, 1, dim), summaries)[:, :, 0]
+            block_ids = torch.arange(num_blocks, device=device)
+            scores = scores.masked_fill((block_ids < first) | (block_ids > last), float("-inf"))
+        # the same blocks as `select_blocks`: the `budget` best candidates (order does not matter)
+        index = scores.topk(budget, dim=-1, sorted=False).indices  # [B, Hkv, S]
 
-    block_first = index.long() * size
-    per_block = (torch.clamp(block_first + size - 1, max=min(high, total - 1)) - torch.clamp(block_first, min=sink) + 1).clamp(min=0)
-    attended = (per_block.sum() + anchor_keys.shape[2] * batch * kv_heads) * groups
-    if slots is not None and len(slots) > 0:
-        selected_mask = selected[:, :, 0].clone()
+    if use_triton:
+        out, lse, keys_attended = _tiles_triton(
+            q_rows, key, value, index, sink, high, scaling, size, torch.float32 if has_slots else query.dtype
+        )
+        attended = keys_attended * groups
+        if not has_slots:
+            return out.view(batch, 1, heads, dim), attended
+        states = [(out, lse)]
+    else:
+        block_out, block_lse = _selected_blocks_gather(q_rows, key, value, index, sink, high, scaling, size)
+        # anchors: the sinks and the recent window (disjoint ranges of positions), a few hundred keys
+        sink_end = min(sink, total)
+        window_start = max(position - local + 1, sink_end)
+        anchor_keys = torch.cat([key[:, :, :sink_end], key[:, :, window_start:]], dim=2).float()
+        anchor_values = torch.cat([value[:, :, :sink_end], value[:, :, window_start:]], dim=2).float()
+        logits = torch.einsum("bhgd,bhnd->bhgn", q_rows.float(), anchor_keys).mul_(scaling)
+        anchor_out, anchor_lse = masked_attention(
+            logits[:, :, :, None], torch.ones(1, 1, 1, 1, 1, dtype=torch.bool, device=device), anchor_values
+        )
+        states = [(block_out, block_lse), (anchor_out[:, :, :, 0], anchor_lse[:, :, :, 0])]
+        block_first = index * size
+        per_block = (torch.clamp(block_first + size - 1, max=min(high, total - 1)) - torch.clamp(block_first, min=sink) + 1).clamp(min=0)
+        attended = (per_block.sum() + anchor_keys.shape[2] * batch * kv_heads) * groups
+    if has_slots:
+        selected = torch.zeros(batch, kv_heads, 1, num_blocks, dtype=torch.bool, device=device)
+        selected.scatter_(-1, index[:, :, None], True)
         slot_out, slot_lse, slot_pairs = slot_attention(
-            q_rows.float()[:, :, :, None], torch.tensor([position], device=device), slots, selected_mask[:, :, None],
+            q_rows.float()[:, :, :, None], torch.tensor([position], device=device), slots, selected,
             scaling, size, sink, local, None,
         )
         states.append((slot_out[:, :, :, 0], slot_lse[:, :, :, 0]))

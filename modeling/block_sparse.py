@@ -12,6 +12,7 @@ Shapes are padded to whole blocks (queries at the front, so query blocks stay al
 positions), which makes each padded (queries, keys) shape one compiled kernel.
 """
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -97,6 +98,50 @@ def _closed_sum_clamped(x_first: torch.Tensor, x_last: torch.Tensor, width: torc
     return prefix(x_last) - prefix(x_first - 1)
 
 
+@dataclass(frozen=True)
+class TileGeometry:
+    """What depends on the shapes alone, [nQb, nb] per (query block, key block) tile: candidates (blocks
+    holding a non-anchor key visible to a query of the block), anchor tiles needed and anchor tiles
+    fully visible, tiles wholly in every query's past, and the keys a selected block gives the queries
+    of the tile (`per_tile`); `anchor_pairs` is the anchor (query, key) pairs of one KV head."""
+
+    candidates: torch.Tensor
+    anchor_needed: torch.Tensor
+    anchor_full: torch.Tensor
+    past: torch.Tensor
+    per_tile: torch.Tensor
+    anchor_pairs: torch.Tensor
+
+
+@functools.lru_cache(maxsize=8)
+def tile_geometry(
+    first_query: int, total: int, num_q_blocks: int, num_blocks: int, query_block: int, block_size: int, sink: int, local: int,
+    device: torch.device,
+) -> TileGeometry:
+    """Memoised: every layer of a forward call (and every chunk of the same shape) meets the same one,
+    and building it is some fifty small kernels."""
+    tile_first = ((first_query - first_query % query_block) + torch.arange(num_q_blocks, device=device) * query_block)[:, None]
+    tile_last = tile_first + query_block - 1
+    block_first = (torch.arange(num_blocks, device=device) * block_size)[None]
+    block_last = block_first + block_size - 1  # not clamped: a block holding padding is never "full"
+    causal_any = block_first <= tile_last
+    anchor_any = (block_first < sink) | (block_last > tile_first - local)
+    anchor_all = (block_last < sink) | (block_first > tile_last - local)
+    past = block_last <= tile_first
+    last_query = tile_last.clamp(max=total - 1)
+    candidates = (block_first <= last_query - local) & (block_last.clamp(max=total - 1) >= sink)
+
+    # keys of a selected block attended by the tile's queries, in closed form: query q sees the
+    # non-anchor keys sink <= k <= q - local of the block, clamp(q - local - low + 1, 0, width) of them
+    real_first = tile_first.clamp(min=first_query)
+    low = block_first.clamp(min=sink)
+    width = ((block_first + block_size - 1).clamp(max=total - 1) - low + 1).clamp(min=0)
+    per_tile = _closed_sum_clamped(real_first - local - low + 1, last_query - local - low + 1, width)
+    q = torch.arange(first_query, total, device=device)
+    anchors = torch.clamp(q + 1, max=sink) + (q - torch.clamp(q - local + 1, min=sink) + 1).clamp(min=0)
+    return TileGeometry(candidates, anchor_any & causal_any, anchor_all & past, past, per_tile, anchors.sum())
+
+
 def attended_pairs(
     selected: torch.Tensor, first_query: int, total: int, query_block: int, block_size: int, sink: int, local: int
 ) -> torch.Tensor:
@@ -105,28 +150,24 @@ def attended_pairs(
     Each query q (positions first_query..total-1) attends its causal anchors plus the non-anchor keys
     sink <= k <= q - local of its block's selected blocks; `selected` [B, Hkv, nQb, nb].
     """
-    device = selected.device
-    q = torch.arange(first_query, total, device=device)
-    anchors = torch.clamp(q + 1, max=sink) + (q - torch.clamp(q - local + 1, min=sink) + 1).clamp(min=0)
     num_q_blocks, num_blocks = selected.shape[-2:]
-    tile_first = (first_query - first_query % query_block) + torch.arange(num_q_blocks, device=device) * query_block
-    real_first = tile_first.clamp(min=first_query)[:, None]
-    real_last = (tile_first + query_block - 1).clamp(max=total - 1)[:, None]
-    block_first = torch.arange(num_blocks, device=device) * block_size
-    low = block_first.clamp(min=sink)[None]
-    width = ((block_first + block_size - 1).clamp(max=total - 1)[None] - low + 1).clamp(min=0)
-    # for query q, the block contributes clamp(q - local - low + 1, 0, width) keys
-    per_tile = _closed_sum_clamped(real_first - local - low + 1, real_last - local - low + 1, width)
+    geometry = tile_geometry(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, selected.device)
     batch_heads = selected.shape[0] * selected.shape[1]
-    return anchors.sum() * batch_heads + (selected.long() * per_tile).sum()
+    return geometry.anchor_pairs * batch_heads + torch.where(selected, geometry.per_tile, 0).sum()
 
 
 def block_lists(flags: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(kv_num_blocks [B, H, nQb], kv_indices [B, H, nQb, W]) of the True entries of [B, Hkv, nQb, nb]
     flags, in increasing block order, repeated for the `groups` query heads of each KV head."""
     counts = flags.sum(-1, dtype=torch.int32)
-    # full width: the shapes a compiled kernel sees depend on the sequence lengths alone
-    order = torch.argsort(flags.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+    # full width, so the shapes a compiled kernel sees depend on the sequence lengths alone: the True
+    # entries first, then the False ones, each in increasing order (a stable partition by prefix sums,
+    # much cheaper than sorting)
+    num_blocks = flags.shape[-1]
+    before = flags.cumsum(-1, dtype=torch.int32)  # True entries up to and including each one
+    column = torch.arange(num_blocks, dtype=torch.int32, device=flags.device)
+    target = torch.where(flags, before - 1, counts[..., None] + column - before)
+    order = torch.empty_like(target).scatter_(-1, target.long(), column.expand_as(target).contiguous())
     batch, kv_heads = flags.shape[:2]
 
     def per_query_head(t):
@@ -140,27 +181,16 @@ def tile_flags(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial, full) [B, Hkv, nQb, nb]: tiles computed with the per-token mask, and tiles whose every
     key is attended by every query of the tile (no mask needed)."""
-    device = selected.device
     num_q_blocks, num_blocks = selected.shape[-2:]
-    tile_first = ((first_query - first_query % query_block) + torch.arange(num_q_blocks, device=device) * query_block)[:, None]
-    tile_last = tile_first + query_block - 1
-    block_first = (torch.arange(num_blocks, device=device) * block_size)[None]
-    block_last = block_first + block_size - 1  # not clamped: a block holding padding is never "full"
-    causal_any = block_first <= tile_last
-    anchor_any = (block_first < sink) | (block_last > tile_first - local)
-    anchor_all = (block_last < sink) | (block_first > tile_last - local)
-    needed = selected | (anchor_any & causal_any)
-    full = (selected | anchor_all) & (block_last <= tile_first)
+    geometry = tile_geometry(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, selected.device)
+    needed = selected | geometry.anchor_needed
+    full = (selected & geometry.past) | geometry.anchor_full
     return needed & ~full, full
 
 
 def block_candidates(first_query: int, total: int, num_q_blocks: int, num_blocks: int, query_block: int, block_size: int, sink: int, local: int, device) -> torch.Tensor:
     """[nQb, nb]: blocks holding a non-anchor key visible to at least one query of the query block."""
-    tile_first = (first_query - first_query % query_block) + torch.arange(num_q_blocks, device=device) * query_block
-    last_query = (tile_first + query_block - 1).clamp(max=total - 1)
-    block_first = torch.arange(num_blocks, device=device) * block_size
-    block_last = (block_first + block_size - 1).clamp(max=total - 1)
-    return (block_first[None] <= (last_query - local)[:, None]) & (block_last[None] >= sink)
+    return tile_geometry(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, torch.device(device)).candidates
 
 
 @dataclass
@@ -173,6 +203,23 @@ class BlockSparsePlan:
     front: int
     padded_queries: int
     padded_keys: int
+
+
+def _select_tiles(query, key, scorer, first_query: int, num_blocks: int, options: dict, groups: int):
+    """Selection [B, Hkv, nQb, nb] and the (partial, full) tile lists of the BlockMask."""
+    batch, heads, num_queries, dim = query.shape
+    kv_heads, total = key.shape[1], key.shape[2]
+    query_block, block_size = options["query_block_size"], options["block_size"]
+    sink, local = options["sink_tokens"], options["local_tokens"]
+    num_q_blocks = math.ceil((first_query % query_block + num_queries) / query_block)
+    summaries = summarize_contiguous_blocks(key, block_size, num_blocks)
+    pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
+    candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, query.device)
+    selected = select_blocks(scorer(pooled, summaries), candidates[None, None], options["top_k_blocks"], options["block_fraction"])
+    partial, full = tile_flags(selected, first_query, total, query_block, block_size, sink, local)
+    # both lists in one pass: [2B, Hkv, ...] then split (each half stays contiguous)
+    counts, order = block_lists(torch.cat([partial, full]), groups)
+    return selected, (counts[:batch], order[:batch]), (counts[batch:], order[batch:])
 
 
 def plan_block_sparse(query: torch.Tensor, key: torch.Tensor, scorer, options: dict, slots=None) -> BlockSparsePlan:
@@ -191,18 +238,12 @@ def plan_block_sparse(query: torch.Tensor, key: torch.Tensor, scorer, options: d
     num_blocks = math.ceil(total / block_size)
     if slots is not None and len(slots) and slots.block.numel():
         num_blocks = max(num_blocks, int(slots.block.max()) + 1)
-    device = query.device
 
     # selection: one per (batch, KV head, query block), as in the reference path
-    summaries = summarize_contiguous_blocks(key, block_size, num_blocks)
-    pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
-    candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, device)
-    selected = select_blocks(scorer(pooled, summaries), candidates[None, None], options["top_k_blocks"], options["block_fraction"])
-
-    partial, full = tile_flags(selected, first_query, total, query_block, block_size, sink, local)
-    kv_num_blocks, kv_indices = block_lists(partial, groups)
-    full_num_blocks, full_indices = block_lists(full, groups)
-    query_origin = torch.tensor(first_query - front, device=device)
+    selected, (kv_num_blocks, kv_indices), (full_num_blocks, full_indices) = _select_tiles(
+        query, key, scorer, first_query, num_blocks, options, groups
+    )
+    query_origin = torch.tensor(first_query - front, device=query.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         position = q_idx + query_origin

@@ -46,6 +46,11 @@ def summarize_contiguous_blocks(keys: torch.Tensor, block_size: int, num_blocks:
     """
     batch, kv_heads, total, dim = keys.shape
     whole = total // block_size
+    if whole == num_blocks and total == whole * block_size:  # whole blocks only: plain reductions
+        blocks = keys.view(batch, kv_heads, whole, block_size, dim)
+        key_sum = blocks.sum(-2, dtype=torch.float32)
+        count = torch.full((num_blocks,), block_size, dtype=torch.long, device=keys.device)
+        return BlockSummaries(blocks.amin(-2).float(), blocks.amax(-2).float(), key_sum / block_size, count)
     shape = (batch, kv_heads, num_blocks, dim)
     key_min = keys.new_full(shape, float("inf"), dtype=torch.float32)
     key_max = keys.new_full(shape, float("-inf"), dtype=torch.float32)
@@ -95,24 +100,43 @@ class PooledKeyScorer(nn.Module):
         self.kind = kind
 
     @staticmethod
-    def raw_scores(query: torch.Tensor, summaries: BlockSummaries) -> tuple[torch.Tensor, torch.Tensor]:
-        """(minmax bound, mean score), each maxed over the query heads of a group: [B, Hkv, Q, nb]."""
+    def _group_max(scores: torch.Tensor, groups: int) -> torch.Tensor:
+        """[B, Hkv, G*Q, nb] -> max over the query heads of each group: [B, Hkv, Q, nb]."""
+        batch, kv_heads, rows, num_blocks = scores.shape
+        return scores.view(batch, kv_heads, groups, rows // groups, num_blocks).amax(dim=2)
+
+    @classmethod
+    def bound_scores(cls, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
+        """The minmax bound [B, Hkv, Q, nb] of `query` [B, Hkv, G, Q, D], maxed over each group."""
+        batch, kv_heads, groups, num_queries, dim = query.shape
+        rows = query.reshape(batch, kv_heads, groups * num_queries, dim)  # one matrix product per KV head
         # max(q_d * max_d, q_d * min_d) picks max_d where q_d >= 0 and min_d where q_d < 0
-        bound = torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(min=0), summaries.key_max)
-        bound = (bound + torch.einsum("bhgqd,bhnd->bhgqn", query.clamp(max=0), summaries.key_min)).amax(dim=2)
-        mean = torch.einsum("bhgqd,bhnd->bhgqn", query, summaries.key_mean).amax(dim=2)
-        return bound, mean
+        bound = torch.matmul(rows.clamp(min=0), summaries.key_max.transpose(-1, -2))
+        bound += torch.matmul(rows.clamp(max=0), summaries.key_min.transpose(-1, -2))
+        return cls._group_max(bound, groups)
+
+    @classmethod
+    def mean_scores(cls, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
+        """q . mean key [B, Hkv, Q, nb], maxed over each group."""
+        batch, kv_heads, groups, num_queries, dim = query.shape
+        rows = query.reshape(batch, kv_heads, groups * num_queries, dim)
+        return cls._group_max(torch.matmul(rows, summaries.key_mean.transpose(-1, -2)), groups)
+
+    @classmethod
+    def raw_scores(cls, query: torch.Tensor, summaries: BlockSummaries) -> tuple[torch.Tensor, torch.Tensor]:
+        """(minmax bound, mean score), each maxed over the query heads of a group: [B, Hkv, Q, nb]."""
+        return cls.bound_scores(query, summaries), cls.mean_scores(query, summaries)
 
     def forward(self, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
         """`query` [B, Hkv, G, Q, D] -> scores [B, Hkv, Q, num_blocks]."""
         query = query.float()
         empty = summaries.count.view(1, 1, 1, -1) == 0
-        bound, mean = self.raw_scores(query, summaries)
         if self.kind == "minmax":
-            scores = bound
+            scores = self.bound_scores(query, summaries)
         elif self.kind == "mean":
-            scores = mean
+            scores = self.mean_scores(query, summaries)
         else:
+            bound, mean = self.raw_scores(query, summaries)
             valid = ~empty.expand_as(mean)
             scores = _standardize(bound.masked_fill(~valid, 0.0), valid) + _standardize(mean, valid)
         return scores.masked_fill(empty, float("-inf"))

@@ -24,8 +24,13 @@ def select_blocks(
         selected = torch.zeros_like(candidates).scatter_(-1, top, True)
         # topk pads with non-candidates when fewer than top_k exist
         return selected & candidates
-    # a per-query budget: rank the candidates and keep those ranked below it
+    # a per-query budget: the `budget` best candidates of each row. Every budget is at most the one
+    # of a row whose blocks are all candidates, so one top-k of that width serves every row.
     budget = torch.ceil(candidates.sum(-1, keepdim=True) * fraction).clamp(min=top_k)
+    num_blocks = scores.shape[-1]
+    widest = torch.ceil(torch.tensor(num_blocks, dtype=budget.dtype) * fraction).clamp(min=top_k)
+    width = min(int(widest), num_blocks)
     masked = scores.masked_fill(~candidates, float("-inf"))
-    rank = masked.argsort(dim=-1, descending=True).argsort(dim=-1)
-    return (rank < budget) & candidates
+    top = masked.topk(width, dim=-1).indices  # best first
+    keep = torch.arange(width, device=scores.device) < budget
+    return torch.zeros_like(candidates).scatter_(-1, top, keep) & candidates

@@ -442,7 +442,7 @@ def add_parser(sub) -> None:
     bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
     bench.add_argument("--sink-tokens", type=int, default=128)
     bench.add_argument("--local-tokens", type=int, default=256)
-    bench.add_argument("--scorer", default="hybrid")
+    bench.add_argument("--scorer", default="minmax", choices=["minmax", "hybrid", "mean"])
     bench.add_argument("--kernel-options", type=json.loads, default=None,
                        help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
     bench.add_argument("--output", default="reports/bench", help="folder for bench.json, bench.md and PNGs")
