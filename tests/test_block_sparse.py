@@ -188,3 +188,52 @@ def test_summary_cache_follows_appends_and_resets():
         want = summarize_contiguous_blocks(keys[:, :, :total], 16, math.ceil(total / 16))
         for name in ("key_min", "key_max", "key_mean", "count"):
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.9, None])
+@pytest.mark.parametrize("top_k", [1, 4, 40])
+def test_select_blocks_keeps_the_best_ranked_candidates(fraction, top_k):
+    """The top-k selection against its definition: a row keeps the candidates ranked below its budget."""
+    from sparsemem.modeling.selection import select_blocks
+
+    gen = torch.Generator().manual_seed(top_k)
+    scores = torch.randn(2, 3, 5, 37, generator=gen)
+    candidates = torch.rand(1, 1, 5, 37, generator=gen) < 0.7
+    got = select_blocks(scores, candidates, top_k, fraction)
+    count = candidates.expand_as(scores).sum(-1, keepdim=True)
+    budget = torch.ceil(count * fraction).clamp(min=top_k) if fraction is not None else torch.full_like(count, top_k)
+    rank = scores.masked_fill(~candidates, float("-inf")).argsort(dim=-1, descending=True).argsort(dim=-1)
+    assert torch.equal(got, (rank < budget) & candidates)
+
+
+def test_block_lists_are_a_stable_partition():
+    gen = torch.Generator().manual_seed(0)
+    for density in (0.0, 0.2, 0.7, 1.0):
+        flags = torch.rand(2, 3, 5, 37, generator=gen) < density
+        counts, order = block_sparse.block_lists(flags, 2)
+        want = torch.argsort(flags.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+        assert torch.equal(order.view(2, 3, 2, 5, 37)[:, :, 1], want)
+        assert torch.equal(counts.view(2, 3, 2, 5)[:, :, 0], flags.sum(-1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("total", [77, 203, 700])
+def test_decode_kernels_equal_reference_in_the_triton_interpreter(total, monkeypatch):
+    """The Triton decode kernels (scores, tiles, merge) run on CPU tensors through Triton's interpreter
+    where Triton is installed; on GPU machines test_gpu.py runs them compiled."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU")
+    from sparsemem.modeling.block_decode import BlockSummaryCache, block_decode_attention
+
+    torch.manual_seed(total)
+    mod = module(top_k_blocks=2, block_fraction=0.3, scorer="minmax")
+    k, v, q = torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D), torch.randn(B, H, 1, D)
+    positions = torch.arange(total)
+    ref, _ = sparsemem_attention_forward(mod, q, k, v, None, scaling=D**-0.5, sparsemem=MemoryView(positions[-1:], positions, None))
+    cache = BlockSummaryCache(mod.config.block_size)
+    cache.update(k[:, :, : total - 40])
+    out, attended = block_decode_attention(q, k, v, D**-0.5, mod.scorer, fast_options(mod), cache, None, use_triton=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    assert float(attended) == float(mod.sparsemem_stats.attended["decode"])
