@@ -72,3 +72,25 @@ def smollm2_dir():
     from sparsemem.default_model import default_model_dir
 
     return default_model_dir()
+
+
+def remote_code_loader(checks: str) -> str:
+    """Source of a script run in a fresh interpreter where `import sparsemem` fails: it loads argv[1] with
+    trust_remote_code, compares its logits with the `logits` of the safetensors file argv[2] (<= 1e-5),
+    runs `checks` (Python with `model`, `ref`, `logits`, `diff` in scope) and prints OK."""
+    head = """
+import sys
+sys.modules["sparsemem"] = None  # not importable here
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+source, reference = sys.argv[1], sys.argv[2]
+ref = load_file(reference)
+model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    logits = model(ref["input_ids"]).logits
+diff = (logits - ref["logits"]).abs().max().item()
+assert diff <= 1e-5, diff
+"""
+    return head + checks + '\nprint("OK", type(model).__name__, diff)\n'

@@ -4,13 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, make_base_model
+from conftest import FAMILY_CONFIGS, make_base_model, remote_code_loader
 from safetensors.torch import load_file, save_file
 
 import sparsemem
@@ -221,25 +220,7 @@ def test_cpu_smoke_recipe_lowers_the_scorer_loss(smollm2_dir, tmp_path):
 
 # -- export, loading where sparsemem is not installed, push -------------------------------------------
 
-LOADER = textwrap.dedent(
-    """
-    import sys
-    sys.modules["sparsemem"] = None  # not importable here
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-    source, reference = sys.argv[1], sys.argv[2]
-    ref = load_file(reference)
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True, dtype=torch.float32).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert model.config.scorer == "learned"
-    with torch.no_grad():
-        logits = model(ref["input_ids"]).logits
-    diff = (logits - ref["logits"]).abs().max().item()
-    assert diff <= 1e-5, diff
-    print("OK", diff)
-    """
-)
+LOADER = remote_code_loader('assert model.config.scorer == "learned"')
 
 
 def test_export_loads_without_sparsemem(uninterrupted, tmp_path):
