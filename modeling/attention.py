@@ -68,10 +68,11 @@ class AttentionStats:
         self.attended = {"prefill": 0.0, "decode": 0.0}
         self.dense = {"prefill": 0.0, "decode": 0.0}
 
-    def add(self, phase: str, attended: torch.Tensor, dense: torch.Tensor) -> None:
-        # kept as (device) tensors: reading a count would wait for the GPU at every layer of every step
+    def add(self, phase: str, attended: torch.Tensor, dense: torch.Tensor | int) -> None:
+        # kept as (device) tensors: reading a count would wait for the GPU at every layer of every step;
+        # counts known on the host (ints) stay on the host
         self.attended[phase] = self.attended[phase] + torch.as_tensor(attended, dtype=torch.float64)
-        self.dense[phase] = self.dense[phase] + torch.as_tensor(dense, dtype=torch.float64)
+        self.dense[phase] = self.dense[phase] + (dense if isinstance(dense, int) else torch.as_tensor(dense, dtype=torch.float64))
 
 
 def _option(config, name):
@@ -157,7 +158,9 @@ def sparsemem_attention_forward(
             else:
                 output, attended = block_sparse_attention(query, key, value, scaling, scorer, options, slots)
             if stats is not None:
-                dense = _dense_pair_counts(query_positions, None, None).sum() * heads * batch
+                # the fast paths hold keys 0..N-1 with the queries the newest of them: causal pairs in closed form
+                total = key.shape[-2]
+                dense = num_queries * (2 * total - num_queries + 1) // 2 * heads * batch
                 stats.add("decode" if num_queries == 1 else "prefill", attended, dense)
             return output, None
         if backend == "flex":

@@ -64,10 +64,20 @@ class BlockSummaryCache:
             key_sum[:, :, self.complete : whole] = new.sum(-2, dtype=torch.float32)
             self.complete = whole
         if total > whole * size:  # the incomplete newest block, written where it will complete
-            tail = keys[:, :, whole * size :]
-            key_min[:, :, whole] = tail.amin(-2)
-            key_max[:, :, whole] = tail.amax(-2)
-            key_sum[:, :, whole] = tail.sum(-2, dtype=torch.float32)
+            if triton is not None and keys.is_cuda and not (size & (size - 1)) and not (dim & (dim - 1)):
+                # one launch instead of six: this runs at every decode step of every layer
+                _tail_summary_kernel[(batch * kv_heads,)](
+                    keys, key_min, key_max, key_sum,
+                    keys.stride(0), keys.stride(1), keys.stride(2),
+                    key_min.stride(0), key_min.stride(1), key_min.stride(2),
+                    whole * size, total, whole,
+                    KV_HEADS=kv_heads, D=dim, BS=size,
+                )
+            else:
+                tail = keys[:, :, whole * size :]
+                key_min[:, :, whole] = tail.amin(-2)
+                key_max[:, :, whole] = tail.amax(-2)
+                key_sum[:, :, whole] = tail.sum(-2, dtype=torch.float32)
         return self.buffers
 
     def update(self, keys: torch.Tensor) -> BlockSummaries:
@@ -105,6 +115,27 @@ def selection_budget(num_candidates: int, top_k: int | None, fraction: float | N
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tail_summary_kernel(
+        K, KMIN, KMAX, KSUM,
+        stride_kb, stride_kh, stride_kn,
+        stride_sb, stride_sh, stride_sn,
+        start, total, block,
+        KV_HEADS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    ):
+        # min, max and sum of keys start..total-1 (fewer than BS) of one (sequence, KV head)
+        pid = tl.program_id(0)
+        b = (pid // KV_HEADS).to(tl.int64)
+        h = (pid % KV_HEADS).to(tl.int64)
+        tokens = start + tl.arange(0, BS)
+        dims = tl.arange(0, D)
+        valid = tokens < total
+        k = tl.load(K + b * stride_kb + h * stride_kh + tokens[:, None] * stride_kn + dims[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        at = b * stride_sb + h * stride_sh + block * stride_sn + dims
+        tl.store(KMIN + at, tl.min(tl.where(valid[:, None], k, float("inf")), 0))
+        tl.store(KMAX + at, tl.max(tl.where(valid[:, None], k, float("-inf")), 0))
+        tl.store(KSUM + at, tl.sum(k, 0))
 
     @triton.jit
     def _minmax_scores_kernel(
