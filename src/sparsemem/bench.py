@@ -421,7 +421,7 @@ def bench_stream(report: dict, args, save) -> None:
         meta["text"] = source.source
         run, _ = stream(
             model, tokenizer, args.stream_tokens, chunk=args.stream_chunk, budget=args.stream_budget, method=method,
-            time_limit=args.stream_time_limit, on_chunk=on_chunk, source=source,
+            time_limit=args.stream_time_limit, on_chunk=on_chunk, source=source, baseline=not args.stream_no_baseline,
         )
         entry.update(records=run.records, summary=run.summary, stopped=run.stopped)
         logger.info("stream %s: %s", method, {k: v for k, v in run.summary.items() if not isinstance(v, dict)})
@@ -434,6 +434,8 @@ def resolve_sections(args) -> list[str]:
         args.sections = ["stream"] if args.stream_tokens else list(GPU_SECTIONS)
     if "stream" in args.sections and not args.stream_tokens:
         args.stream_tokens = 1_000_000
+    if args.output is None:
+        args.output = "reports/stream" if args.sections == ["stream"] else "reports/bench"
     return args.sections
 
 
@@ -513,7 +515,8 @@ def add_parser(sub) -> None:
     bench.add_argument("--scorer", default="hybrid")
     bench.add_argument("--kernel-options", type=json.loads, default=None,
                        help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
-    bench.add_argument("--output", default="reports/bench", help="folder for bench.json, bench.md and PNGs")
+    bench.add_argument("--output", default=None,
+                       help="folder for bench.json, bench.md and PNGs (default reports/bench, or reports/stream for the stream alone)")
     stream = bench.add_argument_group("stream section (SmolLM2-135M by default; CUDA or CPU)")
     stream.add_argument("--stream-tokens", type=int, default=None,
                         help="stream this many real-text tokens under a constant KV budget (selects the stream section)")
@@ -526,6 +529,8 @@ def add_parser(sub) -> None:
                         help="text files to stream (default: the Python standard library's .py sources, sorted paths)")
     stream.add_argument("--stream-time-limit", type=float, default=None,
                         help="seconds per method after which its stream stops early (the report says so)")
+    stream.add_argument("--stream-no-baseline", action="store_true",
+                        help="skip the no-memory reference loss (each chunk alone), one extra forward per chunk")
     stream.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     stream.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     stream.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
