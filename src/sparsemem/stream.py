@@ -201,7 +201,7 @@ def stream(
     started = time.perf_counter()
     bar = tqdm(total=tokens, unit="tok", desc=f"stream {method}", disable=not progress, smoothing=0.1)
     while fed < tokens:
-        if time_limit is not None and time.perf_counter() - started > time_limit:
+        if time_limit is not None and time.perf_counter() - started >= time_limit:
             run.stopped = f"time limit of {time_limit:.0f} s reached after {fed} tokens"
             logger.warning("stream %s: %s", method, run.stopped)
             break
