@@ -26,7 +26,7 @@ REMOTE_FILES = {
     "selection.py",
     "merge.py",
 }
-ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "logging", "math", "os", "typing"}
+ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "logging", "math", "os", "time", "typing"}
 
 # runs in a fresh interpreter where `import sparsemem` fails
 LOADER = textwrap.dedent(
