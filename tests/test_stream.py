@@ -104,12 +104,12 @@ def test_default_stream_is_the_standard_library():
 
 @pytest.mark.parametrize("method", ["am", "streaming-llm"])
 def test_stream_keeps_the_cache_within_budget_and_flat(method):
-    """A tiny Llama streams 3000 tokens of real text (the standard library) in 64-token chunks under a
+    """A tiny Llama streams 1000 tokens of real text (the standard library) in 64-token chunks under a
     96-entry budget: the cache never holds more than the budget after a chunk, and from the first
     compaction on its bytes (and, once the reference-query ring is full, every byte of tensors it keeps
     alive) are the same after every chunk."""
     model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_fraction=None)
-    budget, chunk, tokens = 96, 64, 3000
+    budget, chunk, tokens = 96, 64, 1000
     run, source = stream(model, ByteTokenizer(), tokens, chunk=chunk, budget=budget, method=method, progress=False)
     records = run.records
     assert len(records) == math.ceil(tokens / chunk) and records[-1]["tokens"] == tokens
