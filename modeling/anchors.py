@@ -38,15 +38,25 @@ def anchor_mask(
 
 
 def blocks_touching_anchors(
-    query_positions: torch.Tensor, num_blocks: int, block_size: int, sink_tokens: int, local_tokens: int
+    query_positions: torch.Tensor,
+    num_blocks: int,
+    block_size: int,
+    sink_tokens: int,
+    local_tokens: int,
+    block_first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[Q, num_blocks]: blocks with at least one position that is an anchor of the query.
 
     Computed from block boundaries alone, so it also holds for blocks whose tokens were evicted.
     Slots standing for such a block are never counted for that query: part of the block is already
     attended exactly as anchors, and counting its slots too would count those tokens twice.
+    `block_first` [num_blocks]: first logical position of each block when the blocks are numbered
+    other than from position 0 (default: block i starts at i * block_size).
     """
-    first = torch.arange(num_blocks, device=query_positions.device) * block_size
+    if block_first is None:
+        first = torch.arange(num_blocks, device=query_positions.device) * block_size
+    else:
+        first = block_first.to(query_positions.device)
     last = first + block_size - 1
     touches_sink = (first < sink_tokens)[None, :]
     touches_local = last[None, :] > query_positions[:, None] - local_tokens

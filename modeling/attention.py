@@ -93,6 +93,25 @@ def _dense_pair_counts(query_positions, padding, sliding_window) -> torch.Tensor
     return upper - cumulative[:, (query_positions + 1 - sliding_window).clamp(min=0)]
 
 
+def compact_block_ids(
+    block_ids: torch.Tensor, slots: SlotTier | None, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Renumber blocks 0..n-1 over the blocks that hold a key (`block_ids` [N], sorted) or a slot.
+
+    Returns (key block ids [N], slot block ids [S] (-1 kept) or None, first logical position of each
+    block [n]). The numbering keeps the blocks' order, so selection is unchanged.
+    """
+    present = block_ids
+    slot_block = None
+    if slots is not None and slots.block.numel():
+        present = torch.cat([present, slots.block[slots.block >= 0]])
+    present = torch.unique(present)  # sorted
+    if slots is not None and slots.block.numel():
+        found = torch.searchsorted(present, slots.block.clamp(min=0))
+        slot_block = torch.where(slots.block >= 0, found, torch.full_like(found, -1))
+    return torch.searchsorted(present, block_ids), slot_block, present * block_size
+
+
 def sparsemem_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -172,10 +191,18 @@ def sparsemem_attention_forward(
             logger.info("sparsemem attention uses the reference path on CUDA: %s", reason)
 
     block_ids = torch.div(key_positions, block_size, rounding_mode="floor")
-    num_blocks = int(block_ids.max()) + 1 if block_ids.numel() else 0
-    if slots is not None and slots.block.numel():
-        num_blocks = max(num_blocks, int(slots.block.max()) + 1)
-    num_blocks = max(num_blocks, 1)
+    slot_block = block_first = None
+    if not contiguous and block_ids.numel():
+        # after eviction, number only the blocks that hold a key or a slot: block tensors then scale with
+        # the physical cache, not with the logical length (a stream under online compaction runs far
+        # past the keys it holds)
+        block_ids, slot_block, block_first = compact_block_ids(block_ids, slots, block_size)
+        num_blocks = block_first.numel()
+    else:
+        num_blocks = int(block_ids.max()) + 1 if block_ids.numel() else 0
+        if slots is not None and slots.block.numel():
+            num_blocks = max(num_blocks, int(slots.block.max()) + 1)
+        num_blocks = max(num_blocks, 1)
     if contiguous:
         summaries = summarize_contiguous_blocks(key, block_size, num_blocks)  # nothing evicted
     else:
@@ -239,7 +266,7 @@ def sparsemem_attention_forward(
 
         if has_slots:
             slot_out, slot_lse, slot_pairs = slot_attention(
-                q, q_pos, slots, selected, scaling, block_size, sink, local, window
+                q, q_pos, slots, selected, scaling, block_size, sink, local, window, slot_block, block_first
             )
             out = merge_attention_states([(out, lse), (slot_out, slot_lse)])[0]
             attended = attended + slot_pairs * groups

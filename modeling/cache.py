@@ -194,6 +194,7 @@ class SparseMemLayer(CacheLayerMixin):
         """Drop the full-resolution entries where the [N] boolean `drop` is True (their slots stay)."""
         keep = ~drop.to(self.positions.device)
         self.block_summaries = None
+        self._buffers_kv = None  # the kept entries are copied out: do not hold the old buffers' memory too
         self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
         self.positions = self.positions[keep]
 
@@ -247,6 +248,20 @@ class SparseMemLayer(CacheLayerMixin):
 
     # -- reporting ----------------------------------------------------------------------------------
 
+    def storage_bytes(self) -> int:
+        """Bytes of every tensor the layer keeps alive: K/V with the spare room of their append buffers,
+        positions, slots and the reference queries of online compaction (each storage counted once)."""
+        tensors = [self.keys, self.values, self.positions, self.recent_queries, self.recent_query_positions]
+        tensors += list(getattr(self, "_buffers_kv", None) or ())
+        if self.slots is not None:
+            tensors += [self.slots.keys, self.slots.values, self.slots.beta, self.slots.head, self.slots.block, self.slots.position]
+        storages = {}
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
     def memory_bytes(self, sink_tokens: int, local_tokens: int) -> dict[str, int]:
         """Bytes held per tier; anchors are judged against the next query position."""
         if not self.is_initialized:
@@ -293,6 +308,10 @@ class SparseMemCache(Cache):
                 totals[tier] += value
         totals["total"] = sum(totals.values())
         return totals
+
+    def storage_bytes(self) -> int:
+        """Bytes of all tensors the layers keep alive (spare buffer room and reference queries included)."""
+        return sum(layer.storage_bytes() for layer in self.layers)
 
     def physical_lengths(self) -> list[int]:
         return [layer.physical_length for layer in self.layers]

@@ -12,6 +12,7 @@ tokens being generated are exactly the queries whose attention the slots must pr
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ class OnlineCompaction:
             raise ValueError(f"online compaction `num_queries` must be >= 1, got {self.num_queries!r}")
         self.press = make_press(self.method)
         self.compactions = 0  # layer compactions done so far
+        self.seconds = 0.0  # wall seconds spent in them (the compaction reads results back, so it ends synchronised)
         compacted = math.floor(self.target * self.max_kv_tokens)
         # the sinks may take at most an eighth of the compacted budget
         self.keep_first = min(self.keep_first, compacted // 8)
@@ -57,12 +59,14 @@ class OnlineCompaction:
 
     def observe(self, layer, query_states: torch.Tensor, query_positions: torch.Tensor) -> None:
         """Remember the newest `num_queries` queries [B, H, q, d] of the layer (fp32, detached)."""
-        queries = query_states.detach().float()
+        queries = query_states.detach()[..., -self.num_queries :, :].float()
+        query_positions = query_positions[-self.num_queries :]
         if layer.recent_queries is not None and layer.recent_queries.shape[0] == queries.shape[0]:
             queries = torch.cat([layer.recent_queries, queries], dim=-2)
             query_positions = torch.cat([layer.recent_query_positions, query_positions])
-        layer.recent_queries = queries[..., -self.num_queries :, :]
-        layer.recent_query_positions = query_positions[-self.num_queries :]
+        # copies: a view would keep the whole forward pass's queries alive until the next one
+        layer.recent_queries = queries[..., -self.num_queries :, :].clone()
+        layer.recent_query_positions = query_positions[-self.num_queries :].clone()
 
     @staticmethod
     def physical_size(layer) -> int:
@@ -76,6 +80,7 @@ class OnlineCompaction:
         # compact when the next token would not fit
         if self.physical_size(layer) < self.max_kv_tokens:
             return False
+        start = time.perf_counter()
         length = layer.logical_length
         span = (layer.positions >= self.keep_first) & (layer.positions < length - self.keep_last)
         kv_heads = layer.keys.shape[1]
@@ -84,5 +89,6 @@ class OnlineCompaction:
             self.press, scaling, fold_slots=True,
         )
         self.compactions += 1
+        self.seconds += time.perf_counter() - start
         logger.debug("online compaction at %d tokens: %d physical entries per head", length, self.physical_size(layer))
         return True

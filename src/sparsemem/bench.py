@@ -7,6 +7,9 @@ Sections (each optional):
   transformers with SDPA against the same weights converted to sparsemem.
 - decode: one layer's decode attention (dense SDPA against block-sparse decode), then decode steps of
   the 8B-shaped model over a filled 128K cache, at batch 1 and the largest batch dense fits.
+- stream (`--stream-tokens N`): a constant-memory stream of N real-text tokens through SmolLM2-135M (or
+  `--model`) with the cache compacted online to `--stream-budget` entries per layer and KV head; records
+  per-chunk peak memory, cache bytes and loss (see stream.py). Runs on CUDA or CPU.
 Writes bench.json, bench.md and PNG plots to the output folder; timings are medians of CUDA-event runs
 after warm-up (compilation excluded).
 """
@@ -278,11 +281,17 @@ def bench_decode_model(args, bandwidth: float) -> list[dict]:
     return rows
 
 
+GPU_SECTIONS = ("attention", "prefill", "decode")
+
+
 def render_markdown(report: dict) -> str:
     meta = report["meta"]
-    lines = [f"# sparsemem bench on {meta['gpu']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}; "
-             f"block {meta['block_size']} (query blocks too), sinks {meta['sink_tokens']}, recent window {meta['local_tokens']}, "
-             f"scorer {meta['scorer']}. Density = attended (query, key) pairs / dense causal pairs, measured.", ""]
+    lines = [f"# sparsemem bench on {meta['gpu']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}."]
+    if any(report.get(key) for key in ("attention", "prefill", "decode_attention", "decode_model")):
+        lines[-1] += (f" Block {meta['block_size']} (query blocks too), sinks {meta['sink_tokens']}, recent window "
+                      f"{meta['local_tokens']}, scorer {meta['scorer']}. Density = attended (query, key) pairs / dense causal "
+                      "pairs, measured.")
+    lines.append("")
     if report.get("attention"):
         lines += ["## Attention prefill, one layer (32 q / 8 KV heads, d=128, bf16)", "",
                   "| context | method | block fraction | density | time ms | speedup | streamed ms | streamed speedup | kernel ms | kernel speedup |",
@@ -326,6 +335,10 @@ def render_markdown(report: dict) -> str:
         lines += ["", "bound = (weight bytes + attended KV bytes) / copy bandwidth: the step time a perfectly memory-bound "
                   "implementation would reach. DynamicCache (transformers' default) copies every layer's cache at each step; "
                   "StaticCache and SparseMemCache append in place.", ""]
+    if report.get("stream"):
+        from .stream import render_stream_markdown
+
+        lines += render_stream_markdown(report["stream"]["runs"], report["stream"]["meta"])
     lines += [f"command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -394,16 +407,73 @@ def _plots(report: dict, folder: Path) -> list[Path]:
         paths.append(folder / "decode.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    if report.get("stream"):
+        from .stream import plot_stream
+
+        path = plot_stream(report["stream"]["runs"], report["stream"]["meta"], folder / "stream.png")
+        if path is not None:
+            paths.append(path)
     return paths
 
 
+def bench_stream(report: dict, args, save) -> None:
+    """The stream section: one stream per method, the report saved after every chunk (and plotted now and then)."""
+    from .stream import TokenStream, load_stream_model, stream
+
+    started = time.perf_counter()
+    model, tokenizer, meta = load_stream_model(args)
+    section = report["stream"] = {"meta": meta, "runs": []}
+    for method in args.stream_methods:
+        time_limit = None
+        if args.stream_time_limit is not None:  # one deadline for the section: later methods get what is left
+            time_limit = max(0.0, args.stream_time_limit - (time.perf_counter() - started))
+        entry = {"method": method, "budget": args.stream_budget, "chunk": args.stream_chunk, "records": [], "summary": {}}
+        section["runs"].append(entry)
+
+        def on_chunk(run, entry=entry):
+            entry.update(records=run.records, summary=run.summary)
+            save(plot=len(run.records) % 25 == 0)
+
+        source = TokenStream(tokenizer, args.stream_text)
+        meta["text"] = source.source
+        run, _ = stream(
+            model, tokenizer, args.stream_tokens, chunk=args.stream_chunk, budget=args.stream_budget, method=method,
+            time_limit=time_limit, on_chunk=on_chunk, source=source, baseline=not args.stream_no_baseline,
+        )
+        entry.update(records=run.records, summary=run.summary, stopped=run.stopped)
+        logger.info("stream %s: %s", method, {k: v for k, v in run.summary.items() if not isinstance(v, dict)})
+        save(plot=True)
+
+
+def resolve_sections(args) -> list[str]:
+    """`--sections` as given; by default the stream alone when `--stream-tokens` is given, else the GPU sections."""
+    if args.sections is None:
+        args.sections = ["stream"] if args.stream_tokens else list(GPU_SECTIONS)
+    if "stream" in args.sections and not args.stream_tokens:
+        args.stream_tokens = 1_000_000
+    if args.output is None:
+        args.output = "reports/stream" if args.sections == ["stream"] else "reports/bench"
+    return args.sections
+
+
+def _machine(args) -> str:
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def run_bench(args, command: str) -> dict:
-    if not torch.cuda.is_available():
-        raise ValueError("sparsemem bench needs a CUDA device (no GPU is visible to torch)")
+    sections = resolve_sections(args)
+    if any(name in GPU_SECTIONS for name in sections) and not torch.cuda.is_available():
+        raise ValueError(
+            f"sparsemem bench sections {[n for n in sections if n in GPU_SECTIONS]} need a CUDA device (no GPU is visible "
+            "to torch); the stream section (--stream-tokens N) also runs on the CPU"
+        )
     import transformers
 
     meta = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+        gpu=_machine(args), torch=torch.__version__, transformers=transformers.__version__,
         host=platform.node(), block_size=args.block_size, sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
         scorer=args.scorer, chunk=args.chunk, command=command,
     )
@@ -416,9 +486,11 @@ def run_bench(args, command: str) -> dict:
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def save():
+    def save(plot: bool = False):
         write_text(folder / "bench.json", json.dumps(report, indent=2))
         write_text(folder / "bench.md", render_markdown(report))
+        if plot:
+            _plots(report, folder)
 
     if "attention" in args.sections:
         report["attention"] = bench_attention(args)
@@ -432,6 +504,8 @@ def run_bench(args, command: str) -> dict:
         save()
         report["decode_model"] = bench_decode_model(args, meta["bandwidth_gbs"])
         save()
+    if "stream" in args.sections:
+        bench_stream(report, args, save)
     save()
     report["plots"] = [str(p) for p in _plots(report, folder)]
     return report
@@ -439,8 +513,8 @@ def run_bench(args, command: str) -> dict:
 
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="dense SDPA against the sparsemem GPU paths: JSON, markdown and PNG reports")
-    bench.add_argument("--sections", nargs="+", default=["attention", "prefill", "decode"],
-                       choices=["attention", "prefill", "decode"])
+    bench.add_argument("--sections", nargs="+", default=None, choices=[*GPU_SECTIONS, "stream"],
+                       help="default: attention prefill decode (CUDA), or stream alone when --stream-tokens is given")
     bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     bench.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
                        help="fractions of each query block's candidate blocks attended exactly (block_fraction)")
@@ -458,4 +532,23 @@ def add_parser(sub) -> None:
     bench.add_argument("--scorer", default="minmax", choices=["minmax", "hybrid", "mean"])
     bench.add_argument("--kernel-options", type=json.loads, default=None,
                        help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
-    bench.add_argument("--output", default="reports/bench", help="folder for bench.json, bench.md and PNGs")
+    bench.add_argument("--output", default=None,
+                       help="folder for bench.json, bench.md and PNGs (default reports/bench, or reports/stream for the stream alone)")
+    stream = bench.add_argument_group("stream section (SmolLM2-135M by default; CUDA or CPU)")
+    stream.add_argument("--stream-tokens", type=int, default=None,
+                        help="stream this many real-text tokens under a constant KV budget (selects the stream section)")
+    stream.add_argument("--stream-chunk", type=int, default=4096, help="tokens per forward pass")
+    stream.add_argument("--stream-budget", type=int, default=4096,
+                        help="max_kv_tokens: physical entries per layer and KV head left after each forward pass")
+    stream.add_argument("--stream-methods", nargs="+", default=["am"],
+                        help="online compaction methods, one stream each (am, streaming-llm, h2o, kvzip, ...)")
+    stream.add_argument("--stream-text", nargs="+", default=None,
+                        help="text files to stream (default: the Python standard library's .py sources, sorted paths)")
+    stream.add_argument("--stream-time-limit", type=float, default=None,
+                        help="seconds after which the stream section stops (model loading included; the methods run in "
+                             "order and share it; a stream cut short says so in the report)")
+    stream.add_argument("--stream-no-baseline", action="store_true",
+                        help="skip the no-memory reference loss (each chunk alone), one extra forward per chunk")
+    stream.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
+    stream.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    stream.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
