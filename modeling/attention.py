@@ -190,6 +190,8 @@ def sparsemem_attention_forward(
             _LOGGED.add(reason)
             logger.info("sparsemem attention uses the reference path on CUDA: %s", reason)
 
+    if key.device != query.device:  # a block store in host memory (offload_blocks): the reference path reads it whole
+        key, value = key.to(query.device), value.to(query.device)
     block_ids = torch.div(key_positions, block_size, rounding_mode="floor")
     slot_block = block_first = None
     if not contiguous and block_ids.numel():

@@ -36,25 +36,29 @@ class BlockSummaryCache:
         self.complete = 0  # complete blocks summarised
         self.buffers = None  # (min, max, sum) [B, Hkv, capacity, D] fp32
 
-    def _grow(self, keys: torch.Tensor, needed: int) -> None:
+    def _grow(self, keys: torch.Tensor, needed: int, device: torch.device) -> None:
         batch, kv_heads, _, dim = keys.shape
         capacity = max(needed, 64, 2 * (0 if self.buffers is None else self.buffers[0].shape[2]))
-        fresh = tuple(torch.empty(batch, kv_heads, capacity, dim, dtype=torch.float32, device=keys.device) for _ in range(3))
+        fresh = tuple(torch.empty(batch, kv_heads, capacity, dim, dtype=torch.float32, device=device) for _ in range(3))
         if self.buffers is not None and self.complete:
             for new, old in zip(fresh, self.buffers):
                 new[:, :, : self.complete] = old[:, :, : self.complete]
         self.buffers = fresh
 
-    def refresh(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def refresh(self, keys: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bring the summaries up to `keys` [B, Hkv, N, D]; returns the (min, max, sum) buffers
-        [B, Hkv, capacity, D], of which the first ceil(N / block_size) blocks are valid."""
+        [B, Hkv, capacity, D] on `device` (default: the keys'; the compute device when the keys are
+        in host memory), of which the first ceil(N / block_size) blocks are valid."""
         batch, kv_heads, total, dim = keys.shape
+        device = keys.device if device is None else device
+        if self.buffers is not None and self.buffers[0].device != device:
+            self.complete, self.buffers = 0, None
         size = self.block_size
         if self.buffers is not None and (self.buffers[0].shape[:2] != (batch, kv_heads) or total < self.complete * size):
             self.complete, self.buffers = 0, None
         num_blocks = math.ceil(total / size)
         if self.buffers is None or self.buffers[0].shape[2] < num_blocks:
-            self._grow(keys, num_blocks)
+            self._grow(keys, num_blocks, device)
         key_min, key_max, key_sum = self.buffers
         whole = total // size
         if whole > self.complete:
@@ -64,7 +68,8 @@ class BlockSummaryCache:
             key_sum[:, :, self.complete : whole] = new.sum(-2, dtype=torch.float32)
             self.complete = whole
         if total > whole * size:  # the incomplete newest block, written where it will complete
-            if triton is not None and keys.is_cuda and not (size & (size - 1)) and not (dim & (dim - 1)):
+            readable = keys.is_cuda or (key_min.is_cuda and keys.is_pinned())  # pinned host memory: read in place
+            if triton is not None and readable and not (size & (size - 1)) and not (dim & (dim - 1)):
                 # one launch instead of six: this runs at every decode step of every layer
                 _tail_summary_kernel[(batch * kv_heads,)](
                     keys, key_min, key_max, key_sum,
@@ -80,11 +85,11 @@ class BlockSummaryCache:
                 key_sum[:, :, whole] = tail.sum(-2, dtype=torch.float32)
         return self.buffers
 
-    def update(self, keys: torch.Tensor) -> BlockSummaries:
-        key_min, key_max, key_sum = self.refresh(keys)
+    def update(self, keys: torch.Tensor, device: torch.device | None = None) -> BlockSummaries:
+        key_min, key_max, key_sum = self.refresh(keys, device)
         total, size = keys.shape[2], self.block_size
         num_blocks = math.ceil(total / size)
-        count = torch.full((num_blocks,), size, dtype=torch.long, device=keys.device)
+        count = torch.full((num_blocks,), size, dtype=torch.long, device=key_min.device)
         count[-1] = total - (num_blocks - 1) * size
         key_mean = key_sum[:, :, :num_blocks] / count.view(1, 1, -1, 1).to(torch.float32)
         return BlockSummaries(key_min[:, :, :num_blocks], key_max[:, :, :num_blocks], key_mean, count)
@@ -366,6 +371,13 @@ def block_decode_attention(
         # tl.dot needs tiles of at least 16 along each axis; smaller blocks or heads take the gather route
         # (and power-of-two extents for tl.arange)
         use_triton = triton is not None and query.is_cuda and size >= 16 and dim >= 16 and not (size & (size - 1)) and not (dim & (dim - 1))
+    if key.device != device:
+        # a block store in host memory (SparseMemCache(offload_blocks=True)) is read in place by the kernel
+        if not (use_triton and key.is_pinned() and value.is_pinned()):
+            raise ValueError(
+                f"decode over keys on {key.device} for queries on {device} needs pinned host memory and the Triton "
+                f"kernel (CUDA, power-of-two block size and head dim >= 16; got block {size}, head dim {dim})"
+            )
 
     # candidates: blocks holding a key in [sink, position - local]
     high = position - local
@@ -377,10 +389,15 @@ def block_decode_attention(
     else:
         incremental = summary_cache is not None and num_blocks == math.ceil(total / size)
         if use_triton and incremental and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
-            key_min, key_max, _ = summary_cache.refresh(key)
+            key_min, key_max, _ = summary_cache.refresh(key, device)
             scores = _minmax_scores_triton(q_rows, key_min, key_max, num_blocks, first, last)
         else:
-            summaries = summary_cache.update(key) if incremental else summarize_contiguous_blocks(key, size, num_blocks)
+            if incremental:
+                summaries = summary_cache.update(key, device)
+            else:
+                summaries = summarize_contiguous_blocks(key, size, num_blocks)
+                if key.device != device:
+                    summaries = BlockSummaries(*(t.to(device) for t in (summaries.key_min, summaries.key_max, summaries.key_mean, summaries.count)))
             scores = scorer(query.view(batch, kv_heads, groups, 1, dim), summaries)[:, :, 0]
             block_ids = torch.arange(num_blocks, device=device)
             scores = scores.masked_fill((block_ids < first) | (block_ids > last), float("-inf"))

@@ -96,8 +96,10 @@ class SparseMemLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, **kwargs):
+    def __init__(self, offload_blocks: bool = False, **kwargs):
         super().__init__()
+        # full-resolution K/V in pinned host memory: decode reads the selected blocks in place over the bus
+        self.offload_blocks = offload_blocks
         self.positions: torch.Tensor | None = None
         self.logical_length = 0
         self.slots: SlotTier | None = None
@@ -108,8 +110,15 @@ class SparseMemLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states[..., :0, :]
-        self.values = value_states[..., :0, :]
+        if self.offload_blocks:
+            if not key_states.is_cuda:
+                raise ValueError("`offload_blocks=True` keeps the block store in pinned host memory for a CUDA model; "
+                                 f"the keys are on {key_states.device}")
+            self.keys = torch.empty(*key_states.shape[:-2], 0, key_states.shape[-1], dtype=key_states.dtype).pin_memory()
+            self.values = torch.empty(*value_states.shape[:-2], 0, value_states.shape[-1], dtype=value_states.dtype).pin_memory()
+        else:
+            self.keys = key_states[..., :0, :]
+            self.values = value_states[..., :0, :]
         self.positions = torch.empty(0, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
@@ -121,6 +130,11 @@ class SparseMemLayer(CacheLayerMixin):
         self.keys, self.values = self._append(key_states, value_states)
         self.positions = torch.cat([self.positions, new_positions])
         self.logical_length += new
+        if self.offload_blocks and self.keys.device != key_states.device:
+            if new == 1 and self.keys.is_pinned():
+                return self.keys, self.values  # decode: the kernel reads the selected blocks from host memory
+            # prefill: this layer's K/V visit the GPU for the call, one layer at a time
+            return (self.keys.to(key_states.device, non_blocking=True), self.values.to(value_states.device, non_blocking=True))
         return self.keys, self.values
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +154,10 @@ class SparseMemLayer(CacheLayerMixin):
         if not in_buffer or buffers[0].shape[-2] < held + new:
             # room for later steps: 1/16 of the layer, between 256 and 4096 entries
             spare = 0 if new > 1 and held == 0 else min(max(256, (held + new) // 16), 4096)
+            pinned = self.offload_blocks and self.keys.device.type == "cpu"
             buffers = tuple(
-                t.new_empty(*t.shape[:-2], held + new + spare, t.shape[-1]) for t in (self.keys, self.values)
+                torch.empty(*t.shape[:-2], held + new + spare, t.shape[-1], dtype=t.dtype, device=t.device, pin_memory=pinned)
+                for t in (self.keys, self.values)
             )
             buffers[0][..., :held, :] = self.keys
             buffers[1][..., :held, :] = self.values
@@ -288,8 +304,13 @@ class SparseMemCache(Cache):
 
     is_sparsemem = True
 
-    def __init__(self, config=None, max_kv_tokens: int | None = None, online=None, **kwargs):
-        super().__init__(layer_class_to_replicate=SparseMemLayer)
+    def __init__(self, config=None, max_kv_tokens: int | None = None, online=None, offload_blocks: bool = False, **kwargs):
+        if offload_blocks:
+            import functools
+
+            super().__init__(layer_class_to_replicate=functools.partial(SparseMemLayer, offload_blocks=True))
+        else:
+            super().__init__(layer_class_to_replicate=SparseMemLayer)
         self.sink_tokens = getattr(config, "sink_tokens", 0)
         self.local_tokens = getattr(config, "local_tokens", 0)
         if max_kv_tokens is not None:

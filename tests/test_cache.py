@@ -115,3 +115,12 @@ def test_slot_validation():
         SlotTier(**{**good, "keys": torch.full((1, 3, 4), float("nan"))})
     with pytest.raises(ValueError, match="beta"):
         SlotTier(**{**good, "beta": torch.full((1, 3), float("nan"))})
+
+
+def test_offloaded_block_store_needs_a_cuda_model():
+    from conftest import make_base_model
+
+    model = sparsemem.convert(make_base_model("llama"))
+    cache = sparsemem.SparseMemCache(model.config, offload_blocks=True)
+    with pytest.raises(ValueError, match="offload_blocks"):
+        model(torch.randint(3, 100, (1, 12)), past_key_values=cache)

@@ -102,3 +102,24 @@ def test_block_decode_equals_reference(total, with_slots):
     assert relative_error(out, ref) < 1e-2
     assert relative_error(out, gathered) < 1e-2
     assert float(attended) == float(mod.sparsemem_stats.attended["decode"])
+
+
+@pytest.mark.parametrize("scorer", ["minmax", "hybrid"])
+def test_offloaded_block_store_decodes_like_the_gpu_cache(scorer):
+    """offload_blocks=True: K/V in pinned host memory, read in place by the decode kernel; same tokens."""
+    from conftest import make_base_model
+
+    base = make_base_model("llama", max_position_embeddings=4096).to("cuda", torch.bfloat16)
+    model = sparsemem.convert(base, **{**OPTIONS, "scorer": scorer}, attention_backend="auto")
+    ids = torch.randint(3, 256, (2, 1300), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    runs = {}
+    for offload in (False, True):
+        cache = sparsemem.SparseMemCache(model.config, offload_blocks=offload)
+        with torch.no_grad():
+            out = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        runs[offload] = (out.sequences, torch.stack(out.logits, 1))
+        keys = cache.layers[0].keys
+        assert (keys.device.type == "cpu" and keys.is_pinned()) if offload else keys.is_cuda
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert relative_error(runs[True][1], runs[False][1]) < 1e-3
