@@ -130,3 +130,53 @@ def test_chunked_compaction_keeps_the_ratio_and_every_chunk(filled):
     assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 5) / 5 < 0.05
     with torch.no_grad():
         assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()
+
+
+def test_am_output_error_is_below_kvzip_on_a_fixed_problem():
+    """Same budget, same queries: AM's fitted beta and values reproduce the span's attention output and
+    mass better than KVzip's kept keys and values."""
+    from sparsemem.modeling.compaction import HeadSpan, KVzipPress
+
+    problem = _problem()
+    span = HeadSpan(problem, torch.arange(200), torch.full((256,), -1))
+    am = attention_matching(problem, 40)
+    kvzip = KVzipPress().compact(span, 40)
+    am_mass, am_out = _errors(problem, *am[1:])
+    kv_mass, kv_out = _errors(problem, *kvzip[1:])
+    assert am_out < 0.5 * kv_out, (am_out, kv_out)
+    assert am_mass < 0.5 * kv_mass, (am_mass, kv_mass)
+
+
+def test_every_layer_and_head_keeps_slots_when_the_split_is_searched(filled):
+    """The recent/slot split never gives a layer's whole budget to recent tokens: mid-document tokens
+    keep a representative in every layer."""
+    model, ids, full = filled
+    cache = copy.deepcopy(full)
+    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], queries=("context",))
+    assert all(slots > 0 for slots in cache.compaction_info["slots_per_head"])
+    kv_heads = model.config.num_key_value_heads
+    for layer in cache.layers:
+        assert layer.slots is not None
+        assert (torch.bincount(layer.slots.head, minlength=kv_heads) > 0).all()
+
+
+def test_context_queries_judge_the_split_but_only_the_sources_are_fitted(filled):
+    from sparsemem.modeling.compaction import AttentionMatchingPress
+
+    class Recording(AttentionMatchingPress):
+        seen: list
+
+        def compact(self, span, budget):
+            self.seen.append(span.query_positions.clone())
+            return super().compact(span, budget)
+
+    model, ids, full = filled
+    for sources, future_only in ((("random",), True), (("context",), False)):
+        press = Recording()
+        press.seen = []
+        cache = copy.deepcopy(full)
+        sparsemem.compact(model, cache, ratio=6, method=press, input_ids=ids[:, :240], queries=sources)
+        positions = torch.cat(press.seen)
+        assert bool((positions < 0).all()) == future_only
+        # the split is searched (several candidates) with the context's late queries in both cases
+        assert len(press.seen) > len(cache.layers)

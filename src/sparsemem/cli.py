@@ -295,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100])
     ev.add_argument("--context-tokens", type=int, default=3000)
     ev.add_argument("--continuation-tokens", type=int, default=512)
-    ev.add_argument("--queries", nargs="+", default=["context", "repeat"], help="reference queries for Attention Matching")
+    ev.add_argument("--queries", nargs="+", default=["repeat"],
+                    help="reference queries that Attention Matching fits (the context's last queries always judge the "
+                    "recent/slot split)")
     ev.add_argument("--head-budgets", default="uniform", choices=["uniform", "proportional"],
                     help="compaction: slots per KV head, equal or in proportion to the attention each head gives the span")
     ev.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000])

@@ -179,7 +179,9 @@ def compact(
     Everything but the first `keep_first` and the last `keep_last` positions becomes slots (defaults
     derive from the model's sink/local options and the budget). `method`: "am" (Attention Matching),
     "am-omp", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random", or a
-    `Press`. `head_budgets`: "uniform" or "proportional" (slots per KV head in proportion to how much
+    `Press`. `queries`: the sources of the reference queries the press fits or scores with ("repeat" is
+    the best measured for "am"; it needs the `tokenizer`); whatever they are, the context's own last
+    queries choose, per layer, how much of the budget stays as exact recent tokens. `head_budgets`: "uniform" or "proportional" (slots per KV head in proportion to how much
     attention that head's reference queries give the span). `chunk_size`: compact long spans in chunks
     of that many tokens, each to its share of the slots.
     """
@@ -198,9 +200,10 @@ def compact(
     budget = first + last + slots_per_head
     if keep_last is None and slots_per_head > 0:
         rest = budget - first
-        # candidate numbers of exact recent tokens; `rest` (no slots at all) is StreamingLLM, so the
-        # search never does worse than it on the held-out queries
-        splits = sorted({max(0, min(rest - 1, rest * share // 4)) for share in (1, 2, 3)} | {rest})
+        # candidate numbers of exact recent tokens (a quarter to three quarters of the budget). No slots
+        # at all (StreamingLLM) is not a candidate: the late context queries that judge the split barely
+        # look back, and a layer left without slots loses every mid-document token (a pass key) for good
+        splits = sorted({max(0, min(rest - 1, rest * share // 4)) for share in (1, 2, 3)})
     else:
         splits = [last]
     chosen: list[int] = []
@@ -209,7 +212,9 @@ def compact(
         needs_model = [s for s in sources if s != "random"]
         if needs_model and input_ids is None:
             raise ValueError(f"query sources {needs_model} need the context's `input_ids`")
-        reference_queries = capture_reference_queries(model, input_ids, sources, tokenizer) if needs_model else {}
+        # the context's own queries are captured whatever the sources: its last ones judge the split
+        capture = tuple(dict.fromkeys(("context", *needs_model))) if input_ids is not None else ()
+        reference_queries = capture_reference_queries(model, input_ids, capture, tokenizer) if capture else {}
     generator = torch.Generator().manual_seed(seed)
     scaling = model.model.layers[0].self_attn.scaling
     heads = model.config.num_attention_heads
@@ -228,6 +233,12 @@ def compact(
         layer_queries = torch.cat([q for q, _ in parts], dim=-2)
         layer_positions = torch.cat([p for _, p in parts])
         held_out = _held_out(layer_queries, layer_positions, length, generator).to(device) if len(splits) > 1 else None
+        if "context" not in sources:
+            # context queries (positions >= 0) given only to judge the split take no part in the fit
+            fit = layer_positions < 0
+            if not bool(fit.any()):
+                raise ValueError(f"no reference queries of the sources {list(sources)} for layer {layer_idx}")
+            layer_queries, layer_positions = layer_queries[..., fit, :], layer_positions[fit]
         groups = heads // layer.keys.shape[1]
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)

@@ -66,7 +66,7 @@ def _queries_for(method: str, sources) -> tuple:
 @torch.no_grad()
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
-    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("context", "repeat"), head_budgets="uniform",
+    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="uniform",
 ) -> tuple[list[CompactionResult], dict]:
     device = model.device
     ids = torch.tensor([token_window(tokenizer, corpus, length + continuation, offset=20000)], device=device)
@@ -89,7 +89,9 @@ def evaluate_compaction(
 
     def reference_queries(sources, doc, key):
         if (sources, key) not in query_cache:
-            query_cache[(sources, key)] = capture_reference_queries(model, doc, sources, tokenizer)
+            # the context's queries always come along: compact() judges the recent/slot split with them
+            capture = tuple(dict.fromkeys(("context", *sources)))
+            query_cache[(sources, key)] = capture_reference_queries(model, doc, capture, tokenizer)
         return query_cache[(sources, key)]
 
     results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
