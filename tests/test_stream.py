@@ -160,4 +160,9 @@ def test_bench_stream_section_on_smollm2(tmp_path, smollm2_dir):
     assert max(r["physical_max"] for r in run["records"]) <= 256
     assert run["summary"]["compactions"] > 0 and all(r["loss"] < 8 for r in run["records"])
     assert "trained context of 8192" in (tmp_path / "bench.md").read_text()
-    assert (tmp_path / "stream.png").is_file()
+    try:
+        import matplotlib  # noqa: F401  (plots are optional: skipped with a warning without matplotlib)
+    except ImportError:
+        assert not (tmp_path / "stream.png").exists()
+    else:
+        assert (tmp_path / "stream.png").is_file()
