@@ -23,6 +23,11 @@ except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
 
 
+def _triton_extents(block_size: int, dim: int) -> bool:
+    """Shapes the Triton kernels take: power-of-two extents (tl.arange) of at least 16 (tl.dot tiles)."""
+    return block_size >= 16 and dim >= 16 and not (block_size & (block_size - 1)) and not (dim & (dim - 1))
+
+
 class BlockSummaryCache:
     """Block summaries of a cache layer whose keys sit at positions 0..N-1, kept across decode steps.
 
@@ -51,10 +56,10 @@ class BlockSummaryCache:
         in host memory), of which the first ceil(N / block_size) blocks are valid."""
         batch, kv_heads, total, dim = keys.shape
         device = keys.device if device is None else device
-        if self.buffers is not None and self.buffers[0].device != device:
-            self.complete, self.buffers = 0, None
         size = self.block_size
-        if self.buffers is not None and (self.buffers[0].shape[:2] != (batch, kv_heads) or total < self.complete * size):
+        if self.buffers is not None and (
+            self.buffers[0].device != device or self.buffers[0].shape[:2] != (batch, kv_heads) or total < self.complete * size
+        ):
             self.complete, self.buffers = 0, None
         num_blocks = math.ceil(total / size)
         if self.buffers is None or self.buffers[0].shape[2] < num_blocks:
@@ -69,7 +74,7 @@ class BlockSummaryCache:
             self.complete = whole
         if total > whole * size:  # the incomplete newest block, written where it will complete
             readable = keys.is_cuda or (key_min.is_cuda and keys.is_pinned())  # pinned host memory: read in place
-            if triton is not None and readable and not (size & (size - 1)) and not (dim & (dim - 1)):
+            if triton is not None and readable and _triton_extents(size, dim):
                 # one launch instead of six: this runs at every decode step of every layer
                 _tail_summary_kernel[(batch * kv_heads,)](
                     keys, key_min, key_max, key_sum,
@@ -368,9 +373,8 @@ def block_decode_attention(
     device = query.device
     q_rows = query.view(batch, kv_heads, groups, dim)
     if use_triton is None:
-        # tl.dot needs tiles of at least 16 along each axis; smaller blocks or heads take the gather route
-        # (and power-of-two extents for tl.arange)
-        use_triton = triton is not None and query.is_cuda and size >= 16 and dim >= 16 and not (size & (size - 1)) and not (dim & (dim - 1))
+        # other block sizes or head dims take the gather route
+        use_triton = triton is not None and query.is_cuda and _triton_extents(size, dim)
     if key.device != device:
         # a block store in host memory (SparseMemCache(offload_blocks=True)) is read in place by the kernel
         if not (use_triton and key.is_pinned() and value.is_pinned()):

@@ -8,6 +8,7 @@ The logical length never shrinks when tokens are evicted into slots, so new toke
 positions they would have had with the full cache, and masks are built over logical positions.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -306,8 +307,6 @@ class SparseMemCache(Cache):
 
     def __init__(self, config=None, max_kv_tokens: int | None = None, online=None, offload_blocks: bool = False, **kwargs):
         if offload_blocks:
-            import functools
-
             super().__init__(layer_class_to_replicate=functools.partial(SparseMemLayer, offload_blocks=True))
         else:
             super().__init__(layer_class_to_replicate=SparseMemLayer)

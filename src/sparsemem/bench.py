@@ -349,6 +349,21 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _save_context_plot(plt, fig, ax, path: Path, ylabel: str, title: str, log_y: bool, legend_size: int = 8) -> Path:
+    """The common tail of the bench plots: log2 context axis, labels, legend, saved at 120 dpi."""
+    ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plots(report: dict, folder: Path) -> list[Path]:
     try:
         import matplotlib
@@ -369,16 +384,8 @@ def _plots(report: dict, folder: Path) -> list[Path]:
         ]:
             chosen = [r for r in rows if select(r)]
             ax.plot([r["context"] for r in chosen], [r["ms"] for r in chosen], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("ms per layer")
-        ax.set_title(f"attention prefill, 32/8 heads d=128 bf16 ({gpu})", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(folder / "attention.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_context_plot(plt, fig, ax, folder / "attention.png", "ms per layer",
+                                        f"attention prefill, 32/8 heads d=128 bf16 ({gpu})", log_y=True))
     if report.get("prefill"):
         fig, ax = plt.subplots(figsize=(6, 4))
         rows = report["prefill"]
@@ -386,15 +393,8 @@ def _plots(report: dict, folder: Path) -> list[Path]:
             chosen = [r for r in rows if r["method"] == method and r["fraction"] == fraction]
             label = method if method != "sparsemem" else f"sparsemem {fraction:.4g} of blocks"
             ax.plot([r["context"] for r in chosen], [r["seconds"] for r in chosen], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("prefill seconds")
-        ax.set_title(f"Llama-3-8B-shaped prefill ({gpu})", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(folder / "prefill.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_context_plot(plt, fig, ax, folder / "prefill.png", "prefill seconds",
+                                        f"Llama-3-8B-shaped prefill ({gpu})", log_y=False))
     if report.get("decode_attention"):
         fig, ax = plt.subplots(figsize=(6, 4))
         rows = report["decode_attention"]
@@ -403,16 +403,8 @@ def _plots(report: dict, folder: Path) -> list[Path]:
             chosen = [r for r in rows if (r["batch"], r["method"], r["fraction"]) == (batch, method, fraction)]
             name = method if method != "sparsemem" else f"sparsemem {fraction:.4g}"
             ax.plot([r["context"] for r in chosen], [r["ms"] for r in chosen], marker="o", label=f"batch {batch}: {name}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("ms per layer and step")
-        ax.set_title(f"decode attention, 32/8 heads d=128 bf16 ({gpu})", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(folder / "decode.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_context_plot(plt, fig, ax, folder / "decode.png", "ms per layer and step",
+                                        f"decode attention, 32/8 heads d=128 bf16 ({gpu})", log_y=True, legend_size=7))
     if report.get("stream"):
         from .stream import plot_stream
 
