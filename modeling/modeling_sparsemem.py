@@ -6,6 +6,7 @@ through `ALL_ATTENTION_FUNCTIONS`; the default implementation is "sparsemem" (th
 and any other registered implementation ("sdpa", "eager", ...) gives the base model's dense attention.
 """
 
+import inspect
 import logging
 import os
 
@@ -32,6 +33,16 @@ from .scorer import build_scorer
 
 logger = logging.getLogger(__name__)
 
+# transformers renamed the models' `past_key_values` argument to `cache` (5.2x, the old name deprecated);
+# accept both from callers and hand the cache on under the name the installed version expects
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _given_cache(past_key_values, cache):
+    if past_key_values is not None and cache is not None and past_key_values is not cache:
+        raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not two different ones")
+    return cache if cache is not None else past_key_values
+
 
 class SparseMemAttentionMixin:
     """Forward pass of a family attention module with logical positions and the slot tier.
@@ -55,8 +66,10 @@ class SparseMemAttentionMixin:
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        past_key_values = _given_cache(past_key_values, cache)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -257,16 +270,18 @@ class SparseMemForCausalLMMixin:
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
+        cache = _given_cache(past_key_values, cache)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = SparseMemCache(self.config)
+        if use_cache and cache is None:
+            cache = SparseMemCache(self.config)
+        kwargs[CACHE_ARGUMENT] = cache
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -278,21 +293,21 @@ class SparseMemForCausalLMMixin:
         """`transformers` generate; `max_kv_tokens` bounds every layer's physical KV memory by compacting
         all but the sinks and the newest tokens into slots whenever a layer reaches it (online compaction)."""
         if max_kv_tokens is not None:
-            if kwargs.get("past_key_values") is not None:
+            if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
                 raise ValueError(
                     "pass `max_kv_tokens` either to generate() or to SparseMemCache(config, max_kv_tokens=...), "
                     "not with a `past_key_values` of your own"
                 )
-            kwargs["past_key_values"] = SparseMemCache(self.config, max_kv_tokens=max_kv_tokens)
+            kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config, max_kv_tokens=max_kv_tokens)
         return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if (
-            model_kwargs.get("past_key_values") is None
+            model_kwargs.get(CACHE_ARGUMENT) is None
             and generation_config.cache_implementation is None
             and generation_config.use_cache is not False
         ):
-            model_kwargs["past_key_values"] = SparseMemCache(self.config)
+            model_kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     # -- reporting ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Qwen3, registered with transformers as `attn_implementation="sparsemem"`.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .compact import compact
+from .compact import compact, prefill
 from .convert import convert
 from .documents import load_document, save_document
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
@@ -50,6 +50,7 @@ __all__ = [
     "compact",
     "convert",
     "load_document",
+    "prefill",
     "save_document",
     "sparsemem_attention_forward",
 ]

@@ -68,6 +68,28 @@ def _capture(model, input_ids, keep_from):
 
 
 @torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, cache=None, attention_mask: torch.Tensor | None = None):
+    """Read a context into a `SparseMemCache` and record, in the same pass, the context queries that
+    `compact` fits on: `cache, queries = prefill(model, ids); compact(model, cache, 10, reference_queries=queries)`.
+
+    Attention is dense (SDPA) for this pass: nothing is compacted yet, so it is exact, and compaction
+    needs no second pass over the context. Positions continue when `cache` already holds tokens.
+    Returns (cache, {layer: (queries [B, H, n, d], positions [n])})."""
+    from .modeling.cache import SparseMemCache
+
+    if getattr(model.config, "block_size", None) is None:
+        raise ValueError("prefill() needs a sparsemem model: use sparsemem.convert(model) first")
+    cache = SparseMemCache(model.config) if cache is None else cache
+    if not getattr(cache, "is_sparsemem", False):
+        raise ValueError(f"prefill() fills a SparseMemCache, got {type(cache).__name__}")
+    start = cache.get_seq_length()
+    with _dense_attention(model), recording_queries(model) as captured:
+        model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    positions = torch.arange(start, start + input_ids.shape[1])
+    return cache, {layer: (torch.cat(parts, dim=-2), positions) for layer, parts in captured.items()}
+
+
+@torch.no_grad()
 def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=None, self_study_tokens=128):
     """{layer: (queries [B, H, n, d], positions [n])}; positions are -1 for queries standing for the future."""
     sources = [s for s in sources if s != "random"]  # random queries need no model pass
