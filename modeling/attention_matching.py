@@ -34,6 +34,7 @@ class SpanProblem:
     key_bias: torch.Tensor
     context_lse: torch.Tensor
     scaling: float
+    phi: torch.Tensor | None = None  # the weights, when the caller already has them
 
     def __post_init__(self):
         for name in ("queries", "keys", "values", "key_bias", "context_lse"):
@@ -44,6 +45,8 @@ class SpanProblem:
 
     def weights(self) -> torch.Tensor:
         """Phi [P, n, T]: each key's attention weight for each query, normalised over the whole context."""
+        if self.phi is not None:
+            return self.phi
         logits = self.queries @ self.keys.transpose(-1, -2) * self.scaling + self.key_bias[:, None, :]
         return torch.exp(logits - self.context_lse[:, :, None])
 
@@ -56,13 +59,16 @@ class SpanProblem:
 
 def select_by_attention(phi: torch.Tensor, budget: int) -> torch.Tensor:
     """Indices [P, t] of the keys with the highest RMS attention weight over the reference queries."""
-    score = phi.pow(2).mean(dim=1).sqrt()
+    score = torch.linalg.vector_norm(phi, dim=1)  # RMS up to the constant sqrt(n): same ranking, one pass
     return score.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
-def nnls(gram: torch.Tensor, rhs: torch.Tensor, iterations: int = 400, initial: torch.Tensor | None = None) -> torch.Tensor:
+def nnls(
+    gram: torch.Tensor, rhs: torch.Tensor, iterations: int = 400, initial: torch.Tensor | None = None, tolerance: float = 1e-6
+) -> torch.Tensor:
     """Batched non-negative least squares on the normal equations: argmin_{w>=0} ||A w - m||^2 given
-    gram = A^T A [P, t, t] and rhs = A^T m [P, t]. Accelerated projected gradient (FISTA)."""
+    gram = A^T A [P, t, t] and rhs = A^T m [P, t]. Accelerated projected gradient (FISTA), stopped early
+    once the KKT residual is below `tolerance` times the largest |rhs|."""
     # step 1/L with L the largest eigenvalue of the Gram matrix (power iteration)
     vector = torch.ones_like(rhs)
     for _ in range(30):
@@ -71,13 +77,22 @@ def nnls(gram: torch.Tensor, rhs: torch.Tensor, iterations: int = 400, initial: 
     lipschitz = ((gram @ vector[..., None])[..., 0] * vector).sum(-1).clamp(min=1e-30)[:, None] * 1.01
     w = initial.clone() if initial is not None else torch.zeros_like(rhs)
     y, momentum = w.clone(), 1.0
-    for _ in range(iterations):
+    scale = rhs.abs().amax(-1).clamp(min=1e-30)
+    for iteration in range(1, iterations + 1):
         gradient = (gram @ y[..., None])[..., 0] - rhs
         w_next = (y - gradient / lipschitz).clamp(min=0)
         momentum_next = (1 + (1 + 4 * momentum * momentum) ** 0.5) / 2
         y = w_next + ((momentum - 1) / momentum_next) * (w_next - w)
         w, momentum = w_next, momentum_next
+        if iteration % 25 == 0 and bool((_kkt_residual(gram, rhs, w) <= tolerance * scale).all()):
+            break  # optimal up to `tolerance`: every problem of the batch meets the KKT conditions
     return w
+
+
+def _kkt_residual(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """max_i |min(w_i, g_i)| with g the gradient: 0 exactly at the NNLS optimum (w >= 0, g >= 0, w.g = 0)."""
+    gradient = (gram @ w[..., None])[..., 0] - rhs
+    return torch.minimum(w, gradient).abs().amax(-1)
 
 
 def fit_beta(phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400) -> torch.Tensor:
@@ -156,6 +171,7 @@ def attention_matching(
     ridge: float = 1e-3,
     omp_picks_per_step: int | None = None,
     omp_refit_every: int = 4,
+    nnls_iterations: int = 400,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
     values [P, t, d], beta [P, t])."""
@@ -181,7 +197,7 @@ def attention_matching(
     prior_bias = problem.key_bias.gather(1, index)
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
-        beta = prior_bias + fit_beta(phi_selected, mass, total)
+        beta = prior_bias + fit_beta(phi_selected, mass, total, nnls_iterations)
     else:
         beta = prior_bias
     if refit_values:

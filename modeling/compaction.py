@@ -5,6 +5,7 @@ span entries to keep and the keys, values and beta of the slots. Eviction baseli
 and values with their prior beta; Attention Matching fits beta and values in closed form.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ class HeadSpan:
 class Press:
     """Contract: `compact(span, budget)` -> (index [B, t], keys [B, t, d], values [B, t, d], beta [B, t])."""
 
+    def for_ranking(self) -> "Press":
+        """The press used for trial fits that only rank choices (e.g. the recent/slot split): itself by default."""
+        return self
+
     def scores(self, span: HeadSpan) -> torch.Tensor:
         raise NotImplementedError
 
@@ -61,6 +66,7 @@ class AttentionMatchingPress(Press):
     refit_values: bool = True
     ridge: float = 1e-3
     omp_picks_per_step: int | None = None
+    nnls_iterations: int = 400  # 100 leave the beta fit's objective within ~1% of its optimum
 
     def compact(self, span: HeadSpan, budget: int):
         return attention_matching(
@@ -71,7 +77,14 @@ class AttentionMatchingPress(Press):
             refit_values=self.refit_values,
             ridge=self.ridge,
             omp_picks_per_step=self.omp_picks_per_step,
+            nnls_iterations=self.nnls_iterations,
         )
+
+    def for_ranking(self) -> "AttentionMatchingPress":
+        """A cheaper fit, good enough to compare candidate splits of a budget."""
+        trial = copy.copy(self)  # shallow: a subclass's own state stays shared
+        trial.nnls_iterations = min(self.nnls_iterations, 100)
+        return trial
 
 
 @dataclass
@@ -155,35 +168,68 @@ def group_queries(queries: torch.Tensor, head: int, kv_heads: int) -> torch.Tens
     return queries[:, head * groups : (head + 1) * groups].reshape(batch, -1, dim).float()
 
 
-def head_spans(layer, queries: torch.Tensor, query_positions: torch.Tensor, span: torch.Tensor, scaling: float, fold_slots: bool):
+@dataclass
+class LayerAttention:
+    """Attention of one layer's reference queries over everything the layer holds, per KV head, computed
+    once and shared by every span compacted with the same queries (e.g. the trial splits of `compact`).
+
+    phi[h]: [B, G*n, N] weights over the exact entries; slot_phi[h]: [B, G*n, S_h] over head h's slots
+    (their beta included) or None; lse[h]: [B, G*n] log-sum-exp over all of them."""
+
+    phi: list
+    slot_phi: list
+    lse: list
+
+    @classmethod
+    def measure(cls, layer, queries: torch.Tensor, scaling: float) -> "LayerAttention":
+        kv_heads = layer.keys.shape[1]
+        keys = layer.keys.float()
+        phi, slot_phi, lse = [], [], []
+        for head in range(kv_heads):
+            q = group_queries(queries, head, kv_heads)
+            parts = [q @ keys[:, head].transpose(-1, -2) * scaling]
+            if layer.slots is not None:
+                own = layer.slots.head == head
+                parts.append(q @ layer.slots.keys[:, own].float().transpose(-1, -2) * scaling + layer.slots.beta[:, own].float()[:, None])
+            total = torch.logsumexp(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], dim=-1)
+            weights = [torch.exp(part.sub_(total[..., None])) for part in parts]
+            phi.append(weights[0])
+            slot_phi.append(weights[1] if len(weights) > 1 else None)
+            lse.append(total)
+        return cls(phi, slot_phi, lse)
+
+
+def head_spans(
+    layer, queries: torch.Tensor, query_positions: torch.Tensor, span: torch.Tensor, scaling: float, fold_slots: bool,
+    attention: LayerAttention | None = None,
+):
     """Yield (head, HeadSpan) for every KV head of a `SparseMemLayer`.
 
     queries [B, H, n, d] (all query heads), span [N] boolean over the layer's physical entries. With
     `fold_slots`, existing slots of each head join the span with their beta; otherwise they only take
-    part in the context log-sum-exp.
+    part in the context log-sum-exp. `attention` (measured with the same queries) saves recomputing it.
     """
     kv_heads = layer.keys.shape[1]
     q_pos = query_positions.repeat(queries.shape[1] // kv_heads)  # positions of the pooled group queries
+    attention = attention if attention is not None else LayerAttention.measure(layer, queries, scaling)
     keys, values = layer.keys.float(), layer.values.float()
+    index = span.nonzero()[:, 0]
+    if index.numel() and int(index[-1] - index[0]) + 1 == index.numel():
+        span = slice(int(index[0]), int(index[-1]) + 1)  # a contiguous span: views instead of copies
     for head in range(kv_heads):
         q = group_queries(queries, head, kv_heads)
         span_keys, span_values = keys[:, head, span], values[:, head, span]
         bias = torch.zeros(span_keys.shape[:2], device=keys.device)
         positions = layer.positions[span]
-        kept = keys[:, head, ~span]
-        kept_logits = [q @ kept.transpose(-1, -2) * scaling]
-        if layer.slots is not None:
+        phi = attention.phi[head][..., span]
+        if layer.slots is not None and fold_slots:
             own = layer.slots.head == head
-            slot_keys, slot_beta = layer.slots.keys[:, own].float(), layer.slots.beta[:, own].float()
-            if fold_slots:
-                span_keys = torch.cat([slot_keys, span_keys], dim=1)
-                span_values = torch.cat([layer.slots.values[:, own].float(), span_values], dim=1)
-                bias = torch.cat([slot_beta, bias], dim=1)
-                positions = torch.cat([layer.slots.position[own], positions])
-            else:
-                kept_logits.append(q @ slot_keys.transpose(-1, -2) * scaling + slot_beta[:, None])
-        logits = torch.cat([*kept_logits, q @ span_keys.transpose(-1, -2) * scaling + bias[:, None]], -1)
-        problem = SpanProblem(q, span_keys, span_values, bias, torch.logsumexp(logits, dim=-1), scaling)
+            span_keys = torch.cat([layer.slots.keys[:, own].float(), span_keys], dim=1)
+            span_values = torch.cat([layer.slots.values[:, own].float(), span_values], dim=1)
+            bias = torch.cat([layer.slots.beta[:, own].float(), bias], dim=1)
+            positions = torch.cat([layer.slots.position[own], positions])
+            phi = torch.cat([attention.slot_phi[head], phi], dim=-1)
+        problem = SpanProblem(q, span_keys, span_values, bias, attention.lse[head], scaling, phi=phi)
         yield head, HeadSpan(problem, positions, q_pos)
 
 
@@ -191,19 +237,23 @@ def _stack(spans: list[HeadSpan]) -> HeadSpan:
     """One HeadSpan whose batch holds the batches of `spans` (same span positions and query count)."""
     fields = ("queries", "keys", "values", "key_bias", "context_lse")
     stacked = {name: torch.cat([getattr(s.problem, name) for s in spans]) for name in fields}
+    if all(s.problem.phi is not None for s in spans):
+        stacked["phi"] = torch.cat([s.problem.phi for s in spans])
     return HeadSpan(SpanProblem(**stacked, scaling=spans[0].problem.scaling), spans[0].positions, spans[0].query_positions)
 
 
 def compact_layer(
-    layer, queries, query_positions, span: torch.Tensor, budgets: list[int], press: Press, scaling: float, fold_slots: bool = True
+    layer, queries, query_positions, span: torch.Tensor, budgets: list[int], press: Press, scaling: float, fold_slots: bool = True,
+    attention: LayerAttention | None = None,
 ) -> None:
     """Replace the `span` entries of `layer` (and, with `fold_slots`, its existing slots) by `budgets[h]`
-    slots per KV head. Heads with the same span and budget are solved together as one batch."""
+    slots per KV head. Heads with the same span and budget are solved together as one batch.
+    `attention`: the queries' `LayerAttention` over this layer as it is now, if already measured."""
     dtype = layer.keys.dtype
     batch = layer.keys.shape[0]
     last_position = int(layer.positions[span].max()) if bool(span.any()) else -1
     groups: list[tuple[list[int], list[HeadSpan]]] = []
-    for head, head_span in head_spans(layer, queries, query_positions, span, scaling, fold_slots):
+    for head, head_span in head_spans(layer, queries, query_positions, span, scaling, fold_slots, attention):
         if head_span.problem.keys.shape[1] == 0:
             continue
         for heads, members in groups:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .modeling.compaction import compact_layer, group_queries, make_press
+from .modeling.compaction import LayerAttention, compact_layer, make_press
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def compact(
     keep_last: int | None = None,
     head_budgets: str = "uniform",
     max_queries: int = 2048,
+    split_queries: int = 512,
     chunk_size: int | None = None,
     seed: int = 0,
     reference_queries=None,
@@ -205,7 +206,9 @@ def compact(
     the best measured for "am"; it needs the `tokenizer`); whatever they are, the context's own last
     queries choose, per layer, how much of the budget stays as exact recent tokens. `head_budgets`: "uniform" or "proportional" (slots per KV head in proportion to how much
     attention that head's reference queries give the span). `chunk_size`: compact long spans in chunks
-    of that many tokens, each to its share of the slots.
+    of that many tokens, each to its share of the slots. `max_queries`: reference queries per layer the
+    fit uses (subsampled); `split_queries`: those of them the trial fits that choose the split use.
+    `reference_queries`: queries already captured, e.g. by `prefill` (then no pass over the context is made).
     """
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
@@ -213,6 +216,9 @@ def compact(
         raise ValueError("compact() needs a sparsemem model: use sparsemem.convert(model) first")
     if head_budgets not in ("uniform", "proportional"):
         raise ValueError(f"`head_budgets` must be 'uniform' or 'proportional', got {head_budgets!r}")
+    for name, value in (("max_queries", max_queries), ("split_queries", split_queries)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
     press = make_press(method)
@@ -264,22 +270,28 @@ def compact(
         groups = heads // layer.keys.shape[1]
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
+        # the queries' attention over the layer as it is now (several chunks change it between fits)
+        attention = LayerAttention.measure(layer, layer_queries, scaling) if chunk_size is None else None
         if len(splits) == 1:
             _compact_one_layer(layer, layer_queries, layer_positions, first, splits[0], budget - first - splits[0], length,
-                               press, scaling, head_budgets, chunk_size)
+                               press, scaling, head_budgets, chunk_size, attention)
             chosen.append(splits[0])
             continue
-        # choose the split between exact recent tokens and slots that best keeps this layer's attention output
+        # choose the split between exact recent tokens and slots that best keeps this layer's attention output;
+        # the trials fit on a subsample of the queries (they only rank the splits), the chosen one on all
         reference = _layer_output(layer, held_out, scaling, config, length)
+        trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
+        trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if chunk_size is None else None
         best = None
         for last in splits:
             trial = copy.deepcopy(layer)
-            _compact_one_layer(trial, layer_queries, layer_positions, first, last, budget - first - last, length,
-                               press, scaling, head_budgets, chunk_size)
+            _compact_one_layer(trial, trial_queries, trial_positions, first, last, budget - first - last, length,
+                               press.for_ranking(), scaling, head_budgets, chunk_size, trial_attention)
             error = (_layer_output(trial, held_out, scaling, config, length) - reference).pow(2).sum(-1).mean().item()
             if best is None or error < best[0]:
-                best = (error, last, trial)
-        layer.__dict__.update(best[2].__dict__)
+                best = (error, last)
+        _compact_one_layer(layer, layer_queries, layer_positions, first, best[1], budget - first - best[1], length,
+                           press, scaling, head_budgets, chunk_size, attention)
         chosen.append(best[1])
     cache.compaction_info = {
         "method": method if isinstance(method, str) else type(method).__name__,
@@ -295,7 +307,9 @@ def compact(
     return cache
 
 
-def _compact_one_layer(layer, queries, reference_positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size):
+def _compact_one_layer(
+    layer, queries, reference_positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size, attention=None
+):
     span = (layer.positions >= first) & (layer.positions < length - last)
     if not bool(span.any()) and layer.slots is None:
         return
@@ -316,9 +330,10 @@ def _compact_one_layer(layer, queries, reference_positions, first, last, slots_p
         if head_budgets == "uniform":
             budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
         else:
-            budgets = allocate_head_budgets(share, _span_attention_share(layer, queries, chunk, scaling))
+            budgets = allocate_head_budgets(share, _span_attention_share(layer, queries, chunk, scaling, attention if number == 0 else None))
         # later chunks leave the slots made from earlier chunks alone
-        compact_layer(layer, queries, reference_positions, chunk, budgets, press, scaling, fold_slots=number == 0)
+        compact_layer(layer, queries, reference_positions, chunk, budgets, press, scaling, fold_slots=number == 0,
+                      attention=attention if number == 0 else None)
 
 
 def _held_out(queries, positions, length, generator, count: int = 256):
@@ -346,12 +361,7 @@ def _layer_output(layer, queries, scaling, config, length):
     return out.float()
 
 
-def _span_attention_share(layer, queries, span, scaling) -> torch.Tensor:
+def _span_attention_share(layer, queries, span, scaling, attention=None) -> torch.Tensor:
     """[Hkv]: mean share of attention the head's reference queries give the span (non-causal)."""
-    kv_heads = layer.keys.shape[1]
-    shares = []
-    for head in range(kv_heads):
-        q = group_queries(queries, head, kv_heads)
-        weights = torch.softmax(q @ layer.keys[:, head].float().transpose(-1, -2) * scaling, dim=-1)
-        shares.append(weights[..., span].sum(-1).mean())
-    return torch.stack(shares)
+    attention = attention if attention is not None else LayerAttention.measure(layer, queries, scaling)
+    return torch.stack([phi[..., span].sum(-1).mean() for phi in attention.phi])
