@@ -299,6 +299,8 @@ class SparseMemForCausalLMMixin:
                     "not with a `past_key_values` of your own"
                 )
             kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config, max_kv_tokens=max_kv_tokens)
+        if CACHE_ARGUMENT != "past_key_values" and "past_key_values" in kwargs:
+            kwargs[CACHE_ARGUMENT] = _given_cache(kwargs.pop("past_key_values"), kwargs.get(CACHE_ARGUMENT))
         return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

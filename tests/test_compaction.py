@@ -109,6 +109,35 @@ def test_compaction_with_proportional_head_budgets_stays_at_ratio(filled):
     assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 6) / 6 < 0.05
 
 
+def test_global_head_budgets_rank_all_heads_together_and_keep_the_ratio(filled):
+    model, ids, full = filled
+    cache = copy.deepcopy(full)
+    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], head_budgets="global")
+    counts = [torch.bincount(layer.slots.head, minlength=2).tolist() for layer in cache.layers]
+    assert counts == cache.compaction_info["slots_per_kv_head"]
+    nominal = sum(cache.compaction_info["slots_per_head"]) * 2
+    assert sum(map(sum, counts)) == nominal and min(map(min, counts)) >= 1
+    assert len({c for layer in counts for c in layer}) > 1  # heads really differ
+    assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 6) / 6 < 0.05
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()
+    with pytest.raises(ValueError, match="chunk_size"):
+        sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="global", chunk_size=64)
+
+
+def test_allocation_by_scores_follows_the_global_ranking():
+    from sparsemem.compact import allocate_by_scores
+
+    sharp = torch.tensor([0.9, 0.8, 0.7, 0.6])  # a head that singles entries out
+    flat = torch.tensor([0.05, 0.04, 0.03, 0.02])
+    # one each first, then the best 4 of the remaining 6 entries: all of sharp's three, one of flat's
+    assert allocate_by_scores([sharp, flat], 6) == [4, 2]
+    assert allocate_by_scores([sharp, flat], 2) == [1, 1]
+    assert allocate_by_scores([sharp, flat], 8) == [4, 4]
+    with pytest.raises(ValueError, match="at least"):
+        allocate_by_scores([sharp, flat], 1)
+
+
 def test_ratio_one_below_one_and_bad_arguments(filled):
     model, ids, full = filled
     for bad in (0.5, float("nan"), 0):
@@ -180,3 +209,32 @@ def test_context_queries_judge_the_split_but_only_the_sources_are_fitted(filled)
         assert bool((positions < 0).all()) == future_only
         # the split is searched (several candidates) with the context's late queries in both cases
         assert len(press.seen) > len(cache.layers)
+
+
+def test_prefill_records_the_reference_queries_in_the_same_pass(filled):
+    """`prefill` fills the cache like a dense pass and records the queries a separate capture pass would;
+    compacting with them gives the same cache as compacting with `input_ids` (which captures them again)."""
+    from sparsemem.compact import capture_reference_queries
+
+    model, ids, full = filled
+    cache, recorded = sparsemem.prefill(model, ids[:, :240])
+    captured = capture_reference_queries(model, ids[:, :240], ("context",))
+    assert sorted(recorded) == sorted(captured) == list(range(len(full.layers)))
+    for index, layer in enumerate(cache.layers):
+        torch.testing.assert_close(layer.keys, full.layers[index].keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(recorded[index][0], captured[index][0], rtol=0, atol=1e-5)
+        assert torch.equal(recorded[index][1], captured[index][1])
+    by_recording, by_capture = copy.deepcopy(cache), copy.deepcopy(cache)
+    sparsemem.compact(model, by_recording, ratio=6, reference_queries=recorded)
+    sparsemem.compact(model, by_capture, ratio=6, input_ids=ids[:, :240])
+    for ours, theirs in zip(by_recording.layers, by_capture.layers):
+        torch.testing.assert_close(ours.slots.keys, theirs.slots.keys, rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours.slots.beta, theirs.slots.beta, rtol=1e-3, atol=1e-3)
+
+
+def test_prefill_refuses_what_it_cannot_fill(filled):
+    from transformers import DynamicCache
+
+    model, ids, _ = filled
+    with pytest.raises(ValueError, match="SparseMemCache"):
+        sparsemem.prefill(model, ids[:, :20], cache=DynamicCache())

@@ -22,6 +22,7 @@ from .modeling.compaction import LayerAttention, compact_layer, make_press
 logger = logging.getLogger(__name__)
 
 QUERY_SOURCES = ("context", "repeat", "self-study", "random")
+HEAD_BUDGETS = ("uniform", "proportional", "global")
 REPEAT_PROMPT = "\n\nRepeat the previous text exactly.\n\n"
 SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and questions a reader might ask about it.\n"
 
@@ -204,8 +205,11 @@ def compact(
     "am-omp", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random", or a
     `Press`. `queries`: the sources of the reference queries the press fits or scores with ("repeat" is
     the best measured for "am"; it needs the `tokenizer`); whatever they are, the context's own last
-    queries choose, per layer, how much of the budget stays as exact recent tokens. `head_budgets`: "uniform" or "proportional" (slots per KV head in proportion to how much
-    attention that head's reference queries give the span). `chunk_size`: compact long spans in chunks
+    queries choose, per layer, how much of the budget stays as exact recent tokens. `head_budgets`:
+    "uniform", "proportional" (slots per KV head in proportion to how much attention that head's reference
+    queries give the span) or "global" (all layers' and heads' span entries ranked together by the largest
+    attention a reference query gives them, KVzip-style; each head gets as many slots as it has entries
+    among the best, so layers differ in size while the total keeps the ratio). `chunk_size`: compact long spans in chunks
     of that many tokens, each to its share of the slots. `max_queries`: reference queries per layer the
     fit uses (subsampled); `split_queries`: those of them the trial fits that choose the split use.
     `reference_queries`: queries already captured, e.g. by `prefill` (then no pass over the context is made).
@@ -214,8 +218,10 @@ def compact(
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
     if getattr(model.config, "block_size", None) is None:
         raise ValueError("compact() needs a sparsemem model: use sparsemem.convert(model) first")
-    if head_budgets not in ("uniform", "proportional"):
-        raise ValueError(f"`head_budgets` must be 'uniform' or 'proportional', got {head_budgets!r}")
+    if head_budgets not in HEAD_BUDGETS:
+        raise ValueError(f"`head_budgets` must be one of {HEAD_BUDGETS}, got {head_budgets!r}")
+    if head_budgets == "global" and chunk_size is not None:
+        raise ValueError("`head_budgets='global'` ranks the whole span at once: leave `chunk_size` unset")
     for name, value in (("max_queries", max_queries), ("split_queries", split_queries)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
@@ -247,6 +253,8 @@ def compact(
     scaling = model.model.layers[0].self_attn.scaling
     heads = model.config.num_attention_heads
     config = model.config
+    kv_head_slots = None
+    deferred = []  # global budgets: (layer, queries, positions, recent tokens, head scores), fitted once all are known
     for layer_idx, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             continue
@@ -270,29 +278,35 @@ def compact(
         groups = heads // layer.keys.shape[1]
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
+        recent = splits[0]
+        if len(splits) > 1:
+            # the split between exact recent tokens and slots that best keeps this layer's attention output;
+            # the trials fit on a subsample of the queries (they only rank the splits), the chosen one on all
+            trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
+            recent = _choose_split(layer, trial_queries, trial_positions, held_out, splits, first, budget, length, press,
+                                   scaling, config, chunk_size)
+        chosen.append(recent)
         # the queries' attention over the layer as it is now (several chunks change it between fits)
         attention = LayerAttention.measure(layer, layer_queries, scaling) if chunk_size is None else None
-        if len(splits) == 1:
-            _compact_one_layer(layer, layer_queries, layer_positions, first, splits[0], budget - first - splits[0], length,
-                               press, scaling, head_budgets, chunk_size, attention)
-            chosen.append(splits[0])
+        if head_budgets == "global":
+            span = (layer.positions >= first) & (layer.positions < length - recent)
+            scores = [phi[..., span].amax(dim=(0, 1)).cpu() for phi in attention.phi]
+            deferred.append((layer, layer_queries, layer_positions, recent, scores))
             continue
-        # choose the split between exact recent tokens and slots that best keeps this layer's attention output;
-        # the trials fit on a subsample of the queries (they only rank the splits), the chosen one on all
-        reference = _layer_output(layer, held_out, scaling, config, length)
-        trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
-        trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if chunk_size is None else None
-        best = None
-        for last in splits:
-            trial = copy.deepcopy(layer)
-            _compact_one_layer(trial, trial_queries, trial_positions, first, last, budget - first - last, length,
-                               press.for_ranking(), scaling, head_budgets, chunk_size, trial_attention)
-            error = (_layer_output(trial, held_out, scaling, config, length) - reference).pow(2).sum(-1).mean().item()
-            if best is None or error < best[0]:
-                best = (error, last)
-        _compact_one_layer(layer, layer_queries, layer_positions, first, best[1], budget - first - best[1], length,
+        _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
                            press, scaling, head_budgets, chunk_size, attention)
-        chosen.append(best[1])
+    if deferred:
+        # every (layer, KV head) competes for the slots by the largest attention a reference query gives
+        # each of its span entries: heads that single entries out keep more of them
+        flat = [score for *_, scores in deferred for score in scores]
+        total = sum((budget - first - recent) * len(scores) for *_, recent, scores in deferred)
+        counts = allocate_by_scores(flat, total)
+        kv_head_slots = [counts[n * len(d[4]) : (n + 1) * len(d[4])] for n, d in enumerate(deferred)]
+        for number, (layer, layer_queries, layer_positions, recent, scores) in enumerate(deferred):
+            kv_heads = len(scores)
+            own = counts[number * kv_heads : (number + 1) * kv_heads]
+            _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
+                               press, scaling, head_budgets, None, None, budgets=own)
     cache.compaction_info = {
         "method": method if isinstance(method, str) else type(method).__name__,
         "ratio": ratio,
@@ -301,14 +315,45 @@ def compact(
         "keep_last": chosen,
         "slots_per_head": [budget - first - c for c in chosen],
         "head_budgets": head_budgets,
+        "slots_per_kv_head": kv_head_slots,  # per layer, with head_budgets="global"
         "seconds": time.perf_counter() - start_time,
     }
     logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
     return cache
 
 
+def _choose_split(layer, queries, positions, held_out, splits, first, budget, length, press, scaling, config, chunk_size) -> int:
+    """The number of exact recent tokens, among `splits`, whose trial compaction best keeps the layer's
+    attention output for the `held_out` queries."""
+    reference = _layer_output(layer, held_out, scaling, config, length)
+    attention = LayerAttention.measure(layer, queries, scaling) if chunk_size is None else None
+    best = None
+    for last in splits:
+        trial = copy.deepcopy(layer)
+        _compact_one_layer(trial, queries, positions, first, last, budget - first - last, length, press.for_ranking(),
+                           scaling, "uniform", chunk_size, attention)
+        error = (_layer_output(trial, held_out, scaling, config, length) - reference).pow(2).sum(-1).mean().item()
+        if best is None or error < best[0]:
+            best = (error, last)
+    return best[1]
+
+
+def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1) -> list[int]:
+    """Split `total` slots over heads by ranking all their entries together: head i gets `minimum` plus
+    the number of its entries among the best `total - minimum * heads` of all (never more than it has)."""
+    if total < minimum * len(scores):
+        raise ValueError(f"{total} slots cannot give {len(scores)} heads at least {minimum} each")
+    rest = [score.float().sort(descending=True).values[minimum:] for score in scores]
+    pool = torch.cat(rest)
+    owner = torch.cat([torch.full((r.numel(),), i) for i, r in enumerate(rest)])
+    best = pool.topk(min(total - minimum * len(scores), pool.numel())).indices
+    counts = torch.bincount(owner[best], minlength=len(scores)) + minimum
+    return [min(int(c), int(s.numel())) for c, s in zip(counts, scores)]
+
+
 def _compact_one_layer(
-    layer, queries, reference_positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size, attention=None
+    layer, queries, reference_positions, first, last, slots_per_head, length, press, scaling, head_budgets, chunk_size,
+    attention=None, budgets=None,
 ):
     span = (layer.positions >= first) & (layer.positions < length - last)
     if not bool(span.any()) and layer.slots is None:
@@ -327,12 +372,14 @@ def _compact_one_layer(
     for number, (lo, hi) in enumerate(bounds or [(0, -1)]):
         chunk = (layer.positions >= lo) & (layer.positions <= hi)
         share = max(kv_heads, round(total_slots * int(chunk.sum()) / span_total))
-        if head_budgets == "uniform":
-            budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
+        if budgets is not None:  # given per head (one chunk)
+            chunk_budgets = budgets
+        elif head_budgets == "uniform":
+            chunk_budgets = [share // kv_heads + (1 if h < share % kv_heads else 0) for h in range(kv_heads)]
         else:
-            budgets = allocate_head_budgets(share, _span_attention_share(layer, queries, chunk, scaling, attention if number == 0 else None))
+            chunk_budgets = allocate_head_budgets(share, _span_attention_share(layer, queries, chunk, scaling, attention if number == 0 else None))
         # later chunks leave the slots made from earlier chunks alone
-        compact_layer(layer, queries, reference_positions, chunk, budgets, press, scaling, fold_slots=number == 0,
+        compact_layer(layer, queries, reference_positions, chunk, chunk_budgets, press, scaling, fold_slots=number == 0,
                       attention=attention if number == 0 else None)
 
 
