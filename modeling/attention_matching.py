@@ -184,13 +184,15 @@ def attention_matching(
         return index, problem.keys, problem.values, problem.key_bias
     phi = problem.weights()
     mass, output = problem.targets(phi)
-    if key_selection == "attention":
+    if isinstance(key_selection, torch.Tensor):  # indices [P, t] chosen by the caller
+        index = key_selection
+    elif key_selection == "attention":
         index = select_by_attention(phi, budget)
     elif key_selection == "omp":
         picks = omp_picks_per_step or max(1, budget // 32)
         index = select_by_omp(phi, mass, budget, picks, omp_refit_every if picks > 1 else 1)
     else:
-        raise ValueError(f"key_selection must be 'attention' or 'omp', got {key_selection!r}")
+        raise ValueError(f"key_selection must be 'attention', 'omp' or an index tensor, got {key_selection!r}")
     gather = lambda t: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
     keys, values = gather(problem.keys), gather(problem.values)
     phi_selected = phi.gather(-1, index[:, None, :].expand(-1, phi.shape[1], -1))

@@ -28,6 +28,21 @@ class HeadSpan:
     positions: torch.Tensor
     query_positions: torch.Tensor
 
+    def after_span(self) -> "HeadSpan":
+        """The span seen only by the reference queries that come after all of it (future queries, and
+        context queries at or past its last position): the only ones whose attention the slots must
+        reproduce, since every query that reads the compacted cache comes after the span. Unchanged when
+        no query qualifies."""
+        if self.positions.numel() == 0:
+            return self
+        keep = (self.query_positions < 0) | (self.query_positions >= self.positions.max())
+        if bool(keep.all()) or not bool(keep.any()):
+            return self
+        p = self.problem
+        phi = None if p.phi is None else p.phi[:, keep]
+        problem = SpanProblem(p.queries[:, keep], p.keys, p.values, p.key_bias, p.context_lse[:, keep], p.scaling, phi=phi)
+        return HeadSpan(problem, self.positions, self.query_positions[keep])
+
     def causal_weights(self) -> torch.Tensor:
         """Attention weights [B, n, T] with context queries restricted to keys at or before them."""
         phi = self.problem.weights()
@@ -59,7 +74,9 @@ class Press:
 
 @dataclass
 class AttentionMatchingPress(Press):
-    """Attention Matching; `fit_bias=False` / `refit_values=False` are its ablations."""
+    """Attention Matching; `fit_bias=False` / `refit_values=False` are its ablations. `key_selection`:
+    "attention" (highest RMS attention), "omp", or "recent" (the span's newest entries, as StreamingLLM
+    keeps them, with beta and values fitted so they also stand for the older ones)."""
 
     key_selection: str = "attention"
     fit_bias: bool = True
@@ -69,10 +86,15 @@ class AttentionMatchingPress(Press):
     nnls_iterations: int = 400  # 100 leave the beta fit's objective within ~1% of its optimum
 
     def compact(self, span: HeadSpan, budget: int):
+        span = span.after_span()
+        key_selection = self.key_selection
+        if key_selection == "recent":  # StreamingLLM's keys (the span's newest), refitted
+            order = span.positions.float()[None].expand(span.problem.keys.shape[0], -1)
+            key_selection = order.topk(min(budget, order.shape[-1]), dim=-1).indices.sort(dim=-1).values
         return attention_matching(
             span.problem,
             budget,
-            key_selection=self.key_selection,
+            key_selection=key_selection,
             fit_bias=self.fit_bias,
             refit_values=self.refit_values,
             ridge=self.ridge,
@@ -141,6 +163,7 @@ PRESSES = {
     "am-omp": lambda: AttentionMatchingPress(key_selection="omp"),
     "am-no-beta": lambda: AttentionMatchingPress(fit_bias=False),
     "am-no-refit": lambda: AttentionMatchingPress(refit_values=False),
+    "am-recent": lambda: AttentionMatchingPress(key_selection="recent"),
     "streaming-llm": StreamingLLMPress,
     "h2o": H2OPress,
     "snapkv": SnapKVPress,

@@ -238,3 +238,34 @@ def test_prefill_refuses_what_it_cannot_fill(filled):
     model, ids, _ = filled
     with pytest.raises(ValueError, match="SparseMemCache"):
         sparsemem.prefill(model, ids[:, :20], cache=DynamicCache())
+
+
+def test_am_fits_only_the_queries_that_come_after_the_span():
+    from sparsemem.modeling.compaction import HeadSpan
+
+    problem = _problem(n=4, span=50)
+    span = HeadSpan(problem, torch.arange(10, 60), torch.tensor([-1, 5, 50, 100]))
+    after = span.after_span()
+    assert after.query_positions.tolist() == [-1, 100]
+    torch.testing.assert_close(after.problem.queries, problem.queries[:, [0, 3]])
+    torch.testing.assert_close(after.problem.weights(), problem.weights()[:, [0, 3]])
+    # no query after the span: nothing to restrict to, the span is returned as it is
+    early = HeadSpan(problem, torch.arange(10, 60), torch.tensor([1, 2, 3, 4]))
+    assert early.after_span() is early
+
+
+def test_recent_key_selection_without_fits_is_streaming_llm():
+    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan, StreamingLLMPress
+
+    problem = _problem(span=60)
+    span = HeadSpan(problem, torch.arange(100, 160), torch.full((problem.queries.shape[1],), -1))
+    plain = AttentionMatchingPress(key_selection="recent", fit_bias=False, refit_values=False).compact(span, 12)
+    streaming = StreamingLLMPress().compact(span, 12)
+    for ours, theirs in zip(plain, streaming):
+        assert torch.equal(ours, theirs)
+    assert plain[0][0].tolist() == list(range(48, 60))
+    # with the fits, the same keys stand for the whole span: the mass error falls
+    fitted = AttentionMatchingPress(key_selection="recent").compact(span, 12)
+    assert torch.equal(fitted[1], streaming[1])
+    mass_error = lambda out: _errors(problem, out[1], out[2], out[3])[0]  # noqa: E731
+    assert mass_error(fitted) < 0.5 * mass_error(streaming)

@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--queries", nargs="+", default=["repeat"],
                     help="reference queries that Attention Matching fits (the context's last queries always judge the "
                     "recent/slot split)")
-    ev.add_argument("--head-budgets", default="uniform", choices=["uniform", "proportional"],
-                    help="compaction: slots per KV head, equal or in proportion to the attention each head gives the span")
+    ev.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
+                    help="compaction: slots per KV head: ranked over all layers and heads (global), equal per head, or "
+                         "in proportion to the attention each head gives the span")
     ev.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000])
     ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")

@@ -190,9 +190,10 @@ def compact(
     tokenizer=None,
     keep_first: int | None = None,
     keep_last: int | None = None,
-    head_budgets: str = "uniform",
+    head_budgets: str | None = None,
     max_queries: int = 2048,
     split_queries: int = 512,
+    recent_shares: tuple = (0.25, 0.5, 0.75),
     chunk_size: int | None = None,
     seed: int = 0,
     reference_queries=None,
@@ -209,19 +210,25 @@ def compact(
     "uniform", "proportional" (slots per KV head in proportion to how much attention that head's reference
     queries give the span) or "global" (all layers' and heads' span entries ranked together by the largest
     attention a reference query gives them, KVzip-style; each head gets as many slots as it has entries
-    among the best, so layers differ in size while the total keeps the ratio). `chunk_size`: compact long spans in chunks
+    among the best, so layers differ in size while the total keeps the ratio). Default: "global", or
+    "uniform" with `chunk_size`. `chunk_size`: compact long spans in chunks
     of that many tokens, each to its share of the slots. `max_queries`: reference queries per layer the
-    fit uses (subsampled); `split_queries`: those of them the trial fits that choose the split use.
+    fit uses (subsampled); `split_queries`: those of them the trial fits that choose the split use;
+    `recent_shares`: the candidate shares of the budget kept as exact recent tokens.
     `reference_queries`: queries already captured, e.g. by `prefill` (then no pass over the context is made).
     """
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
     if getattr(model.config, "block_size", None) is None:
         raise ValueError("compact() needs a sparsemem model: use sparsemem.convert(model) first")
+    if head_budgets is None:  # the best measured; chunks are compacted one at a time, so they share uniformly
+        head_budgets = "global" if chunk_size is None else "uniform"
     if head_budgets not in HEAD_BUDGETS:
         raise ValueError(f"`head_budgets` must be one of {HEAD_BUDGETS}, got {head_budgets!r}")
     if head_budgets == "global" and chunk_size is not None:
         raise ValueError("`head_budgets='global'` ranks the whole span at once: leave `chunk_size` unset")
+    if not recent_shares or not all(0 <= share < 1 for share in recent_shares):
+        raise ValueError(f"`recent_shares` must be fractions in [0, 1), got {recent_shares!r}")
     for name, value in (("max_queries", max_queries), ("split_queries", split_queries)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
@@ -234,10 +241,10 @@ def compact(
     budget = first + last + slots_per_head
     if keep_last is None and slots_per_head > 0:
         rest = budget - first
-        # candidate numbers of exact recent tokens (a quarter to three quarters of the budget). No slots
-        # at all (StreamingLLM) is not a candidate: the late context queries that judge the split barely
-        # look back, and a layer left without slots loses every mid-document token (a pass key) for good
-        splits = sorted({max(0, min(rest - 1, rest * share // 4)) for share in (1, 2, 3)})
+        # candidate numbers of exact recent tokens (`recent_shares` of the budget). No slots at all
+        # (StreamingLLM) is not a candidate: the late context queries that judge the split barely look
+        # back, and a layer left without slots loses every mid-document token (a pass key) for good
+        splits = sorted({max(0, min(rest - 1, int(rest * share))) for share in recent_shares})
     else:
         splits = [last]
     chosen: list[int] = []

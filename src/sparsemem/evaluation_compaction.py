@@ -66,7 +66,7 @@ def _queries_for(method: str, sources) -> tuple:
 @torch.no_grad()
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
-    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="uniform",
+    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global",
 ) -> tuple[list[CompactionResult], dict]:
     device = model.device
     ids = torch.tensor([token_window(tokenizer, corpus, length + continuation, offset=20000)], device=device)

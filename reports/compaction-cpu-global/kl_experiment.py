@@ -1,0 +1,54 @@
+"""Next-token KL to the full cache after compaction, one real document, several methods and budgets (CPU).
+
+Run (one process at a time; each config is a JSON object of `sparsemem.compact` arguments):
+
+    OMP_NUM_THREADS=2 python kl_experiment.py 3000 512 20000 5,10,20,50,100 \
+        '{"method":"am","head_budgets":"global"}' '{"method":"kvzip","head_budgets":"global"}' ... > kl.jsonl
+
+Arguments: context tokens, continuation tokens, corpus offset, ratios, configs. The document is the
+evaluation's (`sparsemem eval compaction`: Python's pydoc_data.topics at offset 20000, 3000 + 512
+tokens). Reference queries are captured once (context + repeat); each method takes the sources the
+evaluation gives it (AM the repeat pass, KVzip the repeat pass, H2O and SnapKV the context).
+Bytes are measured before the continuation is appended.
+"""
+import copy
+import json
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sparsemem
+from sparsemem.compact import capture_reference_queries, compact
+from sparsemem.corpus import load_corpus, token_window
+from sparsemem.default_model import resolve_model
+from sparsemem.evaluation_compaction import _continuation_logprobs, _prefill, _queries_for
+
+path = resolve_model(None)
+tokenizer = AutoTokenizer.from_pretrained(path)
+base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+model = sparsemem.convert(base, top_k_blocks=None, block_fraction=None)
+length, continuation, offset = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+ratios = [float(x) for x in sys.argv[4].split(",")]
+configs = [json.loads(c) for c in sys.argv[5:]]
+ids = torch.tensor([token_window(tokenizer, load_corpus(None), length + continuation, offset=offset)])
+context, cont = ids[:, :length], ids[:, length:]
+full = _prefill(model, context)
+reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
+queries = capture_reference_queries(model, context, ("context", "repeat"), tokenizer)
+for config in configs:
+    config = dict(config)
+    tag = config.pop("tag", "")
+    config.setdefault("queries", list(_queries_for(config["method"], ("repeat",))))
+    for ratio in ratios:
+        cache = copy.deepcopy(full)
+        start = time.perf_counter()
+        compact(model, cache, ratio, reference_queries=queries, **config)
+        seconds = time.perf_counter() - start
+        size = full.memory_bytes()["total"] / cache.memory_bytes()["total"]
+        logprobs = _continuation_logprobs(model, cache, cont)
+        kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+        recent = cache.compaction_info["keep_last"]
+        print(json.dumps({"tag": tag, **config, "ratio": ratio, "kl": round(kl, 4), "sec": round(seconds, 1),
+                          "bytes": round(size, 2), "recent": round(sum(recent) / len(recent), 1)}), flush=True)
