@@ -7,8 +7,9 @@ Run (one process at a time; each config is a JSON object of `sparsemem.compact` 
 
 Arguments: context tokens, continuation tokens, corpus offset, ratios, configs. The document is the
 evaluation's (`sparsemem eval compaction`: Python's pydoc_data.topics at offset 20000, 3000 + 512
-tokens). Reference queries are captured once (context + repeat); each method takes the sources the
-evaluation gives it (AM the repeat pass, KVzip the repeat pass, H2O and SnapKV the context).
+tokens). Reference queries are captured once per set of sources, always with the context's own; each
+method takes the sources the evaluation gives it unless the config names them (AM and KVzip the repeat
+pass, H2O and SnapKV the context).
 Bytes are measured before the continuation is appended.
 """
 import copy
@@ -36,7 +37,17 @@ ids = torch.tensor([token_window(tokenizer, load_corpus(None), length + continua
 context, cont = ids[:, :length], ids[:, length:]
 full = _prefill(model, context)
 reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
-queries = capture_reference_queries(model, context, ("context", "repeat"), tokenizer)
+captured = {}
+
+
+def reference_queries(sources):
+    # the context's queries always come along (they judge the split), as in the evaluation
+    key = tuple(dict.fromkeys(("context", *sources)))
+    if key not in captured:
+        captured[key] = capture_reference_queries(model, context, key, tokenizer)
+    return captured[key]
+
+
 for config in configs:
     config = dict(config)
     tag = config.pop("tag", "")
@@ -44,7 +55,7 @@ for config in configs:
     for ratio in ratios:
         cache = copy.deepcopy(full)
         start = time.perf_counter()
-        compact(model, cache, ratio, reference_queries=queries, **config)
+        compact(model, cache, ratio, reference_queries=reference_queries(tuple(config["queries"])), **config)
         seconds = time.perf_counter() - start
         size = full.memory_bytes()["total"] / cache.memory_bytes()["total"]
         logprobs = _continuation_logprobs(model, cache, cont)

@@ -286,20 +286,28 @@ def compact(
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
         recent = splits[0]
+        # a subsample of the queries ranks the candidate splits and (global budgets) the span entries; the
+        # final fit uses them all
+        trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
+        needs_trials = len(splits) > 1 or head_budgets == "global"
+        trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if needs_trials and chunk_size is None else None
         if len(splits) > 1:
-            # the split between exact recent tokens and slots that best keeps this layer's attention output;
-            # the trials fit on a subsample of the queries (they only rank the splits), the chosen one on all
-            trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
+            # the split between exact recent tokens and slots that best keeps this layer's attention output
             recent = _choose_split(layer, trial_queries, trial_positions, held_out, splits, first, budget, length, press,
-                                   scaling, config, chunk_size)
+                                   scaling, config, chunk_size, trial_attention)
         chosen.append(recent)
-        # the queries' attention over the layer as it is now (several chunks change it between fits)
-        attention = LayerAttention.measure(layer, layer_queries, scaling) if chunk_size is None else None
         if head_budgets == "global":
             span = (layer.positions >= first) & (layer.positions < length - recent)
-            scores = [phi[..., span].amax(dim=(0, 1)).cpu() for phi in attention.phi]
+            # only queries that see the whole span rank it (future ones, and context ones past its end)
+            after = (trial_positions < 0) | (trial_positions >= length - recent - 1)
+            after = after.repeat(groups)  # pooled over the query group, as phi's rows
+            if not bool(after.any()):
+                after = torch.ones_like(after)
+            scores = [phi[:, after][..., span].amax(dim=(0, 1)).cpu() for phi in trial_attention.phi]
             deferred.append((layer, layer_queries, layer_positions, recent, scores))
             continue
+        # the queries' attention over the layer as it is now (several chunks change it between fits)
+        attention = LayerAttention.measure(layer, layer_queries, scaling) if chunk_size is None else None
         _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
                            press, scaling, head_budgets, chunk_size, attention)
     if deferred:
@@ -312,8 +320,9 @@ def compact(
         for number, (layer, layer_queries, layer_positions, recent, scores) in enumerate(deferred):
             kv_heads = len(scores)
             own = counts[number * kv_heads : (number + 1) * kv_heads]
+            attention = LayerAttention.measure(layer, layer_queries, scaling)
             _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
-                               press, scaling, head_budgets, None, None, budgets=own)
+                               press, scaling, head_budgets, None, attention, budgets=own)
     cache.compaction_info = {
         "method": method if isinstance(method, str) else type(method).__name__,
         "ratio": ratio,
@@ -329,11 +338,12 @@ def compact(
     return cache
 
 
-def _choose_split(layer, queries, positions, held_out, splits, first, budget, length, press, scaling, config, chunk_size) -> int:
+def _choose_split(
+    layer, queries, positions, held_out, splits, first, budget, length, press, scaling, config, chunk_size, attention=None
+) -> int:
     """The number of exact recent tokens, among `splits`, whose trial compaction best keeps the layer's
-    attention output for the `held_out` queries."""
+    attention output for the `held_out` queries (`attention`: the queries' `LayerAttention`, if measured)."""
     reference = _layer_output(layer, held_out, scaling, config, length)
-    attention = LayerAttention.measure(layer, queries, scaling) if chunk_size is None else None
     best = None
     for last in splits:
         trial = copy.deepcopy(layer)
