@@ -283,14 +283,13 @@ def compact(
                 raise ValueError(f"no reference queries of the sources {list(sources)} for layer {layer_idx}")
             layer_queries, layer_positions = layer_queries[..., fit, :], layer_positions[fit]
         groups = heads // layer.keys.shape[1]
+        all_queries, all_positions = layer_queries, layer_positions
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
         recent = splits[0]
-        # a subsample of the queries ranks the candidate splits and (global budgets) the span entries; the
-        # final fit uses them all
+        # a subsample of the queries ranks the candidate splits; the final fit uses them all
         trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
-        needs_trials = len(splits) > 1 or head_budgets == "global"
-        trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if needs_trials and chunk_size is None else None
+        trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if len(splits) > 1 and chunk_size is None else None
         if len(splits) > 1:
             # the split between exact recent tokens and slots that best keeps this layer's attention output
             recent = _choose_split(layer, trial_queries, trial_positions, held_out, splits, first, budget, length, press,
@@ -298,12 +297,12 @@ def compact(
         chosen.append(recent)
         if head_budgets == "global":
             span = (layer.positions >= first) & (layer.positions < length - recent)
-            # only queries that see the whole span rank it (future ones, and context ones past its end)
-            after = (trial_positions < 0) | (trial_positions >= length - recent - 1)
-            after = after.repeat(groups)  # pooled over the query group, as phi's rows
+            # every reference query (not the fit's subsample: a maximum needs them all) that sees the whole
+            # span ranks it: future ones, and context ones past its end
+            after = (all_positions < 0) | (all_positions >= length - recent - 1)
             if not bool(after.any()):
                 after = torch.ones_like(after)
-            scores = [phi[:, after][..., span].amax(dim=(0, 1)).cpu() for phi in trial_attention.phi]
+            scores = _max_attention(layer, all_queries[..., after.to(all_queries.device), :].to(device), span, scaling)
             deferred.append((layer, layer_queries, layer_positions, recent, scores))
             continue
         # the queries' attention over the layer as it is now (several chunks change it between fits)
@@ -353,6 +352,17 @@ def _choose_split(
         if best is None or error < best[0]:
             best = (error, last)
     return best[1]
+
+
+def _max_attention(layer, queries, span, scaling, chunk: int = 512) -> list[torch.Tensor]:
+    """Per KV head, [T]: the largest attention weight any of `queries` [B, H, n, d] gives each `span` entry
+    (over the batch too), in chunks of queries so no [n, N] matrix is kept."""
+    best = None
+    for start in range(0, queries.shape[-2], chunk):
+        attention = LayerAttention.measure(layer, queries[..., start : start + chunk, :], scaling)
+        top = [phi[..., span].amax(dim=(0, 1)) for phi in attention.phi]
+        best = top if best is None else [torch.maximum(a, b) for a, b in zip(best, top)]
+    return [score.cpu() for score in best]
 
 
 def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1) -> list[int]:
