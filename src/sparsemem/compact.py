@@ -283,26 +283,28 @@ def compact(
                 raise ValueError(f"no reference queries of the sources {list(sources)} for layer {layer_idx}")
             layer_queries, layer_positions = layer_queries[..., fit, :], layer_positions[fit]
         groups = heads // layer.keys.shape[1]
-        all_queries, all_positions = layer_queries, layer_positions
-        layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
-        layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
         recent = splits[0]
-        # a subsample of the queries ranks the candidate splits; the final fit uses them all
-        trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
-        trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if len(splits) > 1 and chunk_size is None else None
         if len(splits) > 1:
-            # the split between exact recent tokens and slots that best keeps this layer's attention output
+            # the split between exact recent tokens and slots that best keeps this layer's attention output,
+            # ranked by trial fits on a subsample of the queries
+            trial_queries, trial_positions = _subsample(layer_queries, layer_positions, max(1, split_queries // groups), generator)
+            trial_queries, trial_positions = trial_queries.to(device), trial_positions.to(device)
+            trial_attention = LayerAttention.measure(layer, trial_queries, scaling) if chunk_size is None else None
             recent = _choose_split(layer, trial_queries, trial_positions, held_out, splits, first, budget, length, press,
                                    scaling, config, chunk_size, trial_attention)
         chosen.append(recent)
+        # every query that reads the compacted cache comes after the span: the reference queries that do too
+        # (future ones, and context ones past its end) are the ones to fit and rank with
+        after = (layer_positions < 0) | (layer_positions >= length - recent - 1)
+        if bool(after.any()):
+            layer_queries, layer_positions = layer_queries[..., after, :], layer_positions[after]
+        all_queries = layer_queries
+        layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
+        layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
         if head_budgets == "global":
             span = (layer.positions >= first) & (layer.positions < length - recent)
-            # every reference query (not the fit's subsample: a maximum needs them all) that sees the whole
-            # span ranks it: future ones, and context ones past its end
-            after = (all_positions < 0) | (all_positions >= length - recent - 1)
-            if not bool(after.any()):
-                after = torch.ones_like(after)
-            scores = _max_attention(layer, all_queries[..., after.to(all_queries.device), :].to(device), span, scaling)
+            # ranked by all of them, not the fit's subsample: a maximum needs every query
+            scores = _max_attention(layer, all_queries.to(device), span, scaling)
             deferred.append((layer, layer_queries, layer_positions, recent, scores))
             continue
         # the queries' attention over the layer as it is now (several chunks change it between fits)
