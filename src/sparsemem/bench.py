@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text
+from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _prefill_seconds(model, ids, chunk: int, make_cache) -> tuple[float, float]:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for begin in range(0, ids.shape[1], chunk):
-        model(input_ids=ids[:, begin : begin + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids[:, begin : begin + chunk], **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -256,14 +257,14 @@ def bench_decode_model(args, bandwidth: float) -> list[dict]:
             try:
                 cache = _filled_cache(make_cache(), layers, batch, total, gen)
                 for step in range(3):  # warm-up: kernels, buffers with room for the new tokens
-                    model(input_ids=ids[:, step : step + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(input_ids=ids[:, step : step + 1], **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
                 if hasattr(model, "reset_sparsemem_stats"):
                     model.reset_sparsemem_stats()
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
                 for step in range(steps):
-                    model(input_ids=ids[:, 3 + step - 1 : 3 + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(input_ids=ids[:, 3 + step - 1 : 3 + step], **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
                 torch.cuda.synchronize()
                 ms = (time.perf_counter() - start) * 1000 / steps
             except (torch.OutOfMemoryError, TypeError, ValueError, RuntimeError) as error:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
+from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
 logger = logging.getLogger("sparsemem")
 
@@ -92,7 +93,7 @@ def cmd_demo(args) -> int:
 
     start = time.perf_counter()
     dense_cache = DynamicCache(config=base.config)
-    out = base.generate(ids, past_key_values=dense_cache, **generate)
+    out = base.generate(ids, **{CACHE_ARGUMENT: dense_cache}, **generate)
     dense_answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     dense_seconds = time.perf_counter() - start
 

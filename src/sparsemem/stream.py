@@ -24,6 +24,8 @@ from typing import Iterator
 
 import torch
 
+from .modeling.modeling_sparsemem import CACHE_ARGUMENT
+
 logger = logging.getLogger(__name__)
 
 PIECE_CHARS = 1 << 18  # characters tokenized per call for long files
@@ -215,7 +217,7 @@ def stream(
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        hidden = model.model(input_ids=inputs, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = model.model(input_ids=inputs, **{CACHE_ARGUMENT: cache}, use_cache=True).last_hidden_state
         loss = chunk_loss(model, hidden, targets)
         del hidden
         loss = float(loss) / size  # reads the result back: the chunk is done
