@@ -76,7 +76,9 @@ class Press:
 class AttentionMatchingPress(Press):
     """Attention Matching; `fit_bias=False` / `refit_values=False` are its ablations. `key_selection`:
     "attention" (highest RMS attention), "omp", or "recent" (the span's newest entries, as StreamingLLM
-    keeps them, with beta and values fitted so they also stand for the older ones)."""
+    keeps them, with beta and values fitted so they also stand for the older ones). `exact_newest`: the
+    share of each head's budget kept as its newest span entries, exact; the fitted slots then stand for
+    the older part alone (queries that read the cache later look at the newest entries most)."""
 
     key_selection: str = "attention"
     fit_bias: bool = True
@@ -84,9 +86,28 @@ class AttentionMatchingPress(Press):
     ridge: float = 1e-3
     omp_picks_per_step: int | None = None
     nnls_iterations: int = 400  # 100 leave the beta fit's objective within ~1% of its optimum
+    exact_newest: float = 0.75  # share of each head's budget kept as its newest span entries, exact
 
     def compact(self, span: HeadSpan, budget: int):
         span = span.after_span()
+        keep = int(budget * self.exact_newest)
+        total = span.problem.keys.shape[1]
+        if 0 < keep < budget < total:
+            # the newest `keep` entries stay as they are; AM fits the rest of the budget to the older part
+            newest = span.positions >= span.positions.sort().values[total - keep]
+            p = span.problem
+            older = HeadSpan(
+                SpanProblem(p.queries, p.keys[:, ~newest], p.values[:, ~newest], p.key_bias[:, ~newest], p.context_lse,
+                            p.scaling, phi=None if p.phi is None else p.phi[..., ~newest]),
+                span.positions[~newest], span.query_positions,
+            )
+            index, keys, values, beta = self._fit(older, budget - keep)
+            pick = lambda t: t[:, newest]  # noqa: E731
+            return (torch.cat([index, newest.nonzero()[:, 0].expand(index.shape[0], -1)], 1), torch.cat([keys, pick(p.keys)], 1),
+                    torch.cat([values, pick(p.values)], 1), torch.cat([beta, pick(p.key_bias)], 1))
+        return self._fit(span, budget)
+
+    def _fit(self, span: HeadSpan, budget: int):
         key_selection = self.key_selection
         if key_selection == "recent":  # StreamingLLM's keys (the span's newest), refitted
             order = span.positions.float()[None].expand(span.problem.keys.shape[0], -1)

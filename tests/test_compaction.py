@@ -269,3 +269,23 @@ def test_recent_key_selection_without_fits_is_streaming_llm():
     assert torch.equal(fitted[1], streaming[1])
     mass_error = lambda out: _errors(problem, out[1], out[2], out[3])[0]  # noqa: E731
     assert mass_error(fitted) < 0.5 * mass_error(streaming)
+
+
+def test_am_keeps_the_newest_share_of_each_budget_exact_and_fits_the_rest_to_the_older_part():
+    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+
+    problem = _problem(span=60)
+    span = HeadSpan(problem, torch.arange(100, 160), torch.full((problem.queries.shape[1],), -1))
+    index, keys, values, beta = AttentionMatchingPress(exact_newest=0.5).compact(span, 12)
+    assert keys.shape[1] == values.shape[1] == beta.shape[1] == 12
+    # the six newest entries, untouched
+    assert torch.equal(index[:, 6:], torch.arange(54, 60).expand(2, -1))
+    assert torch.equal(keys[:, 6:], problem.keys[:, 54:]) and torch.equal(values[:, 6:], problem.values[:, 54:])
+    assert torch.equal(beta[:, 6:], problem.key_bias[:, 54:])
+    # the other six are Attention Matching slots of the older 54 entries alone
+    older = SpanProblem(problem.queries, problem.keys[:, :54], problem.values[:, :54], problem.key_bias[:, :54],
+                        problem.context_lse, problem.scaling)
+    _, old_keys, old_values, old_beta = attention_matching(older, 6)
+    torch.testing.assert_close(keys[:, :6], old_keys)
+    torch.testing.assert_close(values[:, :6], old_values)
+    torch.testing.assert_close(beta[:, :6], old_beta)
