@@ -14,6 +14,12 @@ from .attention_matching import SpanProblem, attention_matching
 from .cache import SlotTier
 
 
+def sees_whole_span(query_positions: torch.Tensor, last_span_position) -> torch.Tensor:
+    """Which reference queries attend to every entry of a span ending at `last_span_position`: those
+    standing for the future (-1) and context queries at or past its end."""
+    return (query_positions < 0) | (query_positions >= last_span_position)
+
+
 @dataclass
 class HeadSpan:
     """The span of one KV head, for a batch of B sequences.
@@ -35,7 +41,7 @@ class HeadSpan:
         no query qualifies."""
         if self.positions.numel() == 0:
             return self
-        keep = (self.query_positions < 0) | (self.query_positions >= self.positions.max())
+        keep = sees_whole_span(self.query_positions, self.positions.max())
         if bool(keep.all()) or not bool(keep.any()):
             return self
         p = self.problem
@@ -102,6 +108,7 @@ class AttentionMatchingPress(Press):
                 span.positions[~newest], span.query_positions,
             )
             index, keys, values, beta = self._fit(older, budget - keep)
+            index = (~newest).nonzero()[:, 0][index]  # into the span, as the contract says, not into its older part
             pick = lambda t: t[:, newest]  # noqa: E731
             return (torch.cat([index, newest.nonzero()[:, 0].expand(index.shape[0], -1)], 1), torch.cat([keys, pick(p.keys)], 1),
                     torch.cat([values, pick(p.values)], 1), torch.cat([beta, pick(p.key_bias)], 1))

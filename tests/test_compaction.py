@@ -289,3 +289,16 @@ def test_am_keeps_the_newest_share_of_each_budget_exact_and_fits_the_rest_to_the
     torch.testing.assert_close(keys[:, :6], old_keys)
     torch.testing.assert_close(values[:, :6], old_values)
     torch.testing.assert_close(beta[:, :6], old_beta)
+
+
+def test_exact_newest_indices_point_into_the_span_whatever_its_order():
+    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+
+    problem = _problem(span=60)
+    # positions descending: the newest entries come first in the span, so its older part is not a prefix
+    span = HeadSpan(problem, torch.arange(159, 99, -1), torch.full((problem.queries.shape[1],), -1))
+    index, keys, _, _ = AttentionMatchingPress(exact_newest=0.5).compact(span, 12)
+    assert torch.equal(index[:, 6:], torch.arange(6).expand(2, -1))
+    assert bool((index[:, :6] >= 6).all())
+    gathered = problem.keys.gather(1, index[..., None].expand(-1, -1, problem.keys.shape[-1]))
+    assert torch.equal(keys, gathered)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .modeling.compaction import LayerAttention, compact_layer, make_press
+from .modeling.compaction import LayerAttention, compact_layer, make_press, sees_whole_span
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def compact(
         chosen.append(recent)
         # every query that reads the compacted cache comes after the span: the reference queries that do too
         # (future ones, and context ones past its end) are the ones to fit and rank with
-        after = (layer_positions < 0) | (layer_positions >= length - recent - 1)
+        after = sees_whole_span(layer_positions, length - recent - 1)
         if bool(after.any()):
             layer_queries, layer_positions = layer_queries[..., after, :], layer_positions[after]
         all_queries = layer_queries
@@ -316,11 +316,9 @@ def compact(
         # each of its span entries: heads that single entries out keep more of them
         flat = [score for *_, scores in deferred for score in scores]
         total = sum((budget - first - recent) * len(scores) for *_, recent, scores in deferred)
-        counts = allocate_by_scores(flat, total)
-        kv_head_slots = [counts[n * len(d[4]) : (n + 1) * len(d[4])] for n, d in enumerate(deferred)]
-        for number, (layer, layer_queries, layer_positions, recent, scores) in enumerate(deferred):
-            kv_heads = len(scores)
-            own = counts[number * kv_heads : (number + 1) * kv_heads]
+        counts = iter(allocate_by_scores(flat, total))
+        kv_head_slots = [[next(counts) for _ in scores] for *_, scores in deferred]
+        for (layer, layer_queries, layer_positions, recent, _), own in zip(deferred, kv_head_slots):
             attention = LayerAttention.measure(layer, layer_queries, scaling)
             _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
                                press, scaling, head_budgets, None, attention, budgets=own)
