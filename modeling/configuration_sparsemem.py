@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 SCORERS = ("minmax", "hybrid", "mean", "learned")
+SCORER_INITS = ("minmax", "hybrid")
 ATTENTION_BACKENDS = ("auto", "reference", "flex")
 
 
@@ -25,9 +26,11 @@ class SparseMemOptions:
     block_fraction: when set, each query attends ceil(block_fraction x its candidate blocks), at least
         `top_k_blocks`: a density that holds across context lengths. Ignored when `top_k_blocks` is None.
     scorer: training-free block scorer: "minmax" (upper bound of q.k from per-block key extrema), "mean"
-        (q . mean key), "hybrid" (both, standardised and added), or "learned" (hybrid plus trained per-KV-head
-        projections of queries and pooled block keys; untrained it equals "hybrid").
+        (q . mean key), "hybrid" (both, standardised and added), or "learned" (a trained per-KV-head mix of
+        both plus trained projections of queries and pooled block keys).
     scorer_dim: width of the learned scorer's query/key projections (used when `scorer="learned"`).
+    scorer_init: the training-free scorer an untrained learned scorer equals exactly ("minmax" or
+        "hybrid"), so a calibration starts no worse than it. A trained checkpoint stores its own mix.
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     query_block_size: `None` selects blocks per query. An integer groups queries into aligned blocks of
         that many logical positions that share one selection, scored from their mean query (the
@@ -44,6 +47,7 @@ class SparseMemOptions:
     block_fraction: float | None = 0.195
     scorer: str = "minmax"
     scorer_dim: int = 64
+    scorer_init: str = "minmax"
     query_chunk_size: int = 512
     query_block_size: int | None = None
     attention_backend: str = "auto"
@@ -72,6 +76,8 @@ class SparseMemOptions:
             raise ValueError(f"`block_fraction` must be a number in (0, 1], got {self.block_fraction!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
+        if self.scorer_init not in SCORER_INITS:
+            raise ValueError(f"`scorer_init` must be one of {SCORER_INITS}, got {self.scorer_init!r}")
         heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
         if kv_heads is not None and (kv_heads < 1 or heads % kv_heads != 0):
             raise ValueError(

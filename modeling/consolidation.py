@@ -1,8 +1,9 @@
 """Learned consolidation: slots `(k, v, beta)` trained on the Attention Matching objective.
 
 Closed-form Attention Matching fits beta and the values for fixed keys (a subset of the span's keys) by
-least squares, one after the other. This press starts from those slots and trains keys, values and beta
-jointly by gradient descent on the AM objective itself, for each span:
+least squares, one after the other. This press starts from those slots (with the newest entries kept
+exact, as the closed form keeps them) and trains keys, values and beta of all of them jointly by
+gradient descent on the AM objective itself, for each span:
 
     loss = sum_i m_i ||out_slots(q_i) - out_span(q_i)||^2 / sum_i m_i ||out_span(q_i)||^2
            + mass_weight * sum_i m_i (log mass_slots(q_i) - log m_i)^2 / sum_i m_i
@@ -13,12 +14,12 @@ held-out reference queries (every `holdout_every`-th one, not trained on) is low
 slots' loss, so the result is never worse than Attention Matching on queries it did not fit.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from .attention_matching import SpanProblem, attention_matching
-from .compaction import HeadSpan, Press
+from .attention_matching import SpanProblem
+from .compaction import AttentionMatchingPress, HeadSpan
 
 
 def slot_attention(problem: SpanProblem, keys, values, beta):
@@ -44,18 +45,24 @@ def consolidation_loss(problem: SpanProblem, keys, values, beta, rows: torch.Ten
 
 
 @dataclass
-class LearnedConsolidationPress(Press):
-    """Attention Matching slots refined by `steps` of Adam on the AM objective, kept only where better on
-    held-out reference queries."""
+class LearnedConsolidationPress(AttentionMatchingPress):
+    """Attention Matching's slots (the press's own options, `exact_newest` included) refined together
+    by `steps` of Adam on the AM objective, kept per problem only where better on held-out reference
+    queries. The recent/slot split is ranked with the closed form alone."""
 
     steps: int = 60
     lr: float = 3e-2
     mass_weight: float = 1.0
     holdout_every: int = 4
 
+    def for_ranking(self) -> AttentionMatchingPress:
+        closed_form = AttentionMatchingPress(**{f.name: getattr(self, f.name) for f in fields(AttentionMatchingPress)})
+        return closed_form.for_ranking()
+
     def compact(self, span: HeadSpan, budget: int):
-        problem = span.problem
-        index, keys, values, beta = attention_matching(problem, budget)
+        index, keys, values, beta = super().compact(span, budget)
+        problem = span.after_span().problem  # the queries the slots must serve, as the closed form fits
+        self.last_accepted = 0.0
         if budget >= problem.keys.shape[1] or problem.queries.shape[1] < 2 * self.holdout_every:
             return index, keys, values, beta
         n = problem.queries.shape[1]
@@ -77,9 +84,8 @@ class LearnedConsolidationPress(Press):
             new_k, new_v, new_b = k * k_scale, v * v_scale, b
             before = consolidation_loss(problem, keys, values, beta, held_out, self.mass_weight)
             after = consolidation_loss(problem, new_k, new_v, new_b, held_out, self.mass_weight)
-            better = torch.isfinite(after) & (after < before)
             finite = torch.isfinite(new_k).all(-1).all(-1) & torch.isfinite(new_v).all(-1).all(-1) & torch.isfinite(new_b).all(-1)
-            better = better & finite
+            better = torch.isfinite(after) & (after < before) & finite
             keys = torch.where(better[:, None, None], new_k, keys)
             values = torch.where(better[:, None, None], new_v, values)
             beta = torch.where(better[:, None], new_b, beta)

@@ -1,14 +1,15 @@
-"""Learned block scorer: the training-free hybrid score plus a trained low-rank relevance projection.
+"""Learned block scorer: a trained mix of the training-free scores plus a trained low-rank relevance projection.
 
 For each KV head h the scorer maps the query (per query head of the group) and the pooled keys of each
 block (max, min and mean of its post-RoPE keys, so the block's positions are already rotated in) to a
-small space of `scorer_dim` dimensions and adds their dot product to the hybrid score:
+small space of `scorer_dim` dimensions and adds their dot product to the mixed training-free scores:
 
     score[b] = a_h * z(minmax bound) + c_h * z(q . mean key) + max_g (W_q,h q_g) . (W_k,h [max_b; min_b; mean_b]) / sqrt(r)
 
 The query side is maxed over the query heads of a KV group, like the training-free scorer, so the
-choice is shared by the group. `W_k` starts at zero and `a_h = c_h = 1`, so an untrained scorer gives
-exactly the hybrid scores and a calibration starts no worse than the training-free selection.
+choice is shared by the group. `W_k` starts at zero and `(a_h, c_h)` at (1, 0) for `init="minmax"` or
+(1, 1) for `init="hybrid"`, so an untrained scorer ranks blocks exactly as that training-free scorer
+(z-scoring one term keeps its order) and a calibration starts no worse than it.
 `inverse_temperature` only shapes the scorer's softmax distribution used for training; ranking (and so
 selection) does not depend on it.
 """
@@ -24,9 +25,11 @@ from .scorer import BlockSummaries, PooledKeyScorer, _standardize
 class LearnedBlockScorer(nn.Module):
     """Per-layer learned block scorer; `forward(query [B, Hkv, G, Q, D], summaries)` -> [B, Hkv, Q, nb]."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, dim: int = 64):
+    def __init__(self, num_kv_heads: int, head_dim: int, dim: int = 64, init: str = "minmax"):
         super().__init__()
-        self.num_kv_heads, self.head_dim, self.dim = num_kv_heads, head_dim, dim
+        if init not in ("minmax", "hybrid"):
+            raise ValueError(f"`scorer_init` must be 'minmax' or 'hybrid', got {init!r}")
+        self.num_kv_heads, self.head_dim, self.dim, self.init = num_kv_heads, head_dim, dim, init
         self.query_proj = nn.Parameter(torch.empty(num_kv_heads, head_dim, dim))
         self.key_proj = nn.Parameter(torch.empty(num_kv_heads, 3 * head_dim, dim))
         self.mix = nn.Parameter(torch.empty(num_kv_heads, 2))
@@ -41,6 +44,8 @@ class LearnedBlockScorer(nn.Module):
         self.query_proj.copy_(weight.to(self.query_proj.device, self.query_proj.dtype))
         self.key_proj.zero_()
         self.mix.fill_(1.0)
+        if self.init == "minmax":
+            self.mix[:, 1] = 0.0
         self.inverse_temperature.fill_(1.0)
 
     def hybrid_terms(self, query: torch.Tensor, summaries: BlockSummaries) -> tuple[torch.Tensor, torch.Tensor]:

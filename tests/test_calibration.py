@@ -17,32 +17,42 @@ from sparsemem.modeling.learned_scorer import LearnedBlockScorer
 from sparsemem.modeling.scorer import PooledKeyScorer, summarize_blocks
 from sparsemem.training import StopTraining, parse_recipe, train
 from sparsemem.training.objectives import register_distillation_attention
+from sparsemem.training.recipe import Phase1
 from sparsemem.training.trainer import _phase1_loss, _phase2_loss, scorers
 
 OPTIONS = dict(block_size=8, sink_tokens=4, local_tokens=16, top_k_blocks=2, block_fraction=0.1)
 
 
-def test_untrained_learned_scorer_equals_hybrid(family):
+@pytest.mark.parametrize("init", ["minmax", "hybrid"])
+def test_untrained_learned_scorer_equals_its_training_free_start(family, init):
     base = make_base_model(family)
-    learned = sparsemem.convert(base, scorer="learned", scorer_dim=8, **OPTIONS)
-    hybrid = sparsemem.convert(base, scorer="hybrid", **OPTIONS)
+    learned = sparsemem.convert(base, scorer="learned", scorer_dim=8, scorer_init=init, **OPTIONS)
+    training_free = sparsemem.convert(base, scorer=init, **OPTIONS)
     generator = torch.Generator().manual_seed(1)
     scorer = learned.model.layers[0].self_attn.scorer
     query = torch.randn(2, 2, 2, 5, scorer.head_dim, generator=generator)
     keys = torch.randn(2, 2, 40, scorer.head_dim, generator=generator)
     summaries = summarize_blocks(keys, torch.arange(40) // 8, 6)  # block 5 is empty
     assert isinstance(scorer, LearnedBlockScorer)
-    got, want = scorer(query, summaries), PooledKeyScorer("hybrid")(query, summaries)
+    got, want = scorer(query, summaries), PooledKeyScorer(init)(query, summaries)
     assert torch.equal(torch.isinf(got), torch.isinf(want)) and bool(torch.isinf(got[..., 5]).all())
-    torch.testing.assert_close(got[..., :5], want[..., :5], rtol=0, atol=1e-6)
+    if init == "hybrid":
+        torch.testing.assert_close(got[..., :5], want[..., :5], rtol=0, atol=1e-6)
+    else:  # the z-scored bound: an increasing map of the bound within each query's row
+        bound = want[..., :5]
+        standard = (bound - bound.mean(-1, keepdim=True)) / bound.std(-1, unbiased=False, keepdim=True)
+        torch.testing.assert_close(got[..., :5], standard, rtol=0, atol=1e-5)
+        assert torch.equal(got[..., :5].argsort(-1), bound.argsort(-1))
     ids = torch.randint(3, 256, (1, 96), generator=generator)
     with torch.no_grad():
-        torch.testing.assert_close(learned(ids).logits, hybrid(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(learned(ids).logits, training_free(ids).logits, rtol=0, atol=0)
 
 
 def test_learned_scorer_option_validation():
     with pytest.raises(ValueError, match="scorer_dim"):
         sparsemem.convert(make_base_model("llama"), scorer="learned", scorer_dim=0)
+    with pytest.raises(ValueError, match="scorer_init"):
+        sparsemem.convert(make_base_model("llama"), scorer="learned", scorer_init="mean")
 
 
 def test_learned_params_round_trip_and_base_checkpoint_init(family, tmp_path):
@@ -60,8 +70,8 @@ def test_learned_params_round_trip_and_base_checkpoint_init(family, tmp_path):
     again = model_class.from_pretrained(tmp_path / "sparse")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
-    # a base checkpoint: base weights load, scorer parameters get their initialisation (= hybrid)
-    fresh = model_class.from_pretrained(tmp_path / "base", scorer="learned", scorer_dim=8, **OPTIONS)
+    # a base checkpoint: base weights load, scorer parameters get their initialisation (= hybrid here)
+    fresh = model_class.from_pretrained(tmp_path / "base", scorer="learned", scorer_dim=8, scorer_init="hybrid", **OPTIONS)
     scorer = fresh.model.layers[1].self_attn.scorer
     assert torch.equal(scorer.key_proj, torch.zeros_like(scorer.key_proj)) and torch.equal(scorer.mix, torch.ones_like(scorer.mix))
     ids = torch.randint(3, 256, (1, 80))
@@ -84,7 +94,7 @@ def test_phase_losses_reach_the_scorer(family):
     ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(0))
     accelerator = Accelerator(cpu=True)
     for compute in (
-        lambda: _phase1_loss(model, model.config, ids, 16, torch.Generator().manual_seed(0), accelerator)[0],
+        lambda: _phase1_loss(model, model.config, ids, Phase1(queries_per_layer=16), torch.Generator().manual_seed(0), accelerator)[0],
         lambda: _phase2_loss(model, ids, Phase2(kl_tokens=32), False, accelerator)[0],
     ):
         loss = compute()
@@ -93,6 +103,38 @@ def test_phase_losses_reach_the_scorer(family):
         grads = [p.grad for m in scorers(model) for p in m.parameters() if p.grad is not None]
         assert grads and sum(float(g.abs().sum()) for g in grads) > 0
         model.zero_grad(set_to_none=True)
+
+
+def test_mass_weighted_distillation_weighs_rows_by_their_cold_mass():
+    """The weighted phase-1 loss is sum_r m_r KL_r / sum_r m_r over (KV head, query) rows r, with m_r the
+    dense attention mass of the row's cold blocks (recomputed here from plain softmax attention); the
+    unweighted loss is the plain mean of the same KL_r."""
+    from sparsemem.modeling.anchors import anchor_mask
+    from sparsemem.training.objectives import ScorerDistillation
+
+    model = sparsemem.convert(make_base_model("llama"), scorer="learned", scorer_dim=8, **OPTIONS)
+    attention = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 4, 64, 16, generator=generator) * 2
+    key = torch.randn(1, 2, 64, 16, generator=generator) * 2
+    collected = {}
+    for weighted in (True, False):
+        collector = ScorerDistillation(model.config, 64, torch.Generator().manual_seed(0), mass_weighted=weighted)
+        collector(attention, query, key, 0.25)
+        collected[weighted] = (collector.loss().item(), collector.rows[0])
+    (weighted_loss, (positions, kl, mass)), (plain_loss, (_, plain_kl, _)) = collected[True], collected[False]
+    assert torch.equal(kl, plain_kl)
+    assert weighted_loss == pytest.approx(float((kl * mass).sum() / mass.sum()), rel=1e-5)
+    assert plain_loss == pytest.approx(float(kl.mean()), rel=1e-5)
+    assert weighted_loss != pytest.approx(plain_loss, rel=1e-2)
+    # the masses, from scratch: softmax over visible keys, cold keys summed per 8-token block, max over each group
+    keys_at = torch.arange(64)
+    visible = keys_at[None] <= positions[:, None]
+    probs = torch.softmax((query[:, :, positions] @ key.repeat_interleave(2, 1).transpose(-1, -2) * 0.25).masked_fill(~visible, float("-inf")), -1)
+    cold = visible & ~anchor_mask(positions, keys_at, OPTIONS["sink_tokens"], OPTIONS["local_tokens"])
+    blocks = (probs * cold).view(1, 4, -1, 8, 8).sum(-1)
+    torch.testing.assert_close(mass, blocks.view(1, 2, 2, -1, 8).amax(2).sum(-1), rtol=1e-5, atol=1e-7)
+    assert bool((mass > 0).all()) and float(mass.max() / mass.min()) > 2  # the rows really weigh differently
 
 
 # -- calibration runs on a tiny model with the real tokenizer and real text ---------------------------
@@ -209,7 +251,7 @@ def test_cpu_smoke_recipe_lowers_the_scorer_loss(smollm2_dir, tmp_path):
 
     def loss():
         with torch.no_grad():
-            return _phase1_loss(model, model.config, ids, 256, torch.Generator().manual_seed(0), accelerator)[0].item()
+            return _phase1_loss(model, model.config, ids, Phase1(queries_per_layer=256), torch.Generator().manual_seed(0), accelerator)[0].item()
 
     before = loss()
     model.load_sparsemem_modules(load_file(tmp_path / "smoke" / "final" / "sparsemem_modules.safetensors"))
@@ -271,8 +313,8 @@ def test_push_fails_fast_offline(uninterrupted, tmp_path):
 
 
 def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_queries():
-    from sparsemem.modeling.attention_matching import SpanProblem, attention_matching
-    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching import SpanProblem
+    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
     from sparsemem.modeling.consolidation import LearnedConsolidationPress, consolidation_loss
 
     generator = torch.Generator().manual_seed(0)
@@ -287,8 +329,11 @@ def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_q
     lse = torch.logsumexp(q @ k.transpose(-1, -2) * scaling, -1) + 0.5
     problem = SpanProblem(q, k, v, torch.zeros(problems, span), lse, scaling)
     press = LearnedConsolidationPress(steps=20)
-    index, keys, values, beta = press.compact(HeadSpan(problem, torch.arange(span), torch.full((queries,), -1)), 12)
-    _, am_keys, am_values, am_beta = attention_matching(problem, 12)
+    head_span = HeadSpan(problem, torch.arange(span), torch.full((queries,), -1))
+    index, keys, values, beta = press.compact(head_span, 12)
+    # the start: the closed form with the same options (its newest 75% of the budget kept exact)
+    am_index, am_keys, am_values, am_beta = AttentionMatchingPress().compact(head_span, 12)
+    assert torch.equal(index, am_index)
     held_out = torch.arange(queries) % press.holdout_every == 0
     learned = consolidation_loss(problem, keys, values, beta, held_out)
     closed_form = consolidation_loss(problem, am_keys, am_values, am_beta, held_out)
@@ -296,7 +341,8 @@ def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_q
     assert index.shape == (problems, 12) and torch.isfinite(values).all()
     # where a problem was refined, its held-out loss is strictly lower
     refined = ~torch.isclose(beta, am_beta).all(-1)
-    assert bool((learned[refined] < closed_form[refined]).all())
+    assert bool(refined.any()) and bool((learned[refined] < closed_form[refined]).all())
+    assert isinstance(press.for_ranking(), AttentionMatchingPress) and not isinstance(press.for_ranking(), LearnedConsolidationPress)
 
 
 def test_constant_memory_with_learned_consolidation():

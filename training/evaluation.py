@@ -64,7 +64,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     models = {
         "dense": base,
         "training-free (minmax)": convert(base, **{**options, "scorer": "minmax"}),
-        "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"}),  # the learned scorer's start
+        "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"}),
     }
     phase1 = run_dir / "phase1_modules.safetensors"
     final = load_file(run_dir / "final" / "sparsemem_modules.safetensors")

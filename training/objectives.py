@@ -27,19 +27,24 @@ class ScorerDistillation:
     """Collects the phase-1 loss of every layer during one dense forward pass.
 
     `queries_per_layer` query positions are drawn (from `generator`) among those that have cold blocks;
-    the loss is the mean over layers of the mean KL over those queries. Also records, for the same
-    queries, the share of dense block mass the learned and the training-free selections capture at the
-    configured budget.
+    the loss is the mean over layers of the mean KL over those queries and KV heads. With
+    `mass_weighted`, each (query, KV head) counts in proportion to the attention mass its cold blocks
+    hold: a query that attends almost only its anchors loses next to nothing whatever blocks it
+    selects, and an unweighted mean spends the scorer's capacity on ranking such rows. Also records,
+    with the same weights, the share of dense block mass the learned and the training-free selections
+    capture at the configured budget.
     """
 
-    def __init__(self, config, queries_per_layer: int, generator: torch.Generator):
+    def __init__(self, config, queries_per_layer: int, generator: torch.Generator, mass_weighted: bool = True):
         self.config = config
         self.queries_per_layer = queries_per_layer
+        self.mass_weighted = mass_weighted
         self.generator = generator
         self.losses: list[torch.Tensor] = []
         self.recall_learned: list[float] = []
-        self.recall_hybrid: list[float] = []
-        self._hybrid = PooledKeyScorer("hybrid")
+        self.recall_training_free: list[float] = []
+        self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: (positions, KL, cold mass)
+        self._training_free = PooledKeyScorer(getattr(config, "scorer_init", "hybrid"))  # the learned scorer's start
 
     def __call__(self, module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         config = self.config
@@ -81,13 +86,22 @@ class ScorerDistillation:
             scores = module.scorer(groups_q, summaries)
             log_p = module.scorer.log_distribution(scores, candidates)
             kl = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - log_p), torch.zeros_like(target))
-            self.losses.append(kl.sum(-1).mean())
+            row_kl, row_mass = kl.sum(-1), total.squeeze(-1)
+            row_weight = self._row_weights(row_mass)
+            self.losses.append((row_kl * row_weight).sum())
+            self.rows.append((positions, row_kl.detach(), row_mass))
 
         with torch.no_grad():
             top_k, fraction = config.top_k_blocks, config.block_fraction
-            for scorer_scores, store in ((scores.detach(), self.recall_learned), (self._hybrid(groups_q, summaries), self.recall_hybrid)):
+            for scorer_scores, store in ((scores.detach(), self.recall_learned), (self._training_free(groups_q, summaries), self.recall_training_free)):
                 chosen = select_blocks(scorer_scores, candidates, top_k, fraction)
-                store.append(float((target * chosen).sum(-1).mean()))
+                store.append(float(((target * chosen).sum(-1) * row_weight).sum()))
+
+    def _row_weights(self, cold_mass: torch.Tensor) -> torch.Tensor:
+        """Weights of the (batch, KV head, query) rows, summing to 1."""
+        if not self.mass_weighted:
+            return torch.full_like(cold_mass, 1.0 / cold_mass.numel())
+        return cold_mass / cold_mass.sum().clamp(min=1e-30)
 
     def loss(self) -> torch.Tensor:
         if not self.losses:
@@ -97,7 +111,8 @@ class ScorerDistillation:
     def reset(self) -> None:
         self.losses.clear()
         self.recall_learned.clear()
-        self.recall_hybrid.clear()
+        self.recall_training_free.clear()
+        self.rows.clear()
 
 
 def distillation_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

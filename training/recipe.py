@@ -32,6 +32,7 @@ class Phase1:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     queries_per_layer: int = 256
+    mass_weighted: bool = True  # weigh each query's KL by the attention mass its cold blocks hold
 
 
 @dataclass
@@ -187,6 +188,8 @@ def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
         _number(f"{phase}.lr", settings.lr, (int, float), 0)
         _number(f"{phase}.warmup_steps", settings.warmup_steps, int, 0)
     _number("phase1.queries_per_layer", recipe.phase1.queries_per_layer, int, 1)
+    if not isinstance(recipe.phase1.mass_weighted, bool):
+        raise ValueError(f"recipe: `phase1.mass_weighted` must be true or false, got {recipe.phase1.mass_weighted!r}")
     _number("phase2.kl_tokens", recipe.phase2.kl_tokens, int, 1)
     _number("phase2.gate_temperature", recipe.phase2.gate_temperature, (int, float), 1e-6)
     if recipe.phase2.sequence_length is not None:

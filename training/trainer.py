@@ -199,7 +199,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             ids = data.batch(recipe.seed, step, micro, accelerator.process_index, recipe.micro_batch_size).to(accelerator.device)
             generator = torch.Generator().manual_seed(hash_seed(recipe.seed, step, micro, accelerator.process_index, "queries"))
             if phase == 1:
-                loss, metrics = _phase1_loss(model, config, ids, p1.queries_per_layer, generator, accelerator)
+                loss, metrics = _phase1_loss(model, config, ids, p1, generator, accelerator)
             else:
                 ids = ids[: p2.micro_batch_size or ids.shape[0], : p2.sequence_length or ids.shape[1]]
                 loss, metrics = _phase2_loss(model, ids, p2, recipe.gradient_checkpointing, accelerator)
@@ -314,8 +314,8 @@ def _load_trainable(model, state: dict[str, torch.Tensor], strict: bool = True) 
                 params[matches[0]].copy_(value)
 
 
-def _phase1_loss(model, config, ids, queries_per_layer, generator, accelerator):
-    collector = ScorerDistillation(config, queries_per_layer, generator)
+def _phase1_loss(model, config, ids, settings, generator, accelerator):
+    collector = ScorerDistillation(config, settings.queries_per_layer, generator, settings.mass_weighted)
     modules = attention_modules(model)
     implementation = config._attn_implementation
     config._attn_implementation = DISTILL_ATTENTION
@@ -331,7 +331,7 @@ def _phase1_loss(model, config, ids, queries_per_layer, generator, accelerator):
             module.scorer_distillation = None
     metrics = {
         "recall_learned": sum(collector.recall_learned) / len(collector.recall_learned),
-        "recall_training_free": sum(collector.recall_hybrid) / len(collector.recall_hybrid),
+        "recall_training_free": sum(collector.recall_training_free) / len(collector.recall_training_free),
     }
     return loss, metrics
 

@@ -165,7 +165,7 @@ def cmd_eval_compaction(args) -> int:
     results, meta = evaluate_compaction(
         model, tokenizer, load_corpus(args.text), methods=args.methods or DEFAULT_METHODS, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
-        head_budgets=args.head_budgets,
+        head_budgets=args.head_budgets, documents=args.documents,
     )
     meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100])
     ev.add_argument("--context-tokens", type=int, default=3000)
     ev.add_argument("--continuation-tokens", type=int, default=512)
+    ev.add_argument("--documents", type=int, default=1,
+                    help="compaction: documents (consecutive corpus windows) averaged over, and pass-key haystacks per depth")
     ev.add_argument("--queries", nargs="+", default=["repeat"],
                     help="reference queries that Attention Matching fits (the context's last queries always judge the "
                     "recent/slot split)")

@@ -1,4 +1,4 @@
-"""`sparsemem eval compaction`: compaction methods side by side at several ratios on one real document.
+"""`sparsemem eval compaction`: compaction methods side by side at several ratios on real documents.
 
 For each (method, ratio): compact a copy of the full cache of the document, then measure on a real
 continuation (teacher-forced) the mean next-token KL to the full cache and the perplexity, and, on
@@ -66,23 +66,28 @@ def _queries_for(method: str, sources) -> tuple:
 @torch.no_grad()
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
-    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global",
+    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
 ) -> tuple[list[CompactionResult], dict]:
+    """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
+    needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document)."""
+    if not isinstance(documents, int) or documents < 1:
+        raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
     device = model.device
-    ids = torch.tensor([token_window(tokenizer, corpus, length + continuation, offset=20000)], device=device)
-    context, cont = ids[:, :length], ids[:, length:]
-    full = _prefill(model, context)
-    reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
-    full_bytes = full.memory_bytes()["total"]
-    targets = cont[0, 1:]
-    full_ppl = math.exp(torch.nn.functional.nll_loss(reference[0, :-1], targets).item())
-
     question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    needles = []
-    for depth in needle_depths:
-        case = passkey_case(tokenizer, corpus, length + question.shape[1], depth)
-        doc = torch.tensor([case.input_ids[: -question.shape[1]]], device=device)
-        needles.append((case, doc, _prefill(model, doc)))
+    docs, needles = [], []
+    for number in range(documents):
+        offset = 20000 + number * (length + continuation)
+        ids = torch.tensor([token_window(tokenizer, corpus, length + continuation, offset=offset)], device=device)
+        context, cont = ids[:, :length], ids[:, length:]
+        full = _prefill(model, context)
+        reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
+        docs.append((context, cont, full, reference))
+        for depth in needle_depths:
+            case = passkey_case(tokenizer, corpus, length + question.shape[1], depth, seed=number)
+            doc = torch.tensor([case.input_ids[: -question.shape[1]]], device=device)
+            needles.append((case, doc, _prefill(model, doc)))
+    full_bytes = docs[0][2].memory_bytes()["total"]
+    full_ppl = math.exp(sum(_nll(reference, cont) for _, cont, _, reference in docs) / documents)
     full_needle = sum(_answer(model, tokenizer, copy.deepcopy(cache), question, case) for case, _, cache in needles) / max(len(needles), 1)
 
     query_cache: dict = {}
@@ -98,31 +103,37 @@ def evaluate_compaction(
     for method in tqdm(methods, desc="methods"):
         sources = _queries_for(method, queries)
         for ratio in ratios:
-            cache = copy.deepcopy(full)
-            queries_for_doc = reference_queries(sources, context, "doc")  # captured once, not timed
-            start = time.perf_counter()
-            compact(model, cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
-                    reference_queries=queries_for_doc)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
-            size = cache.memory_bytes()["total"]
-            logprobs = _continuation_logprobs(model, cache, cont)
-            kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
-            ppl = math.exp(torch.nn.functional.nll_loss(logprobs[0, :-1], targets).item())
+            kl = nll = seconds = 0.0
+            for number, (context, cont, full, reference) in enumerate(docs):
+                cache = copy.deepcopy(full)
+                queries_for_doc = reference_queries(sources, context, f"doc{number}")  # captured once, not timed
+                start = time.perf_counter()
+                compact(model, cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
+                        reference_queries=queries_for_doc)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds += (time.perf_counter() - start) / documents
+                size = cache.memory_bytes()["total"] if number == 0 else size
+                logprobs = _continuation_logprobs(model, cache, cont)
+                kl += (reference.exp() * (reference - logprobs)).sum(-1).mean().item() / documents
+                nll += _nll(logprobs, cont) / documents
             correct = 0
             for index, (case, doc, needle_full) in enumerate(needles):
                 needle_cache = copy.deepcopy(needle_full)
                 compact(model, needle_cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
                         reference_queries=reference_queries(sources, doc, f"needle{index}"))
                 correct += _answer(model, tokenizer, needle_cache, question, case)
-            results.append(
-                CompactionResult(method, ratio, kl, ppl, size, full_bytes / size, seconds, correct / max(len(needles), 1))
-            )
-            logger.info("%s x%s: KL %.4f ppl %.3f bytes x%.2f %.2fs", method, ratio, kl, ppl, full_bytes / size, seconds)
-    meta = {"context_tokens": length, "continuation_tokens": continuation, "needle_depths": list(needle_depths),
-            "am_queries": list(queries), "head_budgets": head_budgets, "full_cache_bytes": full_bytes}
+            results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
+                                            correct / max(len(needles), 1)))
+            logger.info("%s x%s: KL %.4f ppl %.3f bytes x%.2f %.2fs", method, ratio, kl, math.exp(nll), full_bytes / size, seconds)
+    meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
+            "needle_depths": list(needle_depths), "needle_cases": len(needles), "am_queries": list(queries),
+            "head_budgets": head_budgets, "full_cache_bytes": full_bytes}
     return results, meta
+
+
+def _nll(logprobs, continuation) -> float:
+    return torch.nn.functional.nll_loss(logprobs[0, :-1], continuation[0, 1:]).item()
 
 
 def _answer(model, tokenizer, cache, question, case) -> int:
