@@ -6,7 +6,6 @@ and values with their prior beta; Attention Matching fits beta and values in clo
 """
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -85,11 +84,7 @@ class AttentionMatchingPress(Press):
     "attention" (highest RMS attention), "omp", or "recent" (the span's newest entries, as StreamingLLM
     keeps them, with beta and values fitted so they also stand for the older ones). `exact_newest`: the
     share of each head's budget kept as its newest span entries, exact; the fitted slots then stand for
-    the older part alone (queries that read the cache later look at the newest entries most). "auto"
-    fits a quarter of the budget while the head keeps at least a fifth of its span, and
-    0.25 * sqrt(5 * budget / span) of it beyond: the fewer slots a head has per entry it drops, the worse
-    a fitted slot stands for its share of the past and the more an exact newest entry is worth (on
-    SmolLM2 a fixed 0.75 was best at 5x and 10x, 0.875 at 20x, 0.95 at 50x)."""
+    the older part alone (queries that read the cache later look at the newest entries most)."""
 
     key_selection: str = "attention"
     fit_bias: bool = True
@@ -97,24 +92,17 @@ class AttentionMatchingPress(Press):
     ridge: float = 1e-3
     omp_picks_per_step: int | None = None
     nnls_iterations: int = 400  # 100 leave the beta fit's objective within ~1% of its optimum
-    exact_newest: float | str = "auto"  # share of each head's budget kept as its newest span entries, exact
+    exact_newest: float = 0.75  # share of each head's budget kept as its newest span entries, exact
 
     def __post_init__(self):
-        if self.exact_newest != "auto" and not (
-            isinstance(self.exact_newest, (int, float)) and not isinstance(self.exact_newest, bool) and 0 <= self.exact_newest <= 1
-        ):
-            raise ValueError(f"`exact_newest` must be 'auto' or a share in [0, 1], got {self.exact_newest!r}")
-
-    def exact_share(self, budget: int, total: int) -> float:
-        """The share of a `budget`-slot head's budget kept exact, for a span of `total` entries."""
-        if self.exact_newest != "auto":
-            return float(self.exact_newest)
-        return 1.0 - 0.25 * min(1.0, math.sqrt(5.0 * budget / max(total, 1)))
+        share = self.exact_newest
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"`exact_newest` must be a share in [0, 1], got {share!r}")
 
     def compact(self, span: HeadSpan, budget: int):
         span = span.after_span()
         total = span.problem.keys.shape[1]
-        keep = int(budget * self.exact_share(budget, total))
+        keep = int(budget * self.exact_newest)
         if 0 < keep < budget < total:
             # the newest `keep` entries stay as they are; AM fits the rest of the budget to the older part
             newest = span.positions >= span.positions.sort().values[total - keep]

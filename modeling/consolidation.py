@@ -1,9 +1,9 @@
 """Learned consolidation: slots `(k, v, beta)` trained on the Attention Matching objective.
 
 Closed-form Attention Matching fits beta and the values for fixed keys (a subset of the span's keys) by
-least squares, one after the other. This press starts from those slots (with the newest entries kept
-exact, as the closed form keeps them) and trains keys, values and beta of all of them jointly by
-gradient descent on the AM objective itself, for each span:
+least squares, one after the other. This press starts from those slots and trains their keys, values
+and beta jointly by gradient descent on the AM objective itself, for each span (the newest entries the
+closed form keeps exact stay exact and take part in the loss):
 
     loss = sum_i m_i ||out_slots(q_i) - out_span(q_i)||^2 / sum_i m_i ||out_span(q_i)||^2
            + mass_weight * sum_i m_i (log mass_slots(q_i) - log m_i)^2 / sum_i m_i
@@ -46,14 +46,16 @@ def consolidation_loss(problem: SpanProblem, keys, values, beta, rows: torch.Ten
 
 @dataclass
 class LearnedConsolidationPress(AttentionMatchingPress):
-    """Attention Matching's slots (the press's own options, `exact_newest` included) refined together
-    by `steps` of Adam on the AM objective, kept per problem only where better on held-out reference
-    queries. The recent/slot split is ranked with the closed form alone."""
+    """Attention Matching's fitted slots (the press's own options, `exact_newest` included) refined by
+    `steps` of Adam on the AM objective of the whole span, with the exact newest entries taking part
+    unchanged; kept per problem only where better on held-out reference queries. The recent/slot split
+    is ranked with the closed form alone."""
 
     steps: int = 60
     lr: float = 3e-2
     mass_weight: float = 1.0
     holdout_every: int = 4
+    train_keys: bool = True  # False: keys stay the closed form's (real span keys); values and beta move
 
     def for_ranking(self) -> AttentionMatchingPress:
         closed_form = AttentionMatchingPress(**{f.name: getattr(self, f.name) for f in fields(AttentionMatchingPress)})
@@ -63,25 +65,33 @@ class LearnedConsolidationPress(AttentionMatchingPress):
         index, keys, values, beta = super().compact(span, budget)
         problem = span.after_span().problem  # the queries the slots must serve, as the closed form fits
         self.last_accepted = 0.0
-        if budget >= problem.keys.shape[1] or problem.queries.shape[1] < 2 * self.holdout_every:
+        total = problem.keys.shape[1]
+        if budget >= total or problem.queries.shape[1] < 2 * self.holdout_every:
             return index, keys, values, beta
+        # the closed form returns its fitted slots first and the exact newest entries after them: only the
+        # fitted ones move, the exact entries take part in the loss as they are
+        keep = int(budget * self.exact_newest)
+        fitted = budget - keep if 0 < keep < budget else budget
         n = problem.queries.shape[1]
         held_out = torch.arange(n, device=keys.device) % self.holdout_every == 0
+        fixed = keys[:, fitted:], values[:, fitted:], beta[:, fitted:]
+        joined = lambda a, b, c: (torch.cat([a, fixed[0]], 1), torch.cat([b, fixed[1]], 1), torch.cat([c, fixed[2]], 1))  # noqa: E731
+        start = keys[:, :fitted], values[:, :fitted], beta[:, :fitted]
         with torch.enable_grad():
             # optimise in a normalised parametrisation: keys and values move relative to their scale
-            k_scale = keys.detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
-            v_scale = values.detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
-            k = (keys.detach() / k_scale).clone().requires_grad_(True)
-            v = (values.detach() / v_scale).clone().requires_grad_(True)
-            b = beta.detach().clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([k, v, b], lr=self.lr)
+            k_scale = start[0].detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
+            v_scale = start[1].detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
+            k = (start[0].detach() / k_scale).clone().requires_grad_(self.train_keys)
+            v = (start[1].detach() / v_scale).clone().requires_grad_(True)
+            b = start[2].detach().clone().requires_grad_(True)
+            optimizer = torch.optim.Adam([k, v, b] if self.train_keys else [v, b], lr=self.lr)
             for _ in range(self.steps):
-                loss = consolidation_loss(problem, k * k_scale, v * v_scale, b, ~held_out, self.mass_weight).sum()
+                loss = consolidation_loss(problem, *joined(k * k_scale, v * v_scale, b), ~held_out, self.mass_weight).sum()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
         with torch.no_grad():
-            new_k, new_v, new_b = k * k_scale, v * v_scale, b
+            new_k, new_v, new_b = joined(k * k_scale, v * v_scale, b)
             before = consolidation_loss(problem, keys, values, beta, held_out, self.mass_weight)
             after = consolidation_loss(problem, new_k, new_v, new_b, held_out, self.mass_weight)
             finite = torch.isfinite(new_k).all(-1).all(-1) & torch.isfinite(new_v).all(-1).all(-1) & torch.isfinite(new_b).all(-1)

@@ -334,6 +334,9 @@ def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_q
     # the start: the closed form with the same options (its newest 75% of the budget kept exact)
     am_index, am_keys, am_values, am_beta = AttentionMatchingPress().compact(head_span, 12)
     assert torch.equal(index, am_index)
+    # the closed form keeps the 9 newest entries (75% of 12) exact; they stay as they are
+    assert torch.equal(keys[:, 3:], am_keys[:, 3:]) and torch.equal(values[:, 3:], am_values[:, 3:])
+    assert torch.equal(beta[:, 3:], am_beta[:, 3:])
     held_out = torch.arange(queries) % press.holdout_every == 0
     learned = consolidation_loss(problem, keys, values, beta, held_out)
     closed_form = consolidation_loss(problem, am_keys, am_values, am_beta, held_out)

@@ -304,20 +304,10 @@ def test_exact_newest_indices_point_into_the_span_whatever_its_order():
     assert torch.equal(keys, gathered)
 
 
-def test_auto_exact_share_fits_a_quarter_down_to_a_fifth_of_the_span_then_shrinks_with_sqrt():
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+def test_exact_newest_must_be_a_share():
+    from sparsemem.modeling.compaction import AttentionMatchingPress
 
-    press = AttentionMatchingPress()
-    assert press.exact_newest == "auto"
-    assert press.exact_share(600, 3000) == press.exact_share(900, 3000) == 0.75
-    assert press.exact_share(150, 3000) == pytest.approx(0.875)  # 20x: a quarter of sqrt(1/4) fitted
-    assert press.exact_share(30, 3000) == pytest.approx(1 - 0.25 * 0.05**0.5)  # 100x
-    assert AttentionMatchingPress(exact_newest=0.5).exact_share(30, 3000) == 0.5
-    # on a 120-entry span with a 12-slot budget (10x): int(12 * (1 - 0.25 * sqrt(0.5))) = 9 newest entries exact
-    problem = _problem(span=120)
-    span = HeadSpan(problem, torch.arange(120), torch.full((problem.queries.shape[1],), -1))
-    index, keys, _, _ = press.compact(span, 12)
-    assert torch.equal(index[:, 3:], torch.arange(111, 120).expand(2, -1)) and bool((index[:, :3] < 111).all())
+    assert AttentionMatchingPress().exact_newest == 0.75
     for bad in (1.5, -0.1, "half", True):
         with pytest.raises(ValueError, match="exact_newest"):
             AttentionMatchingPress(exact_newest=bad)

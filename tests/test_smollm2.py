@@ -84,3 +84,23 @@ def test_self_study_queries_drive_compaction(smollm2):
     assert cache.compaction_info["queries"] == ["self-study"]
     assert abs(full_bytes / cache.memory_bytes()["total"] - 5) < 0.25
     assert torch.isfinite(model(ids[:, -1:], past_key_values=cache).logits).all()
+
+
+def test_compaction_eval_writes_progress_that_merges_like_the_report(smollm2, tmp_path):
+    """Each measured row reaches progress.jsonl at once; a folder holding only it merges into the same report."""
+    import json
+
+    from sparsemem.corpus import load_corpus
+    from sparsemem.evaluation_compaction import evaluate_compaction, merge_reports
+
+    tokenizer, base = smollm2
+    model = sparsemem.convert(base, top_k_blocks=None, block_fraction=None)
+    progress = tmp_path / "run" / "progress.jsonl"
+    results, meta = evaluate_compaction(model, tokenizer, load_corpus(None), methods=["streaming-llm"], ratios=[4],
+                                        length=160, continuation=24, needle_depths=(0.5,), documents=2, progress=progress)
+    lines = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert lines[0]["meta"] == meta and meta["documents"] == 2 and meta["needle_cases"] == 2
+    assert [row["method"] for row in lines[1:]] == ["full", "streaming-llm"] == [r.method for r in results]
+    assert lines[2]["kl"] == results[1].kl > 0 and 3.5 < results[1].bytes_ratio < 4.5
+    merged = json.loads(merge_reports([str(tmp_path / "run")], str(tmp_path / "merged"))[0].read_text())
+    assert [row["kl"] for row in merged["results"]] == [r.kl for r in results]

@@ -165,7 +165,7 @@ def cmd_eval_compaction(args) -> int:
     results, meta = evaluate_compaction(
         model, tokenizer, load_corpus(args.text), methods=args.methods or DEFAULT_METHODS, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
-        head_budgets=args.head_budgets, documents=args.documents,
+        head_budgets=args.head_budgets, documents=args.documents, progress=Path(args.output) / "progress.jsonl",
     )
     meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_compaction_report(results, meta, Path(args.output))

@@ -67,9 +67,12 @@ def _queries_for(method: str, sources) -> tuple:
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
     continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
+    progress: Path | None = None,
 ) -> tuple[list[CompactionResult], dict]:
     """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
-    needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document)."""
+    needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document).
+    `progress`: a JSON-lines file that gets the settings, then each result as soon as it is measured, so
+    an interrupted run keeps what it measured (`merge_reports` reads it)."""
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
     device = model.device
@@ -99,7 +102,13 @@ def evaluate_compaction(
             query_cache[(sources, key)] = capture_reference_queries(model, doc, capture, tokenizer)
         return query_cache[(sources, key)]
 
+    meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
+            "needle_depths": list(needle_depths), "needle_cases": len(needles), "am_queries": list(queries),
+            "head_budgets": head_budgets, "full_cache_bytes": full_bytes}
     results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
+    if progress is not None:
+        Path(progress).parent.mkdir(parents=True, exist_ok=True)
+        write_text(Path(progress), json.dumps({"meta": meta}) + "\n" + json.dumps(asdict(results[0])) + "\n")
     for method in tqdm(methods, desc="methods"):
         sources = _queries_for(method, queries)
         for ratio in ratios:
@@ -125,10 +134,10 @@ def evaluate_compaction(
                 correct += _answer(model, tokenizer, needle_cache, question, case)
             results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
                                             correct / max(len(needles), 1)))
+            if progress is not None:
+                with Path(progress).open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(asdict(results[-1])) + "\n")
             logger.info("%s x%s: KL %.4f ppl %.3f bytes x%.2f %.2fs", method, ratio, kl, math.exp(nll), full_bytes / size, seconds)
-    meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
-            "needle_depths": list(needle_depths), "needle_cases": len(needles), "am_queries": list(queries),
-            "head_budgets": head_budgets, "full_cache_bytes": full_bytes}
     return results, meta
 
 
@@ -204,10 +213,16 @@ def plot_compaction(results, path: Path) -> Path:
 
 
 def merge_reports(parts: list[str], output_dir: str) -> list[Path]:
-    """Merge `compaction.json` files of runs that each measured some methods (same document and model)."""
+    """Merge `compaction.json` files of runs that each measured some methods (same document and model);
+    a folder without one contributes the rows of its `progress.jsonl` (an interrupted run)."""
     results, meta = [], None
     for part in parts:
-        payload = json.loads((Path(part) / "compaction.json").read_text())
+        finished = Path(part) / "compaction.json"
+        if finished.is_file():
+            payload = json.loads(finished.read_text())
+        else:
+            lines = [json.loads(line) for line in (Path(part) / "progress.jsonl").read_text().splitlines() if line.strip()]
+            payload = {"meta": lines[0]["meta"], "results": lines[1:]}
         meta = meta or payload["meta"]
         for row in payload["results"]:
             if row["method"] == "full" and any(r.method == "full" for r in results):
