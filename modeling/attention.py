@@ -238,7 +238,7 @@ def sparsemem_attention_forward(
         candidate_keys = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold)
         candidates = candidate_keys > 0
         if query_block is None:
-            scores = scorer(q, summaries)  # [B, Hkv, q, nb]
+            scores = scorer(q, summaries, candidates[:, None])  # [B, Hkv, q, nb]
             selected = select_blocks(scores, candidates[:, None], top_k, fraction)
         else:
             # one selection per query block, from its mean query, over the union of its queries' candidates
@@ -246,7 +246,7 @@ def sparsemem_attention_forward(
             pooled = pool_query_blocks(q, int(q_pos[0]), query_block)  # [B, Hkv, G, nQb, D]
             block_candidates = candidate_keys.new_zeros(candidates.shape[0], pooled.shape[-2], num_blocks)
             block_candidates = block_candidates.index_add_(1, index, candidate_keys) > 0
-            shared = select_blocks(scorer(pooled, summaries), block_candidates[:, None], top_k, fraction)
+            shared = select_blocks(scorer(pooled, summaries, block_candidates[:, None]), block_candidates[:, None], top_k, fraction)
             selected = shared[:, :, index]
         key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]

@@ -402,9 +402,10 @@ def block_decode_attention(
                 summaries = summarize_contiguous_blocks(key, size, num_blocks)
                 if key.device != device:
                     summaries = BlockSummaries(*(t.to(device) for t in (summaries.key_min, summaries.key_max, summaries.key_mean, summaries.count)))
-            scores = scorer(query.view(batch, kv_heads, groups, 1, dim), summaries)[:, :, 0]
             block_ids = torch.arange(num_blocks, device=device)
-            scores = scores.masked_fill((block_ids < first) | (block_ids > last), float("-inf"))
+            candidates = (block_ids >= first) & (block_ids <= last)
+            scores = scorer(query.view(batch, kv_heads, groups, 1, dim), summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
+            scores = scores.masked_fill(~candidates, float("-inf"))
         # the same blocks as `select_blocks`: the `budget` best candidates (order does not matter)
         index = scores.topk(budget, dim=-1, sorted=False).indices  # [B, Hkv, S]
 

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 SCORERS = ("minmax", "hybrid", "mean", "learned")
 SCORER_INITS = ("minmax", "hybrid")
+SCORER_UNIONS = (None, "minmax")
 ATTENTION_BACKENDS = ("auto", "reference", "flex")
 
 
@@ -31,6 +32,10 @@ class SparseMemOptions:
     scorer_dim: width of the learned scorer's query/key projections (used when `scorer="learned"`).
     scorer_init: the training-free scorer an untrained learned scorer equals exactly ("minmax" or
         "hybrid"), so a calibration starts no worse than it. A trained checkpoint stores its own mix.
+    scorer_union: "minmax" (the learned scorer selects by the larger of its standardised score and the
+        standardised minmax bound, so blocks the bound singles out, such as the source of a copy, stay
+        selectable) or None (the trained score alone). Untrained, either equals `scorer_init`'s ranking
+        when that is "minmax".
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     query_block_size: `None` selects blocks per query. An integer groups queries into aligned blocks of
         that many logical positions that share one selection, scored from their mean query (the
@@ -48,6 +53,7 @@ class SparseMemOptions:
     scorer: str = "minmax"
     scorer_dim: int = 64
     scorer_init: str = "minmax"
+    scorer_union: str | None = "minmax"
     query_chunk_size: int = 512
     query_block_size: int | None = None
     attention_backend: str = "auto"
@@ -78,6 +84,8 @@ class SparseMemOptions:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
         if self.scorer_init not in SCORER_INITS:
             raise ValueError(f"`scorer_init` must be one of {SCORER_INITS}, got {self.scorer_init!r}")
+        if self.scorer_union not in SCORER_UNIONS:
+            raise ValueError(f"`scorer_union` must be one of {SCORER_UNIONS}, got {self.scorer_union!r}")
         heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
         if kv_heads is not None and (kv_heads < 1 or heads % kv_heads != 0):
             raise ValueError(

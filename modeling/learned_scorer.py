@@ -19,17 +19,19 @@ import math
 import torch
 from torch import nn
 
-from .scorer import BlockSummaries, PooledKeyScorer, _standardize
+from .scorer import BlockSummaries, PooledKeyScorer, _standardize, standardization_rows
 
 
 class LearnedBlockScorer(nn.Module):
     """Per-layer learned block scorer; `forward(query [B, Hkv, G, Q, D], summaries)` -> [B, Hkv, Q, nb]."""
 
-    def __init__(self, num_kv_heads: int, head_dim: int, dim: int = 64, init: str = "minmax"):
+    def __init__(self, num_kv_heads: int, head_dim: int, dim: int = 64, init: str = "minmax", union: str | None = "minmax"):
         super().__init__()
         if init not in ("minmax", "hybrid"):
             raise ValueError(f"`scorer_init` must be 'minmax' or 'hybrid', got {init!r}")
-        self.num_kv_heads, self.head_dim, self.dim, self.init = num_kv_heads, head_dim, dim, init
+        if union not in (None, "minmax"):
+            raise ValueError(f"`scorer_union` must be None or 'minmax', got {union!r}")
+        self.num_kv_heads, self.head_dim, self.dim, self.init, self.union = num_kv_heads, head_dim, dim, init, union
         self.query_proj = nn.Parameter(torch.empty(num_kv_heads, head_dim, dim))
         self.key_proj = nn.Parameter(torch.empty(num_kv_heads, 3 * head_dim, dim))
         self.mix = nn.Parameter(torch.empty(num_kv_heads, 2))
@@ -48,15 +50,31 @@ class LearnedBlockScorer(nn.Module):
             self.mix[:, 1] = 0.0
         self.inverse_temperature.fill_(1.0)
 
-    def hybrid_terms(self, query: torch.Tensor, summaries: BlockSummaries) -> tuple[torch.Tensor, torch.Tensor]:
-        """z-scored minmax bound and mean score, [B, Hkv, Q, nb] each (zero on empty blocks)."""
+    def hybrid_terms(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z-scored minmax bound and mean score, [B, Hkv, Q, nb] each (zero outside the rows' valid blocks)."""
         bound, mean = PooledKeyScorer.raw_scores(query, summaries)
-        valid = (summaries.count.view(1, 1, 1, -1) > 0).expand_as(mean)
+        valid = standardization_rows(summaries.count.view(1, 1, 1, -1) == 0, candidates, mean.shape)
         return _standardize(bound.masked_fill(~valid, 0.0), valid), _standardize(mean.masked_fill(~valid, 0.0), valid)
 
-    def forward(self, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
+    def relevance(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> torch.Tensor:
+        """The trained score, [B, Hkv, Q, nb]: the mixed standardised terms plus the learned projection term
+        (the distribution phase 1 fits; -inf on empty blocks)."""
+        return self._scores(query, summaries, candidates)[0]
+
+    def forward(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> torch.Tensor:
+        """Selection scores [B, Hkv, Q, nb]. With `union="minmax"` each block scores the larger of its
+        standardised trained score and its standardised minmax bound: a block holding one key that
+        matches the query far better than the rest (the source of a copy, a pass key) stays in the
+        running even where the trained score, fitted to average attention mass, ranks it low."""
+        scores, bound, valid = self._scores(query, summaries, candidates)
+        if self.union == "minmax":
+            finite = valid & torch.isfinite(scores)
+            scores = torch.maximum(_standardize(scores.masked_fill(~finite, 0.0), finite), bound).masked_fill(~finite, float("-inf"))
+        return scores
+
+    def _scores(self, query, summaries, candidates):
         query = query.float()
-        bound, mean = self.hybrid_terms(query, summaries)
+        bound, mean = self.hybrid_terms(query, summaries, candidates)
         mix = self.mix.float()
         scores = mix[None, :, None, None, 0] * bound + mix[None, :, None, None, 1] * mean
         pooled = torch.cat([summaries.key_max, summaries.key_min, summaries.key_mean], dim=-1).float()
@@ -66,7 +84,8 @@ class LearnedBlockScorer(nn.Module):
         learned = torch.einsum("bhgqr,bhnr->bhgqn", queries, keys).amax(dim=2) / math.sqrt(self.dim)
         scores = scores + learned
         empty = summaries.count.view(1, 1, 1, -1) == 0
-        return scores.masked_fill(empty, float("-inf"))
+        valid = standardization_rows(empty, candidates, scores.shape)
+        return scores.masked_fill(empty, float("-inf")), bound, valid
 
     def log_distribution(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the scores over each query's candidate blocks (the distribution trained by KL)."""

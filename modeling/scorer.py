@@ -78,7 +78,14 @@ def _standardize(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     mean = torch.where(valid, scores, zeros).sum(-1, keepdim=True) / count
     var = torch.where(valid, (scores - mean) ** 2, zeros).sum(-1, keepdim=True) / count
-    return torch.where(valid, (scores - mean) / var.sqrt().clamp(min=1e-6), zeros)
+    # clamp before the root: a constant row then has a zero gradient, not an infinite one
+    return torch.where(valid, (scores - mean) / var.clamp(min=1e-12).sqrt(), zeros)
+
+
+def standardization_rows(empty: torch.Tensor, candidates: torch.Tensor | None, shape) -> torch.Tensor:
+    """The blocks each row of scores is standardised over: non-empty ones, among `candidates` if given."""
+    valid = ~empty.expand(shape)
+    return valid if candidates is None else valid & candidates.expand(shape)
 
 
 class PooledKeyScorer(nn.Module):
@@ -127,8 +134,10 @@ class PooledKeyScorer(nn.Module):
         """(minmax bound, mean score), each maxed over the query heads of a group: [B, Hkv, Q, nb]."""
         return cls.bound_scores(query, summaries), cls.mean_scores(query, summaries)
 
-    def forward(self, query: torch.Tensor, summaries: BlockSummaries) -> torch.Tensor:
-        """`query` [B, Hkv, G, Q, D] -> scores [B, Hkv, Q, num_blocks]."""
+    def forward(self, query: torch.Tensor, summaries: BlockSummaries, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """`query` [B, Hkv, G, Q, D] -> scores [B, Hkv, Q, num_blocks]. `candidates` (broadcastable to the
+        scores): the blocks each query chooses among; "hybrid" standardises over them, so a query's
+        ranking never depends on blocks it cannot see (prefill and decode then select alike)."""
         query = query.float()
         empty = summaries.count.view(1, 1, 1, -1) == 0
         if self.kind == "minmax":
@@ -137,8 +146,8 @@ class PooledKeyScorer(nn.Module):
             scores = self.mean_scores(query, summaries)
         else:
             bound, mean = self.raw_scores(query, summaries)
-            valid = ~empty.expand_as(mean)
-            scores = _standardize(bound.masked_fill(~valid, 0.0), valid) + _standardize(mean, valid)
+            valid = standardization_rows(empty, candidates, mean.shape)
+            scores = _standardize(bound.masked_fill(~valid, 0.0), valid) + _standardize(mean.masked_fill(~valid, 0.0), valid)
         return scores.masked_fill(empty, float("-inf"))
 
 
@@ -148,5 +157,5 @@ def build_scorer(config) -> nn.Module:
 
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = config.num_key_value_heads or config.num_attention_heads
-        return LearnedBlockScorer(kv_heads, head_dim, config.scorer_dim, config.scorer_init)
+        return LearnedBlockScorer(kv_heads, head_dim, config.scorer_dim, config.scorer_init, config.scorer_union)
     return PooledKeyScorer(config.scorer)

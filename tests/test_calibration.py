@@ -26,7 +26,9 @@ OPTIONS = dict(block_size=8, sink_tokens=4, local_tokens=16, top_k_blocks=2, blo
 @pytest.mark.parametrize("init", ["minmax", "hybrid"])
 def test_untrained_learned_scorer_equals_its_training_free_start(family, init):
     base = make_base_model(family)
-    learned = sparsemem.convert(base, scorer="learned", scorer_dim=8, scorer_init=init, **OPTIONS)
+    # the union with the bound (the default) keeps an untrained scorer at the bound's ranking: hybrid goes without
+    union = "minmax" if init == "minmax" else None
+    learned = sparsemem.convert(base, scorer="learned", scorer_dim=8, scorer_init=init, scorer_union=union, **OPTIONS)
     training_free = sparsemem.convert(base, scorer=init, **OPTIONS)
     generator = torch.Generator().manual_seed(1)
     scorer = learned.model.layers[0].self_attn.scorer
@@ -71,7 +73,7 @@ def test_learned_params_round_trip_and_base_checkpoint_init(family, tmp_path):
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     # a base checkpoint: base weights load, scorer parameters get their initialisation (= hybrid here)
-    fresh = model_class.from_pretrained(tmp_path / "base", scorer="learned", scorer_dim=8, scorer_init="hybrid", **OPTIONS)
+    fresh = model_class.from_pretrained(tmp_path / "base", scorer="learned", scorer_dim=8, scorer_init="hybrid", scorer_union=None, **OPTIONS)
     scorer = fresh.model.layers[1].self_attn.scorer
     assert torch.equal(scorer.key_proj, torch.zeros_like(scorer.key_proj)) and torch.equal(scorer.mix, torch.ones_like(scorer.mix))
     ids = torch.randint(3, 256, (1, 80))
@@ -370,3 +372,21 @@ def test_constant_memory_with_learned_consolidation():
     for layer in cache.layers:
         assert int(torch.bincount(layer.slots.head).max()) <= online.slots_per_head
         assert bool(torch.isfinite(layer.slots.beta).all()) and bool(torch.isfinite(layer.slots.values).all())
+
+
+@pytest.mark.parametrize("scorer", ["hybrid", "learned"])
+def test_standardised_scorers_select_alike_in_prefill_and_decode(scorer):
+    """A query standardises its scores over the blocks it can choose, not over later ones: reading a
+    sequence in one prefill gives the logits that reading it token by token gives."""
+    model = sparsemem.convert(make_base_model("llama"), scorer=scorer, scorer_dim=8, **OPTIONS)
+    with torch.no_grad():
+        for module in scorers(model):  # a trained-looking scorer: every term matters
+            for p in module.parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+    ids = torch.randint(3, 256, (1, 112), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = model(ids).logits[0]
+        cache = sparsemem.SparseMemCache(model.config)
+        steps = [model(ids[:, :64], past_key_values=cache).logits[0]]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits[0] for t in range(64, 112)]
+    torch.testing.assert_close(torch.cat(steps), whole, rtol=1e-4, atol=1e-4)
