@@ -22,6 +22,12 @@ from torch import nn
 from .scorer import BlockSummaries, PooledKeyScorer, _standardize, standardization_rows
 
 
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry within its row, 0 for the largest."""
+    order = scores.argsort(dim=-1, descending=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
+
+
 class LearnedBlockScorer(nn.Module):
     """Per-layer learned block scorer; `forward(query [B, Hkv, G, Q, D], summaries)` -> [B, Hkv, Q, nb]."""
 
@@ -62,15 +68,21 @@ class LearnedBlockScorer(nn.Module):
         return self._scores(query, summaries, candidates)[0]
 
     def forward(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> torch.Tensor:
-        """Selection scores [B, Hkv, Q, nb]. With `union="minmax"` each block scores the larger of its
-        standardised trained score and its standardised minmax bound: a block holding one key that
-        matches the query far better than the rest (the source of a copy, a pass key) stays in the
-        running even where the trained score, fitted to average attention mass, ranks it low."""
+        """Selection scores [B, Hkv, Q, nb]. With `union="minmax"` a block scores by the better of its two
+        ranks, under the trained score and under the minmax bound (negated, so higher is better): the
+        top-k then takes the best blocks of both orders in turn. A block holding one key that matches the
+        query far better than the rest (the source of a copy, a pass key) stays selected even where the
+        trained score, fitted to average attention mass, ranks it low; ranks rather than values, so
+        neither score's scale decides how the budget is shared."""
         scores, bound, valid = self._scores(query, summaries, candidates)
-        if self.union == "minmax":
-            finite = valid & torch.isfinite(scores)
-            scores = torch.maximum(_standardize(scores.masked_fill(~finite, 0.0), finite), bound).masked_fill(~finite, float("-inf"))
-        return scores
+        if self.union != "minmax":
+            return scores
+        finite = valid & torch.isfinite(scores)
+        low = torch.finfo(scores.dtype).min
+        better = torch.minimum(_ranks(scores.masked_fill(~finite, low)), _ranks(bound.masked_fill(~finite, low)))
+        # ties in the better rank go to the trained score's order
+        fused = -better.float() + torch.sigmoid(_standardize(scores.masked_fill(~finite, 0.0), finite)) * 0.5
+        return fused.masked_fill(~finite, float("-inf"))
 
     def _scores(self, query, summaries, candidates):
         query = query.float()
