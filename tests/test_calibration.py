@@ -345,6 +345,9 @@ def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_q
     refined = ~torch.isclose(beta, am_beta).all(-1)
     assert bool(refined.any()) and bool((learned[refined] < closed_form[refined]).all())
     assert isinstance(press.for_ranking(), AttentionMatchingPress) and not isinstance(press.for_ranking(), LearnedConsolidationPress)
+    # past `max_ratio` span entries per slot (here 24 > 20) a head keeps the closed form as it is
+    few, closed = press.compact(head_span, 5), AttentionMatchingPress().compact(head_span, 5)
+    assert all(torch.equal(a, b) for a, b in zip(few, closed)) and press.last_accepted == 0.0
 
 
 def test_constant_memory_with_learned_consolidation():
