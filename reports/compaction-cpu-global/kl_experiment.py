@@ -7,59 +7,20 @@ Run (one process at a time; each config is a JSON object of `sparsemem.compact` 
 
 Arguments: context tokens, continuation tokens, corpus offset, ratios, configs. The document is the
 evaluation's (`sparsemem eval compaction`: Python's pydoc_data.topics at offset 20000, 3000 + 512
-tokens). Reference queries are captured once per set of sources, always with the context's own; each
-method takes the sources the evaluation gives it unless the config names them (AM and KVzip the repeat
-pass, H2O and SnapKV the context).
-Bytes are measured before the continuation is appended.
+tokens; `document.py`). Each method takes the query sources the evaluation gives it unless the config
+names them (AM and KVzip the repeat pass, H2O and SnapKV the context).
 """
-import copy
 import json
 import sys
-import time
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from document import Document
 
-import sparsemem
-from sparsemem.compact import capture_reference_queries, compact
-from sparsemem.corpus import load_corpus, token_window
-from sparsemem.default_model import resolve_model
-from sparsemem.evaluation_compaction import _continuation_logprobs, _prefill, _queries_for
+from sparsemem.evaluation_compaction import _queries_for
 
-path = resolve_model(None)
-tokenizer = AutoTokenizer.from_pretrained(path)
-base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-model = sparsemem.convert(base, top_k_blocks=None, block_fraction=None)
-length, continuation, offset = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+document = Document(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
 ratios = [float(x) for x in sys.argv[4].split(",")]
-configs = [json.loads(c) for c in sys.argv[5:]]
-ids = torch.tensor([token_window(tokenizer, load_corpus(None), length + continuation, offset=offset)])
-context, cont = ids[:, :length], ids[:, length:]
-full = _prefill(model, context)
-reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
-captured = {}
-
-
-def reference_queries(sources):
-    # the context's queries always come along (they judge the split), as in the evaluation
-    key = tuple(dict.fromkeys(("context", *sources)))
-    if key not in captured:
-        captured[key] = capture_reference_queries(model, context, key, tokenizer)
-    return captured[key]
-
-
-for config in configs:
-    config = dict(config)
+for config in (json.loads(c) for c in sys.argv[5:]):
     tag = config.pop("tag", "")
     config.setdefault("queries", list(_queries_for(config["method"], ("repeat",))))
     for ratio in ratios:
-        cache = copy.deepcopy(full)
-        start = time.perf_counter()
-        compact(model, cache, ratio, reference_queries=reference_queries(tuple(config["queries"])), **config)
-        seconds = time.perf_counter() - start
-        size = full.memory_bytes()["total"] / cache.memory_bytes()["total"]
-        logprobs = _continuation_logprobs(model, cache, cont)
-        kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
-        recent = cache.compaction_info["keep_last"]
-        print(json.dumps({"tag": tag, **config, "ratio": ratio, "kl": round(kl, 4), "sec": round(seconds, 1),
-                          "bytes": round(size, 2), "recent": round(sum(recent) / len(recent), 1)}), flush=True)
+        print(json.dumps({"tag": tag, **config, **document.measure(ratio, **config)}), flush=True)
