@@ -12,6 +12,11 @@ choice is shared by the group. `W_k` starts at zero and `(a_h, c_h)` at (1, 0) f
 (z-scoring one term keeps its order) and a calibration starts no worse than it.
 `inverse_temperature` only shapes the scorer's softmax distribution used for training; ranking (and so
 selection) does not depend on it.
+
+`relevance` is the trained score (what phase 1 fits); `forward` is what selection ranks by: with
+`union="minmax"` a block's better rank under the trained score and under the bound, so the budget
+takes the best blocks of both orders. The z-scores are taken over the blocks a query may choose (its
+`candidates`), so a query's ranking never depends on blocks after it.
 """
 
 import math
