@@ -99,11 +99,19 @@ class AttentionMatchingPress(Press):
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ValueError(f"`exact_newest` must be a share in [0, 1], got {share!r}")
 
-    def compact(self, span: HeadSpan, budget: int):
-        span = span.after_span()
-        total = span.problem.keys.shape[1]
+    def exact_count(self, budget: int, total: int) -> int:
+        """How many of a head's `budget` slots are its newest span entries kept exact (0: all are fitted)."""
         keep = int(budget * self.exact_newest)
-        if 0 < keep < budget < total:
+        return keep if 0 < keep < budget < total else 0
+
+    def compact(self, span: HeadSpan, budget: int):
+        return self.compact_after_span(span.after_span(), budget)
+
+    def compact_after_span(self, span: HeadSpan, budget: int):
+        """`compact` of a span already restricted to the reference queries after it (`HeadSpan.after_span`)."""
+        total = span.problem.keys.shape[1]
+        keep = self.exact_count(budget, total)
+        if keep:
             # the newest `keep` entries stay as they are; AM fits the rest of the budget to the older part
             newest = span.positions >= span.positions.sort().values[total - keep]
             p = span.problem

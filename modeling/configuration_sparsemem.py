@@ -32,9 +32,9 @@ class SparseMemOptions:
     scorer_dim: width of the learned scorer's query/key projections (used when `scorer="learned"`).
     scorer_init: the training-free scorer an untrained learned scorer equals exactly ("minmax" or
         "hybrid"), so a calibration starts no worse than it. A trained checkpoint stores its own mix.
-    scorer_union: "minmax" (the learned scorer selects by the larger of its standardised score and the
-        standardised minmax bound, so blocks the bound singles out, such as the source of a copy, stay
-        selectable) or None (the trained score alone). Untrained, either equals `scorer_init`'s ranking
+    scorer_union: "minmax" (the learned scorer selects by a block's better rank under its trained score
+        and under the minmax bound, so blocks the bound singles out, such as the source of a copy, stay
+        selected) or None (the trained score alone). Untrained, either equals `scorer_init`'s ranking
         when that is "minmax".
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     query_block_size: `None` selects blocks per query. An integer groups queries into aligned blocks of

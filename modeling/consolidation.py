@@ -64,9 +64,9 @@ class LearnedConsolidationPress(AttentionMatchingPress):
         closed_form = AttentionMatchingPress(**{f.name: getattr(self, f.name) for f in fields(AttentionMatchingPress)})
         return closed_form.for_ranking()
 
-    def compact(self, span: HeadSpan, budget: int):
-        index, keys, values, beta = super().compact(span, budget)
-        problem = span.after_span().problem  # the queries the slots must serve, as the closed form fits
+    def compact_after_span(self, span: HeadSpan, budget: int):
+        index, keys, values, beta = super().compact_after_span(span, budget)
+        problem = span.problem  # the queries the slots must serve, as the closed form fits
         self.last_accepted = 0.0
         total = problem.keys.shape[1]
         too_few = self.max_ratio is not None and total > self.max_ratio * budget
@@ -74,8 +74,7 @@ class LearnedConsolidationPress(AttentionMatchingPress):
             return index, keys, values, beta
         # the closed form returns its fitted slots first and the exact newest entries after them: only the
         # fitted ones move, the exact entries take part in the loss as they are
-        keep = int(budget * self.exact_newest)
-        fitted = budget - keep if 0 < keep < budget else budget
+        fitted = budget - self.exact_count(budget, total)
         n = problem.queries.shape[1]
         held_out = torch.arange(n, device=keys.device) % self.holdout_every == 0
         fixed = keys[:, fitted:], values[:, fitted:], beta[:, fitted:]

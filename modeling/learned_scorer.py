@@ -61,48 +61,42 @@ class LearnedBlockScorer(nn.Module):
             self.mix[:, 1] = 0.0
         self.inverse_temperature.fill_(1.0)
 
-    def hybrid_terms(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """z-scored minmax bound and mean score, [B, Hkv, Q, nb] each (zero outside the rows' valid blocks)."""
-        bound, mean = PooledKeyScorer.raw_scores(query, summaries)
-        valid = standardization_rows(summaries.count.view(1, 1, 1, -1) == 0, candidates, mean.shape)
-        return _standardize(bound.masked_fill(~valid, 0.0), valid), _standardize(mean.masked_fill(~valid, 0.0), valid)
-
     def relevance(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> torch.Tensor:
         """The trained score, [B, Hkv, Q, nb]: the mixed standardised terms plus the learned projection term
         (the distribution phase 1 fits; -inf on empty blocks)."""
-        return self._scores(query, summaries, candidates)[0]
+        return self.scores(query, summaries, candidates)[0]
 
     def forward(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> torch.Tensor:
-        """Selection scores [B, Hkv, Q, nb]. With `union="minmax"` a block scores by the better of its two
-        ranks, under the trained score and under the minmax bound (negated, so higher is better): the
-        top-k then takes the best blocks of both orders in turn. A block holding one key that matches the
-        query far better than the rest (the source of a copy, a pass key) stays selected even where the
-        trained score, fitted to average attention mass, ranks it low; ranks rather than values, so
-        neither score's scale decides how the budget is shared."""
-        scores, bound, valid = self._scores(query, summaries, candidates)
-        if self.union != "minmax":
-            return scores
-        finite = valid & torch.isfinite(scores)
-        low = torch.finfo(scores.dtype).min
-        better = torch.minimum(_ranks(scores.masked_fill(~finite, low)), _ranks(bound.masked_fill(~finite, low)))
-        # ties in the better rank go to the trained score's order
-        fused = -better.float() + torch.sigmoid(_standardize(scores.masked_fill(~finite, 0.0), finite)) * 0.5
-        return fused.masked_fill(~finite, float("-inf"))
+        """Selection scores [B, Hkv, Q, nb] (see `scores`)."""
+        return self.scores(query, summaries, candidates)[1]
 
-    def _scores(self, query, summaries, candidates):
+    def scores(self, query: torch.Tensor, summaries: BlockSummaries, candidates=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(trained score, selection score), each [B, Hkv, Q, nb]. With `union="minmax"` a block's selection
+        score is the better of its two ranks, under the trained score and under the minmax bound
+        (negated, so higher is better): the top-k then takes the best blocks of both orders in turn. A
+        block holding one key that matches the query far better than the rest (the source of a copy, a
+        pass key) stays selected even where the trained score, fitted to average attention mass, ranks it
+        low; ranks rather than values, so neither score's scale decides how the budget is shared."""
         query = query.float()
-        bound, mean = self.hybrid_terms(query, summaries, candidates)
+        bound, mean = PooledKeyScorer.raw_scores(query, summaries)
+        empty = summaries.count.view(1, 1, 1, -1) == 0
+        valid = standardization_rows(empty, candidates, mean.shape)
+        bound = _standardize(bound.masked_fill(~valid, 0.0), valid)
         mix = self.mix.float()
-        scores = mix[None, :, None, None, 0] * bound + mix[None, :, None, None, 1] * mean
+        trained = mix[None, :, None, None, 0] * bound + mix[None, :, None, None, 1] * _standardize(mean.masked_fill(~valid, 0.0), valid)
         pooled = torch.cat([summaries.key_max, summaries.key_min, summaries.key_mean], dim=-1).float()
         pooled = pooled.masked_fill(~torch.isfinite(pooled), 0.0)  # empty blocks hold +-inf extrema
         keys = torch.einsum("bhnc,hcr->bhnr", pooled, self.key_proj.float())
         queries = torch.einsum("bhgqd,hdr->bhgqr", query, self.query_proj.float())
-        learned = torch.einsum("bhgqr,bhnr->bhgqn", queries, keys).amax(dim=2) / math.sqrt(self.dim)
-        scores = scores + learned
-        empty = summaries.count.view(1, 1, 1, -1) == 0
-        valid = standardization_rows(empty, candidates, scores.shape)
-        return scores.masked_fill(empty, float("-inf")), bound, valid
+        trained = trained + torch.einsum("bhgqr,bhnr->bhgqn", queries, keys).amax(dim=2) / math.sqrt(self.dim)
+        trained = trained.masked_fill(empty, float("-inf"))
+        if self.union != "minmax":
+            return trained, trained
+        low = torch.finfo(trained.dtype).min
+        better = torch.minimum(_ranks(trained.masked_fill(~valid, low)), _ranks(bound.masked_fill(~valid, low)))
+        # ties in the better rank go to the trained score's order
+        fused = -better.float() + torch.sigmoid(_standardize(trained.masked_fill(~valid, 0.0), valid)) * 0.5
+        return trained, fused.masked_fill(~valid, float("-inf"))
 
     def log_distribution(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the scores over each query's candidate blocks (the distribution trained by KL)."""

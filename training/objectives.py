@@ -44,7 +44,7 @@ class ScorerDistillation:
         self.recall_learned: list[float] = []
         self.recall_training_free: list[float] = []
         self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: (positions, KL, cold mass)
-        self._training_free = PooledKeyScorer(getattr(config, "scorer_init", "hybrid"))  # the learned scorer's start
+        self._training_free = PooledKeyScorer(config.scorer_init)  # the learned scorer's start
 
     def __call__(self, module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
         config = self.config
@@ -83,7 +83,7 @@ class ScorerDistillation:
 
         groups_q = query.view(batch, kv_heads, groups, count, dim)
         with torch.enable_grad():
-            scores = module.scorer.relevance(groups_q, summaries, candidates)
+            scores, selection = module.scorer.scores(groups_q, summaries, candidates)  # trained, and with the union
             log_p = module.scorer.log_distribution(scores, candidates)
             kl = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - log_p), torch.zeros_like(target))
             row_kl, row_mass = kl.sum(-1), total.squeeze(-1)
@@ -93,8 +93,7 @@ class ScorerDistillation:
 
         with torch.no_grad():
             top_k, fraction = config.top_k_blocks, config.block_fraction
-            selection = module.scorer(groups_q, summaries, candidates)  # with the union, if the scorer has one
-            for scorer_scores, store in ((selection, self.recall_learned), (self._training_free(groups_q, summaries, candidates), self.recall_training_free)):
+            for scorer_scores, store in ((selection.detach(), self.recall_learned), (self._training_free(groups_q, summaries, candidates), self.recall_training_free)):
                 chosen = select_blocks(scorer_scores, candidates, top_k, fraction)
                 store.append(float(((target * chosen).sum(-1) * row_weight).sum()))
 

@@ -96,10 +96,9 @@ def evaluate_compaction(
     query_cache: dict = {}
 
     def reference_queries(sources, doc, key):
+        # only the presses' own sources: compact() runs with one recent share, so no split is judged
         if (sources, key) not in query_cache:
-            # the context's queries always come along: compact() judges the recent/slot split with them
-            capture = tuple(dict.fromkeys(("context", *sources)))
-            query_cache[(sources, key)] = capture_reference_queries(model, doc, capture, tokenizer)
+            query_cache[(sources, key)] = capture_reference_queries(model, doc, sources, tokenizer)
         return query_cache[(sources, key)]
 
     meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
@@ -122,7 +121,7 @@ def evaluate_compaction(
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += (time.perf_counter() - start) / documents
-                size = cache.memory_bytes()["total"] if number == 0 else size
+                size = cache.memory_bytes()["total"]  # the documents are the same length
                 logprobs = _continuation_logprobs(model, cache, cont)
                 kl += (reference.exp() * (reference - logprobs)).sum(-1).mean().item() / documents
                 nll += _nll(logprobs, cont) / documents
