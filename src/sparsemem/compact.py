@@ -197,6 +197,7 @@ def compact(
     chunk_size: int | None = None,
     seed: int = 0,
     reference_queries=None,
+    on_policy: bool = False,
 ):
     """Compact `cache` (a `SparseMemCache` filled by `model`) in place to about 1/`ratio` of its logical
     length, and return it.
@@ -219,6 +220,11 @@ def compact(
     tokens more than the queries that later read the cache do, and with global budgets the newest
     entries a head keeps exact already give it recency where it needs it.
     `reference_queries`: queries already captured, e.g. by `prefill` (then no pass over the context is made).
+    `on_policy`: fit each layer to the repeat queries of a pass that reads the layers below it already
+    compacted (one extra pass over the context, made layer by layer as the fits go), so a layer's slots
+    serve the queries it will really get rather than those of the full cache; needs `input_ids`, the
+    `tokenizer` and "repeat" among `queries` (whose future-style queries it replaces). Slot budgets and
+    recent splits are still planned with the captured queries.
     """
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
@@ -237,6 +243,12 @@ def compact(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    if on_policy:
+        if "repeat" not in queries or not set(queries) <= {"repeat", "context"}:
+            raise ValueError(f"`on_policy=True` refits the 'repeat' queries: `queries` must hold 'repeat' and may add "
+                             f"'context', got {list(queries)}")
+        if input_ids is None or tokenizer is None:
+            raise ValueError("`on_policy=True` makes a repeat pass over the context: give `input_ids` and `tokenizer`")
     press = make_press(method)
     start_time = time.perf_counter()
     length = cache.get_seq_length()
@@ -265,7 +277,7 @@ def compact(
     heads = model.config.num_attention_heads
     config = model.config
     kv_head_slots = None
-    deferred = []  # global budgets: (layer, queries, positions, recent tokens, head scores), fitted once all are known
+    deferred = []  # (layer, queries, positions, recent tokens, head scores for global budgets), fitted once all are known
     for layer_idx, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             continue
@@ -305,27 +317,37 @@ def compact(
         all_queries = layer_queries
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
+        scores = None
         if head_budgets == "global":
             span = (layer.positions >= first) & (layer.positions < length - recent)
             # ranked by all of them, not the fit's subsample: a maximum needs every query
             scores = _max_attention(layer, all_queries.to(device), span, scaling)
-            deferred.append((layer, layer_queries, layer_positions, recent, scores))
-            continue
-        # the queries' attention over the layer as it is now (several chunks change it between fits)
-        attention = LayerAttention.measure(layer, layer_queries, scaling) if chunk_size is None else None
-        _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
-                           press, scaling, head_budgets, chunk_size, attention)
-    if deferred:
+        deferred.append((layer, layer_queries, layer_positions, recent, scores))
+    plans = {}  # layer index -> (queries, positions, recent tokens, per-head slots or None)
+    if head_budgets == "global" and deferred:
         # every (layer, KV head) competes for the slots by the largest attention a reference query gives
         # each of its span entries: heads that single entries out keep more of them
         flat = [score for *_, scores in deferred for score in scores]
         total = sum((budget - first - recent) * len(scores) for *_, recent, scores in deferred)
         counts = iter(allocate_by_scores(flat, total))
         kv_head_slots = [[next(counts) for _ in scores] for *_, scores in deferred]
-        for (layer, layer_queries, layer_positions, recent, _), own in zip(deferred, kv_head_slots):
-            attention = LayerAttention.measure(layer, layer_queries, scaling)
-            _compact_one_layer(layer, layer_queries, layer_positions, first, recent, budget - first - recent, length,
-                               press, scaling, head_budgets, None, attention, budgets=own)
+    for number, (layer, layer_queries, layer_positions, recent, _) in enumerate(deferred):
+        own = kv_head_slots[number] if kv_head_slots is not None else None
+        plans[cache.layers.index(layer)] = (layer_queries, layer_positions, recent, own)
+
+    def fit(layer_idx, fit_queries, fit_positions):
+        layer = cache.layers[layer_idx]
+        _, _, recent, own = plans[layer_idx]
+        # the queries' attention over the layer as it is now (several chunks change it between fits)
+        attention = LayerAttention.measure(layer, fit_queries, scaling) if chunk_size is None else None
+        _compact_one_layer(layer, fit_queries, fit_positions, first, recent, budget - first - recent, length,
+                           press, scaling, head_budgets, chunk_size, attention, budgets=own)
+
+    if on_policy:
+        _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, generator)
+    else:
+        for layer_idx, (layer_queries, layer_positions, _, _) in plans.items():
+            fit(layer_idx, layer_queries, layer_positions)
     cache.compaction_info = {
         "method": method if isinstance(method, str) else type(method).__name__,
         "ratio": ratio,
@@ -339,6 +361,46 @@ def compact(
     }
     logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
     return cache
+
+
+def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, generator) -> None:
+    """Teacher-force "repeat the previous text" over `cache` itself: as each layer's attention gets the
+    pass's queries (post-RoPE), the layer is fitted to them, before it reads its own cache, so the queries
+    of the layers above come from a model whose lower layers are already compacted. The pass's own
+    entries are cropped afterwards."""
+    length = cache.get_seq_length()
+    device = input_ids.device
+    prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    ids = torch.cat([prompt.expand(input_ids.shape[0], -1), input_ids], dim=1)
+    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
+    fitted = set()
+
+    def record(layer_idx, query_states):
+        if layer_idx not in plans or layer_idx in fitted:
+            return
+        fitted.add(layer_idx)
+        queries, positions, _, _ = plans[layer_idx]
+        groups = query_states.shape[1] // cache.layers[layer_idx].keys.shape[1]
+        fresh = query_states[..., prompt.shape[1]:, :].detach().float()
+        fresh, fresh_positions = _subsample(fresh, torch.full((fresh.shape[-2],), -1), max(1, max_queries // groups), generator)
+        context = positions >= 0  # context queries (if asked for) stay as captured: they are the document's own
+        fit(layer_idx, torch.cat([queries[..., context.to(queries.device), :].to(fresh.device), fresh], dim=-2),
+            torch.cat([positions[context].to(fresh_positions.device), fresh_positions]))
+
+    previous = [m.query_recorder for m in modules]
+    for module in modules:
+        module.query_recorder = record
+    try:
+        positions = torch.arange(length, length + ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
+        mask = torch.ones(ids.shape[0], length + ids.shape[1], dtype=torch.long, device=device)
+        model(ids, past_key_values=cache, position_ids=positions, attention_mask=mask, use_cache=True)
+    finally:
+        for module, recorder in zip(modules, previous):
+            module.query_recorder = recorder
+        cache.crop(length)
+    missing = sorted(set(plans) - fitted)
+    if missing:
+        raise RuntimeError(f"the on-policy pass did not reach layers {missing}")
 
 
 def _choose_split(
