@@ -258,6 +258,22 @@ def test_cpu_smoke_recipe_lowers_the_scorer_loss(smollm2_dir, tmp_path):
     print(f"held-out phase-1 KL: {before:.4f} -> {after:.4f}")
     assert after < before * 0.97, (before, after)
 
+    # the held-out evaluation averages consecutive windows of each length
+    from transformers import AutoModelForCausalLM
+
+    from sparsemem.training.evaluation import evaluate_scorer, negative_log_likelihood
+
+    report = evaluate_scorer(tmp_path / "smoke", lengths=(1024,), max_windows=2, device="cpu", output=tmp_path / "eval")
+    dense = next(r for r in report["rows"] if r["model"] == "dense")
+    heldout = load_file(tmp_path / "smoke" / "heldout.safetensors")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    expected = [negative_log_likelihood(base, heldout[i * 1024 : (i + 1) * 1024]) for i in range(2)]
+    assert dense["windows"] == 2 and dense["window_nll"] == pytest.approx(expected, abs=1e-4)
+    assert {r["model"] for r in report["rows"]} == {"dense", "training-free (minmax)", "training-free (hybrid)", "learned (final)"}
+    for row in report["rows"]:
+        assert row["nll"] == pytest.approx(sum(row["window_nll"]) / 2) and row["nll_gap"] == pytest.approx(row["nll"] - dense["nll"])
+    assert (tmp_path / "eval" / "scorer.md").read_text().count("| 1024 | 2 |") == 4
+
 
 # -- export, loading where sparsemem is not installed, push -------------------------------------------
 

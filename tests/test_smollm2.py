@@ -1,5 +1,7 @@
 """The real default model, SmolLM2-135M-Instruct (Llama architecture), on real text."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,3 +106,22 @@ def test_compaction_eval_writes_progress_that_merges_like_the_report(smollm2, tm
     assert lines[2]["kl"] == results[1].kl > 0 and 3.5 < results[1].bytes_ratio < 4.5
     merged = json.loads(merge_reports([str(tmp_path / "run")], str(tmp_path / "merged"))[0].read_text())
     assert [row["kl"] for row in merged["results"]] == [r.kl for r in results]
+
+
+@pytest.mark.slow
+def test_compaction_eval_without_needles_and_on_policy(smollm2):
+    """No needle depths: no pass-key cases and no accuracy claimed; on-policy fits change AM's slots only."""
+    from sparsemem.corpus import load_corpus
+    from sparsemem.evaluation_compaction import evaluate_compaction, render_compaction_markdown
+
+    tokenizer, base = smollm2
+    model = sparsemem.convert(base, top_k_blocks=None, block_fraction=None)
+    runs = {}
+    for on_policy in (False, True):
+        runs[on_policy] = evaluate_compaction(model, tokenizer, load_corpus(None), methods=["am", "streaming-llm"], ratios=[4],
+                                              length=160, continuation=24, needle_depths=(), on_policy=on_policy)
+    (off, _), (on, meta) = runs[False], runs[True]
+    assert meta["needle_cases"] == 0 and meta["on_policy"] is True
+    assert all(r.needle_accuracy is None for r in on) and "Needle" not in render_compaction_markdown(on, meta)
+    assert on[1].method == "am" and on[1].kl != off[1].kl and math.isfinite(on[1].kl)
+    assert on[2].kl == off[2].kl  # StreamingLLM fits nothing, so on-policy leaves it alone

@@ -44,8 +44,12 @@ def _density(model):
 
 
 def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, device=None, dtype="float32",
-                    output: Path | None = None) -> dict:
-    """Evaluate the run in `run_dir` (a calibration output folder); writes scorer.json / scorer.md."""
+                    output: Path | None = None, max_windows: int | None = None) -> dict:
+    """Evaluate the run in `run_dir` (a calibration output folder); writes scorer.json / scorer.md.
+
+    At each length the held-out tokens are cut into consecutive windows of that length (at most
+    `max_windows`) and every model's loss is the mean over them, so one stretch of unusual text (a table
+    copied from earlier in the window) does not decide the comparison alone."""
     from transformers import AutoModelForCausalLM
 
     run_dir = Path(run_dir)
@@ -57,6 +61,8 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     too_long = [n for n in lengths if n > ids.numel()]
     if too_long:
         raise ValueError(f"eval lengths {too_long} exceed the {ids.numel()} held-out tokens")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"`max_windows` must be a positive integer, got {max_windows!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = AutoModelForCausalLM.from_pretrained(run_base_model(run), dtype=getattr(torch, dtype), attn_implementation="sdpa")
     base = base.to(device).eval()
@@ -79,25 +85,27 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
 
     rows = []
     for length in lengths:
-        window = ids[:length]
+        count = ids.numel() // length if max_windows is None else min(ids.numel() // length, max_windows)
+        windows = ids[: count * length].view(count, length)
         dense_nll = None
         for name, model in models.items():
             if hasattr(model, "reset_sparsemem_stats"):
                 model.reset_sparsemem_stats()
             start = time.perf_counter()
-            nll = negative_log_likelihood(model, window)
+            per_window = [negative_log_likelihood(model, window) for window in windows]
+            nll = sum(per_window) / count
             seconds = time.perf_counter() - start
             dense_nll = nll if name == "dense" else dense_nll
             rows.append({
-                "model": name, "length": length, "perplexity": math.exp(nll), "nll": nll,
+                "model": name, "length": length, "windows": count, "perplexity": math.exp(nll), "nll": nll,
                 "nll_gap": nll - dense_nll, "perplexity_gap": math.exp(nll) - math.exp(dense_nll),
-                "density": _density(model), "seconds": round(seconds, 2),
+                "window_nll": per_window, "density": _density(model), "seconds": round(seconds, 2),
             })
             logger.info("%s @ %d: ppl %.4f density %s", name, length, math.exp(nll), rows[-1]["density"])
     meta = {
         "run": str(run_dir), "base_model": run["base_model"], "options": options, "calibration_steps": run["steps"],
         "calibration_tokens": run["tokens"], "calibration_device": run.get("device"),
-        "eval_tokens": f"first N tokens of the last {ids.numel()} tokens of {run.get('eval_data')}, held out from calibration",
+        "eval_tokens": f"consecutive windows of the last {ids.numel()} tokens of {run.get('eval_data')}, held out from calibration",
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({platform.machine()})",
         "dtype": dtype, "torch": torch.__version__,
     }
@@ -113,9 +121,9 @@ def render_markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"# Learned scorer vs training-free: {meta['base_model']}", ""]
     lines += [f"- {k}: {v}" for k, v in meta.items()]
-    lines += ["", "| length | model | perplexity | gap to dense | density |", "|---|---|---|---|---|"]
+    lines += ["", "| length | windows | model | perplexity | gap to dense | density |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         density = f"{r['density']:.1%}" if r["density"] else "100%"
         gap = "-" if r["model"] == "dense" else f"{r['perplexity_gap']:+.4f} ({r['nll_gap']:+.4f} nats)"
-        lines.append(f"| {r['length']} | {r['model']} | {r['perplexity']:.4f} | {gap} | {density} |")
+        lines.append(f"| {r['length']} | {r.get('windows', 1)} | {r['model']} | {r['perplexity']:.4f} | {gap} | {density} |")
     return "\n".join(lines) + "\n"

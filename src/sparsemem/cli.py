@@ -166,6 +166,7 @@ def cmd_eval_compaction(args) -> int:
         model, tokenizer, load_corpus(args.text), methods=args.methods or DEFAULT_METHODS, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
         head_budgets=args.head_budgets, documents=args.documents, progress=Path(args.output) / "progress.jsonl",
+        on_policy=args.on_policy, needle_depths=tuple(args.needle_depths),
     )
     meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
@@ -181,7 +182,8 @@ def cmd_eval_scorer(args) -> int:
         raise ValueError("eval scorer needs --run RUN_DIR (a calibration output folder)")
     fraction = args.block_fraction if args.block_fraction is not None else 0.1
     report = evaluate_scorer(args.run, lengths=args.lengths, block_fraction=fraction, device=args.device,
-                             dtype=args.dtype, output=args.output if args.output != "reports/eval" else None)
+                             dtype=args.dtype, output=args.output if args.output != "reports/eval" else None,
+                             max_windows=args.max_windows)
     print(render_markdown(report))
     return 0
 
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction", "online", "scorer"])
     ev.add_argument("--run", default=None, help="scorer suite: a calibration output folder")
+    ev.add_argument("--max-windows", type=int, default=None,
+                    help="scorer: held-out windows per length averaged over (default: every whole window)")
     _add_model_args(ev)
     ev.add_argument("--methods", nargs="+", default=None,
                     help="compaction presses (default: compaction all of them; online am, streaming-llm, h2o, kvzip)")
@@ -299,8 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--documents", type=int, default=1,
                     help="compaction: documents (consecutive corpus windows) averaged over, and pass-key haystacks per depth")
     ev.add_argument("--queries", nargs="+", default=["repeat"],
-                    help="reference queries that Attention Matching fits (the context's last queries always judge the "
-                    "recent/slot split)")
+                    help="compaction: the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
+                         "SnapKV and H2O by the context's own queries)")
+    ev.add_argument("--needle-depths", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                    help="compaction: pass-key depths per document (none: KL, perplexity, bytes and time only)")
+    ev.add_argument("--on-policy", action="store_true",
+                    help="compaction: Attention Matching fits each layer to the repeat queries of a pass that reads "
+                         "the layers below it already compacted")
     ev.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
                     help="compaction: slots per KV head: ranked over all layers and heads (global), equal per head, or "
                          "in proportion to the attention each head gives the span")

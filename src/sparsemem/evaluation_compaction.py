@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .compact import capture_reference_queries, compact
+from .modeling.compaction import AttentionMatchingPress, make_press
 from .corpus import PASSKEY_QUESTION, passkey_case, token_window
 from .atomic import write_text
 
@@ -67,12 +68,13 @@ def _queries_for(method: str, sources) -> tuple:
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
     continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
-    progress: Path | None = None,
+    progress: Path | None = None, on_policy: bool = False,
 ) -> tuple[list[CompactionResult], dict]:
     """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
     needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document).
     `progress`: a JSON-lines file that gets the settings, then each result as soon as it is measured, so
-    an interrupted run keeps what it measured (`merge_reports` reads it)."""
+    an interrupted run keeps what it measured (`merge_reports` reads it). `on_policy`: the Attention
+    Matching presses fit each layer on-policy (`compact(on_policy=True)`; its pass is timed)."""
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
     device = model.device
@@ -91,7 +93,9 @@ def evaluate_compaction(
             needles.append((case, doc, _prefill(model, doc)))
     full_bytes = docs[0][2].memory_bytes()["total"]
     full_ppl = math.exp(sum(_nll(reference, cont) for _, cont, _, reference in docs) / documents)
-    full_needle = sum(_answer(model, tokenizer, copy.deepcopy(cache), question, case) for case, _, cache in needles) / max(len(needles), 1)
+    # no needle depths: no pass-key cases, and the accuracy is None rather than a 0% never measured
+    full_needle = (sum(_answer(model, tokenizer, copy.deepcopy(cache), question, case) for case, _, cache in needles) / len(needles)
+                   if needles else None)
 
     query_cache: dict = {}
 
@@ -103,13 +107,15 @@ def evaluate_compaction(
 
     meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
             "needle_depths": list(needle_depths), "needle_cases": len(needles), "am_queries": list(queries),
-            "head_budgets": head_budgets, "full_cache_bytes": full_bytes}
+            "head_budgets": head_budgets, "on_policy": on_policy, "full_cache_bytes": full_bytes}
     results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
     if progress is not None:
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(progress), json.dumps({"meta": meta}) + "\n" + json.dumps(asdict(results[0])) + "\n")
     for method in tqdm(methods, desc="methods"):
         sources = _queries_for(method, queries)
+        # only Attention Matching fits slots to queries; the eviction baselines just rank entries
+        fitted = on_policy and isinstance(make_press(method), AttentionMatchingPress)
         for ratio in ratios:
             kl = nll = seconds = 0.0
             for number, (context, cont, full, reference) in enumerate(docs):
@@ -117,7 +123,7 @@ def evaluate_compaction(
                 queries_for_doc = reference_queries(sources, context, f"doc{number}")  # captured once, not timed
                 start = time.perf_counter()
                 compact(model, cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
-                        reference_queries=queries_for_doc)
+                        reference_queries=queries_for_doc, on_policy=fitted, input_ids=context, tokenizer=tokenizer)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += (time.perf_counter() - start) / documents
@@ -129,10 +135,11 @@ def evaluate_compaction(
             for index, (case, doc, needle_full) in enumerate(needles):
                 needle_cache = copy.deepcopy(needle_full)
                 compact(model, needle_cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
-                        reference_queries=reference_queries(sources, doc, f"needle{index}"))
+                        reference_queries=reference_queries(sources, doc, f"needle{index}"), on_policy=fitted,
+                        input_ids=doc, tokenizer=tokenizer)
                 correct += _answer(model, tokenizer, needle_cache, question, case)
             results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
-                                            correct / max(len(needles), 1)))
+                                            correct / len(needles) if needles else None))
             if progress is not None:
                 with Path(progress).open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(asdict(results[-1])) + "\n")
@@ -174,13 +181,15 @@ def render_compaction_markdown(results, meta) -> str:
     methods = list(dict.fromkeys(r.method for r in results if r.method != "full"))
     by = {(r.method, r.ratio): r for r in results}
     full = by[("full", 1.0)]
-    for title, cell in (
+    tables = [
         ("Mean next-token KL to the full cache (lower is better)", lambda r: f"{r.kl:.4f}"),
         (f"Continuation perplexity (full cache: {full.perplexity:.3f})", lambda r: f"{r.perplexity:.3f}"),
-        (f"Needle accuracy (full cache: {full.needle_accuracy:.0%})", lambda r: f"{r.needle_accuracy:.0%}"),
         ("Physical KV bytes, full / compacted", lambda r: f"{r.bytes_ratio:.2f}x"),
         ("Compaction seconds", lambda r: f"{r.seconds:.2f}"),
-    ):
+    ]
+    if full.needle_accuracy is not None:
+        tables.insert(2, (f"Needle accuracy (full cache: {full.needle_accuracy:.0%})", lambda r: f"{r.needle_accuracy:.0%}"))
+    for title, cell in tables:
         lines += [f"## {title}", "", "| method | " + " | ".join(f"{x:g}x" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for method in methods:
             lines.append(f"| {method} | " + " | ".join(cell(by[(method, x)]) if (method, x) in by else "-" for x in ratios) + " |")
@@ -199,7 +208,8 @@ def plot_compaction(results, path: Path) -> Path:
         rows = sorted((r for r in results if r.method == method), key=lambda r: r.ratio)
         style = "-" if method.startswith("am") else "--"
         axes[0].plot([r.ratio for r in rows], [max(r.kl, 1e-5) for r in rows], style, marker="o", label=method)
-        axes[1].plot([r.ratio for r in rows], [r.needle_accuracy for r in rows], style, marker="o", label=method)
+        axes[1].plot([r.ratio for r in rows], [math.nan if r.needle_accuracy is None else r.needle_accuracy for r in rows],
+                     style, marker="o", label=method)
     axes[0].set(xscale="log", yscale="log", xlabel="compaction ratio", ylabel="next-token KL to full cache")
     axes[1].set(xscale="log", xlabel="compaction ratio", ylabel="needle accuracy", ylim=(-0.05, 1.05))
     axes[0].legend(fontsize=8)
