@@ -123,3 +123,22 @@ def test_offloaded_block_store_decodes_like_the_gpu_cache(scorer):
         assert (keys.device.type == "cpu" and keys.is_pinned()) if offload else keys.is_cuda
     assert torch.equal(runs[True][0], runs[False][0])
     assert relative_error(runs[True][1], runs[False][1]) < 1e-3
+
+
+def test_on_policy_compaction_on_the_gpu_matches_the_cpu():
+    """compact(on_policy=True) on a CUDA cache (its queries, positions and subsamples cross devices)."""
+    import copy
+
+    from conftest import prefilled
+    from test_compaction import _ByteTokenizer
+
+    model, ids, full = prefilled("llama", 260, 240, top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
+    options = dict(queries=("repeat",), tokenizer=_ByteTokenizer(), head_budgets="uniform", max_queries=64, on_policy=True)
+    cpu = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], **options)
+    model, ids = model.to("cuda"), ids.cuda()
+    cache = sparsemem.SparseMemCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :240], past_key_values=cache)
+    gpu = sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], **options)
+    for a, b in zip(cpu.layers, gpu.layers):
+        torch.testing.assert_close(b.slots.values.cpu(), a.slots.values, rtol=1e-3, atol=1e-3)

@@ -380,12 +380,14 @@ def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, 
             return
         fitted.add(layer_idx)
         queries, positions, _, _ = plans[layer_idx]
-        groups = query_states.shape[1] // cache.layers[layer_idx].keys.shape[1]
-        fresh = query_states[..., prompt.shape[1]:, :].detach().float()
+        layer = cache.layers[layer_idx]
+        groups = query_states.shape[1] // layer.keys.shape[1]
+        fresh = query_states[..., prompt.shape[1]:, :].detach().float().cpu()  # as captured queries are kept
         fresh, fresh_positions = _subsample(fresh, torch.full((fresh.shape[-2],), -1), max(1, max_queries // groups), generator)
         context = positions >= 0  # context queries (if asked for) stay as captured: they are the document's own
-        fit(layer_idx, torch.cat([queries[..., context.to(queries.device), :].to(fresh.device), fresh], dim=-2),
-            torch.cat([positions[context].to(fresh_positions.device), fresh_positions]))
+        device = layer.keys.device
+        fit(layer_idx, torch.cat([queries[..., context, :].to(device), fresh.to(device)], dim=-2),
+            torch.cat([positions[context].to(device), fresh_positions.to(device)]))
 
     previous = [m.query_recorder for m in modules]
     for module in modules:
