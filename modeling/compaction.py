@@ -113,7 +113,10 @@ class AttentionMatchingPress(Press):
         keep = self.exact_count(budget, total)
         if keep:
             # the newest `keep` entries stay as they are; AM fits the rest of the budget to the older part
-            newest = span.positions >= span.positions.sort().values[total - keep]
+            # exactly `keep` entries: slots folded in from an earlier compaction share one position, and a
+            # threshold on positions would keep every tie and overrun the budget (online compaction)
+            newest = torch.zeros(total, dtype=torch.bool, device=span.positions.device)
+            newest[span.positions.sort(stable=True).indices[total - keep :]] = True
             p = span.problem
             older = HeadSpan(
                 SpanProblem(p.queries, p.keys[:, ~newest], p.values[:, ~newest], p.key_bias[:, ~newest], p.context_lse,

@@ -39,6 +39,22 @@ def test_budget_is_never_exceeded(family):
     assert tokens.shape == (1, 50)
 
 
+def test_budget_holds_when_the_exact_newest_share_reaches_folded_slots():
+    """At this budget AM's exact newest share of the slots (66) is larger than the tokens decoded between
+    compactions (64), so it reaches into the slots folded in from the previous compaction, which all
+    share one position: it must still keep exactly its share, not every tie."""
+    model = sparsemem.convert(make_base_model("llama", max_position_embeddings=4096), top_k_blocks=None)
+    ids = torch.randint(3, 256, (1, 300), generator=torch.Generator().manual_seed(3))
+    online = OnlineCompaction(256, keep_first=16, method="am")
+    cache = sparsemem.SparseMemCache(model.config, online=online)
+    _, sizes = _decode(model, ids, cache, steps=140)
+    assert int(sizes.max()) <= 256
+    # the prefill's compaction, then one every 64 decoded tokens (256 - 192), per layer
+    assert online.compactions == 3 * len(cache.layers)
+    for layer in cache.layers:
+        assert int(torch.bincount(layer.slots.head).max()) == online.slots_per_head
+
+
 def test_budget_above_length_changes_nothing():
     model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None)
     ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(1))
