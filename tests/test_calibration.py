@@ -429,3 +429,18 @@ def test_union_takes_the_best_blocks_of_both_orders():
     alone.load_state_dict(scorer.state_dict())
     assert torch.equal(alone(query, summaries), trained)
     assert not torch.equal(fused.topk(5, dim=-1).indices.sort(-1).values, trained.topk(5, dim=-1).indices.sort(-1).values)
+
+
+def test_model_card_table_reports_windows_and_gaps(tmp_path):
+    from sparsemem.training.export import _eval_table
+
+    assert "sparsemem eval scorer --run" in _eval_table(tmp_path)
+    rows = [{"model": "dense", "length": 4096, "windows": 8, "perplexity": 7.7917, "perplexity_gap": 0.0, "nll_gap": 0.0, "density": None},
+            {"model": "learned (final)", "length": 4096, "windows": 8, "perplexity": 8.119, "perplexity_gap": 0.3273,
+             "nll_gap": 0.0412, "density": 0.136}]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "scorer.json").write_text(json.dumps({"rows": rows, "meta": {"device": "NVIDIA H200", "dtype": "float32",
+                                                                                       "eval_tokens": "32768 held-out tokens"}}))
+    table = _eval_table(tmp_path).splitlines()
+    assert table[2] == "| 4096 | 8 | dense | 7.7917 | - | 100% |"
+    assert table[3] == "| 4096 | 8 | learned (final) | 8.1190 | +0.3273 (+0.0412 nats) | 13.6% |"

@@ -40,13 +40,13 @@ def load_card_template(path: Path | None = None) -> str:
 def _eval_table(run_dir: Path) -> str:
     report = run_dir / "eval" / "scorer.json"
     if not report.is_file():
-        return "Not evaluated yet: run `sparsemem eval scorer RUN_DIR` before exporting."
+        return "Not evaluated yet: run `sparsemem eval scorer --run RUN_DIR` before exporting."
     data = json.loads(report.read_text())
-    lines = ["| length | attention | perplexity | gap to dense | density |", "|---|---|---|---|---|"]
+    lines = ["| length | windows | attention | perplexity | gap to dense | density |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
         density = f"{r['density']:.1%}" if r["density"] else "100%"
-        gap = "-" if r["model"] == "dense" else f"{r['perplexity_gap']:+.4f}"
-        lines.append(f"| {r['length']} | {r['model']} | {r['perplexity']:.4f} | {gap} | {density} |")
+        gap = "-" if r["model"] == "dense" else f"{r['perplexity_gap']:+.4f} ({r['nll_gap']:+.4f} nats)"
+        lines.append(f"| {r['length']} | {r.get('windows', 1)} | {r['model']} | {r['perplexity']:.4f} | {gap} | {density} |")
     meta = data["meta"]
     lines += ["", f"Measured on {meta['device']} ({meta['dtype']}); held-out text: {meta['eval_tokens']}."]
     return "\n".join(lines)
