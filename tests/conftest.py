@@ -49,6 +49,22 @@ def make_base_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+class ByteTokenizer:
+    """Bytes as token ids (mod a tiny vocabulary): real text, tokenized in microseconds. Plain calls give
+    {"input_ids": list}; `return_tensors="pt"` an object with `input_ids` [1, n]. Counts its calls."""
+
+    def __init__(self, vocab: int = 256):
+        self.vocab = vocab
+        self.calls = 0
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None, verbose=True):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        ids = [byte % self.vocab for byte in text.encode()]
+        return {"input_ids": ids} if return_tensors is None else SimpleNamespace(input_ids=torch.tensor([ids]))
+
+
 def prefilled(family: str, total: int, context: int, **options):
     """A converted tiny model, `total` random token ids, and a SparseMemCache holding the first `context`."""
     import sparsemem

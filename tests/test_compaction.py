@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import prefilled
+from conftest import ByteTokenizer, prefilled
 
 import sparsemem
 from sparsemem.modeling.attention_matching import SpanProblem, attention_matching, nnls
@@ -313,15 +313,6 @@ def test_exact_newest_must_be_a_share():
             AttentionMatchingPress(exact_newest=bad)
 
 
-class _ByteTokenizer:
-    """Enough of a tokenizer for the repeat prompt on the tiny random models: one id per byte."""
-
-    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(input_ids=torch.tensor([[3 + byte % 250 for byte in text.encode()]]))
-
-
 def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(filled):
     """Layer l's queries depend only on layers < l, so a repeat pass over the finished on-policy cache
     yields exactly the queries each layer was fitted to: fitting the full cache to those (off-policy)
@@ -329,14 +320,14 @@ def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(
     from sparsemem.compact import REPEAT_PROMPT, recording_queries
 
     model, ids, full = filled
-    context, tokenizer = ids[:, :240], _ByteTokenizer()
+    context, tokenizer = ids[:, :240], ByteTokenizer()
     options = dict(queries=("repeat",), tokenizer=tokenizer, input_ids=context, head_budgets="uniform", max_queries=10**6)
     on = sparsemem.compact(model, copy.deepcopy(full), ratio=6, on_policy=True, **options)
     off = sparsemem.compact(model, copy.deepcopy(full), ratio=6, **options)
     assert on.get_seq_length() == 240 and all(int(layer.positions.max()) < 240 for layer in on.layers)
     assert on.memory_bytes()["total"] == off.memory_bytes()["total"]
 
-    prompt = tokenizer(REPEAT_PROMPT).input_ids
+    prompt = tokenizer(REPEAT_PROMPT, return_tensors="pt").input_ids
     reader = copy.deepcopy(on)
     with torch.no_grad(), recording_queries(model, keep_from=prompt.shape[1]) as captured:
         model(torch.cat([prompt, context], 1), past_key_values=reader,
@@ -359,4 +350,4 @@ def test_on_policy_needs_the_repeat_source_the_context_and_a_tokenizer(filled):
     with pytest.raises(ValueError, match="on_policy"):
         sparsemem.compact(model, copy.deepcopy(full), 6, on_policy=True, queries=("context",), input_ids=ids[:, :240])
     with pytest.raises(ValueError, match="input_ids"):
-        sparsemem.compact(model, copy.deepcopy(full), 6, on_policy=True, queries=("repeat",), tokenizer=_ByteTokenizer())
+        sparsemem.compact(model, copy.deepcopy(full), 6, on_policy=True, queries=("repeat",), tokenizer=ByteTokenizer())

@@ -12,19 +12,7 @@ from sparsemem.modeling.attention import MemoryView, compact_block_ids, sparseme
 from sparsemem.modeling.cache import SlotTier
 from sparsemem.stream import TokenStream, _pieces, stream
 
-from conftest import make_base_model
-
-
-class ByteTokenizer:
-    """Bytes as token ids (mod a tiny vocabulary): real text, tokenized in microseconds."""
-
-    def __init__(self, vocab: int = 256):
-        self.vocab = vocab
-        self.calls = 0
-
-    def __call__(self, text, add_special_tokens=False, verbose=True):
-        self.calls += 1
-        return {"input_ids": [b % self.vocab for b in text.encode()]}
+from conftest import ByteTokenizer, make_base_model
 
 
 def _attention_module(**options):

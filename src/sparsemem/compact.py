@@ -28,10 +28,24 @@ SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and question
 
 
 @contextlib.contextmanager
+def query_hook(model, hook):
+    """Call `hook(layer_idx, query_states)` with every attention layer's post-RoPE queries, before the
+    layer updates or reads its cache; the previous hooks come back afterwards."""
+    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
+    previous = [m.query_recorder for m in modules]
+    for module in modules:
+        module.query_recorder = hook
+    try:
+        yield
+    finally:
+        for module, recorder in zip(modules, previous):
+            module.query_recorder = recorder
+
+
+@contextlib.contextmanager
 def recording_queries(model, keep_from: int = 0):
     """Collect post-RoPE queries of every attention layer: {layer_idx: [B, H, n, d]} (positions >= keep_from)."""
     captured: dict[int, list[torch.Tensor]] = {}
-    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
     seen: dict[int, int] = {}  # queries already passed per layer, across forward calls
 
     def record(layer_idx, query_states):
@@ -42,13 +56,8 @@ def recording_queries(model, keep_from: int = 0):
         if lo < length:
             captured.setdefault(layer_idx, []).append(query_states[..., lo:, :].detach().float().cpu())
 
-    for module in modules:
-        module.query_recorder = record
-    try:
+    with query_hook(model, record):
         yield captured
-    finally:
-        for module in modules:
-            module.query_recorder = None
 
 
 @contextlib.contextmanager
@@ -277,7 +286,7 @@ def compact(
     heads = model.config.num_attention_heads
     config = model.config
     kv_head_slots = None
-    deferred = []  # (layer, queries, positions, recent tokens, head scores for global budgets), fitted once all are known
+    deferred = []  # (layer index, queries, positions, recent tokens, head scores for global budgets), fitted once all are known
     for layer_idx, layer in enumerate(cache.layers):
         if not layer.is_initialized:
             continue
@@ -322,8 +331,7 @@ def compact(
             span = (layer.positions >= first) & (layer.positions < length - recent)
             # ranked by all of them, not the fit's subsample: a maximum needs every query
             scores = _max_attention(layer, all_queries.to(device), span, scaling)
-        deferred.append((layer, layer_queries, layer_positions, recent, scores))
-    plans = {}  # layer index -> (queries, positions, recent tokens, per-head slots or None)
+        deferred.append((layer_idx, layer_queries, layer_positions, recent, scores))
     if head_budgets == "global" and deferred:
         # every (layer, KV head) competes for the slots by the largest attention a reference query gives
         # each of its span entries: heads that single entries out keep more of them
@@ -331,11 +339,11 @@ def compact(
         total = sum((budget - first - recent) * len(scores) for *_, recent, scores in deferred)
         counts = iter(allocate_by_scores(flat, total))
         kv_head_slots = [[next(counts) for _ in scores] for *_, scores in deferred]
-    for number, (layer, layer_queries, layer_positions, recent, _) in enumerate(deferred):
-        own = kv_head_slots[number] if kv_head_slots is not None else None
-        plans[cache.layers.index(layer)] = (layer_queries, layer_positions, recent, own)
+    # layer index -> (queries, positions, recent tokens, per-head slots or None)
+    plans = {index: (q, p, recent, None if kv_head_slots is None else kv_head_slots[number])
+             for number, (index, q, p, recent, _) in enumerate(deferred)}
 
-    def fit(layer_idx, fit_queries, fit_positions):
+    def fit_layer(layer_idx, fit_queries, fit_positions):
         layer = cache.layers[layer_idx]
         _, _, recent, own = plans[layer_idx]
         # the queries' attention over the layer as it is now (several chunks change it between fits)
@@ -344,10 +352,10 @@ def compact(
                            press, scaling, head_budgets, chunk_size, attention, budgets=own)
 
     if on_policy:
-        _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, generator)
+        _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit_layer, max_queries, generator)
     else:
         for layer_idx, (layer_queries, layer_positions, _, _) in plans.items():
-            fit(layer_idx, layer_queries, layer_positions)
+            fit_layer(layer_idx, layer_queries, layer_positions)
     cache.compaction_info = {
         "method": method if isinstance(method, str) else type(method).__name__,
         "ratio": ratio,
@@ -363,7 +371,7 @@ def compact(
     return cache
 
 
-def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, generator) -> None:
+def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit_layer, max_queries, generator) -> None:
     """Teacher-force "repeat the previous text" over `cache` itself: as each layer's attention gets the
     pass's queries (post-RoPE), the layer is fitted to them, before it reads its own cache, so the queries
     of the layers above come from a model whose lower layers are already compacted. The pass's own
@@ -372,7 +380,6 @@ def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, 
     device = input_ids.device
     prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     ids = torch.cat([prompt.expand(input_ids.shape[0], -1), input_ids], dim=1)
-    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
     fitted = set()
 
     def record(layer_idx, query_states):
@@ -386,19 +393,15 @@ def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit, max_queries, 
         fresh, fresh_positions = _subsample(fresh, torch.full((fresh.shape[-2],), -1), max(1, max_queries // groups), generator)
         context = positions >= 0  # context queries (if asked for) stay as captured: they are the document's own
         device = layer.keys.device
-        fit(layer_idx, torch.cat([queries[..., context, :].to(device), fresh.to(device)], dim=-2),
+        fit_layer(layer_idx, torch.cat([queries[..., context, :].to(device), fresh.to(device)], dim=-2),
             torch.cat([positions[context].to(device), fresh_positions.to(device)]))
 
-    previous = [m.query_recorder for m in modules]
-    for module in modules:
-        module.query_recorder = record
+    positions = torch.arange(length, length + ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
+    mask = torch.ones(ids.shape[0], length + ids.shape[1], dtype=torch.long, device=device)
     try:
-        positions = torch.arange(length, length + ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
-        mask = torch.ones(ids.shape[0], length + ids.shape[1], dtype=torch.long, device=device)
-        model(ids, past_key_values=cache, position_ids=positions, attention_mask=mask, use_cache=True)
+        with query_hook(model, record):
+            model(ids, past_key_values=cache, position_ids=positions, attention_mask=mask, use_cache=True)
     finally:
-        for module, recorder in zip(modules, previous):
-            module.query_recorder = recorder
         cache.crop(length)
     missing = sorted(set(plans) - fitted)
     if missing:
