@@ -24,6 +24,7 @@ from sparsemem.default_model import resolve_model
 
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_flat, save_checkpoint
 from .data import build_data, hash_seed
+from .distributed import fsdp2_settings, local_parameter_count, shard_frozen_base
 from .objectives import DISTILL_ATTENTION, ScorerDistillation, next_token_kl, register_distillation_attention
 from .recipe import Recipe, check_architecture
 
@@ -149,9 +150,18 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
         write_text(output / "recipe.json", json.dumps(dataclasses.asdict(recipe), indent=1, default=str))
 
     register_distillation_attention()
-    path, tokenizer, model = load_models(recipe, accelerator.device)
+    sharding = fsdp2_settings(accelerator)
+    if sharding is None:
+        path, tokenizer, model = load_models(recipe, accelerator.device)
+    else:
+        # loaded on the CPU: `fully_shard` moves each process's shard to its device, never the whole model
+        path, tokenizer, model = load_models(recipe)
+        shard_frozen_base(model, [p for m in scorers(model) for p in m.parameters()], sharding)
+        for module in scorers(model):
+            module.to(accelerator.device)
     data = build_data(tokenizer, recipe.data.train, recipe.data.eval, recipe.sequence_length,
                       recipe.data.eval_tokens, recipe.data.max_train_tokens)
+    stored, total_parameters = local_parameter_count(model)
     if accelerator.is_main_process and recipe.data.eval is not None:
         save_file({"input_ids": data.eval_ids}, output / "heldout.safetensors")
     config = model.config
@@ -239,6 +249,8 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             raise StopTraining(f"stopped after step {step}")
     progress.close()
     end_phase2(model)
+    if sharding is not None:
+        model = _whole_copy(recipe, model, phase, accelerator.is_main_process)
 
     if accelerator.is_main_process:
         final = output / "final"
@@ -267,11 +279,30 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             "fingerprint": fingerprint,
             "device": _device_name(accelerator),
             "num_processes": accelerator.num_processes,
+            "fsdp2": dataclasses.asdict(sharding) if sharding is not None else None,
+            # what one process held during training (FSDP2 keeps 1/N of the frozen decoder weights)
+            "parameters_per_process": stored,
+            "parameters": total_parameters,
         }
         write_text(final / "run.json", json.dumps(run, indent=1))
     if recipe.report_to:
         accelerator.end_training()
     return output
+
+
+def _whole_copy(recipe: Recipe, model, phase: int, main: bool):
+    """On the main process, an unsharded model on the CPU with the trained modules (and LoRA) of the
+    sharded `model`, for the final export (merging LoRA needs whole base weights); None elsewhere.
+    The trained tensors are never sharded, so no process has to gather anything."""
+    if not main:
+        return None
+    state = {name: value.detach().cpu() for name, value in trainable_state(model).items()}
+    _, _, whole = load_models(recipe)
+    if phase == 2 and recipe.phase2.lora is not None:
+        whole = add_lora(whole, recipe.phase2.lora)
+    _load_trainable(whole, state)
+    end_phase2(whole)
+    return whole
 
 
 def _device_name(accelerator) -> str:

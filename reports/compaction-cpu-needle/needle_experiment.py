@@ -5,6 +5,9 @@ Each spec is a JSON object: "press" (AttentionMatchingPress fields), "compact" (
 "queries" (sources, default ["repeat"]), "ratios". One JSON line per (spec, ratio, case) with the answer.
 
     OMP_NUM_THREADS=2 python needle_experiment.py '[{"press": {"exact_newest": 0.75}, "ratios": [10]}]' > needles.jsonl
+
+A second argument "secret-number" words the needle and the question as a secret number instead of a
+pass key (the haystack is Python documentation, where "pass" is a keyword).
 """
 import copy
 import json
@@ -15,12 +18,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparsemem
 from sparsemem.compact import capture_reference_queries, compact
-from sparsemem.corpus import PASSKEY_QUESTION, load_corpus, passkey_case
+import sparsemem.corpus
+from sparsemem.corpus import load_corpus, passkey_case
 from sparsemem.default_model import resolve_model
 from sparsemem.evaluation_compaction import _prefill
 from sparsemem.modeling.compaction import AttentionMatchingPress, make_press
 
 torch.set_grad_enabled(False)
+if sys.argv[2:] == ["secret-number"]:
+    sparsemem.corpus.PASSKEY_NEEDLE = "\n\nThe secret number is {key}. Remember it. {key} is the secret number.\n\n"
+    sparsemem.corpus.PASSKEY_QUESTION = "\n\nWhat is the secret number? The secret number is"
+PASSKEY_QUESTION = sparsemem.corpus.PASSKEY_QUESTION
 path = resolve_model(None)
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = sparsemem.convert(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
