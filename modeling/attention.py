@@ -28,14 +28,14 @@ from .configuration_sparsemem import SparseMemOptions
 from .merge import masked_attention, merge_attention_states
 from .query_blocks import aligned_chunks, pool_query_blocks, query_block_index
 from .scorer import PooledKeyScorer, summarize_blocks, summarize_contiguous_blocks
-from .selection import select_blocks
+from .selection import score_and_select
 from .selection_gate import gated_attention, straight_through_gate
 from .slot_attention import slot_attention
 
 ATTENTION_NAME = "sparsemem"
 _DEFAULTS = SparseMemOptions()
 _FAST_PATH_OPTIONS = (
-    "block_size", "query_block_size", "sink_tokens", "local_tokens", "top_k_blocks", "block_fraction", "query_chunk_size"
+    "block_size", "query_block_size", "sink_tokens", "local_tokens", "top_k_blocks", "block_fraction", "block_mass", "query_chunk_size"
 )
 _LOGGED: set[str] = set()
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def sparsemem_attention_forward(
         raise ValueError("attn_implementation='sparsemem' does not implement attention dropout; set attention_dropout=0")
     config = module.config
     block_size, top_k = _option(config, "block_size"), _option(config, "top_k_blocks")
-    fraction = _option(config, "block_fraction")
+    fraction, coverage = _option(config, "block_fraction"), _option(config, "block_mass")
     sink, local = _option(config, "sink_tokens"), _option(config, "local_tokens")
     chunk, query_block = _option(config, "query_chunk_size"), _option(config, "query_block_size")
     batch, heads, num_queries, dim = query.shape
@@ -238,15 +238,14 @@ def sparsemem_attention_forward(
         candidate_keys = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold)
         candidates = candidate_keys > 0
         if query_block is None:
-            scores = scorer(q, summaries, candidates[:, None])  # [B, Hkv, q, nb]
-            selected = select_blocks(scores, candidates[:, None], top_k, fraction)
+            scores, selected = score_and_select(scorer, q, summaries, candidates[:, None], top_k, fraction, coverage)  # [B, Hkv, q, nb]
         else:
             # one selection per query block, from its mean query, over the union of its queries' candidates
             index = query_block_index(q_pos, query_block)
             pooled = pool_query_blocks(q, int(q_pos[0]), query_block)  # [B, Hkv, G, nQb, D]
             block_candidates = candidate_keys.new_zeros(candidates.shape[0], pooled.shape[-2], num_blocks)
             block_candidates = block_candidates.index_add_(1, index, candidate_keys) > 0
-            shared = select_blocks(scorer(pooled, summaries, block_candidates[:, None]), block_candidates[:, None], top_k, fraction)
+            _, shared = score_and_select(scorer, pooled, summaries, block_candidates[:, None], top_k, fraction, coverage)
             selected = shared[:, :, index]
         key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]

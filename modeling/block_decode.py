@@ -14,6 +14,7 @@ import torch
 
 from .merge import masked_attention, merge_attention_states
 from .scorer import BlockSummaries, PooledKeyScorer, summarize_contiguous_blocks
+from .selection import coverage_counts
 from .slot_attention import slot_attention
 
 try:  # Triton ships with CUDA builds of torch; the gather path needs nothing
@@ -388,11 +389,14 @@ def block_decode_attention(
     first, last = sink // size, min(high // size if high >= 0 else -1, num_blocks - 1)
     num_candidates = max(0, last - first + 1)
     budget = selection_budget(num_candidates, options["top_k_blocks"], options["block_fraction"])
+    coverage = options.get("block_mass") if options["top_k_blocks"] is not None else None
+    if coverage is not None and not hasattr(scorer, "scores_and_mass"):
+        raise ValueError("`block_mass` needs scorer='learned': a training-free score is no estimate of attention mass")
     if budget == 0:
         index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=device)
     else:
         incremental = summary_cache is not None and num_blocks == math.ceil(total / size)
-        if use_triton and incremental and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
+        if coverage is None and use_triton and incremental and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
             key_min, key_max, _ = summary_cache.refresh(key, device)
             scores = _minmax_scores_triton(q_rows, key_min, key_max, num_blocks, first, last)
         else:
@@ -404,10 +408,23 @@ def block_decode_attention(
                     summaries = BlockSummaries(*(t.to(device) for t in (summaries.key_min, summaries.key_max, summaries.key_mean, summaries.count)))
             block_ids = torch.arange(num_blocks, device=device)
             candidates = (block_ids >= first) & (block_ids <= last)
-            scores = scorer(query.view(batch, kv_heads, groups, 1, dim), summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
+            rows = query.view(batch, kv_heads, groups, 1, dim)
+            if coverage is None:
+                scores = scorer(rows, summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
+            else:
+                scores, mass = scorer.scores_and_mass(rows, summaries, candidates.view(1, 1, 1, -1))
+                scores, mass = scores[:, :, 0], mass[:, :, 0]
             scores = scores.masked_fill(~candidates, float("-inf"))
-        # the same blocks as `select_blocks`: the `budget` best candidates (order does not matter)
-        index = scores.topk(budget, dim=-1, sorted=False).indices  # [B, Hkv, S]
+        if coverage is None:
+            # the same blocks as `select_blocks`: the `budget` best candidates (order does not matter)
+            index = scores.topk(budget, dim=-1, sorted=False).indices  # [B, Hkv, S]
+        else:
+            # each head its own count, as `select_blocks` gives it; the index is as wide as the largest
+            # count, and shorter rows are padded with a block past the cache, which attends to nothing
+            count, order = coverage_counts(scores, candidates.expand_as(scores), options["top_k_blocks"],
+                                           options["block_fraction"], mass, coverage)
+            width = int(count.max())
+            index = order[..., :width].masked_fill(torch.arange(width, device=device) >= count, num_blocks)
 
     if use_triton:
         out, lse, keys_attended = _tiles_triton(
@@ -433,8 +450,9 @@ def block_decode_attention(
         per_block = (torch.clamp(block_first + size - 1, max=min(high, total - 1)) - torch.clamp(block_first, min=sink) + 1).clamp(min=0)
         attended = (per_block.sum() + anchor_keys.shape[2] * batch * kv_heads) * groups
     if has_slots:
-        selected = torch.zeros(batch, kv_heads, 1, num_blocks, dtype=torch.bool, device=device)
-        selected.scatter_(-1, index[:, :, None], True)
+        # one column more for the padding block of `block_mass` rows, dropped after the scatter
+        selected = torch.zeros(batch, kv_heads, 1, num_blocks + 1, dtype=torch.bool, device=device)
+        selected = selected.scatter_(-1, index[:, :, None], True)[..., :num_blocks]
         slot_out, slot_lse, slot_pairs = slot_attention(
             q_rows.float()[:, :, :, None], torch.tensor([position], device=device), slots, selected,
             scaling, size, sink, local, None,

@@ -22,7 +22,7 @@ import torch
 from .merge import merge_attention_states
 from .query_blocks import pool_query_blocks
 from .scorer import summarize_contiguous_blocks
-from .selection import select_blocks
+from .selection import score_and_select
 from .slot_attention import slot_attention
 
 try:  # FlexAttention ships with torch >= 2.5; the reference path works without it
@@ -215,8 +215,8 @@ def _select_tiles(query, key, scorer, first_query: int, num_blocks: int, options
     summaries = summarize_contiguous_blocks(key, block_size, num_blocks)
     pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
     candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, query.device)
-    selected = select_blocks(scorer(pooled, summaries, candidates[None, None]), candidates[None, None], options["top_k_blocks"],
-                             options["block_fraction"])
+    _, selected = score_and_select(scorer, pooled, summaries, candidates[None, None], options["top_k_blocks"],
+                                   options["block_fraction"], options["block_mass"])
     partial, full = tile_flags(selected, first_query, total, query_block, block_size, sink, local)
     # both lists in one pass: [2B, Hkv, ...] then split (each half stays contiguous)
     counts, order = block_lists(torch.cat([partial, full]), groups)

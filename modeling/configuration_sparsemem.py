@@ -26,6 +26,10 @@ class SparseMemOptions:
         (dense-equivalent).
     block_fraction: when set, each query attends ceil(block_fraction x its candidate blocks), at least
         `top_k_blocks`: a density that holds across context lengths. Ignored when `top_k_blocks` is None.
+    block_mass: when set (in (0, 1]), each query takes its blocks best first until they hold this share of
+        its cold attention mass as the learned scorer estimates it (at least `top_k_blocks`, at most the
+        `block_fraction` budget when set): the density then follows the input, few blocks for a query
+        that attends to one place, more for a diffuse one. Needs `scorer="learned"`.
     scorer: training-free block scorer: "minmax" (upper bound of q.k from per-block key extrema), "mean"
         (q . mean key), "hybrid" (both, standardised and added), or "learned" (a trained per-KV-head mix of
         both plus trained projections of queries and pooled block keys).
@@ -50,6 +54,7 @@ class SparseMemOptions:
     local_tokens: int = 64
     top_k_blocks: int | None = 16
     block_fraction: float | None = 0.195
+    block_mass: float | None = None
     scorer: str = "minmax"
     scorer_dim: int = 64
     scorer_init: str = "minmax"
@@ -80,6 +85,11 @@ class SparseMemOptions:
             or not 0 < self.block_fraction <= 1
         ):
             raise ValueError(f"`block_fraction` must be a number in (0, 1], got {self.block_fraction!r}")
+        if self.block_mass is not None:
+            if isinstance(self.block_mass, bool) or not isinstance(self.block_mass, (int, float)) or not 0 < self.block_mass <= 1:
+                raise ValueError(f"`block_mass` must be a share in (0, 1], got {self.block_mass!r}")
+            if self.scorer != "learned":
+                raise ValueError(f"`block_mass` needs scorer='learned' (its mass estimate), got scorer={self.scorer!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
         if self.scorer_init not in SCORER_INITS:

@@ -98,6 +98,14 @@ class LearnedBlockScorer(nn.Module):
         fused = -better.float() + torch.sigmoid(_standardize(trained.masked_fill(~valid, 0.0), valid)) * 0.5
         return trained, fused.masked_fill(~valid, float("-inf"))
 
+    def scores_and_mass(self, query: torch.Tensor, summaries: BlockSummaries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selection scores, estimated share of the cold attention mass of each candidate block), each
+        [B, Hkv, Q, nb]. The estimate is the distribution phase 1 fits to the dense model's block mass,
+        so a threshold on it (`block_mass`) sets each query's density from what it attends to."""
+        trained, selection = self.scores(query, summaries, candidates)
+        candidates = candidates.expand_as(trained) & torch.isfinite(trained)
+        return selection, torch.exp(self.log_distribution(trained, candidates)).nan_to_num(0.0)
+
     def log_distribution(self, scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the scores over each query's candidate blocks (the distribution trained by KL)."""
         logits = scores * self.inverse_temperature.float()[None, :, None, None]

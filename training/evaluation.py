@@ -44,12 +44,14 @@ def _density(model):
 
 
 def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, device=None, dtype="float32",
-                    output: Path | None = None, max_windows: int | None = None) -> dict:
+                    output: Path | None = None, max_windows: int | None = None, block_masses=()) -> dict:
     """Evaluate the run in `run_dir` (a calibration output folder); writes scorer.json / scorer.md.
 
     At each length the held-out tokens are cut into consecutive windows of that length (at most
     `max_windows`) and every model's loss is the mean over them, so one stretch of unusual text (a table
-    copied from earlier in the window) does not decide the comparison alone."""
+    copied from earlier in the window) does not decide the comparison alone. Each of `block_masses` adds
+    the final learned scorer selecting by that mass threshold (`block_mass`, at least `top_k_blocks`
+    blocks, no fraction cap), whose measured density shows what the threshold spends."""
     from transformers import AutoModelForCausalLM
 
     run_dir = Path(run_dir)
@@ -82,6 +84,10 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     learned = convert(source, **options)
     learned.load_sparsemem_modules(final)
     models["learned (final)"] = learned
+    for share in block_masses:
+        adaptive = convert(source, **{**options, "block_fraction": None, "block_mass": share})
+        adaptive.load_sparsemem_modules(final)
+        models[f"learned (final), block_mass={share:g}"] = adaptive
 
     rows = []
     for length in lengths:
@@ -108,6 +114,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
         "eval_tokens": f"consecutive windows of the last {ids.numel()} tokens of {run.get('eval_data')}, held out from calibration",
         "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({platform.machine()})",
         "dtype": dtype, "torch": torch.__version__,
+        "block_masses": list(block_masses),
     }
     report = {"meta": meta, "rows": rows}
     output = Path(output) if output else run_dir / "eval"
