@@ -14,26 +14,26 @@ from safetensors.torch import load_file
 from test_calibration import OPTIONS, tiny_base  # noqa: F401 (fixture)
 
 
-def _launch(recipe: dict, folder: Path, fsdp2: bool) -> Path:
+def _launch(recipe: dict, folder: Path, fsdp2: bool, processes: int = 2, cpu: bool = True) -> Path:
     folder.mkdir(parents=True)
     output = folder / "run"
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump({**recipe, "output_dir": str(output)}))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
     if fsdp2:  # what `accelerate launch` exports for an FSDP2 config
         env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_RESHARD_AFTER_FORWARD="true")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "sparsemem.training", str(path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return output
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_base, tmp_path_factory):  # noqa: F811
-    root = tmp_path_factory.mktemp("distributed")
-    recipe = {
-        "base_model": str(tiny_base),
+def _tiny_recipe(base):
+    return {
+        "base_model": str(base),
         "sparsemem": {**OPTIONS, "scorer_dim": 8},
         "data": {"train": [{"name": "python-docs", "max_chars": 60000}]},
         "sequence_length": 128,
@@ -45,6 +45,12 @@ def runs(tiny_base, tmp_path_factory):  # noqa: F811
         "gradient_checkpointing": True,
         "checkpoint_every": 2,
     }
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("distributed")
+    recipe = _tiny_recipe(tiny_base)
     return _launch(recipe, root / "ddp", fsdp2=False), _launch(recipe, root / "fsdp2", fsdp2=True), tiny_base
 
 
@@ -76,6 +82,24 @@ def test_fsdp2_stores_a_share_of_the_base_on_each_process(runs):
     assert fsdp2["parameters"] == ddp["parameters"]
     # every frozen tensor is split in two (odd first dimensions give one row more to rank 0)
     assert fsdp2["parameters_per_process"] < 0.55 * fsdp2["parameters"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp2_through_accelerate_on_one_gpu(tiny_base, tmp_path):  # noqa: F811
+    """On CUDA, Accelerate builds the FSDP plugin itself (distributed_type FSDP): one process, a mesh of one."""
+    recipe = _tiny_recipe(tiny_base)
+    plain = _launch(recipe, tmp_path / "plain", fsdp2=False, processes=1, cpu=False)
+    sharded = _launch(recipe, tmp_path / "fsdp2", fsdp2=True, processes=1, cpu=False)
+    info = json.loads((sharded / "final" / "run.json").read_text())
+    assert info["fsdp2"] == {"reshard_after_forward": True, "cpu_offload": False}
+    assert info["num_processes"] == 1 and not info["device"].startswith("cpu")
+    log = lambda run: [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(sharded) == pytest.approx(log(plain), rel=1e-4, abs=1e-6)
+    want = load_file(plain / "final" / "sparsemem_modules.safetensors")
+    got = load_file(sharded / "final" / "sparsemem_modules.safetensors")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-5)
 
 
 class _Accelerator:

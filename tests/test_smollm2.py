@@ -108,6 +108,19 @@ def test_compaction_eval_writes_progress_that_merges_like_the_report(smollm2, tm
     assert [row["kl"] for row in merged["results"]] == [r.kl for r in results]
 
 
+def test_needle_wordings_share_keys_lengths_and_haystacks(smollm2):
+    tokenizer, _ = smollm2
+    corpus = load_corpus(None)
+    a = passkey_case(tokenizer, corpus, 600, 0.5, seed=3)
+    b = passkey_case(tokenizer, corpus, 600, 0.5, seed=3, wording="secret-number")
+    assert a.passkey == b.passkey and len(a.input_ids) == len(b.input_ids) == 600
+    text = tokenizer.decode(b.input_ids)
+    assert text.count("secret number") == 4 and "pass key" not in text and text.endswith("The secret number is")
+    assert tokenizer.decode(a.input_ids[:40]) == tokenizer.decode(b.input_ids[:40])  # same intro and haystack start
+    with pytest.raises(ValueError, match="secret-number"):
+        passkey_case(tokenizer, corpus, 600, 0.5, wording="secret")
+
+
 @pytest.mark.slow
 def test_compaction_eval_without_needles_and_on_policy(smollm2):
     """No needle depths: no pass-key cases and no accuracy claimed; on-policy fits change AM's slots only."""

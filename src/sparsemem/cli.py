@@ -166,7 +166,7 @@ def cmd_eval_compaction(args) -> int:
         model, tokenizer, load_corpus(args.text), methods=args.methods or DEFAULT_METHODS, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
         head_budgets=args.head_budgets, documents=args.documents, progress=Path(args.output) / "progress.jsonl",
-        on_policy=args.on_policy, needle_depths=tuple(args.needle_depths),
+        on_policy=args.on_policy, needle_depths=tuple(args.needle_depths), needle_wording=args.needle_wording,
     )
     meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
@@ -310,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "SnapKV and H2O by the context's own queries)")
     ev.add_argument("--needle-depths", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                     help="compaction: pass-key depths per document (none: KL, perplexity, bytes and time only)")
+    ev.add_argument("--needle-wording", default="pass-key", choices=["pass-key", "secret-number"],
+                    help="compaction: how the needle and the question are worded; in Python documentation 'pass' is "
+                         "also a keyword, which 'secret-number' avoids")
     ev.add_argument("--on-policy", action="store_true",
                     help="compaction: Attention Matching fits each layer to the repeat queries of a pass that reads "
                          "the layers below it already compacted")

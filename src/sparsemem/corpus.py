@@ -56,6 +56,19 @@ PASSKEY_INTRO = (
 )
 PASSKEY_NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+# (needle, question) per wording. In a haystack of Python documentation "pass" is also a keyword, and a
+# small model may answer "The pass key is a ..." with no memory loss at all; "secret-number" avoids that.
+NEEDLE_WORDINGS = {
+    "pass-key": (PASSKEY_NEEDLE, PASSKEY_QUESTION),
+    "secret-number": ("\n\nThe secret number is {key}. Remember it. {key} is the secret number.\n\n",
+                      "\n\nWhat is the secret number? The secret number is"),
+}
+
+
+def needle_question(wording: str = "pass-key") -> str:
+    if wording not in NEEDLE_WORDINGS:
+        raise ValueError(f"needle wording must be one of {sorted(NEEDLE_WORDINGS)}, got {wording!r}")
+    return NEEDLE_WORDINGS[wording][1]
 
 
 @dataclass
@@ -66,14 +79,17 @@ class PasskeyCase:
     length: int
 
 
-def passkey_case(tokenizer, corpus: Corpus, length: int, depth: float, seed: int = 0) -> PasskeyCase:
-    """A prompt of about `length` tokens with a random 5-digit pass key at relative `depth` of the haystack."""
+def passkey_case(tokenizer, corpus: Corpus, length: int, depth: float, seed: int = 0, wording: str = "pass-key") -> PasskeyCase:
+    """A prompt of about `length` tokens with a random 5-digit pass key at relative `depth` of the haystack
+    (`wording`: one of `NEEDLE_WORDINGS`)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    needle_question(wording)  # checks the wording
+    needle_text, question_text = NEEDLE_WORDINGS[wording]
     rng = random.Random(f"{seed}-{length}-{depth}")
     key = str(rng.randint(10000, 99999))
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    intro, needle, question = encode(PASSKEY_INTRO), encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION)
+    intro, needle, question = encode(PASSKEY_INTRO), encode(needle_text.format(key=key)), encode(question_text)
     budget = length - len(intro) - len(needle) - len(question)
     if budget < 16:
         raise ValueError(f"length {length} is too short for a pass key prompt")

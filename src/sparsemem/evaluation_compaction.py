@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .compact import capture_reference_queries, compact
 from .modeling.compaction import AttentionMatchingPress, make_press
-from .corpus import PASSKEY_QUESTION, passkey_case, token_window
+from .corpus import needle_question, passkey_case, token_window
 from .atomic import write_text
 
 logger = logging.getLogger(__name__)
@@ -68,17 +68,18 @@ def _queries_for(method: str, sources) -> tuple:
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
     continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
-    progress: Path | None = None, on_policy: bool = False,
+    progress: Path | None = None, on_policy: bool = False, needle_wording: str = "pass-key",
 ) -> tuple[list[CompactionResult], dict]:
     """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
     needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document).
     `progress`: a JSON-lines file that gets the settings, then each result as soon as it is measured, so
     an interrupted run keeps what it measured (`merge_reports` reads it). `on_policy`: the Attention
-    Matching presses fit each layer on-policy (`compact(on_policy=True)`; its pass is timed)."""
+    Matching presses fit each layer on-policy (`compact(on_policy=True)`; its pass is timed).
+    `needle_wording`: "pass-key" or "secret-number" (see `corpus.NEEDLE_WORDINGS`)."""
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
     device = model.device
-    question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
+    question = tokenizer(needle_question(needle_wording), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     docs, needles = [], []
     for number in range(documents):
         offset = 20000 + number * (length + continuation)
@@ -88,7 +89,7 @@ def evaluate_compaction(
         reference = _continuation_logprobs(model, copy.deepcopy(full), cont)
         docs.append((context, cont, full, reference))
         for depth in needle_depths:
-            case = passkey_case(tokenizer, corpus, length + question.shape[1], depth, seed=number)
+            case = passkey_case(tokenizer, corpus, length + question.shape[1], depth, seed=number, wording=needle_wording)
             doc = torch.tensor([case.input_ids[: -question.shape[1]]], device=device)
             needles.append((case, doc, _prefill(model, doc)))
     full_bytes = docs[0][2].memory_bytes()["total"]
@@ -106,7 +107,7 @@ def evaluate_compaction(
         return query_cache[(sources, key)]
 
     meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
-            "needle_depths": list(needle_depths), "needle_cases": len(needles), "am_queries": list(queries),
+            "needle_depths": list(needle_depths), "needle_cases": len(needles), "needle_wording": needle_wording, "am_queries": list(queries),
             "head_budgets": head_budgets, "on_policy": on_policy, "full_cache_bytes": full_bytes}
     results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
     if progress is not None:
