@@ -57,9 +57,11 @@ class SpanProblem:
         return mass, output
 
 
-def select_by_attention(phi: torch.Tensor, budget: int) -> torch.Tensor:
-    """Indices [P, t] of the keys with the highest RMS attention weight over the reference queries."""
-    score = torch.linalg.vector_norm(phi, dim=1)  # RMS up to the constant sqrt(n): same ranking, one pass
+def select_by_attention(phi: torch.Tensor, budget: int, order: float = 2) -> torch.Tensor:
+    """Indices [P, t] of the keys with the highest RMS (`order=2`) or highest peak (`order=inf`) attention
+    weight over the reference queries. The peak keeps a key that a few queries need sharply (a fact
+    recalled once) even where keys that many queries attend a little have the larger RMS."""
+    score = torch.linalg.vector_norm(phi, ord=order, dim=1)  # RMS up to the constant sqrt(n): same ranking
     return score.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
@@ -188,11 +190,13 @@ def attention_matching(
         index = key_selection
     elif key_selection == "attention":
         index = select_by_attention(phi, budget)
+    elif key_selection == "peak":
+        index = select_by_attention(phi, budget, order=float("inf"))
     elif key_selection == "omp":
         picks = omp_picks_per_step or max(1, budget // 32)
         index = select_by_omp(phi, mass, budget, picks, omp_refit_every if picks > 1 else 1)
     else:
-        raise ValueError(f"key_selection must be 'attention', 'omp' or an index tensor, got {key_selection!r}")
+        raise ValueError(f"key_selection must be 'attention', 'peak', 'omp' or an index tensor, got {key_selection!r}")
     gather = lambda t: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
     keys, values = gather(problem.keys), gather(problem.values)
     phi_selected = phi.gather(-1, index[:, None, :].expand(-1, phi.shape[1], -1))

@@ -81,7 +81,7 @@ class Press:
 @dataclass
 class AttentionMatchingPress(Press):
     """Attention Matching; `fit_bias=False` / `refit_values=False` are its ablations. `key_selection`:
-    "attention" (highest RMS attention), "omp", or "recent" (the span's newest entries, as StreamingLLM
+    "attention" (highest RMS attention), "peak" (highest attention weight from any one query), "omp", or "recent" (the span's newest entries, as StreamingLLM
     keeps them, with beta and values fitted so they also stand for the older ones). `exact_newest`: the
     share of each head's budget kept as its newest span entries, exact; the fitted slots then stand for
     the older part alone (queries that read the cache later look at the newest entries most)."""
@@ -205,6 +205,7 @@ class RandomPress(Press):
 PRESSES = {
     "am": AttentionMatchingPress,
     "am-omp": lambda: AttentionMatchingPress(key_selection="omp"),
+    "am-peak": lambda: AttentionMatchingPress(key_selection="peak"),
     "am-no-beta": lambda: AttentionMatchingPress(fit_bias=False),
     "am-no-refit": lambda: AttentionMatchingPress(refit_values=False),
     "am-recent": lambda: AttentionMatchingPress(key_selection="recent"),

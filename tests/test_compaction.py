@@ -351,3 +351,15 @@ def test_on_policy_needs_the_repeat_source_the_context_and_a_tokenizer(filled):
         sparsemem.compact(model, copy.deepcopy(full), 6, on_policy=True, queries=("context",), input_ids=ids[:, :240])
     with pytest.raises(ValueError, match="input_ids"):
         sparsemem.compact(model, copy.deepcopy(full), 6, on_policy=True, queries=("repeat",), tokenizer=ByteTokenizer())
+
+
+def test_peak_selection_keeps_a_key_one_query_needs():
+    """RMS favours keys many queries attend a little; the peak keeps the key one query needs sharply."""
+    from sparsemem.modeling.attention_matching import select_by_attention
+
+    phi = (0.1 + 0.001 * torch.arange(6.0)).expand(1, 100, 6).clone()
+    phi[0, :, 4] = 0.12
+    phi[0, :, 5] = 0.0
+    phi[0, 7, 5] = 0.9  # one query recalls key 5, the others never look at it (RMS 0.09)
+    assert select_by_attention(phi, 2).tolist() == [[3, 4]]
+    assert select_by_attention(phi, 2, order=float("inf")).tolist() == [[4, 5]]
