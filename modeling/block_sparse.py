@@ -216,7 +216,7 @@ def _select_tiles(query, key, scorer, first_query: int, num_blocks: int, options
     pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
     candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, query.device)
     _, selected = score_and_select(scorer, pooled, summaries, candidates[None, None], options["top_k_blocks"],
-                                   options["block_fraction"], options["block_mass"])
+                                   options["block_fraction"], options.get("block_mass"))
     partial, full = tile_flags(selected, first_query, total, query_block, block_size, sink, local)
     # both lists in one pass: [2B, Hkv, ...] then split (each half stays contiguous)
     counts, order = block_lists(torch.cat([partial, full]), groups)
