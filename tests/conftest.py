@@ -65,6 +65,30 @@ class ByteTokenizer:
         return {"input_ids": ids} if return_tensors is None else SimpleNamespace(input_ids=torch.tensor([ids]))
 
 
+def perturb_learned_modules(model, scale: float = 0.5):
+    """Give the learned modules trained-looking parameters (every term of the scorer then matters)."""
+    from sparsemem.training.trainer import scorers
+
+    with torch.no_grad():
+        for module in scorers(model):
+            for p in module.parameters():
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * scale)
+    return model
+
+
+def whole_and_stepwise_logits(model, ids, prefill: int):
+    """(logits of one prefill of `ids`, logits of a prefill of the first `prefill` tokens then one token
+    at a time through a SparseMemCache), each [T, vocab]."""
+    import sparsemem
+
+    with torch.no_grad():
+        whole = model(ids).logits[0]
+        cache = sparsemem.SparseMemCache(model.config)
+        steps = [model(ids[:, :prefill], past_key_values=cache).logits[0]]
+        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits[0] for t in range(prefill, ids.shape[1])]
+    return whole, torch.cat(steps)
+
+
 def prefilled(family: str, total: int, context: int, **options):
     """A converted tiny model, `total` random token ids, and a SparseMemCache holding the first `context`."""
     import sparsemem

@@ -5,12 +5,11 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_base_model
+from conftest import make_base_model, perturb_learned_modules, whole_and_stepwise_logits
 from test_calibration import OPTIONS
 
 import sparsemem
 from sparsemem.modeling.selection import select_blocks
-from sparsemem.training.trainer import scorers
 
 
 def _reference(scores, candidates, mass, top_k, fraction, coverage):
@@ -46,34 +45,22 @@ def test_coverage_selection_matches_the_row_by_row_rule(coverage, fraction):
     assert bool((counts >= torch.clamp(candidates.sum(-1), max=2)).all()) and len(set(counts.tolist())) > 3
 
 
-def _trained_looking(model):
-    with torch.no_grad():
-        for module in scorers(model):
-            for p in module.parameters():
-                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
-    return model
-
-
 def test_block_mass_prefill_equals_decode_and_adapts_density():
     base = make_base_model("llama")
     options = {**OPTIONS, "block_fraction": None, "scorer": "learned", "scorer_dim": 8}
-    model = _trained_looking(sparsemem.convert(base, block_mass=0.6, **options))
+    model = perturb_learned_modules(sparsemem.convert(base, block_mass=0.6, **options))
     ids = torch.randint(3, 256, (1, 112), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        whole = model(ids).logits[0]
-        cache = sparsemem.SparseMemCache(model.config)
-        steps = [model(ids[:, :64], past_key_values=cache).logits[0]]
-        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits[0] for t in range(64, 112)]
-    torch.testing.assert_close(torch.cat(steps), whole, rtol=1e-4, atol=1e-4)
+    whole, stepwise = whole_and_stepwise_logits(model, ids, 64)
+    torch.testing.assert_close(stepwise, whole, rtol=1e-4, atol=1e-4)
 
     # a threshold no block fails to reach is exactly the fixed top-k; a higher one attends more
-    fixed = _trained_looking(sparsemem.convert(base, **options))
-    tiny = _trained_looking(sparsemem.convert(base, block_mass=1e-9, **options))
+    fixed = perturb_learned_modules(sparsemem.convert(base, **options))
+    tiny = perturb_learned_modules(sparsemem.convert(base, block_mass=1e-9, **options))
     densities = {}
     with torch.no_grad():
         torch.testing.assert_close(tiny(ids).logits, fixed(ids).logits, rtol=0, atol=0)
         for share in (0.3, 0.6, 0.95):
-            adaptive = _trained_looking(sparsemem.convert(base, block_mass=share, **options))
+            adaptive = perturb_learned_modules(sparsemem.convert(base, block_mass=share, **options))
             adaptive.reset_sparsemem_stats()
             adaptive(ids)
             densities[share] = adaptive.sparsemem_stats()["density"]
@@ -149,7 +136,7 @@ def test_block_mass_fast_paths_equal_reference_on_the_gpu():
     ids = torch.randint(3, 256, (1, 1500), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     logits, density = {}, {}
     for backend in ("auto", "reference"):
-        model = _trained_looking(sparsemem.convert(base, **options, attention_backend=backend))
+        model = perturb_learned_modules(sparsemem.convert(base, **options, attention_backend=backend))
         with torch.no_grad():
             cache = sparsemem.SparseMemCache(model.config)
             first = model(ids[:, :1300], past_key_values=cache).logits

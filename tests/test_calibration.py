@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, make_base_model, remote_code_loader
+from conftest import FAMILY_CONFIGS, make_base_model, perturb_learned_modules, remote_code_loader, whole_and_stepwise_logits
 from safetensors.torch import load_file, save_file
 
 import sparsemem
@@ -394,18 +394,10 @@ def test_constant_memory_with_learned_consolidation():
 def test_standardised_scorers_select_alike_in_prefill_and_decode(scorer):
     """A query standardises its scores over the blocks it can choose, not over later ones: reading a
     sequence in one prefill gives the logits that reading it token by token gives."""
-    model = sparsemem.convert(make_base_model("llama"), scorer=scorer, scorer_dim=8, **OPTIONS)
-    with torch.no_grad():
-        for module in scorers(model):  # a trained-looking scorer: every term matters
-            for p in module.parameters():
-                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+    model = perturb_learned_modules(sparsemem.convert(make_base_model("llama"), scorer=scorer, scorer_dim=8, **OPTIONS))
     ids = torch.randint(3, 256, (1, 112), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        whole = model(ids).logits[0]
-        cache = sparsemem.SparseMemCache(model.config)
-        steps = [model(ids[:, :64], past_key_values=cache).logits[0]]
-        steps += [model(ids[:, t : t + 1], past_key_values=cache).logits[0] for t in range(64, 112)]
-    torch.testing.assert_close(torch.cat(steps), whole, rtol=1e-4, atol=1e-4)
+    whole, stepwise = whole_and_stepwise_logits(model, ids, 64)
+    torch.testing.assert_close(stepwise, whole, rtol=1e-4, atol=1e-4)
 
 
 def test_union_takes_the_best_blocks_of_both_orders():
