@@ -72,7 +72,8 @@ def perturb_learned_modules(model, scale: float = 0.5):
     with torch.no_grad():
         for module in scorers(model):
             for p in module.parameters():
-                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * scale)
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
+                p.add_(noise.to(p.device, p.dtype) * scale)
     return model
 
 

@@ -110,7 +110,8 @@ def test_block_mass_decode_fast_path_equals_reference(with_slots, device, use_tr
     ref, _ = sparsemem_attention_forward(mod, q, k, v, None, scaling=D**-0.5, sparsemem=MemoryView(positions[-1:], positions, slots))
     options = {**fast_options(mod), "block_mass": 0.7}
     out, attended = block_decode_attention(q, k, v, D**-0.5, mod.scorer, options, None, slots, use_triton=use_triton)
-    torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
+    # the kernel's dot products round like TF32
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-3 if use_triton else 2e-5)
     assert float(attended) == float(mod.sparsemem_stats.attended["decode"])
     # the heads really chose different numbers of blocks (else the padding was never exercised)
     from sparsemem.modeling.scorer import summarize_contiguous_blocks

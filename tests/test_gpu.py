@@ -140,4 +140,12 @@ def test_on_policy_compaction_on_the_gpu_matches_the_cpu():
         model(ids[:, :240], past_key_values=cache)
     gpu = sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], **options)
     for a, b in zip(cpu.layers, gpu.layers):
-        torch.testing.assert_close(b.slots.values.cpu(), a.slots.values, rtol=1e-3, atol=1e-3)
+        # the same entries kept; values are least-squares solutions, equal where the fit determines them,
+        # so what must agree is what the model reads from them
+        assert torch.equal(b.slots.position.cpu(), a.slots.position) and torch.equal(b.slots.head.cpu(), a.slots.head)
+    with torch.no_grad():
+        on_gpu = model(ids[:, 240:], past_key_values=gpu).logits.float().cpu()
+        on_cpu = model.cpu()(ids[:, 240:].cpu(), past_key_values=cpu).logits.float()
+        dense = model(ids.cpu()).logits[:, 240:].float()
+    error = float((on_gpu - on_cpu).norm() / on_cpu.norm())
+    assert error < 1e-3 < float((on_cpu - dense).norm() / dense.norm())  # agree far closer than compaction's own error

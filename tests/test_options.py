@@ -57,3 +57,13 @@ def test_dropout_is_refused_not_ignored():
     sparse = sparsemem.convert(base).train()
     with pytest.raises(ValueError, match="dropout"):
         sparse(torch.randint(3, 256, (1, 20)))
+
+
+@pytest.mark.parametrize("argv", [["eval", "compaction"], ["eval", "scorer", "--run", "r", "--block-mass", "0.9"], ["eval"]])
+def test_cli_model_options_are_model_options_only(argv):
+    """Each command's model options convert as they are: an eval option never leaks into them."""
+    from sparsemem.cli import _options, build_parser
+
+    options = _options(build_parser().parse_args(argv))
+    assert options
+    sparsemem.convert(make_base_model("llama"), **options)

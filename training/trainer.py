@@ -154,11 +154,9 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
     if sharding is None:
         path, tokenizer, model = load_models(recipe, accelerator.device)
     else:
-        # loaded on the CPU: `fully_shard` moves each process's shard to its device, never the whole model
-        path, tokenizer, model = load_models(recipe)
+        # on the device first (buffers and the rotary tables too), then each process frees all but its shard
+        path, tokenizer, model = load_models(recipe, accelerator.device)
         shard_frozen_base(model, [p for m in scorers(model) for p in m.parameters()], sharding)
-        for module in scorers(model):
-            module.to(accelerator.device)
     data = build_data(tokenizer, recipe.data.train, recipe.data.eval, recipe.sequence_length,
                       recipe.data.eval_tokens, recipe.data.max_train_tokens)
     stored, total_parameters = local_parameter_count(model)

@@ -183,7 +183,7 @@ def cmd_eval_scorer(args) -> int:
     fraction = args.block_fraction if args.block_fraction is not None else 0.1
     report = evaluate_scorer(args.run, lengths=args.lengths, block_fraction=fraction, device=args.device,
                              dtype=args.dtype, output=args.output if args.output != "reports/eval" else None,
-                             max_windows=args.max_windows, block_masses=args.block_mass)
+                             max_windows=args.max_windows, block_masses=args.block_masses)
     print(render_markdown(report))
     return 0
 
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", default=None, help="scorer suite: a calibration output folder")
     ev.add_argument("--max-windows", type=int, default=None,
                     help="scorer: held-out windows per length averaged over (default: every whole window)")
-    ev.add_argument("--block-mass", type=_fraction, nargs="*", default=[],
+    ev.add_argument("--block-mass", dest="block_masses", type=_fraction, nargs="*", default=[],
                     help="scorer: also the final learned scorer selecting by these attention-mass thresholds "
                          "(block_mass; density then varies per query and is reported)")
     _add_model_args(ev)
