@@ -84,7 +84,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def add_lora(model, settings):
+def add_lora(model, settings, device=None):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
@@ -92,6 +92,12 @@ def add_lora(model, settings):
     peft_model = get_peft_model(model, config)
     for module in scorers(peft_model):
         module.requires_grad_(True)
+    if device is not None:
+        # PEFT places adapters next to the base weight, which it cannot read from an FSDP2 shard
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad and p.device != torch.device(device):
+                    p.data = p.data.to(device)
     return peft_model
 
 
@@ -170,7 +176,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
 
     phase = 1 if start < p1.steps else 2
     if phase == 2 and p2.lora is not None:
-        model = add_lora(model, p2.lora)
+        model = add_lora(model, p2.lora, accelerator.device)
     optimizer = _optimizer(model, p1 if phase == 1 else p2, p2.lora.lr if (phase == 2 and p2.lora) else None)
     if info is not None:
         if info["phase"] == phase:
@@ -191,7 +197,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             if accelerator.is_main_process:
                 _save_modules(model, output / PHASE1_FILE)
             if p2.lora is not None:
-                model = add_lora(model, p2.lora)
+                model = add_lora(model, p2.lora, accelerator.device)
             optimizer = _optimizer(model, p2, p2.lora.lr if p2.lora else None)
         settings = p1 if phase == 1 else p2
         local_step = step if phase == 1 else step - p1.steps
