@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,8 +104,9 @@ def test_fsdp2_through_accelerate_on_one_gpu(tiny_base, tmp_path):  # noqa: F811
 
 
 class _Accelerator:
-    def __init__(self, distributed_type, num_processes):
+    def __init__(self, distributed_type, num_processes, plugin=None):
         self.distributed_type, self.num_processes = distributed_type, num_processes
+        self.state = SimpleNamespace(fsdp_plugin=plugin)
 
 
 def test_launch_mistakes_are_named(monkeypatch):
@@ -125,3 +127,17 @@ def test_launch_mistakes_are_named(monkeypatch):
     assert settings.cpu_offload and settings.reshard_after_forward
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert fsdp2_settings(_Accelerator(DistributedType.MULTI_CPU, 2)) is None
+
+
+def test_accelerate_fsdp_plugin_settings():
+    """On GPUs Accelerate's plugin says what to do; its offload setting is a policy object, not a flag."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from sparsemem.training.distributed import fsdp2_settings
+
+    plugin = lambda version, offload: SimpleNamespace(fsdp_version=version, reshard_after_forward=True, cpu_offload=offload)  # noqa: E731
+    assert not fsdp2_settings(_Accelerator(DistributedType.FSDP, 1, plugin(2, OffloadPolicy()))).cpu_offload
+    assert fsdp2_settings(_Accelerator(DistributedType.FSDP, 1, plugin(2, CPUOffloadPolicy()))).cpu_offload
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        fsdp2_settings(_Accelerator(DistributedType.FSDP, 1, plugin(1, False)))

@@ -23,13 +23,9 @@ class ShardingSettings:
     cpu_offload: bool = False
 
 
-def _flag(name: str, default: str = "false") -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes")
-
-
 def fsdp2_settings(accelerator) -> ShardingSettings | None:
     """The FSDP2 settings the launch asked for, or None for no sharding. FSDP1 is refused."""
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and accelerator.num_processes == 1:
@@ -42,14 +38,17 @@ def fsdp2_settings(accelerator) -> ShardingSettings | None:
         plugin = accelerator.state.fsdp_plugin
         if plugin.fsdp_version != 2:
             raise ValueError(f"the accelerate config asks for FSDP version {plugin.fsdp_version}; sparsemem supports fsdp_version: 2")
+        # FSDP2 plugins hold an offload policy: CPUOffloadPolicy to offload, a plain OffloadPolicy not to
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
         offload = plugin.cpu_offload
-        offload = bool(getattr(offload, "offload_params", offload)) if not isinstance(offload, bool) else offload
+        offload = offload if isinstance(offload, bool) else isinstance(offload, CPUOffloadPolicy)
         return ShardingSettings(bool(plugin.reshard_after_forward), offload)
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and _flag("ACCELERATE_USE_FSDP"):
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and parse_flag_from_env("ACCELERATE_USE_FSDP"):
         version = os.environ.get("FSDP_VERSION", "1")
         if version != "2":
             raise ValueError(f"FSDP_VERSION is {version}; sparsemem supports FSDP version 2")
-        return ShardingSettings(_flag("FSDP_RESHARD_AFTER_FORWARD", "true"), _flag("FSDP_OFFLOAD_PARAMS"))
+        return ShardingSettings(parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", True), parse_flag_from_env("FSDP_OFFLOAD_PARAMS"))
     return None
 
 

@@ -157,11 +157,9 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
 
     register_distillation_attention()
     sharding = fsdp2_settings(accelerator)
-    if sharding is None:
-        path, tokenizer, model = load_models(recipe, accelerator.device)
-    else:
-        # on the device first (buffers and the rotary tables too), then each process frees all but its shard
-        path, tokenizer, model = load_models(recipe, accelerator.device)
+    path, tokenizer, model = load_models(recipe, accelerator.device)
+    if sharding is not None:
+        # loaded on the device (buffers and rotary tables too); each process then frees all but its shard
         shard_frozen_base(model, [p for m in scorers(model) for p in m.parameters()], sharding)
     data = build_data(tokenizer, recipe.data.train, recipe.data.eval, recipe.sequence_length,
                       recipe.data.eval_tokens, recipe.data.max_train_tokens)
