@@ -14,7 +14,7 @@ import torch
 
 from .merge import masked_attention, merge_attention_states
 from .scorer import BlockSummaries, PooledKeyScorer, summarize_contiguous_blocks
-from .selection import coverage_counts
+from .selection import coverage_counts, scores_and_mass
 from .slot_attention import slot_attention
 
 try:  # Triton ships with CUDA builds of torch; the gather path needs nothing
@@ -390,8 +390,6 @@ def block_decode_attention(
     num_candidates = max(0, last - first + 1)
     budget = selection_budget(num_candidates, options["top_k_blocks"], options["block_fraction"])
     coverage = options.get("block_mass") if options["top_k_blocks"] is not None else None
-    if coverage is not None and not hasattr(scorer, "scores_and_mass"):
-        raise ValueError("`block_mass` needs scorer='learned': a training-free score is no estimate of attention mass")
     if budget == 0:
         index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=device)
     else:
@@ -412,7 +410,7 @@ def block_decode_attention(
             if coverage is None:
                 scores = scorer(rows, summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
             else:
-                scores, mass = scorer.scores_and_mass(rows, summaries, candidates.view(1, 1, 1, -1))
+                scores, mass = scores_and_mass(scorer, rows, summaries, candidates.view(1, 1, 1, -1))
                 scores, mass = scores[:, :, 0], mass[:, :, 0]
             scores = scores.masked_fill(~candidates, float("-inf"))
         if coverage is None:

@@ -57,6 +57,14 @@ def coverage_counts(
     return torch.minimum(count.clamp(min=top_k), torch.minimum(cap, available)), order
 
 
+def scores_and_mass(scorer, query, summaries, candidates):
+    """The scorer's (selection scores, estimated share of the cold attention mass per block): what
+    `block_mass` selection needs, which only the learned scorer has."""
+    if not hasattr(scorer, "scores_and_mass"):
+        raise ValueError("`block_mass` needs scorer='learned': a training-free score is no estimate of attention mass")
+    return scorer.scores_and_mass(query, summaries, candidates)
+
+
 def _select_by_coverage(scores, candidates, top_k, fraction, mass, coverage):
     if mass is None:
         raise ValueError("`block_mass` selection needs the scorer's mass estimate (scorer='learned')")
@@ -71,7 +79,5 @@ def score_and_select(scorer, query, summaries, candidates, top_k, fraction, cove
     if coverage is None or top_k is None:
         scores = scorer(query, summaries, candidates)
         return scores, select_blocks(scores, candidates, top_k, fraction)
-    if not hasattr(scorer, "scores_and_mass"):
-        raise ValueError("`block_mass` needs scorer='learned': a training-free score is no estimate of attention mass")
-    scores, mass = scorer.scores_and_mass(query, summaries, candidates)
+    scores, mass = scores_and_mass(scorer, query, summaries, candidates)
     return scores, select_blocks(scores, candidates, top_k, fraction, mass, coverage)

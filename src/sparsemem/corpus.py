@@ -65,10 +65,15 @@ NEEDLE_WORDINGS = {
 }
 
 
-def needle_question(wording: str = "pass-key") -> str:
+def needle_wording(wording: str = "pass-key") -> tuple[str, str]:
+    """(needle template, question) of one of `NEEDLE_WORDINGS`."""
     if wording not in NEEDLE_WORDINGS:
         raise ValueError(f"needle wording must be one of {sorted(NEEDLE_WORDINGS)}, got {wording!r}")
-    return NEEDLE_WORDINGS[wording][1]
+    return NEEDLE_WORDINGS[wording]
+
+
+def needle_question(wording: str = "pass-key") -> str:
+    return needle_wording(wording)[1]
 
 
 @dataclass
@@ -84,8 +89,7 @@ def passkey_case(tokenizer, corpus: Corpus, length: int, depth: float, seed: int
     (`wording`: one of `NEEDLE_WORDINGS`)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    needle_question(wording)  # checks the wording
-    needle_text, question_text = NEEDLE_WORDINGS[wording]
+    needle_text, question_text = needle_wording(wording)
     rng = random.Random(f"{seed}-{length}-{depth}")
     key = str(rng.randint(10000, 99999))
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
