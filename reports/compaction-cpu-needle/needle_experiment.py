@@ -18,17 +18,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparsemem
 from sparsemem.compact import capture_reference_queries, compact
-import sparsemem.corpus
-from sparsemem.corpus import load_corpus, passkey_case
+from sparsemem.corpus import load_corpus, needle_question, passkey_case
 from sparsemem.default_model import resolve_model
 from sparsemem.evaluation_compaction import _prefill
 from sparsemem.modeling.compaction import AttentionMatchingPress, make_press
 
 torch.set_grad_enabled(False)
-if sys.argv[2:] == ["secret-number"]:
-    sparsemem.corpus.PASSKEY_NEEDLE = "\n\nThe secret number is {key}. Remember it. {key} is the secret number.\n\n"
-    sparsemem.corpus.PASSKEY_QUESTION = "\n\nWhat is the secret number? The secret number is"
-PASSKEY_QUESTION = sparsemem.corpus.PASSKEY_QUESTION
+wording = sys.argv[2] if len(sys.argv) > 2 else "pass-key"
+PASSKEY_QUESTION = needle_question(wording)
 path = resolve_model(None)
 tokenizer = AutoTokenizer.from_pretrained(path)
 model = sparsemem.convert(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
@@ -38,7 +35,7 @@ question = tokenizer(PASSKEY_QUESTION, add_special_tokens=False, return_tensors=
 cases = []
 for seed in (0, 1):
     for depth in (0.25, 0.5, 0.75):
-        case = passkey_case(tokenizer, corpus, 3000 + question.shape[1], depth, seed=seed)
+        case = passkey_case(tokenizer, corpus, 3000 + question.shape[1], depth, seed=seed, wording=wording)
         doc = torch.tensor([case.input_ids[: -question.shape[1]]])
         cases.append((case, doc, _prefill(model, doc), {}))
 
