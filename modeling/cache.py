@@ -105,6 +105,7 @@ class SparseMemLayer(CacheLayerMixin):
         self.logical_length = 0
         self.slots: SlotTier | None = None
         self.block_summaries = None  # kept by the decode fast path; dropped when keys change other than by appending
+        self.block_slot_cache = None  # slots of complete blocks (`block_slots`); dropped with the summaries
         # newest queries of the layer, kept only under online compaction (its reference queries)
         self.recent_queries: torch.Tensor | None = None
         self.recent_query_positions: torch.Tensor | None = None
@@ -185,6 +186,7 @@ class SparseMemLayer(CacheLayerMixin):
         self.keys = self.values = self.positions = None
         self.slots = None
         self.block_summaries = None
+        self.block_slot_cache = None
         self._buffers_kv = None
         self.recent_queries = self.recent_query_positions = None
         self.logical_length = 0
@@ -211,6 +213,7 @@ class SparseMemLayer(CacheLayerMixin):
         """Drop the full-resolution entries where the [N] boolean `drop` is True (their slots stay)."""
         keep = ~drop.to(self.positions.device)
         self.block_summaries = None
+        self.block_slot_cache = None
         self._buffers_kv = None  # the kept entries are copied out: do not hold the old buffers' memory too
         self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
         self.positions = self.positions[keep]
@@ -238,6 +241,7 @@ class SparseMemLayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.block_summaries = None
+        self.block_slot_cache = None
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.slots is not None:
             self.slots = self.slots.map(fn)

@@ -40,6 +40,10 @@ class SparseMemOptions:
         and under the minmax bound, so blocks the bound singles out, such as the source of a copy, stay
         selected) or None (the trained score alone). Untrained, either equals `scorer_init`'s ranking
         when that is "minmax".
+    block_slots: when set, every complete block of the block store is also consolidated into this many
+        `(k, v, beta)` slots by the layer's learned consolidator (block_consolidation.py), and a query
+        that does not attend a cold block counts its slots instead, so unselected blocks are answered by
+        compact memory rather than dropped. `None`: unselected blocks are dropped.
     query_chunk_size: queries processed at once by the reference path; bounds its memory.
     query_block_size: `None` selects blocks per query. An integer groups queries into aligned blocks of
         that many logical positions that share one selection, scored from their mean query (the
@@ -59,6 +63,7 @@ class SparseMemOptions:
     scorer_dim: int = 64
     scorer_init: str = "minmax"
     scorer_union: str | None = "minmax"
+    block_slots: int | None = None
     query_chunk_size: int = 512
     query_block_size: int | None = None
     attention_backend: str = "auto"
@@ -75,6 +80,10 @@ class SparseMemOptions:
         _int("scorer_dim", self.scorer_dim, 1)
         if self.top_k_blocks is not None:
             _int("top_k_blocks", self.top_k_blocks, 1)
+        if self.block_slots is not None:
+            _int("block_slots", self.block_slots, 1)
+            if self.block_slots > self.block_size:
+                raise ValueError(f"`block_slots` ({self.block_slots}) must not exceed `block_size` ({self.block_size})")
         if self.query_block_size is not None:
             _int("query_block_size", self.query_block_size, 1)
         if self.attention_backend not in ATTENTION_BACKENDS:

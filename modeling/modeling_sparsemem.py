@@ -20,8 +20,9 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
+from .block_consolidation import BlockConsolidator, BlockSlotCache, block_slots, build_consolidator
 from .block_decode import BlockSummaryCache
-from .cache import SparseMemCache
+from .cache import SlotTier, SparseMemCache
 from .configuration_sparsemem import (
     SparseMemLlamaConfig,
     SparseMemMistralConfig,
@@ -48,17 +49,33 @@ class SparseMemAttentionMixin:
     """Forward pass of a family attention module with logical positions and the slot tier.
 
     Owns the per-layer places of the learned modules: `scorer` (block relevance; a `LearnedBlockScorer`
-    with `scorer="learned"`).
+    with `scorer="learned"`) and `consolidator` (slots of complete blocks; a `BlockConsolidator` with
+    `block_slots` set, else None).
     """
 
     def _init_sparsemem(self) -> None:
         self.scorer = build_scorer(self.config)
+        self.consolidator = build_consolidator(self.config)
         self.sparsemem_stats = AttentionStats()
         self.query_recorder = None
         # Qwen2/Qwen3 set `sliding_window` per layer type; Mistral keeps it on the config
         self.attention_window = (
             self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
         )
+
+    def _with_block_slots(self, slots, layer, key, value, key_positions, contiguous, device):
+        """`slots` plus the consolidator's slots of every complete block (kept across decode steps by a cache
+        layer whose keys are positions 0..N-1)."""
+        if self.consolidator is None or self.config.top_k_blocks is None:  # dense-equivalent: no block is ever unselected
+            return slots
+        if layer is not None and hasattr(layer, "block_slot_cache") and contiguous:
+            if layer.block_slot_cache is None:
+                layer.block_slot_cache = BlockSlotCache(self.config.block_size)
+            learned = layer.block_slot_cache.refresh(self.consolidator, key, value, device)
+        else:
+            learned = block_slots(self.consolidator, key, value, key_positions, contiguous=contiguous)
+            learned = None if learned is None else learned.to(device)
+        return slots if learned is None else SlotTier.cat(slots, learned)
 
     def forward(
         self,
@@ -108,6 +125,7 @@ class SparseMemAttentionMixin:
                     summaries = layer.block_summaries = BlockSummaryCache(self.config.block_size)
             # a SparseMemLayer holds positions 0..L-1 exactly when it holds L entries (nothing evicted)
             contiguous = key_positions.shape[0] == total and key_states.shape[-2] == total
+            slots = self._with_block_slots(slots, layer, key_states, value_states, key_positions, contiguous, query_states.device)
             kwargs["sparsemem"] = MemoryView(
                 query_positions, key_positions, slots, self.attention_window, summaries, contiguous
             )
@@ -165,7 +183,7 @@ class SparseMemQwen3Attention(SparseMemAttentionMixin, Qwen3Attention):
 
 
 MODULES_FILE = "sparsemem_modules.safetensors"
-LEARNED_MODULES = (LearnedBlockScorer,)
+LEARNED_MODULES = (LearnedBlockScorer, BlockConsolidator)
 _HUB_KEYS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 

@@ -67,10 +67,10 @@ class ByteTokenizer:
 
 def perturb_learned_modules(model, scale: float = 0.5):
     """Give the learned modules trained-looking parameters (every term of the scorer then matters)."""
-    from sparsemem.training.trainer import scorers
+    from sparsemem.training.trainer import learned_modules
 
     with torch.no_grad():
-        for module in scorers(model):
+        for module in learned_modules(model):
             for p in module.parameters():
                 noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
                 p.add_(noise.to(p.device, p.dtype) * scale)

@@ -1,6 +1,7 @@
 """Held-out evaluation of a calibrated scorer: perplexity of dense attention, the training-free minmax
 and hybrid scorers and the learned scorer (after phase 1 and after phase 2) at the same block budget, on real text
-the calibration did not see. Densities are measured, not assumed: the budget is shared, so the learned
+the calibration did not see. A run with `block_slots` also gets the training-free scorer with untrained
+block slots and the learned scorer without them; the densities then count the slot pairs too. Densities are measured, not assumed: the budget is shared, so the learned
 and training-free selections attend the same number of pairs.
 """
 
@@ -69,11 +70,15 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     base = AutoModelForCausalLM.from_pretrained(run_base_model(run), dtype=getattr(torch, dtype), attn_implementation="sdpa")
     base = base.to(device).eval()
     options = {**run["sparsemem"], "block_fraction": block_fraction}
+    slots = options.get("block_slots")
+    plain = {**options, "block_slots": None}  # the training-free baselines drop unselected blocks
     models = {
         "dense": base,
-        "training-free (minmax)": convert(base, **{**options, "scorer": "minmax"}),
-        "training-free (hybrid)": convert(base, **{**options, "scorer": "hybrid"}),
+        "training-free (minmax)": convert(base, **{**plain, "scorer": "minmax"}),
+        "training-free (hybrid)": convert(base, **{**plain, "scorer": "hybrid"}),
     }
+    if slots is not None:  # what the consolidator's initialisation alone gives
+        models[f"training-free (minmax), untrained block_slots={slots}"] = convert(base, **{**options, "scorer": "minmax"})
     phase1 = run_dir / "phase1_modules.safetensors"
     final = load_file(run_dir / "final" / "sparsemem_modules.safetensors")
     if phase1.is_file() and run.get("lora") is None and run.get("phase2_steps", 1) > 0:
@@ -84,6 +89,10 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     learned = convert(source, **options)
     learned.load_sparsemem_modules(final)
     models["learned (final)"] = learned
+    if slots is not None:  # the trained scorer alone, unselected blocks dropped
+        alone = convert(source, **plain)
+        alone.load_sparsemem_modules({k: v for k, v in final.items() if ".consolidator." not in k})
+        models["learned (final), no block slots"] = alone
     for share in block_masses:
         adaptive = convert(source, **{**options, "block_fraction": None, "block_mass": share})
         adaptive.load_sparsemem_modules(final)

@@ -6,6 +6,11 @@ and over the query heads of the KV group, normalised over the candidate blocks, 
 scorer's softmax over the same candidates: KL(target || scorer). The dense model runs unchanged through
 an attention function that also feeds (query, key) of each layer to the objective.
 
+With `block_slots` set, the same pass also trains each layer's block consolidator: for the same sampled
+queries, the error of the sparse attention output (anchors + selected blocks + the slots of every
+unselected complete block) against the dense output, relative to the error with the unselected blocks
+dropped (so 1 means the slots do no better than nothing, 0 that they answer the unselected blocks exactly).
+
 Phase 2, end to end: KL(dense teacher next-token distribution || sparse student) on the last tokens of
 each sequence; the teacher is the same weights with dense attention (and, with LoRA, adapters off).
 """
@@ -17,8 +22,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sparsemem.modeling.anchors import anchor_mask, causal_mask, sliding_window_mask
+from sparsemem.modeling.block_consolidation import block_slots
+from sparsemem.modeling.merge import masked_attention, merge_attention_states
 from sparsemem.modeling.scorer import PooledKeyScorer, summarize_blocks
-from sparsemem.modeling.selection import select_blocks
+from sparsemem.modeling.selection import score_and_select, select_blocks
+from sparsemem.modeling.slot_attention import slot_attention
 
 DISTILL_ATTENTION = "sparsemem_scorer_distillation"
 
@@ -44,9 +52,10 @@ class ScorerDistillation:
         self.recall_learned: list[float] = []
         self.recall_training_free: list[float] = []
         self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per layer: (positions, KL, cold mass)
+        self.slot_losses: list[torch.Tensor] = []  # per layer with a consolidator: error ratio of the slots
         self._training_free = PooledKeyScorer(config.scorer_init)  # the learned scorer's start
 
-    def __call__(self, module, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+    def __call__(self, module, query: torch.Tensor, key: torch.Tensor, scaling: float, value: torch.Tensor | None = None) -> None:
         config = self.config
         block, sink, local = config.block_size, config.sink_tokens, config.local_tokens
         batch, heads, length, dim = query.shape
@@ -97,6 +106,38 @@ class ScorerDistillation:
                 chosen = select_blocks(scorer_scores, candidates, top_k, fraction)
                 store.append(float(((target * chosen).sum(-1) * row_weight).sum()))
 
+        if getattr(module, "consolidator", None) is not None and value is not None:
+            window_size = getattr(module, "attention_window", None)
+            self.slot_losses.append(
+                self._slot_error(module, groups_q, key, value.detach().float(), positions, probs, visible, cold, block_ids,
+                                 candidates, summaries, scaling, window_size)
+            )
+
+    def _slot_error(self, module, query, key, value, positions, probs, visible, cold, block_ids, candidates, summaries,
+                    scaling, window):
+        """Squared error of the sparse output with block slots against the dense output, over the error with
+        the unselected blocks dropped; query [B, Hkv, G, c, D], probs [B, H, c, N] dense weights."""
+        config = self.config
+        batch, kv_heads, groups, count, dim = query.shape
+        with torch.no_grad():
+            _, selected = score_and_select(module.scorer, query, summaries, candidates, config.top_k_blocks,
+                                           config.block_fraction, config.block_mass)
+            key_selected = selected.gather(-1, block_ids.view(1, 1, 1, -1).expand(batch, kv_heads, count, -1))
+            exact = visible & ~cold  # the anchors a query sees
+            full = visible[None, None] & (exact[None, None] | key_selected)  # [B, Hkv, c, N]
+            logits = torch.einsum("bhgqd,bhnd->bhgqn", query, key) * scaling
+            sparse, sparse_lse = masked_attention(logits, full[:, :, None], value)
+            dense = torch.einsum("bhgqn,bhnd->bhgqd", probs.view(batch, kv_heads, groups, count, -1), value)
+        with torch.enable_grad():
+            slots = block_slots(module.consolidator, key, value, torch.arange(key.shape[-2], device=key.device), contiguous=True)
+            if slots is None:
+                return torch.zeros((), device=query.device)
+            slot_out, slot_lse, _ = slot_attention(query, positions, slots, selected, scaling, config.block_size,
+                                                   config.sink_tokens, config.local_tokens, window)
+            merged = merge_attention_states([(sparse, sparse_lse), (slot_out, slot_lse)])[0]
+            dropped = (sparse - dense).pow(2).sum().clamp(min=1e-30)
+            return (merged - dense).pow(2).sum() / dropped
+
     def _row_weights(self, cold_mass: torch.Tensor) -> torch.Tensor:
         """Weights of the (batch, KV head, query) rows, summing to 1."""
         if not self.mass_weighted:
@@ -106,13 +147,19 @@ class ScorerDistillation:
     def loss(self) -> torch.Tensor:
         if not self.losses:
             raise ValueError("scorer distillation: no layer produced a loss (sequence shorter than sink+local+block tokens?)")
-        return torch.stack(self.losses).mean()
+        loss = torch.stack(self.losses).mean()
+        return loss + self.slot_loss() if self.slot_losses else loss
+
+    def slot_loss(self) -> torch.Tensor:
+        """Mean over layers of the block slots' error ratio (1: no better than dropping the unselected blocks)."""
+        return torch.stack(self.slot_losses).mean()
 
     def reset(self) -> None:
         self.losses.clear()
         self.recall_learned.clear()
         self.recall_training_free.clear()
         self.rows.clear()
+        self.slot_losses.clear()
 
 
 def distillation_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -121,7 +168,7 @@ def distillation_attention_forward(module, query, key, value, attention_mask, sc
     output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     collector = getattr(module, "scorer_distillation", None)
     if collector is not None:
-        collector(module, query, key, scaling if scaling is not None else module.scaling)
+        collector(module, query, key, scaling if scaling is not None else module.scaling, value)
     return output
 
 

@@ -65,7 +65,7 @@ def load_models(recipe: Recipe, device=None):
         base = base.to(device)
     model = convert(base, **recipe.sparsemem)
     model.requires_grad_(False)
-    for module in scorers(model):
+    for module in learned_modules(model):
         module.float().requires_grad_(True)
     return path, tokenizer, model
 
@@ -74,6 +74,13 @@ def scorers(model):
     from sparsemem.modeling.learned_scorer import LearnedBlockScorer
 
     return [m for m in model.modules() if isinstance(m, LearnedBlockScorer)]
+
+
+def learned_modules(model):
+    """The modules calibration trains: learned scorers and, with `block_slots`, block consolidators."""
+    from sparsemem.modeling.modeling_sparsemem import LEARNED_MODULES
+
+    return [m for m in model.modules() if isinstance(m, LEARNED_MODULES)]
 
 
 def attention_modules(model):
@@ -90,7 +97,7 @@ def add_lora(model, settings, device=None):
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none")
     peft_model = get_peft_model(model, config)
-    for module in scorers(peft_model):
+    for module in learned_modules(peft_model):
         module.requires_grad_(True)
     if device is not None:
         # PEFT places adapters next to the base weight, which it cannot read from an FSDP2 shard
@@ -102,10 +109,10 @@ def add_lora(model, settings, device=None):
 
 
 def _optimizer(model, phase, lora_lr=None):
-    scorer_params = [p for m in scorers(model) for p in m.parameters()]
-    ids = {id(p) for p in scorer_params}
+    module_params = [p for m in learned_modules(model) for p in m.parameters()]
+    ids = {id(p) for p in module_params}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": scorer_params, "lr": phase.lr, "base_lr": phase.lr}]
+    groups = [{"params": module_params, "lr": phase.lr, "base_lr": phase.lr}]
     if others:
         groups.append({"params": others, "lr": lora_lr, "base_lr": lora_lr})
     return torch.optim.AdamW(groups, lr=phase.lr, weight_decay=phase.weight_decay)
@@ -160,7 +167,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
     path, tokenizer, model = load_models(recipe, accelerator.device)
     if sharding is not None:
         # loaded on the device (buffers and rotary tables too); each process then frees all but its shard
-        shard_frozen_base(model, [p for m in scorers(model) for p in m.parameters()], sharding)
+        shard_frozen_base(model, [p for m in learned_modules(model) for p in m.parameters()], sharding)
     data = build_data(tokenizer, recipe.data.train, recipe.data.eval, recipe.sequence_length,
                       recipe.data.eval_tokens, recipe.data.max_train_tokens)
     stored, total_parameters = local_parameter_count(model)
@@ -366,6 +373,8 @@ def _phase1_loss(model, config, ids, settings, generator, accelerator):
         "recall_learned": sum(collector.recall_learned) / len(collector.recall_learned),
         "recall_training_free": sum(collector.recall_training_free) / len(collector.recall_training_free),
     }
+    if collector.slot_losses:
+        metrics["slot_error_ratio"] = float(collector.slot_loss().detach())
     return loss, metrics
 
 

@@ -46,6 +46,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-fraction", type=_fraction, default=defaults.block_fraction,
                         help="attend this fraction of each query's blocks, at least --top-k-blocks ('none' to use the count alone)")
     parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS))
+    parser.add_argument("--block-slots", type=int, default=defaults.block_slots,
+                        help="consolidate every complete block into this many slots that answer it when unselected")
 
 
 def _options(args) -> dict:
