@@ -9,9 +9,12 @@ answered by its compact memory instead of by nothing.
 Per layer and KV head the consolidator learns, for each of the `s` slots,
   - where it pools from inside the block: a positional logit per offset, plus a content term
     `u_j . k_t / sqrt(d)` (one pooling query for the slot key, one for the slot value);
-  - a gain on the pooled key and an offset on beta.
+  - a gain on the pooled key, an offset on beta and a weight on the spread of the pooled keys.
 The slot key is the gain times the pooled keys, the slot value the pooled values, and
-beta = log(block_size / s) + offset: a slot stands for its share of the block's tokens. Untrained, slot
+beta = log(block_size / s) + offset + w * spread: a slot stands for its share of the block's tokens, and
+the spread (the pooled squared distance of the keys to their mean, per dimension) lets beta follow how
+much a block's mass exceeds what its mean key gives, which grows with that spread
+(log mean exp(q.k) ~ q.mean k + q' Cov q / 2 for Gaussian keys). Untrained, slot
 `j` is the mean of the `j`-th contiguous segment of the block (gain 1, offset 0). Since
 exp(q.mean k) <= mean exp(q.k), such slots under-count a block's mass, which training corrects; they
 already answer an unselected block better than dropping it (measured, see the calibration report).
@@ -45,6 +48,7 @@ class BlockConsolidator(nn.Module):
         self.value_query = nn.Parameter(torch.empty(num_kv_heads, slots_per_block, head_dim))
         self.key_gain = nn.Parameter(torch.empty(num_kv_heads, slots_per_block))
         self.beta_offset = nn.Parameter(torch.empty(num_kv_heads, slots_per_block))
+        self.spread_weight = nn.Parameter(torch.empty(num_kv_heads, slots_per_block))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -58,6 +62,7 @@ class BlockConsolidator(nn.Module):
         self.value_query.zero_()
         self.key_gain.fill_(1.0)
         self.beta_offset.zero_()
+        self.spread_weight.zero_()
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor):
         keys, values = keys.float(), values.float()
@@ -67,11 +72,13 @@ class BlockConsolidator(nn.Module):
         position = self.segment_logits.float()[None, :, None]  # [1, Hkv, 1, s, bs]
         key_logits = position + torch.einsum("hsd,bhntd->bhnst", self.key_query.float(), keys) * scale
         value_logits = position + torch.einsum("hsd,bhntd->bhnst", self.value_query.float(), keys) * scale
-        slot_keys = torch.softmax(key_logits, dim=-1) @ keys
-        slot_keys = slot_keys * self.key_gain.float()[None, :, None, :, None]
+        weights = torch.softmax(key_logits, dim=-1)
+        pooled = weights @ keys
+        spread = (weights * (keys[:, :, :, None] - pooled[..., None, :]).pow(2).mean(-1)).sum(-1)  # [B, Hkv, nb, s]
+        slot_keys = pooled * self.key_gain.float()[None, :, None, :, None]
         slot_values = torch.softmax(value_logits, dim=-1) @ values
-        beta = math.log(self.block_size / self.slots_per_block) + self.beta_offset.float()
-        beta = beta[None, :, None, :].expand(keys.shape[0], -1, keys.shape[2], -1)
+        beta = math.log(self.block_size / self.slots_per_block) + self.beta_offset.float()[None, :, None]
+        beta = beta + self.spread_weight.float()[None, :, None] * spread
         return slot_keys, slot_values, beta
 
 
