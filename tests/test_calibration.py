@@ -225,7 +225,7 @@ def test_real_recipes_parse():
 
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert names == ["llama-3.1-8b.yaml", "mistral-7b-v0.3.yaml", "qwen2.5-7b.yaml", "qwen3-8b.yaml",
-                     "smollm2-135m-cpu-smoke.yaml", "smollm2-135m-gpu.yaml"]
+                     "smollm2-135m-cpu-smoke.yaml", "smollm2-135m-gpu-block-slots.yaml", "smollm2-135m-gpu.yaml"]
     for name in names:
         recipe = load_recipe(root / name)
         assert recipe.total_steps > 0 and recipe.sparsemem["scorer"] == "learned"
