@@ -90,6 +90,22 @@ def whole_and_stepwise_logits(model, ids, prefill: int):
     return whole, torch.cat(steps)
 
 
+def fast_and_reference_on_the_gpu(base, options: dict, ids, prefill: int, steps: int = 10):
+    """Per backend ("auto", "reference"): (logits of a prefill of `prefill` tokens then `steps` decode steps,
+    measured density), with trained-looking learned modules."""
+    import sparsemem
+
+    results = {}
+    for backend in ("auto", "reference"):
+        model = perturb_learned_modules(sparsemem.convert(base, **options, attention_backend=backend))
+        with torch.no_grad():
+            cache = sparsemem.SparseMemCache(model.config)
+            first = model(ids[:, :prefill], past_key_values=cache).logits
+            rest = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(prefill, prefill + steps)]
+        results[backend] = (torch.cat([first, *rest], dim=1).float(), model.sparsemem_stats()["density"])
+    return results
+
+
 def prefilled(family: str, total: int, context: int, **options):
     """A converted tiny model, `total` random token ids, and a SparseMemCache holding the first `context`."""
     import sparsemem

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_base_model, perturb_learned_modules, whole_and_stepwise_logits
+from conftest import fast_and_reference_on_the_gpu, make_base_model, perturb_learned_modules, whole_and_stepwise_logits
 from test_calibration import OPTIONS
 
 import sparsemem
@@ -135,15 +135,8 @@ def test_block_mass_fast_paths_equal_reference_on_the_gpu():
     options = dict(block_size=128, query_block_size=128, sink_tokens=16, local_tokens=200, top_k_blocks=1,
                    block_fraction=None, block_mass=0.8, scorer="learned", scorer_dim=8, query_chunk_size=256)
     ids = torch.randint(3, 256, (1, 1500), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    logits, density = {}, {}
-    for backend in ("auto", "reference"):
-        model = perturb_learned_modules(sparsemem.convert(base, **options, attention_backend=backend))
-        with torch.no_grad():
-            cache = sparsemem.SparseMemCache(model.config)
-            first = model(ids[:, :1300], past_key_values=cache).logits
-            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(1300, 1310)]
-        logits[backend] = torch.cat([first, *steps], dim=1).float()
-        density[backend] = model.sparsemem_stats()["density"]
+    results = fast_and_reference_on_the_gpu(base, options, ids, 1300)
+    logits, density = {k: v[0] for k, v in results.items()}, {k: v[1] for k, v in results.items()}
     error = float((logits["auto"] - logits["reference"]).norm() / logits["reference"].norm())
     assert error < 2e-2
     assert density["auto"] == pytest.approx(density["reference"], rel=2e-2) and density["auto"] < 0.9

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_base_model, perturb_learned_modules, whole_and_stepwise_logits
+from conftest import fast_and_reference_on_the_gpu, make_base_model, perturb_learned_modules, whole_and_stepwise_logits
 
 import sparsemem
 from sparsemem.modeling.block_consolidation import BlockConsolidator, block_slots, complete_blocks
@@ -138,13 +138,7 @@ def test_block_slots_fast_paths_equal_reference_on_the_gpu():
     options = dict(block_size=128, query_block_size=128, sink_tokens=16, local_tokens=200, top_k_blocks=2,
                    block_fraction=None, block_slots=4, query_chunk_size=256)
     ids = torch.randint(3, 256, (1, 1500), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-    logits = {}
-    for backend in ("auto", "reference"):
-        model = perturb_learned_modules(sparsemem.convert(base, **options, attention_backend=backend))
-        with torch.no_grad():
-            cache = sparsemem.SparseMemCache(model.config)
-            first = model(ids[:, :1300], past_key_values=cache).logits
-            steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(1300, 1310)]
-        logits[backend] = torch.cat([first, *steps], dim=1).float()
+    results = fast_and_reference_on_the_gpu(base, options, ids, 1300)
+    logits = {k: v[0] for k, v in results.items()}
     error = float((logits["auto"] - logits["reference"]).norm() / logits["reference"].norm())
     assert error < 2e-2
