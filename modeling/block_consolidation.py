@@ -74,7 +74,8 @@ class BlockConsolidator(nn.Module):
         value_logits = position + torch.einsum("hsd,bhntd->bhnst", self.value_query.float(), keys) * scale
         weights = torch.softmax(key_logits, dim=-1)
         pooled = weights @ keys
-        spread = (weights * (keys[:, :, :, None] - pooled[..., None, :]).pow(2).mean(-1)).sum(-1)  # [B, Hkv, nb, s]
+        # pooled E[k^2] - (E k)^2 per dimension, averaged: no [.., s, block_size, D] difference tensor
+        spread = ((weights @ keys.pow(2)) - pooled.pow(2)).mean(-1).clamp(min=0.0)  # [B, Hkv, nb, s]
         slot_keys = pooled * self.key_gain.float()[None, :, None, :, None]
         slot_values = torch.softmax(value_logits, dim=-1) @ values
         beta = math.log(self.block_size / self.slots_per_block) + self.beta_offset.float()[None, :, None]
@@ -104,14 +105,14 @@ def build_consolidator(config) -> BlockConsolidator | None:
     return BlockConsolidator(kv_heads, head_dim, config.block_size, config.block_slots)
 
 
-def block_slots(consolidator: BlockConsolidator, key: torch.Tensor, value: torch.Tensor, key_positions: torch.Tensor,
-                first_block: int = 0, contiguous: bool = False) -> SlotTier | None:
+def block_slots(consolidator: BlockConsolidator, key: torch.Tensor, value: torch.Tensor,
+                key_positions: torch.Tensor | None = None, first_block: int = 0) -> SlotTier | None:
     """The slots of every complete block of `key`/`value` [B, Hkv, N, D] (positions `key_positions` [N],
     sorted), from block `first_block` on, packed over KV heads as a `SlotTier` (None when there is none).
-    `contiguous`: the keys are exactly positions 0..N-1, so blocks are read without an index."""
+    `key_positions=None`: the keys are exactly positions 0..N-1, so blocks are read without an index."""
     size = consolidator.block_size
     batch, kv_heads, total, dim = key.shape
-    if contiguous:
+    if key_positions is None:
         whole = total // size
         if whole <= first_block:
             return None
@@ -159,8 +160,7 @@ class BlockSlotCache:
         if whole < self.complete or (self.slots is not None and (self.slots.keys.shape[0] != key.shape[0] or self.slots.keys.device != device)):
             self.slots, self.complete = None, 0
         if whole > self.complete:
-            positions = torch.arange(key.shape[-2], device=key.device)
-            new = block_slots(consolidator, key, value, positions, self.complete, contiguous=True).to(device)
+            new = block_slots(consolidator, key, value, first_block=self.complete).to(device)
             self.slots = SlotTier.cat(self.slots, new)
             self.complete = whole
         return self.slots

@@ -73,7 +73,7 @@ class SparseMemAttentionMixin:
                 layer.block_slot_cache = BlockSlotCache(self.config.block_size)
             learned = layer.block_slot_cache.refresh(self.consolidator, key, value, device)
         else:
-            learned = block_slots(self.consolidator, key, value, key_positions, contiguous=contiguous)
+            learned = block_slots(self.consolidator, key, value, None if contiguous else key_positions)
             learned = None if learned is None else learned.to(device)
         return slots if learned is None else SlotTier.cat(slots, learned)
 

@@ -35,7 +35,7 @@ def test_slots_of_an_evicted_layer_cover_only_complete_blocks():
     consolidator = perturb_learned_modules(torch.nn.ModuleList([BlockConsolidator(2, 4, 4, 1)]))[0]
     generator = torch.Generator().manual_seed(1)
     key, value = torch.randn(1, 2, 16, 4, generator=generator), torch.randn(1, 2, 16, 4, generator=generator)
-    whole = block_slots(consolidator, key, value, torch.arange(16), contiguous=True)
+    whole = block_slots(consolidator, key, value)
     # position 5 evicted: block 1 is held in part and gets no slots; blocks 0, 2, 3 keep theirs
     keep = torch.arange(16) != 5
     holed = block_slots(consolidator, key[:, :, keep], value[:, :, keep], torch.arange(16)[keep])

@@ -1,8 +1,9 @@
 """Held-out evaluation of a calibrated scorer: perplexity of dense attention, the training-free minmax
 and hybrid scorers and the learned scorer (after phase 1 and after phase 2) at the same block budget, on real text
-the calibration did not see. A run with `block_slots` also gets the training-free scorer with untrained
-block slots and the learned scorer without them; the densities then count the slot pairs too. Densities are measured, not assumed: the budget is shared, so the learned
-and training-free selections attend the same number of pairs.
+the calibration did not see. Densities are measured, not assumed: the budget is shared, so the learned
+and training-free selections attend the same number of pairs. A run with `block_slots` also gets the
+training-free scorer with untrained block slots and the learned scorer without them; the densities then
+count the slot pairs too.
 """
 
 import copy

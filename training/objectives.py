@@ -109,27 +109,28 @@ class ScorerDistillation:
         if getattr(module, "consolidator", None) is not None and value is not None:
             window_size = getattr(module, "attention_window", None)
             self.slot_losses.append(
-                self._slot_error(module, groups_q, key, value.detach().float(), positions, probs, visible, cold, block_ids,
-                                 candidates, summaries, scaling, window_size)
+                self._slot_error(module, groups_q, key, value.detach().float(), positions, logits, probs, visible, cold,
+                                 block_ids, candidates, summaries, scaling, window_size)
             )
 
-    def _slot_error(self, module, query, key, value, positions, probs, visible, cold, block_ids, candidates, summaries,
-                    scaling, window):
+    def _slot_error(self, module, query, key, value, positions, logits, probs, visible, cold, block_ids, candidates,
+                    summaries, scaling, window):
         """Squared error of the sparse output with block slots against the dense output, over the error with
-        the unselected blocks dropped; query [B, Hkv, G, c, D], probs [B, H, c, N] dense weights."""
+        the unselected blocks dropped; query [B, Hkv, G, c, D], logits and probs [B, H, c, N] of the dense
+        pass (the logits are overwritten)."""
         config = self.config
-        batch, kv_heads, groups, count, dim = query.shape
+        batch, kv_heads, groups, count, _ = query.shape
         with torch.no_grad():
             _, selected = score_and_select(module.scorer, query, summaries, candidates, config.top_k_blocks,
                                            config.block_fraction, config.block_mass)
             key_selected = selected.gather(-1, block_ids.view(1, 1, 1, -1).expand(batch, kv_heads, count, -1))
             exact = visible & ~cold  # the anchors a query sees
             full = visible[None, None] & (exact[None, None] | key_selected)  # [B, Hkv, c, N]
-            logits = torch.einsum("bhgqd,bhnd->bhgqn", query, key) * scaling
-            sparse, sparse_lse = masked_attention(logits, full[:, :, None], value)
+            # query heads are KV-head major in the dense pass (repeat_interleave), as in the grouped layout
+            sparse, sparse_lse = masked_attention(logits.view(batch, kv_heads, groups, count, -1), full[:, :, None], value)
             dense = torch.einsum("bhgqn,bhnd->bhgqd", probs.view(batch, kv_heads, groups, count, -1), value)
         with torch.enable_grad():
-            slots = block_slots(module.consolidator, key, value, torch.arange(key.shape[-2], device=key.device), contiguous=True)
+            slots = block_slots(module.consolidator, key, value)  # the dense pass holds positions 0..N-1
             if slots is None:
                 return torch.zeros((), device=query.device)
             slot_out, slot_lse, _ = slot_attention(query, positions, slots, selected, scaling, config.block_size,
