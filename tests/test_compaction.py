@@ -138,6 +138,53 @@ def test_allocation_by_scores_follows_the_global_ranking():
         allocate_by_scores([sharp, flat], 1)
 
 
+def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total():
+    from sparsemem.compact import allocate_by_scores
+
+    sharp = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    mild = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.01, 0.01, 0.01, 0.01])
+    flat = torch.tensor([0.05, 0.04, 0.03, 0.02, 0.01, 0.01, 0.01, 0.01])
+    # without: one each, then the best 5 of the rest (sharp's 3, mild's 2) -> [4, 3, 1]
+    assert allocate_by_scores([sharp, mild, flat], 8) == [4, 3, 1]
+    # mild wins 3 of its 8 (< half): unchanged; at a share of 1/4 it gets all 8, paid by sharp and flat
+    assert allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.5) == [4, 3, 1]
+    with pytest.raises(ValueError, match="whole_span_share"):
+        allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.25)  # 5 more slots than the others have
+    # a wins all 20 (already whole), b 9 of 10 (whole at 0.9: one more slot), c 3, which pays: 3 * (3 - 1) / 3
+    a, b, c = torch.full((20,), 0.9), torch.cat([torch.full((9,), 0.8), torch.tensor([0.01])]), torch.full((20,), 0.05)
+    assert allocate_by_scores([a, b, c], 32) == [20, 9, 3]
+    assert allocate_by_scores([a, b, c], 32, whole_span_share=0.9) == [20, 10, 2]
+    with pytest.raises(ValueError, match="whole_span_share"):
+        allocate_by_scores([a, b, c], 30, whole_span_share=0.9)  # c cannot go below its one slot
+
+
+def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled):
+    model, ids, full = filled
+    plain = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240])
+    info = plain.compaction_info
+    span = [240 - info["keep_first"] - last for last in info["keep_last"]]
+    # just below the largest share a head wins: that head (at least) keeps its whole span
+    share = 0.99 * max(c / span[layer] for layer, counts in enumerate(info["slots_per_kv_head"]) for c in counts)
+    cache = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], whole_span_share=share)
+    info = cache.compaction_info
+    whole = [(layer, head) for layer, counts in enumerate(info["slots_per_kv_head"]) for head, c in enumerate(counts) if c == span[layer]]
+    assert whole and info["slots_per_kv_head"] != plain.compaction_info["slots_per_kv_head"]
+    assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 2) / 2 < 0.05
+    layer, head = whole[0]
+    # the head's span is kept exact: its slots are the span's own keys, with no bias
+    own = cache.layers[layer].slots.head == head
+    kept = full.layers[layer].keys[:, head, info["keep_first"] : info["keep_first"] + span[layer]]
+    torch.testing.assert_close(cache.layers[layer].slots.keys[:, own].sort(dim=1).values, kept.sort(dim=1).values)
+    assert torch.all(cache.layers[layer].slots.beta[:, own] == 0)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="whole_span_share"):
+            sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], whole_span_share=bad)
+    with pytest.raises(ValueError, match="whole_span_share"):
+        sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], head_budgets="uniform", whole_span_share=0.5)
+
+
 def test_ratio_one_below_one_and_bad_arguments(filled):
     model, ids, full = filled
     for bad in (0.5, float("nan"), 0):

@@ -169,6 +169,7 @@ def cmd_eval_compaction(args) -> int:
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
         head_budgets=args.head_budgets, documents=args.documents, progress=Path(args.output) / "progress.jsonl",
         on_policy=args.on_policy, needle_depths=tuple(args.needle_depths), needle_wording=args.needle_wording,
+        whole_span_share=args.whole_span_share,
     )
     meta.update({"model": _model_label(args, path), **_run_info(args, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--on-policy", action="store_true",
                     help="compaction: Attention Matching fits each layer to the repeat queries of a pass that reads "
                          "the layers below it already compacted")
+    ev.add_argument("--whole-span-share", type=float, default=None,
+                    help="compaction: with global head budgets, a head that wins this share of its span (a retrieval "
+                         "head) keeps all of it exact, paid for by the other heads (0.5 measured best for needles)")
     ev.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
                     help="compaction: slots per KV head: ranked over all layers and heads (global), equal per head, or "
                          "in proportion to the attention each head gives the span")

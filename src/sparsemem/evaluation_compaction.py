@@ -69,13 +69,15 @@ def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
     continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
     progress: Path | None = None, on_policy: bool = False, needle_wording: str = "pass-key",
+    whole_span_share: float | None = None,
 ) -> tuple[list[CompactionResult], dict]:
     """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
     needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document).
     `progress`: a JSON-lines file that gets the settings, then each result as soon as it is measured, so
     an interrupted run keeps what it measured (`merge_reports` reads it). `on_policy`: the Attention
     Matching presses fit each layer on-policy (`compact(on_policy=True)`; its pass is timed).
-    `needle_wording`: "pass-key" or "secret-number" (see `corpus.NEEDLE_WORDINGS`)."""
+    `needle_wording`: "pass-key" or "secret-number" (see `corpus.NEEDLE_WORDINGS`). `whole_span_share`:
+    passed to every `compact` call (retrieval heads keep their whole span; global budgets only)."""
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
     device = model.device
@@ -108,7 +110,7 @@ def evaluate_compaction(
 
     meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
             "needle_depths": list(needle_depths), "needle_cases": len(needles), "needle_wording": needle_wording, "am_queries": list(queries),
-            "head_budgets": head_budgets, "on_policy": on_policy, "full_cache_bytes": full_bytes}
+            "head_budgets": head_budgets, "on_policy": on_policy, "whole_span_share": whole_span_share, "full_cache_bytes": full_bytes}
     results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
     if progress is not None:
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,8 @@ def evaluate_compaction(
                 queries_for_doc = reference_queries(sources, context, f"doc{number}")  # captured once, not timed
                 start = time.perf_counter()
                 compact(model, cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
-                        reference_queries=queries_for_doc, on_policy=fitted, input_ids=context, tokenizer=tokenizer)
+                        reference_queries=queries_for_doc, on_policy=fitted, input_ids=context, tokenizer=tokenizer,
+                        whole_span_share=whole_span_share)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += (time.perf_counter() - start) / documents
@@ -137,7 +140,7 @@ def evaluate_compaction(
                 needle_cache = copy.deepcopy(needle_full)
                 compact(model, needle_cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
                         reference_queries=reference_queries(sources, doc, f"needle{index}"), on_policy=fitted,
-                        input_ids=doc, tokenizer=tokenizer)
+                        input_ids=doc, tokenizer=tokenizer, whole_span_share=whole_span_share)
                 correct += _answer(model, tokenizer, needle_cache, question, case)
             results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
                                             correct / len(needles) if needles else None))
