@@ -1,4 +1,5 @@
 import sys, json, importlib, runpy
+from pathlib import Path
 C = importlib.import_module("sparsemem.compact")
 orig = C.allocate_by_scores
 SPEC = {"threshold": 0.5}
@@ -16,4 +17,4 @@ def protected(scores, total, minimum=1):
 C.allocate_by_scores = protected
 SPEC["threshold"] = float(sys.argv.pop(1))
 sys.argv = ["exacttop.py"] + sys.argv[1:]
-runpy.run_path("/tmp/exp/exacttop.py", run_name="__main__")
+runpy.run_path(str(Path(__file__).with_name("exacttop.py")), run_name="__main__")

@@ -460,11 +460,10 @@ def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1,
     pool = torch.cat(rest)
     owner = torch.cat([torch.full((r.numel(),), i) for i, r in enumerate(rest)])
     best = pool.topk(min(total - minimum * len(scores), pool.numel())).indices
-    counts = torch.bincount(owner[best], minlength=len(scores)) + minimum
-    counts = [min(int(c), int(s.numel())) for c, s in zip(counts, scores)]
+    sizes = [int(s.numel()) for s in scores]
+    counts = [min(int(c), size) for c, size in zip(torch.bincount(owner[best], minlength=len(scores)) + minimum, sizes)]
     if whole_span_share is None:
         return counts
-    sizes = [int(s.numel()) for s in scores]
     whole = [size > 0 and count >= whole_span_share * size for count, size in zip(counts, sizes)]
     taken = sum(size - count for count, size, w in zip(counts, sizes, whole) if w)
     others = sum(count for count, w in zip(counts, whole) if not w)
