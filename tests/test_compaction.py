@@ -150,12 +150,18 @@ def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total()
     assert allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.5) == [4, 3, 1]
     with pytest.raises(ValueError, match="whole_span_share"):
         allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.25)  # 5 more slots than the others have
-    # a wins all 20 (already whole), b 9 of 10 (whole at 0.9: one more slot), c 3, which pays: 3 * (3 - 1) / 3
+    # a wins all 20 (already whole), b 9 of 10 (whole at 0.9: one more slot), c 3, which pays the slot
     a, b, c = torch.full((20,), 0.9), torch.cat([torch.full((9,), 0.8), torch.tensor([0.01])]), torch.full((20,), 0.05)
     assert allocate_by_scores([a, b, c], 32) == [20, 9, 3]
     assert allocate_by_scores([a, b, c], 32, whole_span_share=0.9) == [20, 10, 2]
     with pytest.raises(ValueError, match="whole_span_share"):
         allocate_by_scores([a, b, c], 30, whole_span_share=0.9)  # c cannot go below its one slot
+    # the slots a whole head takes come from the lowest-ranked entries of all, not from every head alike:
+    # w wins 4 of 6 and takes 2 more; x keeps its three 0.8 entries and y (all 0.03) pays both
+    w = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.01, 0.01])
+    x, y = torch.cat([torch.full((4,), 0.8), torch.full((6,), 0.02)]), torch.full((10,), 0.03)
+    assert allocate_by_scores([w, x, y], 12) == [4, 4, 4]
+    assert allocate_by_scores([w, x, y], 12, whole_span_share=0.5) == [6, 4, 2]
 
 
 def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled):

@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the layers below it already compacted")
     ev.add_argument("--whole-span-share", type=float, default=None,
                     help="compaction: with global head budgets, a head that wins this share of its span (a retrieval "
-                         "head) keeps all of it exact, paid for by the other heads (0.5 measured best for needles)")
+                         "head) keeps all of it exact, paid for by the other heads (0.5 measured best for needles at 5-10x)")
     ev.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
                     help="compaction: slots per KV head: ranked over all layers and heads (global), equal per head, or "
                          "in proportion to the attention each head gives the span")

@@ -237,8 +237,9 @@ def compact(
     recent splits are still planned with the captured queries.
     `whole_span_share` (with global budgets): a head whose ranked share reaches this fraction of its span
     (a retrieval head, which attends sharply to single entries everywhere) keeps its whole span exact; the
-    other heads give up the slots it takes, so the total is unchanged. 0.5 kept 5 of 6 needles at 10x on
-    the CPU cases where the default keeps 2 (`reports/compaction-cpu-needle/`).
+    other heads share what is left by the same ranking, so the total is unchanged. 0.5 keeps 10 of 12
+    needles at 10x where the default keeps 4, at some cost in continuation KL; at 20x it helps neither
+    (`reports/compaction-smollm2-h200/whole-span/`).
     """
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
@@ -451,9 +452,10 @@ def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1,
     """Split `total` slots over heads by ranking all their entries together: head i gets `minimum` plus
     the number of its entries among the best `total - minimum * heads` of all (never more than it has).
 
-    With `whole_span_share`, a head that wins at least that share of its entries gets all of them, and
-    the others shrink in proportion to pay for it: the head attends sharply wherever it looks (a
-    retrieval head copying facts back), so any entry it loses may be the one a later question needs."""
+    With `whole_span_share`, a head that wins at least that share of its entries gets all of them: the
+    head attends sharply wherever it looks (a retrieval head copying facts back), so any entry it loses
+    may be the one a later question needs. The other heads share what is left by the same global
+    ranking, so the entries given up are the lowest-ranked of all, not an equal cut of every head."""
     if total < minimum * len(scores):
         raise ValueError(f"{total} slots cannot give {len(scores)} heads at least {minimum} each")
     rest = [score.float().sort(descending=True).values[minimum:] for score in scores]
@@ -465,13 +467,15 @@ def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1,
     if whole_span_share is None:
         return counts
     whole = [size > 0 and count >= whole_span_share * size for count, size in zip(counts, sizes)]
-    taken = sum(size - count for count, size, w in zip(counts, sizes, whole) if w)
-    others = sum(count for count, w in zip(counts, whole) if not w)
-    if taken >= others - minimum * (len(scores) - sum(whole)):
+    if not any(whole):
+        return counts
+    others = [score for score, w in zip(scores, whole) if not w]
+    left = total - sum(size for size, w in zip(sizes, whole) if w)
+    if left < minimum * len(others) or left < 0:
         raise ValueError(f"`whole_span_share={whole_span_share}` gives {sum(whole)} heads their whole span, more than "
                          f"the {total} slots can pay for: raise it or lower the ratio")
-    scale = (others - taken) / max(others, 1)
-    return [size if w else max(minimum, int(count * scale)) for count, size, w in zip(counts, sizes, whole)]
+    shared = iter(allocate_by_scores(others, left, minimum) if others else [])
+    return [size if w else next(shared) for size, w in zip(sizes, whole)]
 
 
 def _compact_one_layer(
