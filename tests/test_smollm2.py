@@ -93,7 +93,7 @@ def test_compaction_eval_writes_progress_that_merges_like_the_report(smollm2, tm
     import json
 
     from sparsemem.corpus import load_corpus
-    from sparsemem.evaluation_compaction import evaluate_compaction, merge_reports
+    from sparsemem.evaluation_compaction import evaluate_compaction, merge_reports, render_compaction_markdown
 
     tokenizer, base = smollm2
     model = sparsemem.convert(base, top_k_blocks=None, block_fraction=None)
@@ -104,6 +104,13 @@ def test_compaction_eval_writes_progress_that_merges_like_the_report(smollm2, tm
     assert lines[0]["meta"] == meta and meta["documents"] == 2 and meta["needle_cases"] == 2
     assert [row["method"] for row in lines[1:]] == ["full", "streaming-llm"] == [r.method for r in results]
     assert lines[2]["kl"] == results[1].kl > 0 and 3.5 < results[1].bytes_ratio < 4.5
+    # every needle case is listed with its answer, one per (document, depth), and the accuracy counts them
+    for row, result in zip(lines[1:], results):
+        answers = row["needle_answers"]
+        assert [(a["seed"], a["depth"]) for a in answers] == [(0, 0.5), (1, 0.5)] and answers[0]["key"] != answers[1]["key"]
+        assert result.needle_accuracy == sum(a["key"] in a["answer"] for a in answers) / 2
+    markdown = render_compaction_markdown(results, meta)
+    assert ("## Needles missed" in markdown) == any(r.needle_accuracy < 1 for r in results)
     merged = json.loads(merge_reports([str(tmp_path / "run")], str(tmp_path / "merged"))[0].read_text())
     assert [row["kl"] for row in merged["results"]] == [r.kl for r in results]
 

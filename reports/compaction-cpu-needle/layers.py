@@ -1,4 +1,7 @@
-"""Which layers' compaction costs the needle? Teacher-forced answer log-prob with one layer restored."""
+"""Which layers' compaction costs the needle? Teacher-forced answer log-prob with one layer restored.
+
+    python layers.py [RATIO] [COMPACT_KWARGS_JSON]     e.g. python layers.py 10 '{"whole_span_share": 0.5}'
+"""
 import copy, json, sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +19,7 @@ model = sparsemem.convert(AutoModelForCausalLM.from_pretrained(path, dtype=torch
 corpus = load_corpus(None)
 question = tok(needle_question(wording), add_special_tokens=False).input_ids
 ratio = float(sys.argv[1]) if len(sys.argv) > 1 else 10
+extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 
 def logprob(cache, answer_ids):
     length = cache.get_seq_length()
@@ -33,8 +37,8 @@ for seed in (0, 1):
         doc = torch.tensor([ids]); full = _prefill(model, doc)
         refs = capture_reference_queries(model, doc, ("repeat",), tok)
         small = copy.deepcopy(full)
-        compact(model, small, ratio, method="am", queries=["repeat"], reference_queries=refs, input_ids=doc, tokenizer=tok)
-        row = {"seed": seed, "depth": depth, "full": logprob(full, answer_ids), "compact": logprob(small, answer_ids),
+        compact(model, small, ratio, method="am", queries=["repeat"], reference_queries=refs, input_ids=doc, tokenizer=tok, **extra)
+        row = {**extra, "seed": seed, "depth": depth, "full": logprob(full, answer_ids), "compact": logprob(small, answer_ids),
                "phys": small.physical_lengths()}
         restored, only = [], []
         for L in range(len(full.layers)):

@@ -38,6 +38,8 @@ class CompactionResult:
     bytes_ratio: float
     seconds: float
     needle_accuracy: float | None
+    # one {"seed", "depth", "key", "answer"} per needle case, so a reader sees which ones were lost
+    needle_answers: list | None = None
 
 
 def _prefill(model, ids):
@@ -96,9 +98,9 @@ def evaluate_compaction(
             needles.append((case, doc, _prefill(model, doc)))
     full_bytes = docs[0][2].memory_bytes()["total"]
     full_ppl = math.exp(sum(_nll(reference, cont) for _, cont, _, reference in docs) / documents)
-    # no needle depths: no pass-key cases, and the accuracy is None rather than a 0% never measured
-    full_needle = (sum(_answer(model, tokenizer, copy.deepcopy(cache), question, case) for case, _, cache in needles) / len(needles)
-                   if needles else None)
+    full_answers = [_answer(model, tokenizer, copy.deepcopy(cache), question, case, index // len(needle_depths))
+                    for index, (case, _, cache) in enumerate(needles)]
+    full_needle = _accuracy(full_answers)
 
     query_cache: dict = {}
 
@@ -111,7 +113,7 @@ def evaluate_compaction(
     meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
             "needle_depths": list(needle_depths), "needle_cases": len(needles), "needle_wording": needle_wording, "am_queries": list(queries),
             "head_budgets": head_budgets, "on_policy": on_policy, "whole_span_share": whole_span_share, "full_cache_bytes": full_bytes}
-    results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle)]
+    results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle, full_answers or None)]
     if progress is not None:
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(progress), json.dumps({"meta": meta}) + "\n" + json.dumps(asdict(results[0])) + "\n")
@@ -135,15 +137,15 @@ def evaluate_compaction(
                 logprobs = _continuation_logprobs(model, cache, cont)
                 kl += (reference.exp() * (reference - logprobs)).sum(-1).mean().item() / documents
                 nll += _nll(logprobs, cont) / documents
-            correct = 0
+            answers = []
             for index, (case, doc, needle_full) in enumerate(needles):
                 needle_cache = copy.deepcopy(needle_full)
                 compact(model, needle_cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
                         reference_queries=reference_queries(sources, doc, f"needle{index}"), on_policy=fitted,
                         input_ids=doc, tokenizer=tokenizer, whole_span_share=whole_span_share)
-                correct += _answer(model, tokenizer, needle_cache, question, case)
+                answers.append(_answer(model, tokenizer, needle_cache, question, case, index // len(needle_depths)))
             results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
-                                            correct / len(needles) if needles else None))
+                                            _accuracy(answers), answers or None))
             if progress is not None:
                 with Path(progress).open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(asdict(results[-1])) + "\n")
@@ -155,7 +157,12 @@ def _nll(logprobs, continuation) -> float:
     return torch.nn.functional.nll_loss(logprobs[0, :-1], continuation[0, 1:]).item()
 
 
-def _answer(model, tokenizer, cache, question, case) -> int:
+def _accuracy(answers: list[dict]) -> float | None:
+    # no needle depths: no cases, and the accuracy is None rather than a 0% never measured
+    return sum(a["key"] in a["answer"] for a in answers) / len(answers) if answers else None
+
+
+def _answer(model, tokenizer, cache, question, case, seed: int) -> dict:
     # the question is read after compaction, as when a saved compacted document is reused
     length = cache.get_seq_length()
     ids = torch.cat([torch.zeros(1, length, dtype=torch.long, device=question.device), question], dim=1)
@@ -163,7 +170,8 @@ def _answer(model, tokenizer, cache, question, case) -> int:
         ids, past_key_values=cache, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
         pad_token_id=tokenizer.eos_token_id,
     )
-    return int(case.passkey in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {"seed": seed, "depth": case.depth, "key": case.passkey, "answer": text}
 
 
 def write_compaction_report(results: list[CompactionResult], meta: dict, output_dir: Path) -> list[Path]:
@@ -197,6 +205,13 @@ def render_compaction_markdown(results, meta) -> str:
         lines += [f"## {title}", "", "| method | " + " | ".join(f"{x:g}x" for x in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for method in methods:
             lines.append(f"| {method} | " + " | ".join(cell(by[(method, x)]) if (method, x) in by else "-" for x in ratios) + " |")
+        lines.append("")
+    missed = [(r, a) for r in results for a in r.needle_answers or () if a["key"] not in a["answer"]]
+    if missed:
+        lines += ["## Needles missed", "", "| method | ratio | seed | depth | key | answer |", "|---|---|---|---|---|---|"]
+        for r, a in missed:
+            answer = repr(a["answer"].strip()).replace("|", "\\|")  # a pipe would split the cell
+            lines.append(f"| {r.method} | {r.ratio:g}x | {a['seed']} | {a['depth']:g} | {a['key']} | {answer} |")
         lines.append("")
     return "\n".join(lines)
 
