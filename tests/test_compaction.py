@@ -146,22 +146,39 @@ def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total()
     flat = torch.tensor([0.05, 0.04, 0.03, 0.02, 0.01, 0.01, 0.01, 0.01])
     # without: one each, then the best 5 of the rest (sharp's 3, mild's 2) -> [4, 3, 1]
     assert allocate_by_scores([sharp, mild, flat], 8) == [4, 3, 1]
-    # mild wins 3 of its 8 (< half): unchanged; at a share of 1/4 it would need all 8, which sharp and flat cannot pay
+    # mild wins 3 of its 8 (< half): unchanged; at a share of 1/4 it would need all 8, 5 more slots than
+    # flat (its one other head) was given: mild stays as ranked rather than starve flat
     assert allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.5) == [4, 3, 1]
-    with pytest.raises(ValueError, match="whole_span_share"):
-        allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.25)  # 5 more slots than the others have
+    assert allocate_by_scores([sharp, mild, flat], 8, whole_span_share=0.25) == [4, 3, 1]
     # a wins all 20 (already whole), b 9 of 10 (whole at 0.9: one more slot), c 3, which pays the slot
     a, b, c = torch.full((20,), 0.9), torch.cat([torch.full((9,), 0.8), torch.tensor([0.01])]), torch.full((20,), 0.05)
     assert allocate_by_scores([a, b, c], 32) == [20, 9, 3]
     assert allocate_by_scores([a, b, c], 32, whole_span_share=0.9) == [20, 10, 2]
-    with pytest.raises(ValueError, match="whole_span_share"):
-        allocate_by_scores([a, b, c], 30, whole_span_share=0.9)  # c cannot go below its one slot
+    assert allocate_by_scores([a, b, c], 30, whole_span_share=0.9) == [20, 9, 1]  # c cannot go below its one slot
     # the slots a whole head takes come from the lowest-ranked entries of all, not from every head alike:
     # w wins 4 of 6 and takes 2 more; x keeps its three 0.8 entries and y (all 0.03) pays both
     w = torch.tensor([0.9, 0.9, 0.9, 0.9, 0.01, 0.01])
     x, y = torch.cat([torch.full((4,), 0.8), torch.full((6,), 0.02)]), torch.full((10,), 0.03)
     assert allocate_by_scores([w, x, y], 12) == [4, 4, 4]
     assert allocate_by_scores([w, x, y], 12, whole_span_share=0.5) == [6, 4, 2]
+
+
+def test_whole_span_share_makes_heads_whole_by_share_until_the_others_would_lose_half():
+    from sparsemem.compact import WHOLE_SPAN_TAKE, allocate_by_scores
+
+    assert WHOLE_SPAN_TAKE == 0.5
+    # four retrieval-like heads winning 8, 7, 6 and 5 of their 10 entries, six flat heads 4 each (50 slots)
+    retrieval = [torch.cat([torch.full((n,), 0.9), torch.full((10 - n,), 0.001)]) for n in (8, 7, 6, 5)]
+    flat = [torch.cat([torch.full((4,), 0.1 - 0.001 * i), torch.full((6,), 1e-4)]) for i in range(6)]
+    plain = allocate_by_scores(retrieval + flat, 50)
+    assert plain == [8, 7, 6, 5] + [4] * 6
+    # whole in order of share, they take 2, then 3, 4 slots: 9 <= half of the 29 the others were given;
+    # the fourth would make it 14 > half of 24, so it keeps its ranked 5 and the flat heads pay the 9
+    capped = allocate_by_scores(retrieval + flat, 50, whole_span_share=0.5)
+    assert capped == [10, 10, 10, 5] + allocate_by_scores(flat, 15) and sum(capped) == 50
+    assert capped[4:] == [4, 4, 4, 1, 1, 1]  # the lowest-ranked flat entries go first
+    # a share none reaches changes nothing
+    assert allocate_by_scores(retrieval + flat, 50, whole_span_share=0.85) == plain
 
 
 def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled):

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 QUERY_SOURCES = ("context", "repeat", "self-study", "random")
 HEAD_BUDGETS = ("uniform", "proportional", "global")
+# whole spans (`whole_span_share`) may take at most this share of the slots the ranking gave the other heads
+WHOLE_SPAN_TAKE = 0.5
 REPEAT_PROMPT = "\n\nRepeat the previous text exactly.\n\n"
 SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and questions a reader might ask about it.\n"
 
@@ -455,7 +457,10 @@ def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1,
     With `whole_span_share`, a head that wins at least that share of its entries gets all of them: the
     head attends sharply wherever it looks (a retrieval head copying facts back), so any entry it loses
     may be the one a later question needs. The other heads share what is left by the same global
-    ranking, so the entries given up are the lowest-ranked of all, not an equal cut of every head."""
+    ranking, so the entries given up are the lowest-ranked of all, not an equal cut of every head.
+    Heads are made whole in order of their share while the slots they take stay within
+    `WHOLE_SPAN_TAKE` of what the ranking gave the others (at a high ratio a low share would otherwise
+    starve every other head); the heads left over keep their ranked count and are logged."""
     if total < minimum * len(scores):
         raise ValueError(f"{total} slots cannot give {len(scores)} heads at least {minimum} each")
     rest = [score.float().sort(descending=True).values[minimum:] for score in scores]
@@ -466,14 +471,23 @@ def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1,
     counts = [min(int(c), size) for c, size in zip(torch.bincount(owner[best], minlength=len(scores)) + minimum, sizes)]
     if whole_span_share is None:
         return counts
-    whole = [size > 0 and count >= whole_span_share * size for count, size in zip(counts, sizes)]
+    candidates = [i for i, (count, size) in enumerate(zip(counts, sizes)) if size > 0 and count >= whole_span_share * size]
+    candidates.sort(key=lambda i: counts[i] / sizes[i], reverse=True)
+    whole = [False] * len(scores)
+    for rank, i in enumerate(candidates):
+        trial = [w or j == i for j, w in enumerate(whole)]
+        taken = sum(size - count for size, count, w in zip(sizes, counts, trial) if w)
+        others = [count for count, w in zip(counts, trial) if not w]
+        if taken > WHOLE_SPAN_TAKE * sum(others) or sum(others) - taken < minimum * len(others):
+            logger.info("whole_span_share=%s: %d of %d heads reach it; the %d with the lowest shares keep their "
+                        "ranked slots (whole spans would take more than %.0f%% of the other heads' slots)",
+                        whole_span_share, len(candidates), len(scores), len(candidates) - rank, 100 * WHOLE_SPAN_TAKE)
+            break
+        whole = trial
     if not any(whole):
         return counts
     others = [score for score, w in zip(scores, whole) if not w]
     left = total - sum(size for size, w in zip(sizes, whole) if w)
-    if left < minimum * len(others) or left < 0:
-        raise ValueError(f"`whole_span_share={whole_span_share}` gives {sum(whole)} heads their whole span, more than "
-                         f"the {total} slots can pay for: raise it or lower the ratio")
     shared = iter(allocate_by_scores(others, left, minimum) if others else [])
     return [size if w else next(shared) for size, w in zip(sizes, whole)]
 
