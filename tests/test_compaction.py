@@ -183,8 +183,9 @@ def test_whole_span_share_makes_heads_whole_by_share_until_the_others_would_lose
 
 def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled):
     model, ids, full = filled
-    plain = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240])
+    plain = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], whole_span_share=None)
     info = plain.compaction_info
+    assert info["whole_span_share"] is None
     span = [240 - info["keep_first"] - last for last in info["keep_last"]]
     # just below the largest share a head wins: that head (at least) keeps its whole span
     share = 0.99 * max(c / span[layer] for layer, counts in enumerate(info["slots_per_kv_head"]) for c in counts)
@@ -201,7 +202,11 @@ def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled)
     assert torch.all(cache.layers[layer].slots.beta[:, own] == 0)
     with torch.no_grad():
         assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()
-    for bad in (0, 1.5, True):
+    # "auto" (the default): 0.45 for Attention Matching with global budgets, none for a baseline or other budgets
+    auto = lambda **kw: sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], **kw).compaction_info  # noqa: E731
+    assert auto()["whole_span_share"] == 0.45 and auto(method="am-no-beta")["whole_span_share"] == 0.45
+    assert auto(method="kvzip")["whole_span_share"] is None and auto(head_budgets="uniform")["whole_span_share"] is None
+    for bad in (0, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="whole_span_share"):
             sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], whole_span_share=bad)
     with pytest.raises(ValueError, match="whole_span_share"):

@@ -33,6 +33,15 @@ def _fraction(value: str):
         raise argparse.ArgumentTypeError(f"--block-fraction expects a number in (0, 1] or 'none', got {value!r}") from None
 
 
+def _whole_span_share(value: str):
+    if value in ("auto", "none", "None"):
+        return None if value != "auto" else "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--whole-span-share expects a number in (0, 1], 'auto' or 'none', got {value!r}") from None
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--text", nargs="*", default=None, help="text files for the haystack (default: Python reference docs)")
@@ -319,9 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--on-policy", action="store_true",
                     help="compaction: Attention Matching fits each layer to the repeat queries of a pass that reads "
                          "the layers below it already compacted")
-    ev.add_argument("--whole-span-share", type=float, default=None,
+    ev.add_argument("--whole-span-share", type=_whole_span_share, default="auto",
                     help="compaction: with global head budgets, a head that wins this share of its span (a retrieval "
-                         "head) keeps all of it exact, paid for by the other heads (0.5 measured best for needles at 5-10x)")
+                         "head) keeps all of it exact, paid for by the other heads; 'auto' (default): 0.45 for the "
+                         "Attention Matching methods, none for the baselines; 'none': never")
     ev.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
                     help="compaction: slots per KV head: ranked over all layers and heads (global), equal per head, or "
                          "in proportion to the attention each head gives the span")

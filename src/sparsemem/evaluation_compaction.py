@@ -71,7 +71,7 @@ def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
     continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
     progress: Path | None = None, on_policy: bool = False, needle_wording: str = "pass-key",
-    whole_span_share: float | None = None,
+    whole_span_share: float | str | None = "auto",
 ) -> tuple[list[CompactionResult], dict]:
     """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
     needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document).
@@ -79,7 +79,8 @@ def evaluate_compaction(
     an interrupted run keeps what it measured (`merge_reports` reads it). `on_policy`: the Attention
     Matching presses fit each layer on-policy (`compact(on_policy=True)`; its pass is timed).
     `needle_wording`: "pass-key" or "secret-number" (see `corpus.NEEDLE_WORDINGS`). `whole_span_share`:
-    passed to every `compact` call (retrieval heads keep their whole span; global budgets only)."""
+    passed to every `compact` call ("auto": retrieval heads keep their whole span with the Attention Matching
+    presses only, so the baselines are measured as published)."""
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
     device = model.device
