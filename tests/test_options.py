@@ -67,3 +67,13 @@ def test_cli_model_options_are_model_options_only(argv):
     options = _options(build_parser().parse_args(argv))
     assert options
     sparsemem.convert(make_base_model("llama"), **options)
+
+
+def test_cli_whole_span_share_takes_auto_none_or_a_share():
+    from sparsemem.cli import build_parser
+
+    parser = build_parser()
+    parse = lambda *extra: parser.parse_args(["eval", "compaction", *extra]).whole_span_share  # noqa: E731
+    assert (parse(), parse("--whole-span-share", "none"), parse("--whole-span-share", "0.5")) == ("auto", None, 0.5)
+    with pytest.raises(SystemExit):  # argparse prints the message naming the option and exits
+        parse("--whole-span-share", "half")
