@@ -264,9 +264,7 @@ def compact(
     for name, value in (("max_queries", max_queries), ("split_queries", split_queries)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-    if whole_span_share == "auto":
-        whole_span_share = WHOLE_SPAN_SHARE if head_budgets == "global" and isinstance(make_press(method), AttentionMatchingPress) else None
-    elif whole_span_share is not None:
+    if whole_span_share != "auto" and whole_span_share is not None:
         if isinstance(whole_span_share, bool) or not isinstance(whole_span_share, (int, float)) or not 0 < whole_span_share <= 1:
             raise ValueError(f"`whole_span_share` must be a fraction in (0, 1], 'auto' or None, got {whole_span_share!r}")
         if head_budgets != "global":
@@ -280,6 +278,8 @@ def compact(
         if input_ids is None or tokenizer is None:
             raise ValueError("`on_policy=True` makes a repeat pass over the context: give `input_ids` and `tokenizer`")
     press = make_press(method)
+    if whole_span_share == "auto":
+        whole_span_share = WHOLE_SPAN_SHARE if head_budgets == "global" and isinstance(press, AttentionMatchingPress) else None
     start_time = time.perf_counter()
     length = cache.get_seq_length()
     first, last, slots_per_head = plan_budget(length, ratio, cache.sink_tokens, cache.local_tokens, keep_first, keep_last)
@@ -482,16 +482,16 @@ def allocate_by_scores(scores: list[torch.Tensor], total: int, minimum: int = 1,
     candidates = [i for i, (count, size) in enumerate(zip(counts, sizes)) if size > 0 and count >= whole_span_share * size]
     candidates.sort(key=lambda i: counts[i] / sizes[i], reverse=True)
     whole = [False] * len(scores)
+    taken, given, other_heads = 0, sum(counts), len(scores)  # slots whole heads take; what the others were given
     for rank, i in enumerate(candidates):
-        trial = [w or j == i for j, w in enumerate(whole)]
-        taken = sum(size - count for size, count, w in zip(sizes, counts, trial) if w)
-        others = [count for count, w in zip(counts, trial) if not w]
-        if taken > WHOLE_SPAN_TAKE * sum(others) or sum(others) - taken < minimum * len(others):
+        taken_with, given_without = taken + sizes[i] - counts[i], given - counts[i]
+        if taken_with > WHOLE_SPAN_TAKE * given_without or given_without - taken_with < minimum * (other_heads - 1):
             logger.info("whole_span_share=%s: %d of %d heads reach it; %d with lower shares keep their "
                         "ranked slots (whole spans would take more than %.0f%% of the other heads' slots)",
                         whole_span_share, len(candidates), len(scores), len(candidates) - rank, 100 * WHOLE_SPAN_TAKE)
             break
-        whole = trial
+        whole[i] = True
+        taken, given, other_heads = taken_with, given_without, other_heads - 1
     if not any(whole):
         return counts
     others = [score for score, w in zip(scores, whole) if not w]
