@@ -24,22 +24,21 @@ def _top_k(value: str):
         raise argparse.ArgumentTypeError(f"--top-k-blocks expects an integer or 'all', got {value!r}") from None
 
 
-def _fraction(value: str):
-    if value in ("none", "None"):
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--block-fraction expects a number in (0, 1] or 'none', got {value!r}") from None
+def _share(option: str, auto: bool = False):
+    """argparse type for `option`: a number in (0, 1], 'none' (None) and, with `auto`, 'auto'."""
+    words = ", 'auto' or 'none'" if auto else " or 'none'"
 
+    def parse(value: str):
+        if value in ("none", "None"):
+            return None
+        if auto and value == "auto":
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} expects a number in (0, 1]{words}, got {value!r}") from None
 
-def _whole_span_share(value: str):
-    if value in ("auto", "none", "None"):
-        return None if value != "auto" else "auto"
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--whole-span-share expects a number in (0, 1], 'auto' or 'none', got {value!r}") from None
+    return parse
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +51,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-tokens", type=int, default=defaults.sink_tokens)
     parser.add_argument("--local-tokens", type=int, default=defaults.local_tokens)
     parser.add_argument("--top-k-blocks", type=_top_k, default=defaults.top_k_blocks, help="integer, or 'all' for every block")
-    parser.add_argument("--block-fraction", type=_fraction, default=defaults.block_fraction,
+    parser.add_argument("--block-fraction", type=_share("--block-fraction"), default=defaults.block_fraction,
                         help="attend this fraction of each query's blocks, at least --top-k-blocks ('none' to use the count alone)")
     parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS))
     parser.add_argument("--block-slots", type=int, default=defaults.block_slots,
@@ -304,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", default=None, help="scorer suite: a calibration output folder")
     ev.add_argument("--max-windows", type=int, default=None,
                     help="scorer: held-out windows per length averaged over (default: every whole window)")
-    ev.add_argument("--block-mass", dest="block_masses", type=_fraction, nargs="*", default=[],
+    ev.add_argument("--block-mass", dest="block_masses", type=_share("--block-mass"), nargs="*", default=[],
                     help="scorer: also the final learned scorer selecting by these attention-mass thresholds "
                          "(block_mass; density then varies per query and is reported)")
     _add_model_args(ev)
@@ -328,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--on-policy", action="store_true",
                     help="compaction: Attention Matching fits each layer to the repeat queries of a pass that reads "
                          "the layers below it already compacted")
-    ev.add_argument("--whole-span-share", type=_whole_span_share, default="auto",
+    ev.add_argument("--whole-span-share", type=_share("--whole-span-share", auto=True), default="auto",
                     help="compaction: with global head budgets, a head that wins this share of its span (a retrieval "
                          "head) keeps all of it exact, paid for by the other heads; 'auto' (default): 0.45 for the "
                          "Attention Matching methods, none for the baselines; 'none': never")
