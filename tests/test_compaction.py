@@ -382,7 +382,9 @@ def test_exact_newest_indices_point_into_the_span_whatever_its_order():
 def test_exact_newest_must_be_a_share():
     from sparsemem.modeling.compaction import AttentionMatchingPress
 
-    assert AttentionMatchingPress().exact_newest == 0.75
+    assert AttentionMatchingPress().exact_share == 0.75  # "auto" without whole spans
+    assert AttentionMatchingPress().with_whole_spans().exact_share == 0.0
+    assert AttentionMatchingPress(exact_newest=0.5).with_whole_spans().exact_share == 0.5  # a chosen share stays
     for bad in (1.5, -0.1, "half", True):
         with pytest.raises(ValueError, match="exact_newest"):
             AttentionMatchingPress(exact_newest=bad)
@@ -438,3 +440,55 @@ def test_peak_selection_keeps_a_key_one_query_needs():
     phi[0, 7, 5] = 0.9  # one query recalls key 5, the others never look at it (RMS 0.09)
     assert select_by_attention(phi, 2).tolist() == [[3, 4]]
     assert select_by_attention(phi, 2, order=float("inf")).tolist() == [[4, 5]]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_repeat_queries_know_the_share_of_attention_the_context_gets(family):
+    """The repeat pass's queries also attend to the prompt and the repetition so far; the captured `outside`
+    log-sum-exp gives each query's context share, sigmoid(lse_context - outside), equal to the attention
+    weights the dense model (eager attention) puts on the context over those on the context, the prompt and
+    the last `REPEAT_REACH` tokens of the repetition (older ones copy the context and do not count)."""
+    from conftest import make_base_model
+
+    from sparsemem.compact import REPEAT_PROMPT, REPEAT_REACH, capture_reference_queries
+
+    tokenizer = ByteTokenizer()
+    model, ids, full = prefilled(family, 64, 64)
+    captured = capture_reference_queries(model, ids, ("repeat",), tokenizer)
+    prompt = tokenizer(REPEAT_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        attentions = make_base_model(family)(torch.cat([ids, prompt, ids], 1), output_attentions=True).attentions
+    repetition = torch.arange(64)
+    near = (repetition[None, :] <= repetition[:, None]) & (repetition[None, :] > repetition[:, None] - REPEAT_REACH)
+    assert not near[-1, 0]  # the reach really leaves out the repetition's oldest tokens
+    scaling = model.model.layers[0].self_attn.scaling
+    for index, layer in enumerate(full.layers):
+        queries, positions, outside = captured[index]
+        assert (positions == -1).all() and outside.shape == queries.shape[:-1]
+        keys = layer.keys.float().repeat_interleave(queries.shape[1] // layer.keys.shape[1], dim=1)
+        context_lse = torch.logsumexp(queries @ keys.transpose(-1, -2) * scaling, dim=-1)
+        share = torch.sigmoid(context_lse - outside)
+        weights = attentions[index][:, :, -64:]
+        context = weights[..., :64].sum(-1)
+        counted = context + weights[..., 64:-64].sum(-1) + (weights[..., -64:] * near).sum(-1)
+        torch.testing.assert_close(share, context / counted, rtol=0, atol=1e-4)
+        assert 0.05 < float(share.mean()) < 0.95  # both parts really take attention
+
+
+def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
+    """A query that reads as much outside the cache (its `outside` log-sum-exp) as in it gives every entry
+    half the weight it would give reading the cache alone: the ranking scores halve, exactly."""
+    from sparsemem.compact import _max_attention
+    from sparsemem.modeling.compaction import LayerAttention
+
+    model, _, full = filled
+    layer, scaling = full.layers[0], model.model.layers[0].self_attn.scaling
+    batch, kv_heads, entries, dim = layer.keys.shape
+    queries = torch.randn(batch, model.config.num_attention_heads, 24, dim, generator=torch.Generator().manual_seed(0))
+    span = torch.ones(entries, dtype=torch.bool)
+    alone = _max_attention(layer, queries, span, scaling, torch.full(queries.shape[:-1], float("-inf")))
+    lse = LayerAttention.measure(layer, queries, scaling).lse  # per KV head, [B, G * n]
+    outside = torch.cat([head.view(batch, -1, queries.shape[-2]) for head in lse], dim=1)
+    halved = _max_attention(layer, queries, span, scaling, outside)
+    for ours, reference in zip(halved, alone):
+        torch.testing.assert_close(ours, reference / 2, rtol=1e-5, atol=1e-7)

@@ -76,9 +76,11 @@ def test_self_study_queries_drive_compaction(smollm2):
     ids = torch.tensor([token_window(tokenizer, load_corpus(), 300, offset=9000)])
     queries = capture_reference_queries(model, ids, ("self-study",), tokenizer, self_study_tokens=12)
     assert sorted(queries) == list(range(model.config.num_hidden_layers))
-    layer0, positions = queries[0]
+    layer0, positions, outside = queries[0]
     assert layer0.shape[:2] == (1, model.config.num_attention_heads) and 0 < layer0.shape[2] <= 12
     assert bool((positions == -1).all())
+    # the written words also read the prompt and themselves: a finite log-sum-exp beyond the document
+    assert outside.shape == layer0.shape[:-1] and bool(torch.isfinite(outside).all())
     cache = sparsemem.SparseMemCache(model.config)
     model(ids, past_key_values=cache)
     full_bytes = cache.memory_bytes()["total"]

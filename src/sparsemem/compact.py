@@ -28,6 +28,10 @@ HEAD_BUDGETS = ("uniform", "proportional", "global")
 WHOLE_SPAN_SHARE = 0.45
 # whole spans may take at most this share of the slots the ranking gave the other heads
 WHOLE_SPAN_TAKE = 0.5
+# a repeat query's own neighbourhood: of the repetition so far, its last this many tokens count as what the
+# query reads besides the context; the older ones are copies of the context (at question time they are not
+# there, and a head that finds a fact in them would find it in the context)
+REPEAT_REACH = 32
 REPEAT_PROMPT = "\n\nRepeat the previous text exactly.\n\n"
 SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and questions a reader might ask about it.\n"
 
@@ -76,10 +80,43 @@ def _dense_attention(model):
 
 
 @torch.no_grad()
-def _capture(model, input_ids, keep_from):
+def _capture(model, input_ids, keep_from, outside_from, reach=None):
+    """{layer: (queries [B, H, n, d] of the positions >= `keep_from`, outside [B, H, n])}: `outside` is each
+    query's log-sum-exp of attention logits over the pass's keys from `outside_from` on (what it reads
+    besides the context: the prompt, its own tokens; of these, only the last `reach`), so the share of its
+    attention the context really gets is known."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()  # no config: every layer keeps all its keys (a sliding layer's would be cut)
     with _dense_attention(model), recording_queries(model, keep_from) as captured:
-        model(input_ids, use_cache=False)
-    return {layer: torch.cat(parts, dim=-2) for layer, parts in captured.items()}
+        model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    scaling = model.model.layers[0].self_attn.scaling
+    result = {}
+    for layer, parts in captured.items():
+        queries = torch.cat(parts, dim=-2)
+        keys = cache.layers[layer].keys[..., outside_from:, :]
+        window = getattr(model.model.layers[layer].self_attn, "attention_window", None)
+        result[layer] = (queries, _causal_lse(queries, keys, keep_from - outside_from, scaling, window, reach))
+    return result
+
+
+def _causal_lse(queries, keys, offset, scaling, window=None, reach=None, chunk: int = 512) -> torch.Tensor:
+    """[B, H, n]: log-sum-exp of query j's logits over `keys` [B, KV, T, d] up to index `offset + j` (causal;
+    the queries sit at those indices of the keys' sequence) and, with a sliding `window`, the last `window`
+    of them; with `reach`, of the queries' own part (indices >= `offset`) only the last `reach` count. In
+    fp32 and in chunks of queries."""
+    keys = keys.float().repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
+    index = torch.arange(keys.shape[-2], device=keys.device)
+    parts = []
+    for lo in range(0, queries.shape[-2], chunk):
+        q = queries[..., lo : lo + chunk, :].to(keys.device, torch.float32)
+        logits = q @ keys.transpose(-1, -2) * scaling
+        at = offset + torch.arange(lo, lo + q.shape[-2], device=keys.device)[:, None]
+        seen = (index[None, :] <= at) & (index[None, :] > at - window if window else True)
+        if reach is not None:
+            seen &= (index[None, :] > at - reach) | (index[None, :] < offset)
+        parts.append(torch.logsumexp(logits.masked_fill_(~seen, float("-inf")), dim=-1).cpu())
+    return torch.cat(parts, dim=-1)
 
 
 @torch.no_grad()
@@ -106,7 +143,9 @@ def prefill(model, input_ids: torch.Tensor, cache=None, attention_mask: torch.Te
 
 @torch.no_grad()
 def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=None, self_study_tokens=128):
-    """{layer: (queries [B, H, n, d], positions [n])}; positions are -1 for queries standing for the future."""
+    """{layer: (queries [B, H, n, d], positions [n], outside [B, H, n])}; positions are -1 for queries
+    standing for the future; `outside`: each query's log-sum-exp of attention logits over what it reads
+    beyond the context (-inf for the context's own queries), `compact` accepts the first two alone."""
     sources = [s for s in sources if s != "random"]  # random queries need no model pass
     unknown = [s for s in sources if s not in QUERY_SOURCES]
     if unknown:
@@ -116,18 +155,20 @@ def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=
     per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def add(captured, positions):
-        for layer, queries in captured.items():
-            per_layer.setdefault(layer, []).append((queries, positions))
+        for layer, (queries, outside) in captured.items():
+            per_layer.setdefault(layer, []).append((queries, positions, outside))
 
     if "context" in sources:
-        add(_capture(model, input_ids, 0), torch.arange(length))
+        with _dense_attention(model), recording_queries(model) as captured:
+            model(input_ids, use_cache=False, logits_to_keep=1)
+        add({layer: (torch.cat(parts, dim=-2), None) for layer, parts in captured.items()}, torch.arange(length))
     if "repeat" in sources or "self-study" in sources:
         if tokenizer is None:
             raise ValueError("query sources 'repeat' and 'self-study' need the `tokenizer`")
     if "repeat" in sources:
         prompt = tokenizer(REPEAT_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         ids = torch.cat([input_ids, prompt.expand(input_ids.shape[0], -1), input_ids], dim=1)
-        captured = _capture(model, ids, ids.shape[1] - length)
+        captured = _capture(model, ids, ids.shape[1] - length, length, REPEAT_REACH)
         add(captured, torch.full((length,), -1))
     if "self-study" in sources:
         prompt = tokenizer(SELF_STUDY_PROMPT, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
@@ -137,12 +178,23 @@ def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=self_study_tokens, do_sample=False,
                 pad_token_id=tokenizer.eos_token_id,
             )
-        captured = _capture(model, written, ids.shape[1])
+        captured = _capture(model, written, ids.shape[1], length)
         add(captured, torch.full((written.shape[1] - ids.shape[1],), -1))
     result = {}
     for layer, parts in per_layer.items():
-        result[layer] = (torch.cat([q for q, _ in parts], dim=-2), torch.cat([p for _, p in parts]))
+        result[layer] = (torch.cat([q for q, _, _ in parts], dim=-2), torch.cat([p for _, p, _ in parts]),
+                         torch.cat([_outside_of(q, o) for q, _, o in parts], dim=-1))
     return result
+
+
+def _outside_of(queries, outside=None) -> torch.Tensor:
+    """`outside` log-sum-exps [B, H, n], or -inf for queries that read nothing beyond the context."""
+    if outside is None:
+        return torch.full(queries.shape[:-1], float("-inf"))
+    if tuple(outside.shape) != tuple(queries.shape[:-1]):
+        raise ValueError(f"reference queries {tuple(queries.shape)} need `outside` log-sum-exps of shape "
+                         f"{tuple(queries.shape[:-1])}, got {tuple(outside.shape)}")
+    return outside.cpu()
 
 
 def _random_queries(layer, heads, count, generator):
@@ -280,6 +332,8 @@ def compact(
     press = make_press(method)
     if whole_span_share == "auto":
         whole_span_share = WHOLE_SPAN_SHARE if head_budgets == "global" and isinstance(press, AttentionMatchingPress) else None
+    if whole_span_share is not None and isinstance(press, AttentionMatchingPress):
+        press = press.with_whole_spans()
     start_time = time.perf_counter()
     length = cache.get_seq_length()
     first, last, slots_per_head = plan_budget(length, ratio, cache.sink_tokens, cache.local_tokens, keep_first, keep_last)
@@ -319,15 +373,16 @@ def compact(
             parts.append(_random_queries(layer, heads, max_queries // max(1, heads // layer.keys.shape[1]), generator))
         if not parts:
             raise ValueError(f"no reference queries for layer {layer_idx}")
-        layer_queries = torch.cat([q for q, _ in parts], dim=-2)
-        layer_positions = torch.cat([p for _, p in parts])
+        layer_queries = torch.cat([part[0] for part in parts], dim=-2)
+        layer_positions = torch.cat([part[1] for part in parts])
+        outside = torch.cat([_outside_of(part[0], part[2] if len(part) > 2 else None) for part in parts], dim=-1)
         held_out = _held_out(layer_queries, layer_positions, length, generator).to(device) if len(splits) > 1 else None
         if "context" not in sources:
             # context queries (positions >= 0) given only to judge the split take no part in the fit
             fit = layer_positions < 0
             if not bool(fit.any()):
                 raise ValueError(f"no reference queries of the sources {list(sources)} for layer {layer_idx}")
-            layer_queries, layer_positions = layer_queries[..., fit, :], layer_positions[fit]
+            layer_queries, layer_positions, outside = layer_queries[..., fit, :], layer_positions[fit], outside[..., fit]
         groups = heads // layer.keys.shape[1]
         recent = splits[0]
         if len(splits) > 1:
@@ -343,7 +398,7 @@ def compact(
         # (future ones, and context ones past its end) are the ones to fit and rank with
         after = sees_whole_span(layer_positions, length - recent - 1)
         if bool(after.any()):
-            layer_queries, layer_positions = layer_queries[..., after, :], layer_positions[after]
+            layer_queries, layer_positions, outside = layer_queries[..., after, :], layer_positions[after], outside[..., after]
         all_queries = layer_queries
         layer_queries, layer_positions = _subsample(layer_queries, layer_positions, max(1, max_queries // groups), generator)
         layer_queries, layer_positions = layer_queries.to(device), layer_positions.to(device)
@@ -351,7 +406,7 @@ def compact(
         if head_budgets == "global":
             span = (layer.positions >= first) & (layer.positions < length - recent)
             # ranked by all of them, not the fit's subsample: a maximum needs every query
-            scores = _max_attention(layer, all_queries.to(device), span, scaling)
+            scores = _max_attention(layer, all_queries.to(device), span, scaling, outside.to(device))
         deferred.append((layer_idx, layer_queries, layer_positions, recent, scores))
     if head_budgets == "global" and deferred:
         # every (layer, KV head) competes for the slots by the largest attention a reference query gives
@@ -387,6 +442,7 @@ def compact(
         "head_budgets": head_budgets,
         "slots_per_kv_head": kv_head_slots,  # per layer, with head_budgets="global"
         "whole_span_share": whole_span_share,
+        "exact_newest": press.exact_share if isinstance(press, AttentionMatchingPress) else None,
         "seconds": time.perf_counter() - start_time,
     }
     logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
@@ -447,13 +503,23 @@ def _choose_split(
     return best[1]
 
 
-def _max_attention(layer, queries, span, scaling, chunk: int = 512) -> list[torch.Tensor]:
+def _max_attention(layer, queries, span, scaling, outside, chunk: int = 512) -> list[torch.Tensor]:
     """Per KV head, [T]: the largest attention weight any of `queries` [B, H, n, d] gives each `span` entry
-    (over the batch too), in chunks of queries so no [n, N] matrix is kept."""
+    (over the batch too), in chunks of queries so no [n, N] matrix is kept. The weights are shares of all
+    a query reads: `outside` [B, H, n] (log-sum-exp of its logits beyond the cache) takes its part, so a
+    head that mostly reads the tokens after the context (a previous-token head in the repeat pass) is not
+    ranked as if it read the context as sharply."""
+    kv_heads = layer.keys.shape[1]
+    groups = queries.shape[1] // kv_heads
     best = None
     for start in range(0, queries.shape[-2], chunk):
         attention = LayerAttention.measure(layer, queries[..., start : start + chunk, :], scaling)
-        top = [phi[..., span].amax(dim=(0, 1)) for phi in attention.phi]
+        beyond = outside[..., start : start + chunk]
+        top = []
+        for head, (phi, lse) in enumerate(zip(attention.phi, attention.lse)):
+            # the cache's share of the query's attention: sigmoid(lse_cache - lse_beyond)
+            share = torch.sigmoid(lse - beyond[:, head * groups : (head + 1) * groups].reshape(lse.shape))
+            top.append((phi[..., span] * share[..., None]).amax(dim=(0, 1)))
         best = top if best is None else [torch.maximum(a, b) for a, b in zip(best, top)]
     return [score.cpu() for score in best]
 
