@@ -276,7 +276,8 @@ def compact(
     the best measured for "am"; it needs the `tokenizer`). `head_budgets`:
     "uniform", "proportional" (slots per KV head in proportion to how much attention that head's reference
     queries give the span) or "global" (all layers' and heads' span entries ranked together by the largest
-    attention a reference query gives them, KVzip-style; each head gets as many slots as it has entries
+    attention a reference query gives them, as a share of all that query reads (`outside` of
+    `capture_reference_queries`), KVzip-style; each head gets as many slots as it has entries
     among the best, so layers differ in size while the total keeps the ratio). Default: "global", or
     "uniform" with `chunk_size`. `chunk_size`: compact long spans in chunks
     of that many tokens, each to its share of the slots. `max_queries`: reference queries per layer the
@@ -297,9 +298,10 @@ def compact(
     other heads share what is left by the same ranking, so the total is unchanged. Heads are made whole in
     order of their share while they take at most half of the slots the ranking gave the others. "auto"
     (the default): `WHOLE_SPAN_SHARE` (0.45) for Attention Matching presses with global budgets, none for
-    the eviction baselines and other budgets; None: none. On eight H200 documents at 10x it keeps 20 of 24
-    needles where none keeps 8, and lowers the mean next-token KL at 5-20x
-    (`reports/compaction-smollm2-h200/whole-span/`).
+    the eviction baselines and other budgets; None: none. With it, an Attention Matching press whose
+    `exact_newest` is "auto" fits every slot over the whole span. On eight H200 documents at 10x the
+    default keeps 24 of 24 needles (as the full cache; 8 without whole spans)
+    (`reports/compaction-smollm2-h200/true-share/`, `reports/compaction-smollm2-h200/whole-span/`).
     """
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
