@@ -492,3 +492,21 @@ def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
     halved = _max_attention(layer, queries, span, scaling, outside)
     for ours, reference in zip(halved, alone):
         torch.testing.assert_close(ours, reference / 2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("window, reach", [(None, None), (None, 32), (48, None), (48, 32), (None, 1)])
+def test_outside_log_sum_exp_in_chunks_matches_the_masked_dense_one(window, reach):
+    """`_causal_lse` only multiplies each chunk of queries by the keys it may see; the result equals the
+    log-sum-exp of the full masked logits (causal, sliding window, reach into the queries' own part)."""
+    from sparsemem.compact import _causal_lse
+
+    generator = torch.Generator().manual_seed(0)
+    queries, keys, offset = torch.randn(1, 6, 300, 16, generator=generator), torch.randn(1, 2, 320, 16, generator=generator), 20
+    logits = queries @ keys.repeat_interleave(3, dim=1).transpose(-1, -2) * 0.25
+    index, at = torch.arange(320), offset + torch.arange(300)[:, None]
+    seen = (index <= at) & ((index > at - window) if window else True)
+    if reach is not None:
+        seen &= (index > at - reach) | (index < offset)
+    expected = torch.logsumexp(logits.masked_fill(~seen, float("-inf")), dim=-1)
+    got = _causal_lse(queries, keys, offset, 0.25, window, reach, chunk=64)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

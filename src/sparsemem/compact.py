@@ -106,12 +106,16 @@ def _causal_lse(queries, keys, offset, scaling, window=None, reach=None, chunk: 
     of them; with `reach`, of the queries' own part (indices >= `offset`) only the last `reach` count. In
     fp32 and in chunks of queries."""
     keys = keys.float().repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-    index = torch.arange(keys.shape[-2], device=keys.device)
+    device = keys.device
     parts = []
     for lo in range(0, queries.shape[-2], chunk):
-        q = queries[..., lo : lo + chunk, :].to(keys.device, torch.float32)
-        logits = q @ keys.transpose(-1, -2) * scaling
-        at = offset + torch.arange(lo, lo + q.shape[-2], device=keys.device)[:, None]
+        q = queries[..., lo : lo + chunk, :].to(device, torch.float32)
+        hi = lo + q.shape[-2]
+        # only the keys some query of the chunk may see: all before its own part, then up to its last
+        start = 0 if reach is None else offset + max(0, lo - reach + 1)
+        index = torch.cat([torch.arange(0, min(offset, start), device=device), torch.arange(start, offset + hi, device=device)])
+        logits = q @ keys[..., index, :].transpose(-1, -2) * scaling
+        at = offset + torch.arange(lo, hi, device=device)[:, None]
         seen = (index[None, :] <= at) & (index[None, :] > at - window if window else True)
         if reach is not None:
             seen &= (index[None, :] > at - reach) | (index[None, :] < offset)
