@@ -156,7 +156,7 @@ def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=
         raise ValueError(f"unknown query source(s) {unknown}; choose from {QUERY_SOURCES}")
     length = input_ids.shape[1]
     device = input_ids.device
-    per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    per_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
 
     def add(captured, positions):
         for layer, (queries, outside) in captured.items():
