@@ -17,7 +17,14 @@ import time
 
 import torch
 
-from .modeling.compaction import AttentionMatchingPress, LayerAttention, compact_layer, make_press, sees_whole_span
+from .modeling.compaction import (
+    AttentionMatchingPress,
+    LayerAttention,
+    compact_layer,
+    group_queries,
+    make_press,
+    sees_whole_span,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +87,19 @@ def _dense_attention(model):
 
 
 @torch.no_grad()
-def _capture(model, input_ids, keep_from, outside_from, reach=None):
-    """{layer: (queries [B, H, n, d] of the positions >= `keep_from`, outside [B, H, n])}: `outside` is each
-    query's log-sum-exp of attention logits over the pass's keys from `outside_from` on (what it reads
-    besides the context: the prompt, its own tokens; of these, only the last `reach`), so the share of its
-    attention the context really gets is known."""
+def _capture(model, input_ids, keep_from, outside_from=None, reach=None):
+    """{layer: (queries [B, H, n, d] of the positions >= `keep_from`, outside [B, H, n] or None)}: `outside`
+    (given `outside_from`) is each query's log-sum-exp of attention logits over the pass's keys from
+    `outside_from` on (what it reads besides the context: the prompt, its own tokens; of these, only the
+    last `reach`), so the share of its attention the context really gets is known."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()  # no config: every layer keeps all its keys (a sliding layer's would be cut)
+    # no config: every layer keeps all its keys (a sliding layer's would be cut)
+    cache = DynamicCache() if outside_from is not None else None
     with _dense_attention(model), recording_queries(model, keep_from) as captured:
-        model(input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+    if cache is None:
+        return {layer: (torch.cat(parts, dim=-2), None) for layer, parts in captured.items()}
     scaling = model.model.layers[0].self_attn.scaling
     result = {}
     for layer, parts in captured.items():
@@ -163,9 +173,7 @@ def capture_reference_queries(model, input_ids, sources=("context",), tokenizer=
             per_layer.setdefault(layer, []).append((queries, positions, outside))
 
     if "context" in sources:
-        with _dense_attention(model), recording_queries(model) as captured:
-            model(input_ids, use_cache=False, logits_to_keep=1)
-        add({layer: (torch.cat(parts, dim=-2), None) for layer, parts in captured.items()}, torch.arange(length))
+        add(_capture(model, input_ids, 0), torch.arange(length))
     if "repeat" in sources or "self-study" in sources:
         if tokenizer is None:
             raise ValueError("query sources 'repeat' and 'self-study' need the `tokenizer`")
@@ -516,15 +524,14 @@ def _max_attention(layer, queries, span, scaling, outside, chunk: int = 512) -> 
     head that mostly reads the tokens after the context (a previous-token head in the repeat pass) is not
     ranked as if it read the context as sharply."""
     kv_heads = layer.keys.shape[1]
-    groups = queries.shape[1] // kv_heads
     best = None
     for start in range(0, queries.shape[-2], chunk):
         attention = LayerAttention.measure(layer, queries[..., start : start + chunk, :], scaling)
-        beyond = outside[..., start : start + chunk]
+        beyond = outside[..., start : start + chunk, None]  # pooled per KV head as the queries are
         top = []
         for head, (phi, lse) in enumerate(zip(attention.phi, attention.lse)):
             # the cache's share of the query's attention: sigmoid(lse_cache - lse_beyond)
-            share = torch.sigmoid(lse - beyond[:, head * groups : (head + 1) * groups].reshape(lse.shape))
+            share = torch.sigmoid(lse - group_queries(beyond, head, kv_heads)[..., 0])
             top.append((phi[..., span] * share[..., None]).amax(dim=(0, 1)))
         best = top if best is None else [torch.maximum(a, b) for a, b in zip(best, top)]
     return [score.cpu() for score in best]
