@@ -4,8 +4,11 @@ Per layer it keeps
 - full-resolution K/V (anchors and the block store) with the logical position of every entry, and
 - a slot tier of consolidated `(k, v, beta)` entries standing for spans whose K/V are not attended.
 
-The logical length never shrinks when tokens are evicted into slots, so new tokens keep the RoPE
-positions they would have had with the full cache, and masks are built over logical positions.
+The logical length never shrinks when tokens are evicted into slots, and masks, anchors and blocks are
+built over logical positions. RoPE positions follow the cache's position policy (`rope.py`): "logical"
+keeps every token at the position it had in the full sequence; "cache" gives every held entry its rank in
+the cache's time order (keys re-rotated when entries leave), so distances stay within what the cache
+holds; "auto" is logical inside the model's trained context and cache positions beyond it.
 """
 
 import functools
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .rope import check_policy, check_rope_shiftable, shift_keys, trained_context
 
 
 @dataclass
@@ -22,7 +27,8 @@ class SlotTier:
     keys, values: [B, S, D]; beta: [B, S] logit bias (-inf marks an unused slot); head: [S] KV head of
     each slot; block: [S] block id the slot stands for while that block is also stored at full
     resolution, or -1 for a span whose full-resolution K/V were dropped; position: [S] last logical
-    position the slot covers.
+    position the slot covers; rope: [B, S] the RoPE position each slot key is rotated at (a fitted slot
+    keeps the rotation of the key it was chosen from; default: `position`).
     """
 
     keys: torch.Tensor
@@ -31,15 +37,19 @@ class SlotTier:
     head: torch.Tensor
     block: torch.Tensor
     position: torch.Tensor
+    rope: torch.Tensor | None = None
 
     def __post_init__(self):
         batch, num, _ = self.keys.shape
+        if self.rope is None:
+            self.rope = self.position.to(self.keys.device)[None].expand(batch, -1).clone()
         checks = {
             "values": (self.values.shape[:2], (batch, num)),
             "beta": (self.beta.shape, (batch, num)),
             "head": (self.head.shape, (num,)),
             "block": (self.block.shape, (num,)),
             "position": (self.position.shape, (num,)),
+            "rope": (self.rope.shape, (batch, num)),
         }
         for name, (got, want) in checks.items():
             if tuple(got) != tuple(want):
@@ -64,11 +74,12 @@ class SlotTier:
         )
 
     def map(self, fn) -> "SlotTier":
-        """Apply `fn` to the batch-carrying tensors (keys, values, beta)."""
-        return SlotTier(fn(self.keys), fn(self.values), fn(self.beta), self.head, self.block, self.position)
+        """Apply `fn` to the batch-carrying tensors (keys, values, beta, rope)."""
+        return SlotTier(fn(self.keys), fn(self.values), fn(self.beta), self.head, self.block, self.position, fn(self.rope))
 
     def to(self, device) -> "SlotTier":
-        return SlotTier(*(t.to(device) for t in (self.keys, self.values, self.beta, self.head, self.block, self.position)))
+        fields = (self.keys, self.values, self.beta, self.head, self.block, self.position, self.rope)
+        return SlotTier(*(t.to(device) for t in fields))
 
     @staticmethod
     def cat(first: "SlotTier | None", second: "SlotTier") -> "SlotTier":
@@ -81,6 +92,7 @@ class SlotTier:
             torch.cat([first.head, second.head]),
             torch.cat([first.block, second.block]),
             torch.cat([first.position, second.position]),
+            torch.cat([first.rope, second.rope.to(first.rope.device)], dim=1),
         )
 
     def __len__(self) -> int:
@@ -89,6 +101,25 @@ class SlotTier:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.beta))
+
+    def timeline(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the slots sit in time. Slots made by one compaction share their `position` (a slot group);
+        within a group each KV head's slots are in time order (storage order).
+
+        Returns (group positions [g] sorted, group widths [g] = the most slots any head has in the group,
+        offset [S] of each slot inside its group's width: a head with fewer slots than the width has them
+        at the group's end, next to what follows the group)."""
+        groups, group_of = torch.unique(self.position, return_inverse=True)
+        heads = int(self.head.max()) + 1 if len(self) else 1
+        key = group_of * heads + self.head
+        counts = torch.bincount(key, minlength=groups.numel() * heads).view(groups.numel(), heads)
+        widths = counts.max(dim=1).values
+        order = torch.sort(key, stable=True).indices
+        first = torch.cumsum(counts.flatten(), 0) - counts.flatten()  # first sorted index of each (group, head)
+        rank = torch.empty_like(key)
+        rank[order] = torch.arange(key.numel(), device=key.device) - first[key[order]]
+        offset = widths[group_of] - counts.flatten()[key] + rank
+        return groups, widths, offset
 
 
 class SparseMemLayer(CacheLayerMixin):
@@ -104,6 +135,12 @@ class SparseMemLayer(CacheLayerMixin):
         self.positions: torch.Tensor | None = None
         self.logical_length = 0
         self.slots: SlotTier | None = None
+        # RoPE positions the keys are rotated at: None = their logical positions. Set once the cache gives
+        # entries cache positions (see `SparseMemCache.prepare_positions`); new tokens then enter at
+        # logical - rope_offset
+        self.rope_positions: torch.Tensor | None = None
+        self.rope_offset = 0
+        self.entries_left = False  # entries left (eviction, compaction) since the positions were last laid out
         self.block_summaries = None  # kept by the decode fast path; dropped when keys change other than by appending
         self.block_slot_cache = None  # slots of complete blocks (`block_slots`); dropped with the summaries
         # newest queries of the layer, kept only under online compaction (its reference queries)
@@ -130,6 +167,8 @@ class SparseMemLayer(CacheLayerMixin):
         new = key_states.shape[-2]
         new_positions = torch.arange(self.logical_length, self.logical_length + new, device=self.positions.device)
         self.keys, self.values = self._append(key_states, value_states)
+        if self.rope_positions is not None:
+            self.rope_positions = torch.cat([self.rope_positions, new_positions - self.rope_offset])
         self.positions = torch.cat([self.positions, new_positions])
         self.logical_length += new
         if self.offload_blocks and self.keys.device != key_states.device:
@@ -184,6 +223,7 @@ class SparseMemLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = None
+        self.rope_positions, self.rope_offset, self.entries_left = None, 0, False
         self.slots = None
         self.block_summaries = None
         self.block_slot_cache = None
@@ -208,6 +248,14 @@ class SparseMemLayer(CacheLayerMixin):
             raise ValueError("slots may only stand for positions already in the cache")
         slots = slots.to(self.device)
         self.slots = SlotTier.cat(self.slots, slots)
+        self.entries_left = True
+
+    def set_slots(self, slots: SlotTier | None) -> None:
+        """Replace the whole slot tier (e.g. by slots that fold the old ones in)."""
+        self.slots = None
+        self.entries_left = True
+        if slots is not None:
+            self.add_slots(slots)
 
     def evict(self, drop: torch.Tensor) -> None:
         """Drop the full-resolution entries where the [N] boolean `drop` is True (their slots stay)."""
@@ -217,6 +265,65 @@ class SparseMemLayer(CacheLayerMixin):
         self._buffers_kv = None  # the kept entries are copied out: do not hold the old buffers' memory too
         self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
         self.positions = self.positions[keep]
+        if self.rope_positions is not None:
+            self.rope_positions = self.rope_positions[keep]
+        self.entries_left = True
+
+    # -- RoPE positions -----------------------------------------------------------------------------
+
+    def timeline_width(self) -> int:
+        """Positions the held entries take in time order: one per exact entry, and per slot group the
+        most slots one KV head has in it."""
+        if not self.is_initialized:
+            return 0
+        width = self.physical_length
+        if self.slots is not None and len(self.slots):
+            width += int(self.slots.timeline()[1].sum())
+        return width
+
+    def lay_out_positions(self, next_position: int, rotary) -> None:
+        """Give every held entry its rank in time order, the newest at `next_position` - 1, re-rotating the
+        keys (and slot keys) from where they are to there; new tokens then enter at `next_position`."""
+        if not self.is_initialized:
+            return
+        device = self.positions.device
+        exact = self.positions
+        items = [exact]
+        widths = [torch.ones_like(exact)]
+        tie = [torch.ones_like(exact)]  # a slot group sorts before an exact entry at the same position
+        if self.slots is not None and len(self.slots):
+            groups, group_widths, offset = self.slots.timeline()
+            items.append(groups.to(device))
+            widths.append(group_widths.to(device))
+            tie.append(torch.zeros_like(groups, device=device))
+        position, width = torch.cat(items), torch.cat(widths)
+        order = torch.sort(torch.cat(tie), stable=True).indices
+        order = order[torch.sort(position[order], stable=True).indices]
+        start = torch.empty_like(width)
+        start[order] = torch.cumsum(width[order], 0) - width[order]
+        base = next_position - int(width.sum())
+        target = base + start[: exact.numel()]
+        current = self.rope_positions if self.rope_positions is not None else exact
+        if exact.numel():
+            self._replace_keys(shift_keys(rotary, self.keys, target - current))  # [B, Hkv, N, D] by [N]
+        self.rope_positions = target
+        if self.slots is not None and len(self.slots):
+            group_start = start[exact.numel():].to(self.slots.position.device)
+            _, group_of = torch.unique(self.slots.position, return_inverse=True)
+            slot_target = (base + group_start[group_of] + offset)[None].expand_as(self.slots.rope)
+            slot_keys = shift_keys(rotary, self.slots.keys, slot_target - self.slots.rope)
+            self.slots = SlotTier(slot_keys, self.slots.values, self.slots.beta, self.slots.head, self.slots.block,
+                                  self.slots.position, slot_target.clone())
+        self.rope_offset = self.logical_length - next_position
+        self.entries_left = False
+        self.block_summaries = None
+        self.block_slot_cache = None
+
+    def _replace_keys(self, keys: torch.Tensor) -> None:
+        if self.offload_blocks and self.keys.is_pinned():
+            keys = keys.to("cpu").pin_memory()
+        self._buffers_kv = None
+        self.keys = keys
 
     # -- transformers cache API ---------------------------------------------------------------------
 
@@ -309,7 +416,12 @@ class SparseMemCache(Cache):
 
     is_sparsemem = True
 
-    def __init__(self, config=None, max_kv_tokens: int | None = None, online=None, offload_blocks: bool = False, **kwargs):
+    def __init__(
+        self, config=None, max_kv_tokens: int | None = None, online=None, offload_blocks: bool = False,
+        positions: str | None = None, **kwargs,
+    ):
+        """positions: the RoPE position policy ("logical", "cache" or "auto"; default: the config's
+        `positions`, else "auto"); see `rope.py`."""
         if offload_blocks:
             super().__init__(layer_class_to_replicate=functools.partial(SparseMemLayer, offload_blocks=True))
         else:
@@ -323,6 +435,51 @@ class SparseMemCache(Cache):
 
             online = OnlineCompaction(max_kv_tokens, keep_first=self.sink_tokens)
         self.online = online
+        self.positions = check_policy(positions if positions is not None else getattr(config, "positions", "auto"))
+        self.trained_context = None if config is None else trained_context(config)
+        if self.positions != "logical" and config is not None:
+            check_rope_shiftable(config)
+        self.cache_positions = False  # whether held entries have been given cache positions
+        self._rotary = None
+
+    # -- RoPE positions -----------------------------------------------------------------------------
+
+    def prepare_positions(self, module, query_length: int) -> int:
+        """Called before a forward pass's first layer: decides the positions of the `query_length` new
+        tokens under the policy, re-rotating held keys to their ranks where entries left since the last
+        call. Returns the offset to subtract from logical positions for RoPE (0: logical positions)."""
+        if self.positions == "logical":
+            return 0
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return 0
+        if not self.cache_positions:
+            length = layers[0].logical_length + query_length
+            if self.positions == "auto" and (self.trained_context is None or length <= self.trained_context):
+                return 0  # inside the trained window: logical positions, exactly as with "logical"
+            self.cache_positions = True
+            moved = True
+        else:
+            moved = any(layer.entries_left for layer in layers)
+        if moved:
+            rotary = self._rotary_embedding(module)
+            next_position = max(layer.timeline_width() for layer in layers)
+            for layer in layers:
+                layer.lay_out_positions(next_position, rotary)
+        return layers[0].rope_offset
+
+    @property
+    def rope_offset(self) -> int:
+        return next((layer.rope_offset for layer in self.layers if layer.is_initialized), 0)
+
+    def _rotary_embedding(self, module):
+        """The model family's own rotary embedding, built from the attention module's config (scaled RoPE
+        included)."""
+        if self._rotary is None:
+            config = module.config
+            check_rope_shiftable(config)
+            self._rotary = module.rotary_class(config=config).to(module.q_proj.weight.device)
+        return self._rotary
 
     def memory_bytes(self) -> dict[str, int]:
         """Physical bytes per tier over all layers, and their total."""

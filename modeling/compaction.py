@@ -30,12 +30,14 @@ class HeadSpan:
     problem: reference queries [B, n, d] (the head's query group pooled), span keys/values [B, T, d],
     prior beta [B, T] (0 for tokens, beta for existing slots), context log-sum-exp [B, n].
     positions: [T] logical positions of the span entries; query_positions: [n] logical positions of the
-    reference queries (-1 for queries that stand for the future and see every key).
+    reference queries (-1 for queries that stand for the future and see every key); rope: [B, T] the RoPE
+    positions the span keys are rotated at (None: their logical positions).
     """
 
     problem: SpanProblem
     positions: torch.Tensor
     query_positions: torch.Tensor
+    rope: torch.Tensor | None = None
 
     def after_span(self) -> "HeadSpan":
         """The span seen only by the reference queries that come after all of it (future queries, and
@@ -50,7 +52,7 @@ class HeadSpan:
         p = self.problem
         phi = None if p.phi is None else p.phi[:, keep]
         problem = SpanProblem(p.queries[:, keep], p.keys, p.values, p.key_bias, p.context_lse[:, keep], p.scaling, phi=phi)
-        return HeadSpan(problem, self.positions, self.query_positions[keep])
+        return HeadSpan(problem, self.positions, self.query_positions[keep], self.rope)
 
     def causal_weights(self) -> torch.Tensor:
         """Attention weights [B, n, T] with context queries restricted to keys at or before them."""
@@ -139,7 +141,7 @@ class AttentionMatchingPress(Press):
             older = HeadSpan(
                 SpanProblem(p.queries, p.keys[:, ~newest], p.values[:, ~newest], p.key_bias[:, ~newest], p.context_lse,
                             p.scaling, phi=None if p.phi is None else p.phi[..., ~newest]),
-                span.positions[~newest], span.query_positions,
+                span.positions[~newest], span.query_positions, None if span.rope is None else span.rope[:, ~newest],
             )
             index, keys, values, beta = self._fit(older, budget - keep)
             index = (~newest).nonzero()[:, 0][index]  # into the span, as the contract says, not into its older part
@@ -307,6 +309,8 @@ def head_spans(
         span_keys, span_values = keys[:, head, span], values[:, head, span]
         bias = torch.zeros(span_keys.shape[:2], device=keys.device)
         positions = layer.positions[span]
+        rope = (layer.rope_positions if layer.rope_positions is not None else layer.positions)[span]
+        rope = rope[None].expand(span_keys.shape[0], -1)
         phi = attention.phi[head][..., span]
         if layer.slots is not None and fold_slots:
             own = layer.slots.head == head
@@ -314,9 +318,10 @@ def head_spans(
             span_values = torch.cat([layer.slots.values[:, own].float(), span_values], dim=1)
             bias = torch.cat([layer.slots.beta[:, own].float(), bias], dim=1)
             positions = torch.cat([layer.slots.position[own], positions])
+            rope = torch.cat([layer.slots.rope[:, own], rope], dim=1)
             phi = torch.cat([attention.slot_phi[head], phi], dim=-1)
         problem = SpanProblem(q, span_keys, span_values, bias, attention.lse[head], scaling, phi=phi)
-        yield head, HeadSpan(problem, positions, q_pos)
+        yield head, HeadSpan(problem, positions, q_pos, rope)
 
 
 def _stack(spans: list[HeadSpan]) -> HeadSpan:
@@ -325,7 +330,8 @@ def _stack(spans: list[HeadSpan]) -> HeadSpan:
     stacked = {name: torch.cat([getattr(s.problem, name) for s in spans]) for name in fields}
     if all(s.problem.phi is not None for s in spans):
         stacked["phi"] = torch.cat([s.problem.phi for s in spans])
-    return HeadSpan(SpanProblem(**stacked, scaling=spans[0].problem.scaling), spans[0].positions, spans[0].query_positions)
+    rope = None if any(s.rope is None for s in spans) else torch.cat([s.rope for s in spans])
+    return HeadSpan(SpanProblem(**stacked, scaling=spans[0].problem.scaling), spans[0].positions, spans[0].query_positions, rope)
 
 
 def compact_layer(
@@ -351,7 +357,10 @@ def compact_layer(
             groups.append(([head], [head_span]))
     parts = []
     for heads, members in groups:
-        _, keys, values, beta = press.compact(_stack(members), budgets[heads[0]])
+        stacked = _stack(members)
+        index, keys, values, beta = press.compact(stacked, budgets[heads[0]])
+        # a slot key keeps the rotation of the entry it was chosen from (its RoPE position)
+        rope = stacked.rope.to(index.device).gather(1, index) if stacked.rope is not None else None
         position = max(last_position, int(members[0].positions.max()))
         for i, head in enumerate(heads):
             rows = slice(i * batch, (i + 1) * batch)
@@ -364,10 +373,11 @@ def compact_layer(
                     torch.full((count,), head, device=keys.device),
                     torch.full((count,), -1, device=keys.device),
                     torch.full((count,), position, device=keys.device),
+                    None if rope is None else rope[rows],
                 )
             )
     layer.evict(span)
     if fold_slots:
-        layer.slots = None
+        layer.set_slots(None)
     for part in parts:
         layer.add_slots(part)

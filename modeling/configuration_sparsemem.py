@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from .rope import POSITION_POLICIES
+
 SCORERS = ("minmax", "hybrid", "mean", "learned")
 SCORER_INITS = ("minmax", "hybrid")
 SCORER_UNIONS = (None, "minmax")
@@ -51,6 +53,12 @@ class SparseMemOptions:
     attention_backend: "reference" (vectorised PyTorch, any device), "flex" (block-sparse
         FlexAttention on CUDA; raises when the inputs do not allow it) or "auto" ("flex" when on CUDA
         and the inputs allow it, else "reference"; both compute the same function).
+    positions: RoPE positions of what the cache holds (rope.py). "logical": every token keeps its position
+        in the full sequence (exact inside the trained context; beyond it distances leave the range the
+        model was trained on). "cache": every held entry takes its rank in the cache's time order, keys
+        re-rotated when entries leave (evicted or compacted), so distances stay within what the cache
+        holds. "auto": logical while the sequence fits the model's trained context (the RoPE scaling's
+        original length, else `max_position_embeddings`), cache positions from then on.
     """
 
     block_size: int = 8
@@ -67,6 +75,7 @@ class SparseMemOptions:
     query_chunk_size: int = 512
     query_block_size: int | None = None
     attention_backend: str = "auto"
+    positions: str = "auto"
 
     def validate_sparsemem_options(self) -> None:
         def _int(name, value, minimum):
@@ -86,6 +95,8 @@ class SparseMemOptions:
                 raise ValueError(f"`block_slots` ({self.block_slots}) must not exceed `block_size` ({self.block_size})")
         if self.query_block_size is not None:
             _int("query_block_size", self.query_block_size, 1)
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(f"`positions` must be one of {POSITION_POLICIES}, got {self.positions!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"`attention_backend` must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.block_fraction is not None and (

@@ -14,10 +14,15 @@ import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, load_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
-from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb, eager_attention_forward
-from transformers.models.mistral.modeling_mistral import MistralAttention
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
-from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.mistral.modeling_mistral import MistralAttention, MistralRotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 
 from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
 from .block_consolidation import BlockConsolidator, BlockSlotCache, block_slots, build_consolidator
@@ -98,6 +103,18 @@ class SparseMemAttentionMixin:
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
+        if getattr(past_key_values, "is_sparsemem", False):
+            if self.layer_idx == 0:  # once per forward pass, before any layer rotates its new tokens
+                past_key_values.prepare_positions(self, query_states.shape[-2])
+            offset = past_key_values.rope_offset
+            if offset:
+                # cache positions: the new tokens continue right after the last held entry; their cos/sin are
+                # computed at those (in-range) positions rather than shifted from far-out logical ones
+                position_ids = kwargs.get("position_ids")
+                if position_ids is None:
+                    past = past_key_values.get_seq_length(self.layer_idx)
+                    position_ids = torch.arange(past, past + query_states.shape[-2], device=query_states.device)[None]
+                cos, sin = past_key_values._rotary_embedding(self)(value_states, position_ids - offset)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         recorder = getattr(self, "query_recorder", None)
         if recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
@@ -159,24 +176,32 @@ class SparseMemAttentionMixin:
 
 
 class SparseMemLlamaAttention(SparseMemAttentionMixin, LlamaAttention):
+    rotary_class = LlamaRotaryEmbedding
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self._init_sparsemem()
 
 
 class SparseMemMistralAttention(SparseMemAttentionMixin, MistralAttention):
+    rotary_class = MistralRotaryEmbedding
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self._init_sparsemem()
 
 
 class SparseMemQwen2Attention(SparseMemAttentionMixin, Qwen2Attention):
+    rotary_class = Qwen2RotaryEmbedding
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self._init_sparsemem()
 
 
 class SparseMemQwen3Attention(SparseMemAttentionMixin, Qwen3Attention):
+    rotary_class = Qwen3RotaryEmbedding
+
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self._init_sparsemem()

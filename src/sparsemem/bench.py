@@ -548,6 +548,10 @@ def add_parser(sub) -> None:
                              "order and share it; a stream cut short says so in the report)")
     stream.add_argument("--stream-no-baseline", action="store_true",
                         help="skip the no-memory reference loss (each chunk alone), one extra forward per chunk")
+    stream.add_argument("--positions", default="auto", choices=["logical", "cache", "auto"],
+                        help="RoPE positions of what the cache holds: logical (positions in the whole stream), cache "
+                             "(each held entry's rank, keys re-rotated as entries leave) or auto (logical inside the "
+                             "model's trained context, cache beyond it)")
     stream.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     stream.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     stream.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

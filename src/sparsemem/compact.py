@@ -588,7 +588,7 @@ def _compact_one_layer(
         return
     if slots_per_head == 0:  # the whole budget holds exact tokens: plain eviction
         layer.evict(span)
-        layer.slots = None
+        layer.set_slots(None)
         return
     kv_heads = layer.keys.shape[1]
     total_slots = slots_per_head * kv_heads

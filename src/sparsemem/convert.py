@@ -28,7 +28,8 @@ def convert(model: torch.nn.Module, **options):
     """Return the sparsemem model of `model`'s family, sharing `model`'s parameters and buffers.
 
     Options: block_size, sink_tokens, local_tokens, top_k_blocks (None = every block, dense-equivalent),
-    block_fraction, block_mass, scorer, scorer_dim, query_chunk_size, query_block_size, attention_backend. Learned modules
+    block_fraction, block_mass, scorer, scorer_dim, query_chunk_size, query_block_size, attention_backend, positions
+    ("logical", "cache" or "auto": RoPE positions of what the cache holds; see `SparseMemOptions`). Learned modules
     (`scorer="learned"`) start from their initialisation; load trained ones with `load_sparsemem_modules`.
     Converting a sparsemem model again gives a new model with the new options.
     """

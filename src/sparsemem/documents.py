@@ -18,7 +18,7 @@ from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 
 FORMAT = "sparsemem-compacted-document/1"
 TENSORS, META = "kv.safetensors", "document.json"
-_SLOT_FIELDS = ("keys", "values", "beta", "head", "block", "position")
+_SLOT_FIELDS = ("keys", "values", "beta", "head", "block", "position", "rope")
 
 
 def model_fingerprint(model) -> str:
@@ -47,6 +47,8 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         tensors[f"layers.{index}.keys"] = layer.keys
         tensors[f"layers.{index}.values"] = layer.values
         tensors[f"layers.{index}.positions"] = layer.positions
+        if layer.rope_positions is not None:
+            tensors[f"layers.{index}.rope_positions"] = layer.rope_positions
         if layer.slots is not None:
             for name in _SLOT_FIELDS:
                 tensors[f"layers.{index}.slots.{name}"] = getattr(layer.slots, name)
@@ -60,6 +62,10 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         "head_dim": first.keys.shape[-1],
         "dtype": str(first.keys.dtype).removeprefix("torch."),
         "logical_length": cache.get_seq_length(),
+        # RoPE position policy and where the held keys are rotated (see rope.py)
+        "positions": cache.positions,
+        "cache_positions": cache.cache_positions,
+        "rope_offset": [layer.rope_offset for layer in cache.layers],
         "sink_tokens": cache.sink_tokens,
         "local_tokens": cache.local_tokens,
         "compaction": getattr(cache, "compaction_info", None),
@@ -102,7 +108,9 @@ def load_document(path, model) -> SparseMemCache:
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path / TENSORS} is truncated or corrupt: {error}") from None
     device = model.device
-    cache = SparseMemCache(config)
+    cache = SparseMemCache(config, positions=meta.get("positions", "logical"))
+    cache.cache_positions = bool(meta.get("cache_positions", False))
+    offsets = meta.get("rope_offset") or [0] * meta["num_layers"]
     for index in range(meta["num_layers"]):
         prefix = f"layers.{index}."
         try:
@@ -115,8 +123,14 @@ def load_document(path, model) -> SparseMemCache:
         layer.lazy_initialization(keys.to(device), values.to(device))
         layer.keys, layer.values, layer.positions = keys.to(device), values.to(device), positions.to(device)
         layer.logical_length = meta["logical_length"]
+        layer.rope_offset = int(offsets[index])
+        if prefix + "rope_positions" in tensors:
+            layer.rope_positions = tensors[prefix + "rope_positions"].to(device)
         if prefix + "slots.keys" in tensors:
-            layer.slots = SlotTier(*(tensors[prefix + "slots." + n].to(device) for n in _SLOT_FIELDS))
+            # documents written before slots recorded their RoPE positions lack "rope": the default applies
+            layer.slots = SlotTier(*(tensors[prefix + "slots." + n].to(device) if prefix + "slots." + n in tensors else None
+                                     for n in _SLOT_FIELDS))
+        layer.entries_left = True  # laid out again (a no-op where nothing moved) once cache positions apply
         cache.layers.append(layer)
     cache.compaction_info = meta.get("compaction")
     return cache

@@ -6,8 +6,10 @@ files), tokenized one file (or one ~256K-character piece) at a time and cycled w
 chunk goes through the decoder with a `SparseMemCache` under `OnlineCompaction`: after the chunk's
 attention, every layer that reached `max_kv_tokens` physical entries per KV head is compacted into slots
 (existing slots folded in), so the cache never holds more than the budget between chunks and at most
-`target x budget + chunk` entries while a chunk is attended. Positions stay logical, so they run far
-beyond the model's trained context; that part of the loss curve is outside the trained range.
+`target x budget + chunk` entries while a chunk is attended. RoPE positions follow the model's
+`positions` option: with "auto" (the default) they are logical inside the model's trained context and
+cache positions beyond it (every held entry at its rank in time order), so the model never sees a
+distance longer than what the cache holds; with "logical" they run far past the trained context.
 
 The chunk's loss is teacher-forced on the chunk itself (each token predicted from everything before it,
 through the compacted cache), computed from the final hidden states in pieces so that the peak memory is
@@ -276,6 +278,8 @@ def summarize(run: StreamRun, config, source: TokenStream) -> dict:
         count = sum(r["chunk_tokens"] for r in chosen)
         return sum(r[key] * r["chunk_tokens"] for r in chosen) / count if count else None
 
+    within = mean_loss(lambda r: trained is None or r["tokens"] <= trained)
+    beyond = mean_loss(lambda r: trained is not None and r["tokens"] - r["chunk_tokens"] >= trained)
     seconds = sum(r["seconds"] for r in records)
     compactions = records[-1]["compactions"]
     compaction_seconds = sum(r["compaction_seconds"] for r in records)
@@ -290,11 +294,15 @@ def summarize(run: StreamRun, config, source: TokenStream) -> dict:
         steady_cache_bytes=spread("cache_bytes"), steady_cache_storage_bytes=spread("cache_storage_bytes"),
         steady_cuda_peak_allocated=spread("cuda_peak_allocated"), steady_cuda_allocated=spread("cuda_allocated"),
         trained_context=trained,
-        loss_within_trained_context=mean_loss(lambda r: trained is None or r["tokens"] <= trained),
-        loss_beyond_trained_context=mean_loss(lambda r: trained is not None and r["tokens"] - r["chunk_tokens"] >= trained),
+        # the window: the model's trained context; "beyond" counts the chunks that start past it
+        loss_within_window=within, loss_beyond_window=beyond,
+        loss_within_trained_context=within, loss_beyond_trained_context=beyond,
         loss_last_10_percent=mean_loss(lambda r: r["tokens"] > 0.9 * records[-1]["tokens"]),
         loss_no_memory=mean_loss(lambda r: True, "loss_no_memory"),
         loss_no_memory_last_10_percent=mean_loss(lambda r: r["tokens"] > 0.9 * records[-1]["tokens"], "loss_no_memory"),
+        no_memory_loss_within_window=mean_loss(lambda r: trained is None or r["tokens"] <= trained, "loss_no_memory"),
+        no_memory_loss_beyond_window=mean_loss(
+            lambda r: trained is not None and r["tokens"] - r["chunk_tokens"] >= trained, "loss_no_memory"),
         text_cycles=source.cycles, text_tokens_per_cycle=source.tokens_per_cycle, text_files_read=source.files_read,
         stopped=run.stopped,
     )
@@ -314,8 +322,9 @@ def load_stream_model(args):
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     # every held entry is attended exactly: the compaction into slots is the only approximation
-    model = convert(base.to(device).eval(), top_k_blocks=None, block_fraction=None)
-    meta = dict(
+    positions = getattr(args, "positions", "auto")
+    model = convert(base.to(device).eval(), top_k_blocks=None, block_fraction=None, positions=positions)
+    meta = dict(positions=positions, 
         model=_model_label(args, path), device=_device_name(model), dtype=args.dtype, tokens=args.stream_tokens,
         chunk=args.stream_chunk, budget=args.stream_budget, methods=list(args.stream_methods),
         trained_context=getattr(model.config, "max_position_embeddings", None), sink_tokens=model.config.sink_tokens,
@@ -340,7 +349,11 @@ def render_stream_markdown(runs: list[dict], meta: dict) -> list[str]:
         "teacher-forced on the chunk itself through the compacted cache; \"no memory\": the same targets predicted "
         "from the chunk alone (no cache, positions from 0), the reference a memory should beat.", "",
     ]
-    if trained:
+    if trained and meta.get("positions", "logical") != "logical":
+        lines += [f"RoPE positions: `{meta['positions']}`. Past the model's trained context of {trained} tokens every held "
+                  "entry takes its rank in the cache's time order (keys re-rotated when entries leave), so every distance "
+                  "the model sees stays within the budget.", ""]
+    elif trained:
         lines += [f"**Positions stay logical and run far past the model's trained context of {trained} tokens.** The loss "
                   f"beyond {trained} tokens is measured outside the model's trained position range (RoPE extrapolation: the "
                   "query's distance to the sinks, and to slots and recent tokens, grows with the stream), on top of the "
