@@ -23,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 from .anchors import anchor_mask, causal_mask, sliding_window_mask
 from .block_decode import block_decode_attention, unsupported_decode_reason
 from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
+from .held_dense import held_dense_attention, unsupported_held_reason
 from .cache import SlotTier
 from .configuration_sparsemem import SparseMemOptions
 from .merge import masked_attention, merge_attention_states
@@ -56,6 +57,10 @@ class MemoryView:
     # keys are exactly positions 0..N-1 and the queries the newest of them; None: check the positions
     # (which waits for the device), so callers that know it say so
     contiguous: bool | None = None
+    # the queries are the newest held entries, the keys in time order (a cache the queries were just
+    # appended to): dense-equivalent attention is then one lower-right causal SDPA call (held_dense.py)
+    queries_newest: bool = False
+    logical_length: int | None = None  # logical tokens up to the last query, when the caller knows it
 
 
 class AttentionStats:
@@ -73,6 +78,12 @@ class AttentionStats:
         # counts known on the host (ints) stay on the host
         self.attended[phase] = self.attended[phase] + torch.as_tensor(attended, dtype=torch.float64)
         self.dense[phase] = self.dense[phase] + (dense if isinstance(dense, int) else torch.as_tensor(dense, dtype=torch.float64))
+
+
+def _runs_fast_paths(query: torch.Tensor) -> bool:
+    """Whether `attention_backend="auto"` takes a fast path for these inputs (CUDA); the CPU keeps the
+    reference path, the oracle."""
+    return query.is_cuda
 
 
 def _option(config, name):
@@ -144,7 +155,10 @@ def sparsemem_attention_forward(
         # called by a plain transformers attention module over a cache that holds every token in order
         total = key.shape[-2]
         positions = torch.arange(total, device=key.device)
-        sparsemem = MemoryView(positions[total - num_queries :], positions, None, sliding_window, contiguous=True)
+        sparsemem = MemoryView(
+            positions[total - num_queries :], positions, None, sliding_window, contiguous=True, queries_newest=True,
+            logical_length=total,
+        )
     query_positions, key_positions, slots = sparsemem.query_positions, sparsemem.key_positions, sparsemem.slots
     window = sparsemem.sliding_window
 
@@ -163,6 +177,18 @@ def sparsemem_attention_forward(
     contiguous = sparsemem.contiguous
     if contiguous is None and key.shape[-2]:
         contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
+    if backend != "reference" and _runs_fast_paths(query):
+        reason = unsupported_held_reason(query, attention_mask, window, {"top_k_blocks": top_k}, sparsemem.queries_newest)
+        if reason is None:
+            output, attended = held_dense_attention(query, key.to(query.device), value.to(query.device), slots, scaling)
+            if stats is not None:
+                if sparsemem.logical_length is not None:
+                    length = sparsemem.logical_length
+                    dense = num_queries * (2 * length - num_queries + 1) // 2 * heads * batch
+                else:
+                    dense = _dense_pair_counts(query_positions, None, None).sum() * heads * batch
+                stats.add("decode" if num_queries == 1 else "prefill", attended, dense)
+            return output, None
     if backend != "reference":
         options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
         if num_queries == 1:

@@ -12,6 +12,7 @@ holds; "auto" is logical inside the model's trained context and cache positions 
 """
 
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -441,6 +442,7 @@ class SparseMemCache(Cache):
             check_rope_shiftable(config)
         self.cache_positions = False  # whether held entries have been given cache positions
         self._rotary = None
+        self.layouts, self.layout_seconds = 0, 0.0  # re-rotations of every layer done, and their wall seconds
 
     # -- RoPE positions -----------------------------------------------------------------------------
 
@@ -462,10 +464,15 @@ class SparseMemCache(Cache):
         else:
             moved = any(layer.entries_left for layer in layers)
         if moved:
+            start = time.perf_counter()
             rotary = self._rotary_embedding(module)
             next_position = max(layer.timeline_width() for layer in layers)
             for layer in layers:
                 layer.lay_out_positions(next_position, rotary)
+            if layers[0].keys.is_cuda:
+                torch.cuda.synchronize(layers[0].keys.device)  # so the seconds below are the re-rotation's own
+            self.layouts += 1
+            self.layout_seconds += time.perf_counter() - start
         return layers[0].rope_offset
 
     @property

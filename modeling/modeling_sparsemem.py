@@ -144,7 +144,8 @@ class SparseMemAttentionMixin:
             contiguous = key_positions.shape[0] == total and key_states.shape[-2] == total
             slots = self._with_block_slots(slots, layer, key_states, value_states, key_positions, contiguous, query_states.device)
             kwargs["sparsemem"] = MemoryView(
-                query_positions, key_positions, slots, self.attention_window, summaries, contiguous
+                query_positions, key_positions, slots, self.attention_window, summaries, contiguous,
+                queries_newest=True, logical_length=total,
             )
         elif getattr(layer, "positions", None) is not None and (
             slots is not None or key_positions.shape[0] != total

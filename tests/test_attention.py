@@ -183,3 +183,29 @@ def test_packed_slots_with_different_budgets_per_head():
         ref = dense_reference(q, k[:, :, sel], v[:, :, sel], pos[-1:], pos[sel])
         group = slice(head * (H // HKV), (head + 1) * (H // HKV))
         torch.testing.assert_close(out[:, :, group], ref[:, :, group], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_held_dense_attention_equals_the_reference_over_evicted_entries_and_packed_slots(dtype):
+    """The one-call SDPA form of dense-equivalent attention (held_dense.py), which CUDA runs for a cache
+    under online compaction: new queries at the end of the held keys, positions with a gap, slots with
+    beta and different counts per head (one dead), against the reference path."""
+    from sparsemem.modeling.held_dense import held_dense_attention
+
+    gen = torch.Generator().manual_seed(7)
+    n, queries = 40, 6
+    k, v, pos = torch.randn(1, HKV, n, D, generator=gen), torch.randn(1, HKV, n, D, generator=gen), torch.arange(n) * 3
+    q = torch.randn(1, H, queries, D, generator=gen)
+    slots = SlotTier(
+        keys=torch.randn(1, 5, D, generator=gen), values=torch.randn(1, 5, D, generator=gen),
+        beta=torch.tensor([[1.5, -2.0, 0.3, 4.0, float("-inf")]]), head=torch.tensor([0, 0, 0, 1, 1]),
+        block=torch.full((5,), -1), position=torch.full((5,), 2),
+    )
+    view = MemoryView(pos[-queries:], pos, slots, None)
+    expected, _ = sparsemem_attention_forward(module(), q, k, v, None, scaling=1 / math.sqrt(D), sparsemem=view)
+    out, attended = held_dense_attention(q.to(dtype), k.to(dtype), v.to(dtype), slots, 1 / math.sqrt(D))
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=tolerance)
+    # pairs: each query's causal exact keys on every head, plus the group's slots (the dead one counted too)
+    causal = queries * (n - queries) + queries * (queries + 1) // 2
+    assert attended == causal * H + queries * 5 * (H // HKV)

@@ -214,7 +214,7 @@ def stream(
         carry = ids[-1:]
         batch = torch.tensor([ids], device=device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        compactions, compaction_seconds = online.compactions, online.seconds
+        compactions, compaction_seconds, layout_seconds = online.compactions, online.seconds, cache.layout_seconds
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -233,7 +233,10 @@ def stream(
             cache_tier_bytes={k: v for k, v in tiers.items() if k != "total"}, cache_storage_bytes=cache.storage_bytes(),
             loss=loss, seconds=seconds, compactions=online.compactions, chunk_compactions=online.compactions - compactions,
             compaction_seconds=online.seconds - compaction_seconds, rss_bytes=_rss_bytes(),
+            layout_seconds=cache.layout_seconds - layout_seconds, rope_offset=cache.rope_offset,
         )
+        # what is left of the chunk's seconds: the forward pass (attention included) and the loss
+        record["forward_seconds"] = seconds - record["compaction_seconds"] - record["layout_seconds"]
         if baseline:
             alone = model.model(input_ids=inputs, use_cache=False).last_hidden_state
             record["loss_no_memory"] = float(chunk_loss(model, alone, targets)) / size
@@ -283,10 +286,13 @@ def summarize(run: StreamRun, config, source: TokenStream) -> dict:
     seconds = sum(r["seconds"] for r in records)
     compactions = records[-1]["compactions"]
     compaction_seconds = sum(r["compaction_seconds"] for r in records)
+    layout_seconds = sum(r.get("layout_seconds", 0.0) for r in records)
     summary = dict(
         tokens=records[-1]["tokens"], chunks=len(records), seconds=seconds, tokens_per_second=records[-1]["tokens"] / seconds,
         median_chunk_seconds=sorted(r["seconds"] for r in records)[len(records) // 2],
         compactions=compactions, compaction_seconds=compaction_seconds,
+        # where the time goes: compaction, re-rotation of held keys to cache positions, the rest (forward + loss)
+        layout_seconds=layout_seconds, forward_seconds=seconds - compaction_seconds - layout_seconds,
         seconds_per_compaction=compaction_seconds / compactions if compactions else None,
         first_compaction_chunk=first,
         physical_max=max(r["physical_max"] for r in records),
