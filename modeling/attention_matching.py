@@ -174,9 +174,12 @@ def attention_matching(
     omp_picks_per_step: int | None = None,
     omp_refit_every: int = 4,
     nnls_iterations: int = 400,
+    place=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
-    values [P, t, d], beta [P, t])."""
+    values [P, t, d], beta [P, t]). `place(index, keys)`: where the chosen keys will be read from (e.g.
+    moved to other RoPE positions); beta and values are then fitted to the moved keys, while the keys
+    returned stay as chosen."""
     total = problem.keys.shape[1]
     if budget <= 0:
         raise ValueError(f"attention matching needs a positive slot budget, got {budget}")
@@ -201,6 +204,10 @@ def attention_matching(
     keys, values = gather(problem.keys), gather(problem.values)
     phi_selected = phi.gather(-1, index[:, None, :].expand(-1, phi.shape[1], -1))
     prior_bias = problem.key_bias.gather(1, index)
+    if place is not None:
+        moved = place(index, keys).float()
+        logits = problem.queries @ moved.transpose(-1, -2) * problem.scaling + prior_bias[:, None, :]
+        phi_selected = torch.exp(logits - problem.context_lse[:, :, None])
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
         beta = prior_bias + fit_beta(phi_selected, mass, total, nnls_iterations)

@@ -12,6 +12,7 @@ import torch
 
 from .attention_matching import SpanProblem, attention_matching
 from .cache import SlotTier
+from .rope import shift_keys
 
 # `exact_newest="auto"` without whole spans: the share of each head's budget kept as its newest entries
 EXACT_NEWEST = 0.75
@@ -21,6 +22,28 @@ def sees_whole_span(query_positions: torch.Tensor, last_span_position) -> torch.
     """Which reference queries attend to every entry of a span ending at `last_span_position`: those
     standing for the future (-1) and context queries at or past its end."""
     return (query_positions < 0) | (query_positions >= last_span_position)
+
+
+@dataclass
+class SlotPlacement:
+    """Where the slots replacing a span will sit once the cache lays its entries out at their ranks (cache
+    positions): `count` slots take the RoPE positions end - count ... end - 1, right before the entry that
+    follows the span. A press that fits slots fits them there (the keys moved by `rotary`'s rotation), so
+    queries that read the cache later see the geometry the fit saw."""
+
+    rotary: object
+    end: int
+
+    def targets(self, count: int, device) -> torch.Tensor:
+        return torch.arange(self.end - count, self.end, device=device)
+
+    def before(self, count: int) -> "SlotPlacement":
+        """The placement of slots that come before `count` others (e.g. the exact newest entries)."""
+        return SlotPlacement(self.rotary, self.end - count)
+
+    def place(self, keys: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """keys [P, t, d] rotated at `rope` [P, t] -> rotated at the targets."""
+        return shift_keys(self.rotary, keys, self.targets(keys.shape[1], keys.device)[None] - rope.to(keys.device))
 
 
 @dataclass
@@ -38,6 +61,7 @@ class HeadSpan:
     positions: torch.Tensor
     query_positions: torch.Tensor
     rope: torch.Tensor | None = None
+    placement: "SlotPlacement | None" = None
 
     def after_span(self) -> "HeadSpan":
         """The span seen only by the reference queries that come after all of it (future queries, and
@@ -52,7 +76,7 @@ class HeadSpan:
         p = self.problem
         phi = None if p.phi is None else p.phi[:, keep]
         problem = SpanProblem(p.queries[:, keep], p.keys, p.values, p.key_bias, p.context_lse[:, keep], p.scaling, phi=phi)
-        return HeadSpan(problem, self.positions, self.query_positions[keep], self.rope)
+        return HeadSpan(problem, self.positions, self.query_positions[keep], self.rope, self.placement)
 
     def causal_weights(self) -> torch.Tensor:
         """Attention weights [B, n, T] with context queries restricted to keys at or before them."""
@@ -142,6 +166,7 @@ class AttentionMatchingPress(Press):
                 SpanProblem(p.queries, p.keys[:, ~newest], p.values[:, ~newest], p.key_bias[:, ~newest], p.context_lse,
                             p.scaling, phi=None if p.phi is None else p.phi[..., ~newest]),
                 span.positions[~newest], span.query_positions, None if span.rope is None else span.rope[:, ~newest],
+                None if span.placement is None else span.placement.before(keep),
             )
             index, keys, values, beta = self._fit(older, budget - keep)
             index = (~newest).nonzero()[:, 0][index]  # into the span, as the contract says, not into its older part
@@ -155,9 +180,14 @@ class AttentionMatchingPress(Press):
         if key_selection == "recent":  # StreamingLLM's keys (the span's newest), refitted
             order = span.positions.float()[None].expand(span.problem.keys.shape[0], -1)
             key_selection = order.topk(min(budget, order.shape[-1]), dim=-1).indices.sort(dim=-1).values
+        place = None
+        if span.placement is not None and span.rope is not None:
+            # fit beta and values to the keys where they will sit, not where they were chosen
+            place = lambda index, keys: span.placement.place(keys, span.rope.gather(1, index))  # noqa: E731
         return attention_matching(
             span.problem,
             budget,
+            place=place,
             key_selection=key_selection,
             fit_bias=self.fit_bias,
             refit_values=self.refit_values,
@@ -336,39 +366,76 @@ def _stack(spans: list[HeadSpan]) -> HeadSpan:
 
 def compact_layer(
     layer, queries, query_positions, span: torch.Tensor, budgets: list[int], press: Press, scaling: float, fold_slots: bool = True,
-    attention: LayerAttention | None = None,
+    attention: LayerAttention | None = None, placement: SlotPlacement | None = None,
 ) -> None:
     """Replace the `span` entries of `layer` (and, with `fold_slots`, its existing slots) by `budgets[h]`
     slots per KV head. Heads with the same span and budget are solved together as one batch.
-    `attention`: the queries' `LayerAttention` over this layer as it is now, if already measured."""
-    dtype = layer.keys.dtype
-    batch = layer.keys.shape[0]
-    last_position = int(layer.positions[span].max()) if bool(span.any()) else -1
-    groups: list[tuple[list[int], list[HeadSpan]]] = []
-    for head, head_span in head_spans(layer, queries, query_positions, span, scaling, fold_slots, attention):
-        if head_span.problem.keys.shape[1] == 0:
-            continue
-        for heads, members in groups:
-            if budgets[heads[0]] == budgets[head] and torch.equal(members[0].positions, head_span.positions):
-                heads.append(head)
-                members.append(head_span)
-                break
-        else:
-            groups.append(([head], [head_span]))
-    parts = []
-    for heads, members in groups:
+    `attention`: the queries' `LayerAttention` over this layer as it is now, if already measured.
+    `placement`: where the slots will sit under cache positions (they are fitted and rotated there)."""
+    compact_layers([LayerCompaction(layer, queries, query_positions, span, budgets, attention, placement)], press, scaling, fold_slots)
+
+
+@dataclass
+class LayerCompaction:
+    """One layer's part of `compact_layers`."""
+
+    layer: object
+    queries: torch.Tensor
+    query_positions: torch.Tensor
+    span: torch.Tensor
+    budgets: list
+    attention: LayerAttention | None = None
+    placement: SlotPlacement | None = None
+
+
+def compact_layers(jobs: list[LayerCompaction], press: Press, scaling: float, fold_slots: bool = True) -> None:
+    """`compact_layer` for several layers at once: every (layer, KV head) with the same span positions and
+    budget is solved in one batch, so a cache whose layers all reach their budget together (online
+    compaction) runs one solve instead of one per layer."""
+    groups: list[tuple[list[tuple[int, int]], list[HeadSpan]]] = []
+    last_positions = []
+    for number, job in enumerate(jobs):
+        layer = job.layer
+        last_positions.append(int(layer.positions[job.span].max()) if bool(job.span.any()) else -1)
+        spans = head_spans(layer, job.queries, job.query_positions, job.span, scaling, fold_slots, job.attention)
+        for head, head_span in spans:
+            if head_span.problem.keys.shape[1] == 0:
+                continue
+            head_span.placement = job.placement
+            budget = job.budgets[head]
+            for members_of, members in groups:
+                first_job, first_head = members_of[0]
+                same_placement = (job.placement is None) == (jobs[first_job].placement is None) and (
+                    job.placement is None or job.placement.end == jobs[first_job].placement.end)
+                if (jobs[first_job].budgets[first_head] == budget and same_placement
+                        and torch.equal(members[0].positions, head_span.positions)):
+                    members_of.append((number, head))
+                    members.append(head_span)
+                    break
+            else:
+                groups.append(([(number, head)], [head_span]))
+    parts: list[list[SlotTier]] = [[] for _ in jobs]
+    for members_of, members in groups:
         stacked = _stack(members)
-        index, keys, values, beta = press.compact(stacked, budgets[heads[0]])
-        # a slot key keeps the rotation of the entry it was chosen from (its RoPE position)
+        first_job, first_head = members_of[0]
+        index, keys, values, beta = press.compact(stacked, jobs[first_job].budgets[first_head])
+        # a slot key keeps the rotation of the entry it was chosen from (its RoPE position), unless the
+        # slots are placed: then they move to where the cache's layout will put them
         rope = stacked.rope.to(index.device).gather(1, index) if stacked.rope is not None else None
-        position = max(last_position, int(members[0].positions.max()))
-        for i, head in enumerate(heads):
+        placement = jobs[first_job].placement
+        if placement is not None and rope is not None:
+            keys = placement.place(keys, rope)
+            rope = placement.targets(keys.shape[1], keys.device)[None].expand(keys.shape[0], -1)
+        span_last = int(members[0].positions.max())
+        for i, (number, head) in enumerate(members_of):
+            batch = jobs[number].layer.keys.shape[0]
             rows = slice(i * batch, (i + 1) * batch)
             count = keys.shape[1]
-            parts.append(
+            position = max(last_positions[number], span_last)
+            parts[number].append(
                 SlotTier(
-                    keys[rows].to(dtype),
-                    values[rows].to(dtype),
+                    keys[rows].to(jobs[number].layer.keys.dtype),
+                    values[rows].to(jobs[number].layer.keys.dtype),
                     beta[rows].float(),
                     torch.full((count,), head, device=keys.device),
                     torch.full((count,), -1, device=keys.device),
@@ -376,8 +443,9 @@ def compact_layer(
                     None if rope is None else rope[rows],
                 )
             )
-    layer.evict(span)
-    if fold_slots:
-        layer.set_slots(None)
-    for part in parts:
-        layer.add_slots(part)
+    for job, layer_parts in zip(jobs, parts):
+        job.layer.evict(job.span)
+        if fold_slots:
+            job.layer.set_slots(None)
+        for part in layer_parts:
+            job.layer.add_slots(part)

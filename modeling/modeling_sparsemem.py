@@ -169,9 +169,11 @@ class SparseMemAttentionMixin:
         )
         online = getattr(past_key_values, "online", None)
         if online is not None and layer is not None:
-            # after this step attended everything: remember its queries, then keep the layer in budget
+            # after this step attended everything: remember its queries; after the last layer, keep every
+            # layer in budget (one batched solve for all the layers that reached it)
             online.observe(layer, query_states, torch.arange(past, total, device=device))
-            online.maybe_compact(layer, self.scaling)
+            if self.layer_idx == self.config.num_hidden_layers - 1:
+                online.compact_full_layers(past_key_values, self)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compaction import compact_layer, make_press
+from .compaction import LayerCompaction, SlotPlacement, compact_layers, make_press
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +76,41 @@ class OnlineCompaction:
             slots = int(torch.bincount(layer.slots.head).max())
         return layer.physical_length + slots
 
-    def maybe_compact(self, layer, scaling: float) -> bool:
+    def maybe_compact(self, layer, scaling: float, placement: SlotPlacement | None = None) -> bool:
+        """Compact `layer` if it reached the budget (see `compact_full_layers` for a whole cache)."""
+        return bool(self._compact([layer], scaling, lambda _: placement))
+
+    def compact_full_layers(self, cache, module) -> int:
+        """After a forward pass: compact every layer of `cache` that reached the budget, all in one batched
+        solve (the layers of a stream reach it together). Under cache positions the slots are fitted where
+        the cache's layout will put them, right before the recent entries. Returns the layers compacted."""
+        layers = [layer for layer in cache.layers if layer.is_initialized]
+
+        def placement(layer):
+            if not getattr(cache, "cache_positions", False) or layer.rope_positions is None:
+                return None
+            # the first recent entry that stays exact: the slots go right before it
+            first_kept = int(torch.searchsorted(layer.positions, layer.logical_length - self.keep_last))
+            return SlotPlacement(cache._rotary_embedding(module), int(layer.rope_positions[first_kept]))
+
+        return self._compact(layers, module.scaling, placement)
+
+    def _compact(self, layers, scaling: float, placement) -> int:
         # compact when the next token would not fit
-        if self.physical_size(layer) < self.max_kv_tokens:
-            return False
+        full = [layer for layer in layers if self.physical_size(layer) >= self.max_kv_tokens]
+        if not full:
+            return 0
         start = time.perf_counter()
-        length = layer.logical_length
-        span = (layer.positions >= self.keep_first) & (layer.positions < length - self.keep_last)
-        kv_heads = layer.keys.shape[1]
-        compact_layer(
-            layer, layer.recent_queries, layer.recent_query_positions, span, [self.slots_per_head] * kv_heads,
-            self.press, scaling, fold_slots=True,
-        )
-        self.compactions += 1
+        jobs = []
+        for layer in full:
+            length = layer.logical_length
+            span = (layer.positions >= self.keep_first) & (layer.positions < length - self.keep_last)
+            budgets = [self.slots_per_head] * layer.keys.shape[1]
+            jobs.append(LayerCompaction(layer, layer.recent_queries, layer.recent_query_positions, span, budgets,
+                                        placement=placement(layer)))
+        compact_layers(jobs, self.press, scaling, fold_slots=True)
+        self.compactions += len(full)
         self.seconds += time.perf_counter() - start
-        logger.debug("online compaction at %d tokens: %d physical entries per head", length, self.physical_size(layer))
-        return True
+        logger.debug("online compaction of %d layers at %d tokens: %d physical entries per head", len(full),
+                     full[0].logical_length, self.physical_size(full[0]))
+        return len(full)
