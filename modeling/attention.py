@@ -80,12 +80,6 @@ class AttentionStats:
         self.dense[phase] = self.dense[phase] + (dense if isinstance(dense, int) else torch.as_tensor(dense, dtype=torch.float64))
 
 
-def _runs_fast_paths(query: torch.Tensor) -> bool:
-    """Whether `attention_backend="auto"` takes a fast path for these inputs (CUDA); the CPU keeps the
-    reference path, the oracle."""
-    return query.is_cuda
-
-
 def _option(config, name):
     return getattr(config, name, getattr(_DEFAULTS, name))
 
@@ -177,7 +171,8 @@ def sparsemem_attention_forward(
     contiguous = sparsemem.contiguous
     if contiguous is None and key.shape[-2]:
         contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
-    if backend != "reference" and _runs_fast_paths(query):
+    if backend != "reference":
+        # dense-equivalent attention is one SDPA call on any device (the reference path materialises masks)
         reason = unsupported_held_reason(query, attention_mask, window, {"top_k_blocks": top_k}, sparsemem.queries_newest)
         if reason is None:
             output, attended = held_dense_attention(query, key.to(query.device), value.to(query.device), slots, scaling)

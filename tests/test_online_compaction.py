@@ -125,23 +125,22 @@ def test_invalid_budgets_are_refused():
         model.generate(ids, max_kv_tokens=32, past_key_values=sparsemem.SparseMemCache(model.config), max_new_tokens=2)
 
 
-def test_stream_through_the_one_call_dense_path_equals_the_reference_path(monkeypatch):
+def test_stream_through_the_one_call_dense_path_equals_the_reference_path():
     """A stream under online compaction (entries evicted, slots with beta, cache positions past the window)
-    gives the same logits through held_dense.py's single SDPA call, which CUDA takes, as through the
-    reference path."""
-    from sparsemem.modeling import attention
-
-    model = sparsemem.convert(make_base_model("llama", max_position_embeddings=64), top_k_blocks=None)
+    gives the same logits through held_dense.py's single SDPA call (attention_backend="auto") as through
+    the reference path."""
     ids = torch.randint(3, 256, (1, 160), generator=torch.Generator().manual_seed(5))
 
-    def stream():
+    def stream(backend):
+        model = sparsemem.convert(make_base_model("llama", max_position_embeddings=64), top_k_blocks=None,
+                                  attention_backend=backend)
         cache = sparsemem.SparseMemCache(model.config, online=OnlineCompaction(48, keep_first=4))
         with torch.no_grad():
-            return torch.cat([model(ids[:, s : s + 16], past_key_values=cache).logits for s in range(0, 160, 16)], dim=1)
+            logits = torch.cat([model(ids[:, s : s + 16], past_key_values=cache).logits for s in range(0, 160, 16)], dim=1)
+        return logits, model.sparsemem_stats(), cache
 
-    reference = stream()
-    monkeypatch.setattr(attention, "_runs_fast_paths", lambda query: True)
-    model.reset_sparsemem_stats()
-    fast = stream()
+    reference, reference_stats, _ = stream("reference")
+    fast, fast_stats, cache = stream("auto")
+    assert cache.cache_positions and all(layer.slots is not None for layer in cache.layers)
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-4)
-    assert model.sparsemem_stats()["prefill_density"] is not None
+    assert fast_stats["prefill_density"] == pytest.approx(reference_stats["prefill_density"], rel=1e-6)

@@ -154,3 +154,22 @@ def test_bench_stream_section_on_smollm2(tmp_path, smollm2_dir):
         assert not (tmp_path / "stream.png").exists()
     else:
         assert (tmp_path / "stream.png").is_file()
+
+
+@pytest.mark.slow
+def test_memory_helps_beyond_the_trained_window_on_smollm2(smollm2_dir):
+    """24K tokens of the standard library's sources through SmolLM2-135M (trained context 8K) under a
+    budget of 2048 entries per head, 1024-token chunks, AM consolidation, positions="auto": past the
+    trained context the memory must make the next-token loss lower than reading each chunk alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model = sparsemem.convert(base.eval(), top_k_blocks=None, block_fraction=None)
+    assert model.config.positions == "auto"
+    run, _ = stream(model, tokenizer, 24 * 1024, chunk=1024, budget=2048, method="am", progress=False)
+    summary = run.summary
+    assert summary["budget_respected"] and summary["compactions"] > 0
+    beyond = [r for r in run.records if r["tokens"] - r["chunk_tokens"] >= 8192]
+    assert len(beyond) == 16 and all(r["rope_offset"] > 0 for r in beyond)
+    assert summary["loss_beyond_window"] <= summary["no_memory_loss_beyond_window"]

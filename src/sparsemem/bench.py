@@ -438,6 +438,7 @@ def bench_stream(report: dict, args, save) -> None:
         run, _ = stream(
             model, tokenizer, args.stream_tokens, chunk=args.stream_chunk, budget=args.stream_budget, method=method,
             time_limit=time_limit, on_chunk=on_chunk, source=source, baseline=not args.stream_no_baseline,
+            passkeys=args.stream_passkeys,
         )
         entry.update(records=run.records, summary=run.summary, stopped=run.stopped)
         logger.info("stream %s: %s", method, {k: v for k, v in run.summary.items() if not isinstance(v, dict)})
@@ -548,6 +549,9 @@ def add_parser(sub) -> None:
                              "order and share it; a stream cut short says so in the report)")
     stream.add_argument("--stream-no-baseline", action="store_true",
                         help="skip the no-memory reference loss (each chunk alone), one extra forward per chunk")
+    stream.add_argument("--stream-passkeys", type=int, nargs="+", default=None,
+                        help="distances in tokens before the stream's end at which a named secret number is hidden; "
+                             "each is asked for from the compacted cache at the end (e.g. 10000 100000 1000000)")
     stream.add_argument("--positions", default="auto", choices=["logical", "cache", "auto"],
                         help="RoPE positions of what the cache holds: logical (positions in the whole stream), cache "
                              "(each held entry's rank, keys re-rotated as entries leave) or auto (logical inside the "

@@ -109,6 +109,82 @@ class TokenStream:
         return out
 
 
+# needles recalled under constant memory: a named secret number, asked for at the end of the stream
+PASSKEY_NAMES = ("the blue folder", "the red folder", "the green folder", "the black folder", "the white folder")
+PASSKEY_NEEDLE = "\n\nThe secret number of {name} is {key}. Remember it. {key} is the secret number of {name}.\n\n"
+PASSKEY_QUESTION = "\n\nWhat is the secret number of {name}? The secret number of {name} is"
+
+
+class NeedleStream:
+    """A token stream with needles spliced in at given stream positions: `inserts` maps a position (tokens
+    produced before the needle) to the needle's token ids."""
+
+    def __init__(self, source, inserts: dict[int, list[int]]):
+        self.source = source
+        self.inserts = dict(sorted(inserts.items()))
+        self.produced = 0
+
+    def take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            due = [p for p in self.inserts if self.produced <= p < self.produced + count - len(out)]
+            if not due:
+                piece = self.source.take(count - len(out))
+            elif due[0] > self.produced:
+                piece = self.source.take(due[0] - self.produced)
+            else:
+                piece = self.inserts.pop(due[0])[: count - len(out)]
+            out += piece
+            self.produced += len(piece)
+        return out
+
+    def __getattr__(self, name):  # the wrapped stream's bookkeeping (cycles, files read, ...)
+        return getattr(self.source, name)
+
+
+def passkey_cases(tokenizer, tokens: int, distances: list[int], seed: int = 0) -> list[dict]:
+    """One named secret number per distance, its needle ending `distance` tokens before the stream's end."""
+    import random
+
+    if len(distances) > len(PASSKEY_NAMES):
+        raise ValueError(f"at most {len(PASSKEY_NAMES)} pass-key distances, got {len(distances)}")
+    rng = random.Random(seed)
+    cases = []
+    for name, distance in zip(PASSKEY_NAMES, distances):
+        if not 0 < distance < tokens:
+            raise ValueError(f"pass-key distance {distance} must lie in (0, stream tokens={tokens})")
+        key = str(rng.randint(10000, 99999))
+        needle = tokenizer(PASSKEY_NEEDLE.format(name=name, key=key), add_special_tokens=False)["input_ids"]
+        question = tokenizer(PASSKEY_QUESTION.format(name=name), add_special_tokens=False)["input_ids"]
+        cases.append(dict(name=name, key=key, distance=distance, start=tokens - distance - len(needle),
+                          needle=needle, question=question))
+    return cases
+
+
+@torch.inference_mode()
+def ask_passkeys(model, tokenizer, cache, cases: list[dict], new_tokens: int = 8) -> list[dict]:
+    """Greedy answers to each case's question, each from its own copy of the (compacted) cache; the budget
+    is not enforced while asking."""
+    import copy
+
+    results = []
+    for case in cases:
+        asked = copy.deepcopy(cache)
+        asked.online = None
+        ids = torch.tensor([case["question"]], device=model.device)
+        answer = []
+        for _ in range(new_tokens):
+            logits = model(input_ids=ids, **{CACHE_ARGUMENT: asked}, use_cache=True, logits_to_keep=1).logits
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            answer.append(int(ids))
+        text = tokenizer.decode(answer)
+        digits = "".join(ch for ch in text.strip().split(".")[0] if ch.isdigit())
+        results.append(dict(name=case["name"], distance=case["distance"], key=case["key"], answer=text,
+                            correct=digits == case["key"]))
+        del asked
+    return results
+
+
 @dataclass
 class StreamRun:
     """One method's stream: settings, a record per chunk, and a summary."""
@@ -171,6 +247,7 @@ def stream(
     progress: bool = True,
     source: "TokenStream | None" = None,
     baseline: bool = True,
+    passkeys: list[int] | None = None,
 ) -> tuple[StreamRun, TokenStream]:
     """Stream `tokens` tokens through `model` (a sparsemem model) in chunks of `chunk`, with every layer's
     cache compacted online to `budget` entries per KV head by `method`.
@@ -182,6 +259,8 @@ def stream(
     `time_limit` (seconds) ends the stream early, which `run.stopped` says. `source`: a `TokenStream` to
     read instead of one over `text_files`. `baseline` also records `loss_no_memory`: the same targets
     predicted from the chunk alone (no cache, positions from 0), the reference a memory should beat.
+    `passkeys`: distances (tokens before the stream's end) at which a named secret number is hidden in the
+    stream; at the end each is asked for from the compacted cache (`run.summary["passkeys"]`).
     """
     from tqdm.auto import tqdm
 
@@ -195,6 +274,10 @@ def stream(
     online = OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method)
     cache = SparseMemCache(model.config, online=online)
     source = source if source is not None else TokenStream(tokenizer, text_files)
+    cases = passkey_cases(tokenizer, tokens, list(passkeys)) if passkeys else []
+    if cases:
+        # the stream's first token is the carry below: needle positions count from the second
+        source = NeedleStream(source, {case["start"] - 1: case["needle"] for case in cases})
     run = StreamRun(method, budget, chunk)
     compacted_to = {
         "sinks": online.keep_first, "recent": online.keep_last, "slots_per_head": online.slots_per_head,
@@ -256,6 +339,11 @@ def stream(
             on_chunk(run)
     bar.close()
     run.summary = {"compacted_to": compacted_to, **summarize(run, model.config, source)}
+    if cases and fed >= tokens:
+        run.summary["passkeys"] = ask_passkeys(model, tokenizer, cache, cases)
+        logger.info("stream %s pass keys: %s", method, [(r["distance"], r["correct"]) for r in run.summary["passkeys"]])
+        if on_chunk is not None:
+            on_chunk(run)
     return run, source
 
 
@@ -400,6 +488,10 @@ def render_stream_markdown(runs: list[dict], meta: dict) -> list[str]:
             b = s["steady_cache_storage_bytes"]
             notes.append(f"  Cache tensors kept alive (buffers, slots, reference queries) from the first compaction on: "
                          f"{b['min'] / 2**20:.1f}-{b['max'] / 2**20:.1f} MiB (spread {b['relative_spread']:.1%}).")
+        if s.get("passkeys"):
+            found = ", ".join(f"{r['distance']:,} tokens before the end: {'✓' if r['correct'] else '✗'} ({r['answer'].strip()!r}, key {r['key']})"
+                              for r in s["passkeys"])
+            notes.append(f"  Pass keys asked at the end: {found}.")
         if s.get("text_cycles"):
             notes.append(f"  The text ran out and was cycled {s['text_cycles']} time(s) ({s['text_tokens_per_cycle']} tokens per cycle).")
         if s.get("stopped"):
