@@ -109,7 +109,10 @@ class SlotTier:
 
         Returns (group positions [g] sorted, group widths [g] = the most slots any head has in the group,
         offset [S] of each slot inside its group's width: a head with fewer slots than the width has them
-        at the group's end, next to what follows the group)."""
+        at the group's end, next to what follows the group). Memoised: a tier changes only by replacement."""
+        memo = self.__dict__.get("_timeline")
+        if memo is not None:
+            return memo
         groups, group_of = torch.unique(self.position, return_inverse=True)
         heads = int(self.head.max()) + 1 if len(self) else 1
         key = group_of * heads + self.head
@@ -120,7 +123,17 @@ class SlotTier:
         rank = torch.empty_like(key)
         rank[order] = torch.arange(key.numel(), device=key.device) - first[key[order]]
         offset = widths[group_of] - counts.flatten()[key] + rank
-        return groups, widths, offset
+        self.__dict__["_timeline"] = (groups, widths, offset, group_of, int(widths.sum()))
+        return self.__dict__["_timeline"]
+
+    def moved(self, keys: torch.Tensor, rope: torch.Tensor) -> "SlotTier":
+        """The same slots with keys re-rotated to the RoPE positions `rope` [B, S] (no re-validation: only
+        the rotation changed; the time line stays)."""
+        tier = object.__new__(SlotTier)
+        tier.__dict__.update(self.__dict__)
+        tier.__dict__.pop("_held_dense", None)
+        tier.keys, tier.rope = keys, rope
+        return tier
 
 
 class SparseMemLayer(CacheLayerMixin):
@@ -279,7 +292,7 @@ class SparseMemLayer(CacheLayerMixin):
             return 0
         width = self.physical_length
         if self.slots is not None and len(self.slots):
-            width += int(self.slots.timeline()[1].sum())
+            width += self.slots.timeline()[4]
         return width
 
     def lay_out_positions(self, next_position: int, rotary) -> None:
@@ -293,7 +306,7 @@ class SparseMemLayer(CacheLayerMixin):
         widths = [torch.ones_like(exact)]
         tie = [torch.ones_like(exact)]  # a slot group sorts before an exact entry at the same position
         if self.slots is not None and len(self.slots):
-            groups, group_widths, offset = self.slots.timeline()
+            groups, group_widths, offset, group_of, _ = self.slots.timeline()
             items.append(groups.to(device))
             widths.append(group_widths.to(device))
             tie.append(torch.zeros_like(groups, device=device))
@@ -302,7 +315,7 @@ class SparseMemLayer(CacheLayerMixin):
         order = order[torch.sort(position[order], stable=True).indices]
         start = torch.empty_like(width)
         start[order] = torch.cumsum(width[order], 0) - width[order]
-        base = next_position - int(width.sum())
+        base = next_position - self.timeline_width()
         target = base + start[: exact.numel()]
         current = self.rope_positions if self.rope_positions is not None else exact
         if exact.numel():
@@ -310,11 +323,9 @@ class SparseMemLayer(CacheLayerMixin):
         self.rope_positions = target
         if self.slots is not None and len(self.slots):
             group_start = start[exact.numel():].to(self.slots.position.device)
-            _, group_of = torch.unique(self.slots.position, return_inverse=True)
             slot_target = (base + group_start[group_of] + offset)[None].expand_as(self.slots.rope)
             slot_keys = shift_keys(rotary, self.slots.keys, slot_target - self.slots.rope)
-            self.slots = SlotTier(slot_keys, self.slots.values, self.slots.beta, self.slots.head, self.slots.block,
-                                  self.slots.position, slot_target.clone())
+            self.slots = self.slots.moved(slot_keys, slot_target.clone())
         self.rope_offset = self.logical_length - next_position
         self.entries_left = False
         self.block_summaries = None

@@ -163,3 +163,17 @@ def test_bad_position_options_raise_naming_the_option():
         sparsemem.convert(dynamic, positions="cache")(torch.tensor([[5, 6]]))
     # logical positions need no re-rotation: dynamic RoPE is fine there
     sparsemem.convert(dynamic, positions="logical")(torch.tensor([[5, 6]]))
+
+
+def test_generation_under_a_budget_past_the_window_uses_cache_positions():
+    """generate() under online compaction (a cache with max_kv_tokens) follows the policy: past the trained
+    context the held entries sit at their ranks and every new token right after them."""
+    model = sparsemem.convert(make_base_model("llama", max_position_embeddings=64), top_k_blocks=None)
+    prompt = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(6))
+    cache = sparsemem.SparseMemCache(model.config, max_kv_tokens=32)
+    out = model.generate(prompt, past_key_values=cache, max_new_tokens=80, do_sample=False, min_new_tokens=80)
+    assert out.shape[1] == 120 and cache.cache_positions
+    for layer in cache.layers:
+        next_position = layer.logical_length - layer.rope_offset
+        ranks = torch.cat([layer.rope_positions, layer.slots.rope[0]])
+        assert int(ranks.max()) < next_position <= 32 + 1
