@@ -1,26 +1,64 @@
-"""Next-token KL to the full cache after compaction, one real document, several methods and budgets (CPU).
+"""Next-token KL to the full cache after compaction, for any set of `sparsemem.compact` settings.
 
-Run (one process at a time; each config is a JSON object of `sparsemem.compact` arguments):
+Measures: the mean next-token KL of a real continuation read through the compacted cache against the full
+cache, the seconds `compact` took and the physical bytes ratio, on the evaluation's documents (Python's
+reference documentation from token 20000, 3000 context + 512 continuation tokens; `--documents 2` is the
+two-document harness of `sparsemem eval compaction --documents 2`, averaged). Each config is a JSON
+object: "method" (a press name, default "am"), "press" (that press's options, e.g. {"exact_newest": 0}),
+"queries" (reference query sources, default ["repeat"]; H2O and SnapKV are published with ["context"]),
+"ratios" (overrides `--ratios`), "tag", and any other `sparsemem.compact` argument. One JSON line per
+(config, ratio) on stdout.
 
-    OMP_NUM_THREADS=2 python kl_experiment.py 3000 512 20000 5,10,20,50,100 \
-        '{"method":"am","head_budgets":"global"}' '{"method":"kvzip","head_budgets":"global"}' ... > kl.jsonl
+Writes the JSON-lines tables of `reports/compaction-cpu-global/` (kl_*.jsonl: head budgets, splits,
+learned consolidation, on-policy fits) and the CPU rows of `reports/compaction-smollm2-h200/true-share/`.
 
-Arguments: context tokens, continuation tokens, corpus offset, ratios, configs. The document is the
-evaluation's (`sparsemem eval compaction`: Python's pydoc_data.topics at offset 20000, 3000 + 512
-tokens; `document.py`). Each method takes the query sources the evaluation gives it unless the config
-names them (AM and KVzip the repeat pass, H2O and SnapKV the context).
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --ratios 5 10 20 50 100 \
+        '{"method": "am"}' '{"method": "kvzip"}' '{"method": "h2o", "queries": ["context"]}' > kl.jsonl
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --ratios 5 10 20 50 100 '{"method": "am-learned", "press": {"max_ratio": null}}'
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --ratios 10 20 50 '{"on_policy": true}'
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --documents 2 --ratios 5 10 20 '{"press": {"exact_newest": 0}, "whole_span_share": null}'
 """
+
+import argparse
 import json
-import sys
 
-from document import Document
+from harness import Document, build_press, default_corpus, load_default_model, parse_json
 
-from sparsemem.evaluation_compaction import _queries_for
 
-document = Document(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
-ratios = [float(x) for x in sys.argv[4].split(",")]
-for config in (json.loads(c) for c in sys.argv[5:]):
-    tag = config.pop("tag", "")
-    config.setdefault("queries", list(_queries_for(config["method"], ("repeat",))))
-    for ratio in ratios:
-        print(json.dumps({"tag": tag, **config, **document.measure(ratio, **config)}), flush=True)
+def run(model, tokenizer, corpus, configs, ratios, length=3000, continuation=512, offset=20000, documents=1):
+    """Yield one result row per (config, ratio): the config's own fields, then ratio, KL, seconds, bytes
+    ratio (KL and seconds averaged over `documents` consecutive windows; unrounded)."""
+    if documents < 1:
+        raise ValueError(f"`documents` must be >= 1, got {documents}")
+    docs = [Document(model, tokenizer, corpus, length, continuation, offset + number * (length + continuation))
+            for number in range(documents)]
+    for config in configs:
+        options = dict(config)
+        tag = options.pop("tag", "")
+        press = build_press(options.pop("method", "am"), options.pop("press", None))
+        queries = options.pop("queries", ["repeat"])
+        for ratio in options.pop("ratios", ratios):
+            rows = [doc.measure(ratio, queries=queries, method=press, **options) for doc in docs]
+            yield {"tag": tag, **config, "ratio": ratio, "kl": sum(r["kl"] for r in rows) / documents,
+                   "sec": sum(r["sec"] for r in rows) / documents, "bytes": rows[0]["bytes"]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", help="JSON objects: method, press, queries, ratios, tag, compact() arguments")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[5, 10, 20, 50, 100])
+    parser.add_argument("--length", type=int, default=3000, help="context tokens")
+    parser.add_argument("--continuation", type=int, default=512, help="continuation tokens the KL is measured on")
+    parser.add_argument("--offset", type=int, default=20000, help="corpus token of the first document")
+    parser.add_argument("--documents", type=int, default=1, help="consecutive documents averaged")
+    parser.add_argument("--text", default=None, help="a text file instead of Python's reference documentation")
+    args = parser.parse_args(argv)
+    configs = [parse_json(text, f"config {number + 1}", dict) for number, text in enumerate(args.configs)]
+    model, tokenizer = load_default_model()
+    for row in run(model, tokenizer, default_corpus(args.text), configs, args.ratios, args.length, args.continuation,
+                   args.offset, args.documents):
+        print(json.dumps({**row, "kl": round(row["kl"], 4), "sec": round(row["sec"], 1), "bytes": round(row["bytes"], 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,43 +1,62 @@
-"""Seconds to compact a 6K-token context of SmolLM2-135M on the CPU (benchmark, not a test).
+"""Seconds to compact a long context of SmolLM2-135M on the CPU (a benchmark, not a test).
 
-Run: OMP_NUM_THREADS=2 python reports/compaction-cpu-6k/time_6k.py > reports/compaction-cpu-6k/result.jsonl
+Measures: `sparsemem.prefill` (dense attention, the context queries recorded in the same pass), then the
+`sparsemem.compact` call alone for AM and StreamingLLM fitted on those recorded queries, and AM with
+`queries=("repeat",)`, whose own teacher-forced pass over twice the context is included in its seconds.
+Each row also gives the physical bytes ratio; the last line the CPU, threads and torch version.
 
-`prefill` reads the context with dense attention and records its queries in the same pass; "compact"
-is the `compact()` call alone. With `queries=("repeat",)` compaction makes its own teacher-forced repeat
-pass over twice the context, and that pass is included in its seconds.
+Writes `reports/compaction-cpu-6k/result*.jsonl` (the README's 6K timings):
+
+    OMP_NUM_THREADS=2 python experiments/compaction_time.py > reports/compaction-cpu-6k/result.jsonl
 """
+
+import argparse
+import copy
 import json
 import platform
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparsemem
-from sparsemem.corpus import python_reference_docs, token_window
-from sparsemem.default_model import default_model_dir
+from harness import default_corpus, load_default_model
+from sparsemem.corpus import token_window
 
-torch.manual_seed(0)
-folder = default_model_dir()
-tokenizer = AutoTokenizer.from_pretrained(folder)
-model = sparsemem.convert(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
-ids = torch.tensor([token_window(tokenizer, python_reference_docs(), 6144, offset=20000)])
-start = time.perf_counter()
-full, recorded = sparsemem.prefill(model, ids)
-prefill = time.perf_counter() - start
-print(json.dumps(dict(step="prefill (dense, queries recorded)", context=ids.shape[1], seconds=round(prefill, 2))), flush=True)
-runs = [("am", ("context",)), ("streaming-llm", ("context",)), ("am", ("repeat",))]
-for method, queries in runs:
-    import copy
+# (method, reference query sources): from the recorded context queries, and AM's own repeat pass
+RUNS = (("am", ("context",)), ("streaming-llm", ("context",)), ("am", ("repeat",)))
 
-    cache = copy.deepcopy(full)
+
+def run(model, tokenizer, ids, ratio=10.0, runs=RUNS):
+    """Yield the prefill's row, then one row per (method, sources) of `runs`."""
     start = time.perf_counter()
-    if queries == ("context",):
-        sparsemem.compact(model, cache, 10, method=method, reference_queries=recorded)
-    else:
-        sparsemem.compact(model, cache, 10, method=method, input_ids=ids, queries=queries, tokenizer=tokenizer)
-    seconds = time.perf_counter() - start
-    print(json.dumps(dict(step="compact", method=method, queries=list(queries), ratio=10, context=ids.shape[1],
-                          seconds=round(seconds, 2), bytes_ratio=round(full.memory_bytes()["total"] / cache.memory_bytes()["total"], 2))),
-          flush=True)
-print(json.dumps({"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    full, recorded = sparsemem.prefill(model, ids)
+    yield {"step": "prefill (dense, queries recorded)", "context": ids.shape[1], "seconds": round(time.perf_counter() - start, 2)}
+    for method, queries in runs:
+        cache = copy.deepcopy(full)
+        start = time.perf_counter()
+        if queries == ("context",):
+            sparsemem.compact(model, cache, ratio, method=method, reference_queries=recorded)
+        else:
+            sparsemem.compact(model, cache, ratio, method=method, input_ids=ids, queries=queries, tokenizer=tokenizer)
+        seconds = time.perf_counter() - start
+        yield {"step": "compact", "method": method, "queries": list(queries), "ratio": ratio, "context": ids.shape[1],
+               "seconds": round(seconds, 2), "bytes_ratio": round(full.memory_bytes()["total"] / cache.memory_bytes()["total"], 2)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=6144, help="context tokens")
+    parser.add_argument("--ratio", type=float, default=10.0)
+    parser.add_argument("--offset", type=int, default=20000, help="corpus token the context starts at")
+    parser.add_argument("--text", default=None, help="a text file instead of Python's reference documentation")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model, tokenizer = load_default_model()
+    ids = torch.tensor([token_window(tokenizer, default_corpus(args.text), args.tokens, offset=args.offset)])
+    for row in run(model, tokenizer, ids, args.ratio):
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()
