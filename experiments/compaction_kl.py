@@ -7,16 +7,16 @@ two-document harness of `sparsemem eval compaction --documents 2`, averaged). Ea
 object: "method" (a press name, default "am"), "press" (that press's options, e.g. {"exact_newest": 0}),
 "queries" (reference query sources, default ["repeat"]; H2O and SnapKV are published with ["context"]),
 "ratios" (overrides `--ratios`), "tag", and any other `sparsemem.compact` argument. One JSON line per
-(config, ratio) on stdout.
+(config, ratio) on stdout. The configs come before the options.
 
 Writes the JSON-lines tables of `reports/compaction-cpu-global/` (kl_*.jsonl: head budgets, splits,
 learned consolidation, on-policy fits) and the CPU rows of `reports/compaction-smollm2-h200/true-share/`.
 
-    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --ratios 5 10 20 50 100 \
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py \
         '{"method": "am"}' '{"method": "kvzip"}' '{"method": "h2o", "queries": ["context"]}' > kl.jsonl
-    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --ratios 5 10 20 50 100 '{"method": "am-learned", "press": {"max_ratio": null}}'
-    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --ratios 10 20 50 '{"on_policy": true}'
-    OMP_NUM_THREADS=2 python experiments/compaction_kl.py --documents 2 --ratios 5 10 20 '{"press": {"exact_newest": 0}, "whole_span_share": null}'
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"method": "am-learned", "press": {"max_ratio": null}}'
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"on_policy": true}' --ratios 10 20 50
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"press": {"exact_newest": 0}, "whole_span_share": null}' --documents 2 --ratios 5 10 20
 """
 
 import argparse

@@ -13,19 +13,25 @@ line per result on stdout. Modes:
   into the compacted one ("restored"), and with only that layer compacted ("only"), per layer.
 - `tokens [--ratios ...]`: the log-probability of each answer token (space, digits, full stop) at each
   ratio (1: the full cache), and the first token the model prefers.
+- `copy-scores`: per KV head, the largest mean attention one of its query heads gives, in the repeat
+  pass, to the original of the token its query reads (echo) and to the token after it (induction); the
+  14 best heads (which heads copy the context back, and so need it whole).
 
 Writes the JSON lines of `reports/compaction-cpu-needle/` (needles*.jsonl, layers-*.jsonl,
-remaining-*.jsonl, first_token.txt) and the needle paragraphs of the README.
+remaining-*.jsonl; first_token.txt, now as JSON lines) and the needle paragraphs of the README.
 
     OMP_NUM_THREADS=2 python experiments/needles.py answers '[{"press": {"exact_newest": 0.75}, "ratios": [10]}]' > needles.jsonl
     OMP_NUM_THREADS=2 python experiments/needles.py --wording secret-number restore --ratio 10 > layers-secret-number.jsonl
     OMP_NUM_THREADS=2 python experiments/needles.py --wording secret-number --cases '[[3, 0.5]]' answers '[{}, {"method": "am-peak"}]'
     OMP_NUM_THREADS=2 python experiments/needles.py tokens --ratios 1 5 10 20 > first_token.jsonl
+    OMP_NUM_THREADS=2 python experiments/needles.py --wording secret-number --cases '[[5, 0.5]]' copy-scores
 """
 
 import argparse
 import copy
 import json
+
+import torch
 
 from harness import SIX_CASES, NeedleCase, build_press, default_corpus, load_default_model, parse_json
 
@@ -73,6 +79,28 @@ def tokens(cases, ratios=(1, 5, 10, 20)):
                    "first_top": needle.answer(copy.deepcopy(cache), max_new_tokens=1)}
 
 
+def copy_scores(cases, model, every: int = 4, top: int = 14):
+    """Per (layer, KV head): the largest mean attention one of its query heads gives, in the repeat pass, to
+    the original of the token its query reads (echo) and to the token after it (induction)."""
+    from sparsemem.modeling.compaction import LayerAttention
+
+    scaling = model.model.layers[0].self_attn.scaling
+    for needle in cases:
+        references = needle.reference_queries(("repeat",))
+        n = needle.document.shape[1]
+        index = torch.arange(0, n - 1, every)  # repeat query j reads the copy of context token j
+        rows = []
+        for layer_index, layer in enumerate(needle.full.layers):
+            attention = LayerAttention.measure(layer, references[layer_index][0][..., index, :].to(layer.keys.device), scaling)
+            for head, phi in enumerate(attention.phi):
+                phi = phi[0].view(-1, index.numel(), phi.shape[-1])[..., :n].cpu()  # [query heads of the group, queries, context]
+                picked = torch.arange(index.numel())
+                echo, induction = phi[:, picked, index].mean(-1).max(), phi[:, picked, index + 1].mean(-1).max()
+                rows.append([layer_index, head, round(float(echo), 3), round(float(induction), 3)])
+        rows.sort(key=lambda row: -max(row[2], row[3]))
+        yield {**needle.row(), "layer_head_echo_induction": rows[:top]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=json.dumps(SIX_CASES), help="JSON list of [haystack seed, depth]")
@@ -87,6 +115,7 @@ def main(argv=None):
     restore_parser.add_argument("--compact", default="{}", help="JSON object: method, press, other compact() arguments")
     tokens_parser = modes.add_parser("tokens", help="log-probability of each answer token per ratio")
     tokens_parser.add_argument("--ratios", type=float, nargs="+", default=[1, 5, 10, 20])
+    modes.add_parser("copy-scores", help="the heads that copy the context in the repeat pass")
     args = parser.parse_args(argv)
     pairs = parse_json(args.cases, "--cases", list)
     if not all(isinstance(pair, list) and len(pair) == 2 for pair in pairs):
@@ -100,8 +129,10 @@ def main(argv=None):
         rows = answers(cases, specs)
     elif args.mode == "restore":
         rows = restore(cases, args.ratio, compact_args)
-    else:
+    elif args.mode == "tokens":
         rows = tokens(cases, args.ratios)
+    else:
+        rows = copy_scores(cases, model)
     for row in rows:
         print(json.dumps(row), flush=True)
 

@@ -113,6 +113,14 @@ def test_needles_modes_agree(tiny):
     assert restored["restored"] == pytest.approx(restored["only"][::-1], abs=0.011)
     assert restored["full"] != restored["compact"]
     assert max(restored["physical"]) < cases[0].document.shape[1]
+    # copy scores: shares of attention, best heads first, over the model's 2 layers x 2 KV heads
+    from needles import copy_scores
+
+    [scores] = copy_scores(cases, model)
+    heads = scores["layer_head_echo_induction"]
+    assert sorted((layer, head) for layer, head, _, _ in heads) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    best = [max(echo, induction) for _, _, echo, induction in heads]
+    assert best == sorted(best, reverse=True) and all(0 <= x <= 1 for x in best)
 
 
 def test_compaction_time_rows(tiny):
