@@ -9,6 +9,7 @@ Everything goes through sparsemem's public API (`sparsemem.convert`, `sparsemem.
 import copy
 import dataclasses
 import json
+import math
 import time
 
 import torch
@@ -69,7 +70,7 @@ def continuation_logprobs(model, cache, continuation: torch.Tensor) -> torch.Ten
 def mean_kl(reference: torch.Tensor, logprobs: torch.Tensor) -> float:
     """Mean over positions of KL(reference || compacted), both log-probabilities."""
     kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
-    if not torch.isfinite(torch.tensor(kl)):
+    if not math.isfinite(kl):
         raise FloatingPointError(f"next-token KL is not finite ({kl})")
     return kl
 
