@@ -64,6 +64,11 @@ class ByteTokenizer:
         ids = [byte % self.vocab for byte in text.encode()]
         return {"input_ids": ids} if return_tensors is None else SimpleNamespace(input_ids=torch.tensor([ids]))
 
+    eos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
 
 def perturb_learned_modules(model, scale: float = 0.5):
     """Give the learned modules trained-looking parameters (every term of the scorer then matters)."""

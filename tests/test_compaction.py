@@ -126,7 +126,7 @@ def test_global_head_budgets_rank_all_heads_together_and_keep_the_ratio(filled):
 
 
 def test_allocation_by_scores_follows_the_global_ranking():
-    from sparsemem.compact import allocate_by_scores
+    from sparsemem.cache_compaction import allocate_by_scores
 
     sharp = torch.tensor([0.9, 0.8, 0.7, 0.6])  # a head that singles entries out
     flat = torch.tensor([0.05, 0.04, 0.03, 0.02])
@@ -139,7 +139,7 @@ def test_allocation_by_scores_follows_the_global_ranking():
 
 
 def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total():
-    from sparsemem.compact import allocate_by_scores
+    from sparsemem.cache_compaction import allocate_by_scores
 
     sharp = torch.tensor([0.9, 0.8, 0.7, 0.6])
     mild = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.01, 0.01, 0.01, 0.01])
@@ -164,7 +164,7 @@ def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total()
 
 
 def test_whole_span_share_makes_heads_whole_by_share_until_the_others_would_lose_half():
-    from sparsemem.compact import WHOLE_SPAN_TAKE, allocate_by_scores
+    from sparsemem.cache_compaction import WHOLE_SPAN_TAKE, allocate_by_scores
 
     assert WHOLE_SPAN_TAKE == 0.5
     # four retrieval-like heads winning 8, 7, 6 and 5 of their 10 entries, six flat heads 4 each (50 slots)
@@ -289,7 +289,7 @@ def test_context_queries_judge_the_split_but_only_the_sources_are_fitted(filled)
 def test_prefill_records_the_reference_queries_in_the_same_pass(filled):
     """`prefill` fills the cache like a dense pass and records the queries a separate capture pass would;
     compacting with them gives the same cache as compacting with `input_ids` (which captures them again)."""
-    from sparsemem.compact import capture_reference_queries
+    from sparsemem.cache_compaction import capture_reference_queries
 
     model, ids, full = filled
     cache, recorded = sparsemem.prefill(model, ids[:, :240])
@@ -394,7 +394,7 @@ def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(
     """Layer l's queries depend only on layers < l, so a repeat pass over the finished on-policy cache
     yields exactly the queries each layer was fitted to: fitting the full cache to those (off-policy)
     must rebuild the on-policy cache, while the full cache's own repeat queries give other slots."""
-    from sparsemem.compact import REPEAT_PROMPT, recording_queries
+    from sparsemem.cache_compaction import REPEAT_PROMPT, recording_queries
 
     model, ids, full = filled
     context, tokenizer = ids[:, :240], ByteTokenizer()
@@ -450,7 +450,7 @@ def test_repeat_queries_know_the_share_of_attention_the_context_gets(family):
     the last `REPEAT_REACH` tokens of the repetition (older ones copy the context and do not count)."""
     from conftest import make_base_model
 
-    from sparsemem.compact import REPEAT_PROMPT, REPEAT_REACH, capture_reference_queries
+    from sparsemem.cache_compaction import REPEAT_PROMPT, REPEAT_REACH, capture_reference_queries
 
     tokenizer = ByteTokenizer()
     model, ids, full = prefilled(family, 64, 64)
@@ -478,7 +478,7 @@ def test_repeat_queries_know_the_share_of_attention_the_context_gets(family):
 def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
     """A query that reads as much outside the cache (its `outside` log-sum-exp) as in it gives every entry
     half the weight it would give reading the cache alone: the ranking scores halve, exactly."""
-    from sparsemem.compact import _max_attention
+    from sparsemem.cache_compaction import _max_attention
     from sparsemem.modeling.compaction import LayerAttention
 
     model, _, full = filled
@@ -498,7 +498,7 @@ def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
 def test_outside_log_sum_exp_in_chunks_matches_the_masked_dense_one(window, reach):
     """`_causal_lse` only multiplies each chunk of queries by the keys it may see; the result equals the
     log-sum-exp of the full masked logits (causal, sliding window, reach into the queries' own part)."""
-    from sparsemem.compact import _causal_lse
+    from sparsemem.cache_compaction import _causal_lse
 
     generator = torch.Generator().manual_seed(0)
     queries, keys, offset = torch.randn(1, 6, 300, 16, generator=generator), torch.randn(1, 2, 320, 16, generator=generator), 20

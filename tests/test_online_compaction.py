@@ -79,7 +79,7 @@ def test_generate_with_budget_matches_explicit_cache():
 def test_online_am_preserves_attention_better_than_eviction():
     """On the layer itself: after a compaction, the attention output of the next queries over the
     compacted layer is closer to the full layer's with Attention Matching than with StreamingLLM."""
-    from sparsemem.compact import _layer_output
+    from sparsemem.cache_compaction import _layer_output
 
     model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None)
     ids = torch.randint(3, 256, (1, 120), generator=torch.Generator().manual_seed(3))
@@ -103,7 +103,7 @@ def test_online_am_preserves_attention_better_than_eviction():
 
 
 def _queries(model, ids, layer_idx):
-    from sparsemem.compact import recording_queries
+    from sparsemem.cache_compaction import recording_queries
 
     with torch.no_grad(), recording_queries(model) as captured:
         model(ids, use_cache=False)

@@ -69,7 +69,7 @@ def test_demo_command(capsys):
 def test_self_study_queries_drive_compaction(smollm2):
     """The model writes about a real document; the queries of its own words are captured (standing for
     the future: position -1) and Attention Matching compacts the document with them alone."""
-    from sparsemem.compact import capture_reference_queries
+    from sparsemem.cache_compaction import capture_reference_queries
 
     tokenizer, base = smollm2
     model = sparsemem.convert(base)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from sparsemem.atomic import write_text
-from sparsemem.convert import convert
+from sparsemem.conversion import convert
 from sparsemem.default_model import resolve_model
 
 logger = logging.getLogger(__name__)

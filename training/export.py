@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsemem.atomic import staged_directory
-from sparsemem.convert import convert
+from sparsemem.conversion import convert
 
 from .evaluation import run_base_model
 

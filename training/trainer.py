@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sparsemem.atomic import write_text
-from sparsemem.convert import convert
+from sparsemem.conversion import convert
 from sparsemem.default_model import resolve_model
 
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_flat, save_checkpoint

@@ -6,8 +6,8 @@ Qwen3, registered with transformers as `attn_implementation="sparsemem"`.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .compact import compact, prefill
-from .convert import convert
+from .cache_compaction import compact, prefill
+from .conversion import convert
 from .documents import load_document, save_document
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .compact import capture_reference_queries, compact
+from .cache_compaction import capture_reference_queries, compact
 from .modeling.compaction import AttentionMatchingPress, make_press
 from .corpus import needle_question, passkey_case, token_window
 from .atomic import write_text

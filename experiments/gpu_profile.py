@@ -1,0 +1,94 @@
+"""Where the time of one block-sparse attention call goes on CUDA (torch profiler tables; needs a GPU).
+
+Measures, on random bf16 tensors of Llama-3-8B's attention shape (32 query / 8 KV heads, d=128, blocks of
+128, 128 sinks, 256 recent tokens, minmax scorer):
+- `decode`: one decode step of `block_decode_attention` over a `--context` (128K) cache at `--batch` (16)
+  and block fraction 0.125: host time to enqueue, wall time per call, then the profiler's kernel table;
+- `prefill`: `--context` (64K) queries at block fraction 0.1: planning (`plan_block_sparse`: scores and
+  top-k), the kernel alone and the whole call in milliseconds, then the profiler's table of the planning.
+
+Writes `reports/bench-h100/decode_profile.log` and `prefill_profile.log`:
+
+    python experiments/gpu_profile.py decode > reports/bench-h100/decode_profile.log
+    python experiments/gpu_profile.py prefill --context 65536 --batch 1 > reports/bench-h100/prefill_profile.log
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from sparsemem.bench import cuda_time_ms
+from sparsemem.modeling.block_decode import BlockSummaryCache, block_decode_attention
+from sparsemem.modeling.block_sparse import block_sparse_attention, plan_block_sparse, run_flex
+from sparsemem.modeling.scorer import PooledKeyScorer
+
+HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 128
+
+
+def options(fraction: float) -> dict:
+    return dict(block_size=BLOCK, query_block_size=BLOCK, sink_tokens=128, local_tokens=256, top_k_blocks=1,
+                block_fraction=fraction, query_chunk_size=512)
+
+
+def tensors(batch: int, queries: int, context: int):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda heads, n: torch.randn(batch, heads, n, DIM, device="cuda", dtype=torch.bfloat16, generator=generator)  # noqa: E731
+    return make(HEADS, queries), make(KV_HEADS, context), make(KV_HEADS, context)
+
+
+def profile_table(fn, calls: int, rows: int) -> str:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+
+
+@torch.no_grad()
+def decode(batch: int, context: int) -> None:
+    query, key, value = tensors(batch, 1, context)
+    scorer, summaries, opts = PooledKeyScorer("minmax"), BlockSummaryCache(BLOCK), options(0.125)
+    summaries.update(key)
+    step = lambda: block_decode_attention(query, key, value, DIM**-0.5, scorer, opts, summaries)  # noqa: E731
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        step()
+    enqueue = (time.perf_counter() - start) / 20 * 1000
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 20 * 1000
+    print(f"enqueue {enqueue:.3f} ms/call, wall {wall:.3f} ms/call")
+    print(profile_table(step, calls=5, rows=12))
+
+
+@torch.no_grad()
+def prefill(batch: int, context: int) -> None:
+    query, key, value = tensors(batch, context, context)
+    scorer, opts = PooledKeyScorer("minmax"), options(0.1)
+    print("plan ms", cuda_time_ms(lambda: plan_block_sparse(query, key, scorer, opts), warmup=3, repeats=10))
+    print("total ms", cuda_time_ms(lambda: block_sparse_attention(query, key, value, DIM**-0.5, scorer, opts), warmup=3, repeats=10))
+    plan = plan_block_sparse(query, key, scorer, opts)
+    print("kernel ms", cuda_time_ms(lambda: run_flex(query, key, value, plan, DIM**-0.5, need_lse=False), warmup=3, repeats=10))
+    print(profile_table(lambda: plan_block_sparse(query, key, scorer, opts), calls=3, rows=25))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("decode", "prefill"))
+    parser.add_argument("--context", type=int, default=None, help="tokens (decode: 131072, prefill: 65536)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences (decode: 16, prefill: 1)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_profile.py profiles the CUDA kernels: no CUDA device is available")
+    if args.mode == "decode":
+        decode(args.batch or 16, args.context or 131072)
+    else:
+        prefill(args.batch or 1, args.context or 65536)
+
+
+if __name__ == "__main__":
+    main()

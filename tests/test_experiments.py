@@ -1,0 +1,159 @@
+"""The scripts of `experiments/`: each imports without doing any work, reaches sparsemem through its public
+API only, and the cheap ones run end to end on a tiny random Llama with real text, their numbers checked
+against the evaluation or against identities they must satisfy."""
+
+import ast
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsemem
+from sparsemem.corpus import python_reference_docs
+
+from conftest import ByteTokenizer, make_base_model
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+SCRIPTS = sorted(EXPERIMENTS.glob("*.py"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def experiments_on_path():
+    # the scripts import their shared `harness` as a sibling, as when run as `python experiments/x.py`
+    sys.path.insert(0, str(EXPERIMENTS))
+    yield
+    sys.path.remove(str(EXPERIMENTS))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A dense-equivalent sparsemem model of a tiny random Llama, a byte tokenizer, real text."""
+    model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_fraction=None)
+    return model, ByteTokenizer(), python_reference_docs()
+
+
+def test_the_experiments_are_found():
+    assert {"harness", "compaction_kl", "compaction_time", "needles", "gpu_profile"} <= {path.stem for path in SCRIPTS}
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: path.stem)
+def test_experiment_imports_and_uses_the_public_api(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sparsemem"):
+            private = [alias.name for alias in node.names if alias.name.startswith("_")]
+            assert not private and "._" not in f".{node.module}", f"{path.name} imports private {node.module} {private}"
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+            assert "importlib" not in names and "runpy" not in names, f"{path.name} reaches modules around the import system"
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            # patching a module's globals at run time (e.g. `compact_module.REPEAT_REACH = ...`)
+            assert not (isinstance(node.value, ast.Name) and node.value.id in {"sparsemem", "compaction", "C"}), \
+                f"{path.name} sets {ast.unparse(node)}"
+    module = importlib.import_module(path.stem)
+    assert module.__doc__ and len(module.__doc__.split()) > 20, f"{path.name} needs a docstring saying what it measures"
+    if path.stem != "harness":
+        # the docstring says how to run it and which report it writes; the work waits for main()
+        assert f"python experiments/{path.name}" in module.__doc__ and "reports/" in module.__doc__
+        assert callable(module.main)
+        assert "if __name__ == \"__main__\":\n    main()" in path.read_text(encoding="utf-8")
+
+
+def test_compaction_kl_agrees_with_the_evaluation(tiny):
+    from compaction_kl import run
+
+    from sparsemem.evaluation_compaction import evaluate_compaction
+
+    model, tokenizer, corpus = tiny
+    rows = list(run(model, tokenizer, corpus, [{"method": "streaming-llm"}, {"method": "am", "press": {"exact_newest": 0.5}}],
+                    ratios=[1, 4], length=192, continuation=32))
+    assert [(row["method"], row["ratio"]) for row in rows] == [("streaming-llm", 1), ("streaming-llm", 4), ("am", 1), ("am", 4)]
+    for row in rows:
+        if row["ratio"] == 1:  # nothing to compact: the continuation reads the full cache
+            assert abs(row["kl"]) < 1e-6 and 0.95 < row["bytes"] <= 1.0  # slots also store their beta
+        else:
+            assert row["kl"] > 0 and 3.5 < row["bytes"] <= 4.05, row
+    # fitted slots beat the sink + recent window at the same bytes (as on SmolLM2)
+    assert rows[3]["kl"] < rows[1]["kl"] / 10
+    # the same document, method and ratio through `sparsemem eval compaction`'s own loop
+    results, _ = evaluate_compaction(model, tokenizer, corpus, methods=["streaming-llm"], ratios=[4], length=192,
+                                     continuation=32, needle_depths=())
+    assert rows[1]["kl"] == pytest.approx(results[1].kl, abs=2e-4)
+
+
+def test_compaction_kl_averages_documents(tiny):
+    from compaction_kl import run
+
+    model, tokenizer, corpus = tiny
+    config = [{"method": "streaming-llm"}]
+    two = next(run(model, tokenizer, corpus, config, [4], length=128, continuation=16, documents=2))
+    first = next(run(model, tokenizer, corpus, config, [4], length=128, continuation=16))
+    second = next(run(model, tokenizer, corpus, config, [4], length=128, continuation=16, offset=20000 + 144))
+    assert two["kl"] == pytest.approx((first["kl"] + second["kl"]) / 2, abs=2e-4)
+
+
+def test_needles_modes_agree(tiny):
+    from harness import NeedleCase
+    from needles import answers, restore, tokens
+
+    model, tokenizer, corpus = tiny
+    cases = [NeedleCase(model, tokenizer, corpus, seed=0, depth=0.5, length=320)]
+    am, streaming = answers(cases, [{"ratios": [4]}, {"method": "streaming-llm", "ratios": [4]}])
+    per_token = {row["ratio"]: row for row in tokens(cases, ratios=(1, 4))}  # default AM
+    [restored] = restore(cases, ratio=4, compact_args={"method": "streaming-llm"})
+    assert am["key"] == cases[0].key and am["correct"] == (cases[0].key in am["answer"])
+    # one answer log-probability through several code paths
+    assert am["logprob"] == pytest.approx(per_token[4]["sum"], abs=0.02)
+    assert streaming["logprob"] == pytest.approx(restored["compact"], abs=0.02) and streaming["logprob"] != am["logprob"]
+    assert per_token[1]["sum"] == pytest.approx(restored["full"], abs=0.02)
+    assert len(per_token[1]["rest"]) == len(cases[0].answer_ids) - 1 and all(x <= 0 for x in per_token[4]["rest"])
+    # two layers: restoring one leaves exactly the other compacted
+    assert restored["restored"] == pytest.approx(restored["only"][::-1], abs=0.011)
+    assert restored["full"] != restored["compact"]
+    assert max(restored["physical"]) < cases[0].document.shape[1]
+    # copy scores: shares of attention, best heads first, over the model's 2 layers x 2 KV heads
+    from needles import copy_scores
+
+    [scores] = copy_scores(cases, model)
+    heads = scores["layer_head_echo_induction"]
+    assert sorted((layer, head) for layer, head, _, _ in heads) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    best = [max(echo, induction) for _, _, echo, induction in heads]
+    assert best == sorted(best, reverse=True) and all(0 <= x <= 1 for x in best)
+
+
+def test_compaction_time_rows(tiny):
+    from compaction_time import run
+
+    from sparsemem.corpus import token_window
+
+    model, tokenizer, corpus = tiny
+    ids = torch.tensor([token_window(tokenizer, corpus, 256, offset=20000)])
+    rows = list(run(model, tokenizer, ids, ratio=4))
+    assert rows[0]["step"].startswith("prefill") and rows[0]["context"] == 256
+    assert [(row["method"], row["queries"]) for row in rows[1:]] == [("am", ["context"]), ("streaming-llm", ["context"]), ("am", ["repeat"])]
+    for row in rows[1:]:
+        assert row["seconds"] >= 0 and row["bytes_ratio"] == pytest.approx(4, rel=0.1)
+
+
+def test_bad_arguments_are_named_before_any_model_loads():
+    import compaction_kl
+    import needles
+
+    with pytest.raises(SystemExit, match="config 2: not valid JSON"):
+        compaction_kl.main(["{}", "{method: am}"])
+    with pytest.raises(SystemExit, match="--cases: expected a JSON list of"):
+        needles.main(["--cases", "[[1]]", "tokens"])
+    from harness import build_press
+
+    with pytest.raises(ValueError, match="no option"):
+        build_press("am", {"exact_newst": 0.5})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="profiles the kernels on CUDA")
+def test_gpu_profile_needs_cuda():
+    import gpu_profile
+
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        gpu_profile.main(["decode"])

@@ -1,0 +1,51 @@
+"""The package layout: every submodule imports as a module under its own name, and no name the package
+exports hides a submodule (so `import sparsemem.x` and `sparsemem.x` always mean the same thing)."""
+
+import importlib
+import pkgutil
+import types
+
+import pytest
+
+import sparsemem
+
+PACKAGES = ("sparsemem", "sparsemem.modeling", "sparsemem.training", "sparsemem.hub_cards")
+
+
+def _submodules():
+    for package_name in PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name != "__main__":  # `python -m sparsemem.training` runs a calibration
+                yield package_name, info.name
+
+
+def test_layout_lists_the_packages_modules():
+    found = {f"{package}.{name}" for package, name in _submodules()}
+    assert {"sparsemem.cache_compaction", "sparsemem.conversion", "sparsemem.modeling.compaction",
+            "sparsemem.training.trainer"} <= found
+    # the functions keep their package-level names, the modules have their own
+    assert not {"sparsemem.compact", "sparsemem.convert"} & found
+
+
+@pytest.mark.parametrize("package_name, name", list(_submodules()))
+def test_every_submodule_imports_as_itself(package_name, name):
+    module = importlib.import_module(f"{package_name}.{name}")
+    assert isinstance(module, types.ModuleType)
+    assert module.__name__ == f"{package_name}.{name}"
+    # the attribute of the package is the module, not a function or class re-exported over it
+    assert getattr(importlib.import_module(package_name), name) is module
+
+
+def test_package_functions_are_the_implementations():
+    from sparsemem import cache_compaction, conversion
+
+    assert sparsemem.compact is cache_compaction.compact and callable(sparsemem.compact)
+    assert sparsemem.prefill is cache_compaction.prefill
+    assert sparsemem.convert is conversion.convert and callable(sparsemem.convert)
+    # `import a.b as c` resolves the attribute first: it must give the module
+    import sparsemem.cache_compaction as by_statement
+
+    assert by_statement is cache_compaction and by_statement.REPEAT_REACH == cache_compaction.REPEAT_REACH
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("sparsemem.compact")
