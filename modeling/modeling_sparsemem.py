@@ -45,6 +45,32 @@ def _given_cache(past_key_values, cache):
     return cache if cache is not None else past_key_values
 
 
+def _continuation_mask(cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask that makes `generate` read `input_ids` right for a cache already holding tokens.
+
+    transformers takes `input_ids` as the whole sequence (the cached tokens first) unless the mask is
+    longer than them, which marks new tokens only. A compacted or loaded document is usually continued
+    with the new tokens alone, so when the ids do not start with the cached tokens, the mask is extended
+    over the cache (with ones: the cache holds no padding of its own).
+    """
+    past, new = cache.get_seq_length(), input_ids.shape[1]
+    if attention_mask is not None and attention_mask.shape[1] != new:
+        return attention_mask  # already the mask of the whole sequence
+    prefix = cache.holds_prefix_of(input_ids) if new > past else False
+    if prefix is None:
+        raise ValueError(
+            f"`input_ids` ({new} tokens) are longer than the cache ({past} tokens), whose token ids are not known, "
+            "so it is unclear whether they repeat the cached tokens: pass an `attention_mask` over the cached and "
+            "the new tokens to give only new tokens"
+        )
+    if prefix:
+        return attention_mask
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ones = attention_mask.new_ones(attention_mask.shape[0], past)
+    return torch.cat([ones, attention_mask], dim=1)
+
+
 class SparseMemAttentionMixin:
     """Forward pass of a family attention module with logical positions and the slot tier.
 
@@ -295,6 +321,8 @@ class SparseMemForCausalLMMixin:
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and cache is None:
             cache = SparseMemCache(self.config)
+        if getattr(cache, "is_sparsemem", False):
+            cache.record_tokens(input_ids, cache.get_seq_length())
         kwargs[CACHE_ARGUMENT] = cache
         return super().forward(
             input_ids=input_ids,
@@ -317,8 +345,14 @@ class SparseMemForCausalLMMixin:
                     "not with a `past_key_values` of your own"
                 )
             kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config, max_kv_tokens=max_kv_tokens)
-        if CACHE_ARGUMENT != "past_key_values" and "past_key_values" in kwargs:
-            kwargs[CACHE_ARGUMENT] = _given_cache(kwargs.pop("past_key_values"), kwargs.get(CACHE_ARGUMENT))
+        other = "cache" if CACHE_ARGUMENT == "past_key_values" else "past_key_values"
+        if other in kwargs:
+            kwargs[CACHE_ARGUMENT] = _given_cache(kwargs.pop(other), kwargs.get(CACHE_ARGUMENT))
+        cache = kwargs.get(CACHE_ARGUMENT)
+        if getattr(cache, "is_sparsemem", False) and cache.get_seq_length():
+            inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+            if isinstance(inputs, torch.Tensor):
+                kwargs["attention_mask"] = _continuation_mask(cache, inputs, kwargs.get("attention_mask"))
         return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

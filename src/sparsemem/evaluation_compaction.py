@@ -165,13 +165,8 @@ def _accuracy(answers: list[dict]) -> float | None:
 
 def _answer(model, tokenizer, cache, question, case, seed: int) -> dict:
     # the question is read after compaction, as when a saved compacted document is reused
-    length = cache.get_seq_length()
-    ids = torch.cat([torch.zeros(1, length, dtype=torch.long, device=question.device), question], dim=1)
-    out = model.generate(
-        ids, past_key_values=cache, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(question, past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, question.shape[1]:], skip_special_tokens=True)
     return {"seed": seed, "depth": case.depth, "key": case.passkey, "answer": text}
 
 
