@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ByteTokenizer, prefilled
+from conftest import ByteTokenizer, make_base_model, prefilled
 
 import sparsemem
 from sparsemem.documents import load_document, save_document
@@ -116,3 +116,58 @@ def test_ask_refuses_what_it_cannot_honour(document):
         sparsemem.ask(model, tokenizer, ids[:, :50], ["q"], compact_options={"head_budgets": "uniform"})
     with pytest.raises(ValueError, match="questions"):
         sparsemem.ask(model, tokenizer, ids[:, :50], [])
+
+
+def _budgeted(model, ids, **kwargs):
+    """Tokens and cache of a 60-token greedy generation, with the cache handed back."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, min_new_tokens=60, do_sample=False,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, out.past_key_values
+
+
+def test_generation_config_budget_and_options_are_honoured_and_saved(tmp_path):
+    from transformers import GenerationConfig
+
+    from sparsemem.modeling.online_compaction import OnlineCompaction
+
+    model = sparsemem.convert(make_base_model("qwen3"), top_k_blocks=None)
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    for method in ("am", "streaming-llm"):
+        explicit = sparsemem.SparseMemCache(model.config, online=OnlineCompaction(32, keep_first=4, method=method))
+        expected = model.generate(ids, past_key_values=explicit, attention_mask=torch.ones_like(ids), max_new_tokens=60,
+                                  min_new_tokens=60, do_sample=False)
+        config = GenerationConfig(max_kv_tokens=32, kv_compaction={"method": method})
+        tokens, cache = _budgeted(model, ids, generation_config=config)
+        assert torch.equal(tokens, expected)
+        assert cache.online.method == method and cache.online.compactions == explicit.online.compactions > 0
+        assert max(OnlineCompaction.physical_size(layer) for layer in cache.layers) <= 32
+    # saved with the checkpoint (generation_config.json) and read back
+    model.generation_config.max_kv_tokens = 32
+    model.generation_config.kv_compaction = {"method": "streaming-llm"}
+    model.save_pretrained(tmp_path / "ckpt")
+    reloaded = type(model).from_pretrained(tmp_path / "ckpt")
+    assert reloaded.generation_config.max_kv_tokens == 32
+    tokens, cache = _budgeted(reloaded, ids)
+    assert torch.equal(tokens, expected) and cache.online.method == "streaming-llm"
+    # the keyword overrides the generation config's budget
+    _, cache = _budgeted(reloaded, ids, max_kv_tokens=48)
+    assert cache.online.max_kv_tokens == 48
+
+
+def test_generation_config_options_that_cannot_be_honoured_are_refused():
+    from transformers import GenerationConfig
+
+    model = sparsemem.convert(make_base_model("qwen3"), top_k_blocks=None)
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    cases = {
+        "need `max_kv_tokens`": GenerationConfig(kv_compaction={"method": "am"}),
+        "unknown `kv_compaction`": GenerationConfig(max_kv_tokens=32, kv_compaction={"methd": "am"}),
+        "cache_implementation": GenerationConfig(max_kv_tokens=32, cache_implementation="static"),
+        "integer >= 8": GenerationConfig(max_kv_tokens=4),
+    }
+    for message, config in cases.items():
+        with pytest.raises(ValueError, match=message):
+            model.generate(ids, generation_config=config, max_new_tokens=2)
+    with pytest.raises(ValueError, match="not with a `past_key_values`"):
+        model.generate(ids, generation_config=GenerationConfig(max_kv_tokens=32), max_new_tokens=2,
+                       past_key_values=sparsemem.SparseMemCache(model.config))
