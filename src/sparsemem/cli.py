@@ -220,7 +220,7 @@ def cmd_calibrate(args) -> int:
 def cmd_export(args) -> int:
     from .training.export import export
 
-    full, modules = export(args.run, args.output, repo_id=args.repo_id, base_reference=args.base_reference,
+    full, modules = export(args.run, args.output, repo_id=args.repo_id, base_model=args.base_model,
                            card_template=args.card_template, dtype=args.dtype)
     print(f"wrote {full} (full weights) and {modules} (modules only)")
     return 0
@@ -351,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run", help="calibration output folder")
     exp.add_argument("--output", required=True, help="folder to write full/ and modules/ into")
     exp.add_argument("--repo-id", default=None, help="repo id named in the model card")
-    exp.add_argument("--base-reference", default=None, help="base checkpoint the modules-only variant names")
-    exp.add_argument("--card-template", default=None, help="model card template (default: hub_cards/model_card.md)")
+    exp.add_argument("--base-model", "--base-reference", dest="base_model", default=None,
+                     help="Hub id (OWNER/NAME) of the base model both variants name; required when the run's base "
+                          "is a local folder (default: the run's base when it is a Hub id, or the embedded model's repo)")
+    exp.add_argument("--card-template", default=None,
+                     help="Jinja model card template for huggingface_hub.ModelCard (default: hub_cards/model_card.md)")
     exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     exp.set_defaults(func=cmd_export)
 
