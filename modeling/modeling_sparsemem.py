@@ -273,7 +273,6 @@ GENERATION_OPTIONS = ("max_kv_tokens", "kv_compaction")
 def _restore_generation_options(model, name_or_path, kwargs) -> None:
     """Put back the sparsemem options of a saved `generation_config.json`: transformers drops keys it does not
     know from a generation config that was first derived from the model config (`_from_model_config`)."""
-    path = None
     if not isinstance(getattr(model, "generation_config", None), GenerationConfig):
         return
     if os.path.isdir(name_or_path):
