@@ -353,7 +353,19 @@ class SparseMemLayer(CacheLayerMixin):
                 f"cannot crop the cache to {new_length} tokens: consolidated slots cover positions beyond it "
                 "and a slot cannot be split"
             )
-        self.evict(self.positions >= new_length)
+        drop = self.positions >= new_length
+        kept = int((~drop).sum())
+        if not drop[:kept].any():
+            # the newest entries sit last: keep views of the rest, so answering from a document and
+            # cropping back copies nothing (the append buffers stay and are written over)
+            if self.block_summaries is not None:  # complete blocks before the cut stay summarised
+                summaries = self.block_summaries
+                summaries.complete = min(summaries.complete, kept // summaries.block_size)
+            self.block_slot_cache = None
+            self.keys, self.values = self.keys[..., :kept, :], self.values[..., :kept, :]
+            self.positions = self.positions[:kept]
+        else:
+            self.evict(drop)
         self.logical_length = new_length
 
     def _map_batch(self, fn) -> None:
@@ -498,6 +510,47 @@ class SparseMemCache(Cache):
             check_rope_shiftable(config)
             self._rotary = module.rotary_class(config=config).to(module.q_proj.weight.device)
         return self._rotary
+
+        # [B, L] ids of the logical tokens when every one came in as an id (None where unknown): lets
+        # `generate` tell a whole sequence (cached tokens first) from new tokens only
+        self.token_ids: torch.Tensor | None = None
+
+    def record_tokens(self, input_ids: torch.Tensor | None, start: int) -> None:
+        """Note the ids of a forward pass that appends at logical position `start`."""
+        known = self.token_ids
+        if input_ids is None or (start and (known is None or known.shape[1] < start or known.shape[0] != input_ids.shape[0])):
+            self.token_ids = None
+        else:
+            prefix = [] if known is None or not start else [known[:, :start]]  # a crop leaves ids past `start`
+            self.token_ids = torch.cat(prefix + [input_ids.detach().to(torch.long)], dim=1)
+
+    def reset(self) -> None:
+        super().reset()
+        self.token_ids = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.index_select(0, beam_idx.to(self.token_ids.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[indices]
+
+    def holds_prefix_of(self, input_ids: torch.Tensor) -> bool | None:
+        """Whether `input_ids` start with the cached tokens (None: their ids are not known)."""
+        length, known = self.get_seq_length(), self.token_ids
+        if known is None or known.shape[1] < length:
+            return None
+        if input_ids.shape[0] != known.shape[0] or input_ids.shape[1] < length:
+            return False
+        return bool(torch.equal(known[:, :length].to(input_ids.device), input_ids[:, :length]))
 
     def memory_bytes(self) -> dict[str, int]:
         """Physical bytes per tier over all layers, and their total."""

@@ -7,13 +7,14 @@ and any other registered implementation ("sdpa", "eager", ...) gives the base mo
 """
 
 import inspect
+import json
 import logging
 import os
 
 import torch
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, load_state_dict
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaRotaryEmbedding,
@@ -48,6 +49,60 @@ def _given_cache(past_key_values, cache):
     if past_key_values is not None and cache is not None and past_key_values is not cache:
         raise ValueError("pass the cache once: as `cache` or as `past_key_values`, not two different ones")
     return cache if cache is not None else past_key_values
+
+
+def _continuation_mask(cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The attention mask that makes `generate` read `input_ids` right for a cache already holding tokens.
+
+    transformers takes `input_ids` as the whole sequence (the cached tokens first) unless the mask is
+    longer than them, which marks new tokens only. A compacted or loaded document is usually continued
+    with the new tokens alone, so when the ids do not start with the cached tokens, the mask is extended
+    over the cache (with ones: the cache holds no padding of its own).
+    """
+    past, new = cache.get_seq_length(), input_ids.shape[1]
+    if attention_mask is not None and attention_mask.shape[1] != new:
+        return attention_mask  # already the mask of the whole sequence
+    prefix = cache.holds_prefix_of(input_ids) if new > past else False
+    if prefix is None:
+        raise ValueError(
+            f"`input_ids` ({new} tokens) are longer than the cache ({past} tokens), whose token ids are not known, "
+            "so it is unclear whether they repeat the cached tokens: pass an `attention_mask` over the cached and "
+            "the new tokens to give only new tokens"
+        )
+    if prefix:
+        return attention_mask
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ones = attention_mask.new_ones(attention_mask.shape[0], past)
+    return torch.cat([ones, attention_mask], dim=1)
+
+
+def _online_compaction(generation_config, max_kv_tokens, config):
+    """The `OnlineCompaction` that `generate` runs under: `max_kv_tokens` (the keyword, else the generation
+    config's) and the generation config's `kv_compaction` options (`OnlineCompaction` fields)."""
+    from dataclasses import fields
+
+    from .online_compaction import OnlineCompaction
+
+    if max_kv_tokens is None:
+        max_kv_tokens = getattr(generation_config, "max_kv_tokens", None)
+    options = getattr(generation_config, "kv_compaction", None)
+    if max_kv_tokens is None:
+        if options:
+            raise ValueError("generation config: `kv_compaction` options need `max_kv_tokens` (the budget they compact to)")
+        return None
+    if getattr(generation_config, "cache_implementation", None) is not None:
+        raise ValueError(
+            f"`max_kv_tokens` runs on a SparseMemCache: it cannot be combined with "
+            f"cache_implementation={generation_config.cache_implementation!r}"
+        )
+    options = dict(options or {})
+    allowed = {f.name for f in fields(OnlineCompaction)} - {"max_kv_tokens"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"generation config: unknown `kv_compaction` option(s) {unknown}; choose from {sorted(allowed)}")
+    options.setdefault("keep_first", getattr(config, "sink_tokens", 16))
+    return OnlineCompaction(max_kv_tokens, **options)
 
 
 class SparseMemAttentionMixin:
@@ -240,6 +295,28 @@ def _reset_missing_modules(model, missing_keys) -> None:
             module.reset_parameters()
 
 
+GENERATION_OPTIONS = ("max_kv_tokens", "kv_compaction")
+
+
+def _restore_generation_options(model, name_or_path, kwargs) -> None:
+    """Put back the sparsemem options of a saved `generation_config.json`: transformers drops keys it does not
+    know from a generation config that was first derived from the model config (`_from_model_config`)."""
+    if not isinstance(getattr(model, "generation_config", None), GenerationConfig):
+        return
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, GENERATION_CONFIG_NAME)
+        path = path if os.path.isfile(path) else None
+    else:
+        path = cached_file(name_or_path, GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **_hub_kwargs(kwargs))
+    if path is None:
+        return
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    for key in GENERATION_OPTIONS:
+        if key in saved and getattr(model.generation_config, key, None) is None:
+            setattr(model.generation_config, key, saved[key])
+
+
 class SparseMemForCausalLMMixin:
     """What every sparsemem causal LM adds to its base class."""
 
@@ -275,6 +352,7 @@ class SparseMemForCausalLMMixin:
         else:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
             _reset_missing_modules(model, info["missing_keys"])
+        _restore_generation_options(model, pretrained_model_name_or_path, kwargs)
         return (model, info) if want_info else model
 
     def sparsemem_module_state_dict(self, extra_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
@@ -323,6 +401,8 @@ class SparseMemForCausalLMMixin:
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and cache is None:
             cache = SparseMemCache(self.config)
+        if getattr(cache, "is_sparsemem", False):
+            cache.record_tokens(input_ids, cache.get_seq_length())
         kwargs[CACHE_ARGUMENT] = cache
         return super().forward(
             input_ids=input_ids,
@@ -338,15 +418,22 @@ class SparseMemForCausalLMMixin:
     def generate(self, *args, max_kv_tokens: int | None = None, **kwargs):
         """`transformers` generate; `max_kv_tokens` bounds every layer's physical KV memory by compacting
         all but the sinks and the newest tokens into slots whenever a layer reaches it (online compaction)."""
-        if max_kv_tokens is not None:
+        online = _online_compaction(kwargs.get("generation_config") or self.generation_config, max_kv_tokens, self.config)
+        if online is not None:
             if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
                 raise ValueError(
-                    "pass `max_kv_tokens` either to generate() or to SparseMemCache(config, max_kv_tokens=...), "
-                    "not with a `past_key_values` of your own"
+                    "pass `max_kv_tokens` either to generate() (or the generation config) or to "
+                    "SparseMemCache(config, max_kv_tokens=...), not with a `past_key_values` of your own"
                 )
-            kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config, max_kv_tokens=max_kv_tokens)
-        if CACHE_ARGUMENT != "past_key_values" and "past_key_values" in kwargs:
-            kwargs[CACHE_ARGUMENT] = _given_cache(kwargs.pop("past_key_values"), kwargs.get(CACHE_ARGUMENT))
+            kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config, online=online)
+        other = "cache" if CACHE_ARGUMENT == "past_key_values" else "past_key_values"
+        if other in kwargs:
+            kwargs[CACHE_ARGUMENT] = _given_cache(kwargs.pop(other), kwargs.get(CACHE_ARGUMENT))
+        cache = kwargs.get(CACHE_ARGUMENT)
+        if getattr(cache, "is_sparsemem", False) and cache.get_seq_length():
+            inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+            if isinstance(inputs, torch.Tensor):
+                kwargs["attention_mask"] = _continuation_mask(cache, inputs, kwargs.get("attention_mask"))
         return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

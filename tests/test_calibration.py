@@ -280,25 +280,85 @@ def test_cpu_smoke_recipe_lowers_the_scorer_loss(smollm2_dir, tmp_path):
 LOADER = remote_code_loader('assert model.config.scorer == "learned"')
 
 
-def test_export_loads_without_sparsemem(uninterrupted, tmp_path):
+def _hub_cache(folder: Path, repo_id: str, root: Path) -> Path:
+    """An offline Hub cache holding `folder` as the snapshot of `repo_id`, so a Hub id resolves without the network."""
+    import shutil
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+def _card_snippet(card: str, repo_id: str, folder: Path) -> str:
+    """The card's Python snippet, reading `folder` where it names `repo_id`, with sparsemem not importable."""
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert repo_id in snippet
+    return 'import sys\nsys.modules["sparsemem"] = None\n' + snippet.replace(repo_id, str(folder))
+
+
+def test_export_loads_without_sparsemem(uninterrupted, tiny_base, tmp_path):
+    from huggingface_hub import ModelCard
+
     from sparsemem.training.export import build_calibrated_model, export
 
-    full, modules = export(uninterrupted, tmp_path / "export", repo_id="acme/tiny-sparsemem")
+    with pytest.raises(ValueError, match="--base-model"):  # the run's base is a local folder: no Hub id to name
+        export(uninterrupted, tmp_path / "no-base", repo_id="acme/tiny-sparsemem")
+    with pytest.raises(ValueError, match="OWNER/NAME"):
+        export(uninterrupted, tmp_path / "no-base", repo_id="acme/tiny-sparsemem", base_model=str(tiny_base))
+    full, modules = export(uninterrupted, tmp_path / "export", repo_id="acme/tiny-sparsemem", base_model="acme/tiny-llama")
     model, _, _ = build_calibrated_model(uninterrupted)
     trained = model.model.layers[0].self_attn.scorer.key_proj
     assert float(trained.detach().abs().sum()) > 0  # the exported scorer is the calibrated one, not the initialisation
     ids = torch.randint(3, 1000, (1, 90), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         save_file({"input_ids": ids, "logits": model(ids).logits}, tmp_path / "reference.safetensors")
-    assert "acme/tiny-sparsemem" in (full / "README.md").read_text()
     assert (modules / "sparsemem_modules.safetensors").stat().st_size < (full / "model.safetensors").stat().st_size / 10
-    assert not (modules / "model.safetensors").exists()
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules-cache")}
+    assert not (modules / "model.safetensors").exists() and not (modules / "lora").exists()
+    for folder in (full, modules):
+        config = json.loads((folder / "config.json").read_text())
+        assert not {"quantization_config", "_model_name_or_path"} & set(config)
+        assert config.get("_name_or_path", "acme/tiny-llama") == "acme/tiny-llama"
+        assert str(tmp_path) not in (folder / "config.json").read_text() + (folder / "README.md").read_text()
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.base_model == "acme/tiny-llama" and card.data.library_name == "transformers"
+    assert json.loads((modules / "config.json").read_text())["sparsemem_base_model"] == "acme/tiny-llama"
+    # a fresh process where sparsemem is not importable, the base model reachable only by its Hub id
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules-cache"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(_hub_cache(tiny_base, "acme/tiny-llama", tmp_path / "hub"))}
     for folder in (full, modules):
         result = subprocess.run([sys.executable, "-c", LOADER, str(folder), str(tmp_path / "reference.safetensors")],
-                                env=env, capture_output=True, text=True, timeout=300)
+                                env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "OK" in result.stdout
+        # the card's own snippet (model, tokenizer without a prompt, generate), run as written
+        snippet = _card_snippet((folder / "README.md").read_text(), "acme/tiny-sparsemem", folder)
+        result = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=300,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_export_includes_the_lora_adapter_phase2_trained(tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sparsemem.training.export import export
+
+    output = tmp_path / "run"
+    lora = {"r": 4, "alpha": 8, "lr": 1e-2, "target_modules": ["q_proj", "v_proj"]}
+    train(_recipe(tiny_base, output, phase1={"steps": 1}, phase2={"steps": 2, "lora": lora}, checkpoint_every=100))
+    full, modules = export(output, tmp_path / "export", base_model="acme/tiny-llama")
+    adapter = json.loads((modules / "lora" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "acme/tiny-llama" and adapter["r"] == 4
+    # the adapter on the base gives the exported (merged) attention projections
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, modules / "lora").merge_and_unload()
+    exported = load_file(full / "model.safetensors")
+    for name in ("q_proj", "v_proj"):
+        key = f"model.layers.1.self_attn.{name}.weight"
+        assert not torch.equal(exported[key], load_file(tiny_base / "model.safetensors")[key])  # LoRA did train
+        torch.testing.assert_close(merged.state_dict()[key], exported[key], rtol=0, atol=1e-6)
 
 
 def test_push_fails_fast_offline(uninterrupted, tmp_path):

@@ -62,11 +62,28 @@ def test_dropout_is_refused_not_ignored():
 @pytest.mark.parametrize("argv", [["eval", "compaction"], ["eval", "scorer", "--run", "r", "--block-mass", "0.9"], ["eval"]])
 def test_cli_model_options_are_model_options_only(argv):
     """Each command's model options convert as they are: an eval option never leaks into them."""
-    from sparsemem.cli import _options, build_parser
+    from sparsemem.cli import _options, parse_args
 
-    options = _options(build_parser().parse_args(argv))
+    options = _options(parse_args(argv))
     assert options
     sparsemem.convert(make_base_model("llama"), **options)
+
+
+def test_cli_eval_help_is_split_per_suite_and_shows_defaults(capsys):
+    from sparsemem.cli import parse_args
+
+    assert parse_args(["-v", "eval", "--output", "x"]).suite == "retrieval"  # no suite named: retrieval
+    assert parse_args(["eval", "online", "--budgets", "64"]).budgets == [64]
+    helps = {}
+    for argv in (["eval", "--help"], ["eval", "compaction", "--help"], ["eval", "online", "--help"], ["export", "--help"]):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        helps[argv[-2]] = " ".join(capsys.readouterr().out.split())
+    assert all(suite in helps["eval"] for suite in ("retrieval", "compaction", "online", "scorer"))
+    assert "--ratios" in helps["compaction"] and "--budgets" not in helps["compaction"]
+    assert "--budgets" in helps["online"] and "--ratios" not in helps["online"]
+    assert "(default: [256, 512])" in helps["online"] and "(default: 3000)" in helps["online"]
+    assert "(default: float32)" in helps["export"]
 
 
 def test_cli_whole_span_share_takes_auto_none_or_a_share():

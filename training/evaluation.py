@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from sparsemem.atomic import write_text
 from sparsemem.conversion import convert
+from sparsemem.plots import plot_scorer
 from sparsemem.default_model import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
     output.mkdir(parents=True, exist_ok=True)
     write_text(output / "scorer.json", json.dumps(report, indent=1))
     write_text(output / "scorer.md", render_markdown(report))
+    plot_scorer(rows, output / "scorer.png")
     return report
 
 

@@ -6,6 +6,7 @@ Qwen3, registered with transformers as `attn_implementation="sparsemem"`.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .ask import ask, read_document
 from .cache_compaction import compact, prefill
 from .conversion import convert
 from .documents import load_document, save_document
@@ -47,10 +48,12 @@ __all__ = [
     "SparseMemQwen2ForCausalLM",
     "SparseMemQwen3Config",
     "SparseMemQwen3ForCausalLM",
+    "ask",
     "compact",
     "convert",
     "load_document",
     "prefill",
+    "read_document",
     "save_document",
     "sparsemem_attention_forward",
 ]

@@ -14,6 +14,16 @@ from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
 logger = logging.getLogger("sparsemem")
 
+class HELP(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows the defaults, except where the help text already describes the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text or action.required else super()._get_help_string(action)
+
+
+SUITES = ("retrieval", "compaction", "online", "scorer")
+
 
 def _top_k(value: str):
     if value in ("all", "none", "None"):
@@ -45,15 +55,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--text", nargs="*", default=None, help="text files for the haystack (default: Python reference docs)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
     defaults = SparseMemOptions()
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--sink-tokens", type=int, default=defaults.sink_tokens)
-    parser.add_argument("--local-tokens", type=int, default=defaults.local_tokens)
+    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per block of the block store")
+    parser.add_argument("--sink-tokens", type=int, default=defaults.sink_tokens, help="first tokens always attended")
+    parser.add_argument("--local-tokens", type=int, default=defaults.local_tokens, help="newest tokens always attended")
     parser.add_argument("--top-k-blocks", type=_top_k, default=defaults.top_k_blocks, help="integer, or 'all' for every block")
     parser.add_argument("--block-fraction", type=_share("--block-fraction"), default=defaults.block_fraction,
                         help="attend this fraction of each query's blocks, at least --top-k-blocks ('none' to use the count alone)")
-    parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS))
+    parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS), help="block scorer")
     parser.add_argument("--block-slots", type=int, default=defaults.block_slots,
                         help="consolidate every complete block into this many slots that answer it when unselected")
 
@@ -220,7 +230,7 @@ def cmd_calibrate(args) -> int:
 def cmd_export(args) -> int:
     from .training.export import export
 
-    full, modules = export(args.run, args.output, repo_id=args.repo_id, base_reference=args.base_reference,
+    full, modules = export(args.run, args.output, repo_id=args.repo_id, base_model=args.base_model,
                            card_template=args.card_template, dtype=args.dtype)
     print(f"wrote {full} (full weights) and {modules} (modules only)")
     return 0
@@ -282,96 +292,130 @@ def _device_name(model) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsemem", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="sparsemem", description=__doc__, formatter_class=HELP)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="hide a pass key in a long real document; answer with dense and sparse attention")
+    demo = sub.add_parser("demo", formatter_class=HELP, help="hide a pass key in a long real document; answer with dense and sparse attention")
     _add_model_args(demo)
     demo.add_argument("--length", type=int, default=3000, help="prompt length in tokens")
     demo.add_argument("--depth", type=float, default=0.5, help="relative depth of the pass key")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the pass key and its haystack")
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser(
-        "eval",
-        help="'retrieval' (default): perplexity and pass keys, dense vs sparse; 'compaction': compaction methods by "
-        "ratio; 'online': generation under a physical KV budget; 'scorer': a calibrated scorer vs the training-free "
-        "ones (--run, --lengths, --block-fraction)",
+        "eval", formatter_class=HELP,
+        help="evaluation suites: retrieval (default), compaction, online, scorer; `sparsemem eval SUITE --help` "
+             "lists a suite's options",
+        description="Evaluation suites. `sparsemem eval SUITE --help` lists a suite's options; with no suite, "
+                    "`retrieval` runs.",
     )
-    ev.add_argument("suite", nargs="?", default="retrieval", choices=["retrieval", "compaction", "online", "scorer"])
-    ev.add_argument("--run", default=None, help="scorer suite: a calibration output folder")
-    ev.add_argument("--max-windows", type=int, default=None,
-                    help="scorer: held-out windows per length averaged over (default: every whole window)")
-    ev.add_argument("--block-mass", dest="block_masses", type=_share("--block-mass"), nargs="*", default=[],
-                    help="scorer: also the final learned scorer selecting by these attention-mass thresholds "
-                         "(block_mass; density then varies per query and is reported)")
-    _add_model_args(ev)
-    ev.add_argument("--methods", nargs="+", default=None,
-                    help="compaction presses (default: compaction all of them; online am, streaming-llm, h2o, kvzip)")
-    ev.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="online: max_kv_tokens values")
-    ev.add_argument("--decode-tokens", type=int, default=512, help="online: tokens decoded one by one after the context")
-    ev.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100])
-    ev.add_argument("--context-tokens", type=int, default=3000)
-    ev.add_argument("--continuation-tokens", type=int, default=512)
-    ev.add_argument("--documents", type=int, default=1,
-                    help="compaction: documents (consecutive corpus windows) averaged over, and pass-key haystacks per depth")
-    ev.add_argument("--queries", nargs="+", default=["repeat"],
-                    help="compaction: the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
-                         "SnapKV and H2O by the context's own queries)")
-    ev.add_argument("--needle-depths", type=float, nargs="*", default=[0.25, 0.5, 0.75],
-                    help="compaction: pass-key depths per document (none: KL, perplexity, bytes and time only)")
-    ev.add_argument("--needle-wording", default="pass-key", choices=["pass-key", "secret-number"],
-                    help="compaction: how the needle and the question are worded; in Python documentation 'pass' is "
-                         "also a keyword, which 'secret-number' avoids")
-    ev.add_argument("--on-policy", action="store_true",
-                    help="compaction: Attention Matching fits each layer to the repeat queries of a pass that reads "
-                         "the layers below it already compacted")
-    ev.add_argument("--whole-span-share", type=_share("--whole-span-share", auto=True), default="auto",
-                    help="compaction: with global head budgets, a head that wins this share of its span (a retrieval "
-                         "head) keeps all of it exact, paid for by the other heads; 'auto' (default): 0.45 for the "
-                         "Attention Matching methods, none for the baselines; 'none': never")
-    ev.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
-                    help="compaction: slots per KV head: ranked over all layers and heads (global), equal per head, or "
-                         "in proportion to the attention each head gives the span")
-    ev.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000])
-    ev.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    ev.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
-    ev.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown (and PNG) reports")
-    ev.set_defaults(func=cmd_eval)
+    suites = ev.add_subparsers(dest="suite", metavar="SUITE")
+    ev.set_defaults(func=cmd_eval, suite="retrieval")
 
-    cal = sub.add_parser("calibrate", help="calibrate the learned modules from a YAML recipe (resumes from the last checkpoint)")
+    ret = suites.add_parser("retrieval", formatter_class=HELP, help="perplexity and pass keys, dense vs sparse")
+    _add_model_args(ret)
+    ret.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000], help="pass-key prompt lengths")
+    ret.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="pass-key depths")
+    ret.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
+    ret.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
+
+    com = suites.add_parser("compaction", formatter_class=HELP, help="compaction methods by ratio: KL, perplexity, needles, bytes, time")
+    _add_model_args(com)
+    com.add_argument("--methods", nargs="+", default=None, help="compaction presses (default: all of them)")
+    com.add_argument("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50, 100], help="compaction ratios")
+    com.add_argument("--context-tokens", type=int, default=3000, help="tokens of each document")
+    com.add_argument("--continuation-tokens", type=int, default=512, help="tokens after each document the KL is measured on")
+    com.add_argument("--documents", type=int, default=1,
+                     help="documents (consecutive corpus windows) averaged over, and pass-key haystacks per depth")
+    com.add_argument("--queries", nargs="+", default=["repeat"],
+                     help="the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
+                          "SnapKV and H2O by the context's own queries)")
+    com.add_argument("--needle-depths", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                     help="pass-key depths per document (none: KL, perplexity, bytes and time only)")
+    com.add_argument("--needle-wording", default="pass-key", choices=["pass-key", "secret-number"],
+                     help="how the needle and the question are worded; in Python documentation 'pass' is also a "
+                          "keyword, which 'secret-number' avoids")
+    com.add_argument("--on-policy", action="store_true",
+                     help="Attention Matching fits each layer to the repeat queries of a pass that reads the layers "
+                          "below it already compacted")
+    com.add_argument("--whole-span-share", type=_share("--whole-span-share", auto=True), default="auto",
+                     help="with global head budgets, a head that wins this share of its span (a retrieval head) keeps "
+                          "all of it exact, paid for by the other heads; 'auto': 0.45 for the Attention Matching "
+                          "methods, none for the baselines; 'none': never")
+    com.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
+                     help="slots per KV head: ranked over all layers and heads (global), equal per head, or in "
+                          "proportion to the attention each head gives the span")
+    com.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
+
+    onl = suites.add_parser("online", formatter_class=HELP, help="generation under a physical KV budget (max_kv_tokens)")
+    _add_model_args(onl)
+    onl.add_argument("--methods", nargs="+", default=None, help="presses (default: am, streaming-llm, h2o, kvzip)")
+    onl.add_argument("--budgets", type=int, nargs="+", default=[256, 512], help="max_kv_tokens values")
+    onl.add_argument("--context-tokens", type=int, default=3000, help="tokens read before decoding")
+    onl.add_argument("--decode-tokens", type=int, default=512, help="tokens decoded one by one after the context")
+    onl.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
+
+    sco = suites.add_parser("scorer", formatter_class=HELP, help="a calibrated scorer vs the training-free ones on held-out windows")
+    _add_model_args(sco)
+    sco.add_argument("--run", default=None, help="a calibration output folder")
+    sco.add_argument("--lengths", type=int, nargs="+", default=[3000, 6000], help="held-out window lengths")
+    sco.add_argument("--max-windows", type=int, default=None,
+                     help="held-out windows per length averaged over (default: every whole window)")
+    sco.add_argument("--block-mass", dest="block_masses", type=_share("--block-mass"), nargs="*", default=[],
+                     help="also the final learned scorer selecting by these attention-mass thresholds (block_mass; "
+                          "density then varies per query and is reported)")
+    sco.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
+    for suite in (ret, com, onl, sco):
+        suite.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser("calibrate", formatter_class=HELP, help="calibrate the learned modules from a YAML recipe (resumes from the last checkpoint)")
     cal.add_argument("recipe", help="recipe YAML (see recipes/)")
     cal.add_argument("--output-dir", default=None, help="override the recipe's output_dir")
     cal.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
     cal.add_argument("--skip-eval", action="store_true", help="do not run the recipe's evaluation at the end")
     cal.set_defaults(func=cmd_calibrate)
 
-    exp = sub.add_parser("export", help="write Hub-ready checkpoints (full and modules-only) from a calibration run")
+    exp = sub.add_parser("export", formatter_class=HELP, help="write Hub-ready checkpoints (full and modules-only) from a calibration run")
     exp.add_argument("run", help="calibration output folder")
     exp.add_argument("--output", required=True, help="folder to write full/ and modules/ into")
     exp.add_argument("--repo-id", default=None, help="repo id named in the model card")
-    exp.add_argument("--base-reference", default=None, help="base checkpoint the modules-only variant names")
-    exp.add_argument("--card-template", default=None, help="model card template (default: hub_cards/model_card.md)")
-    exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    exp.add_argument("--base-model", "--base-reference", dest="base_model", default=None,
+                     help="Hub id (OWNER/NAME) of the base model both variants name; required when the run's base "
+                          "is a local folder (default: the run's base when it is a Hub id, or the embedded model's repo)")
+    exp.add_argument("--card-template", default=None,
+                     help="Jinja model card template for huggingface_hub.ModelCard (default: hub_cards/model_card.md)")
+    exp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the exported weights")
     exp.set_defaults(func=cmd_export)
 
-    pu = sub.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
-    pu.add_argument("folder")
-    pu.add_argument("--repo-id", required=True)
-    pu.add_argument("--private", action="store_true")
-    pu.add_argument("--token", default=None)
-    pu.add_argument("--revision", default=None)
+    pu = sub.add_parser("push", formatter_class=HELP, help="upload an exported folder to the Hugging Face Hub")
+    pu.add_argument("folder", help="an exported folder (full/ or modules/)")
+    pu.add_argument("--repo-id", required=True, help="OWNER/NAME on the Hub")
+    pu.add_argument("--private", action="store_true", help="create the repo private")
+    pu.add_argument("--token", default=None, help="Hub token (else the saved login or HF_TOKEN)")
+    pu.add_argument("--revision", default=None, help="branch to push to (else main)")
     pu.set_defaults(func=cmd_push)
     from .bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
     sub.choices["bench"].set_defaults(func=cmd_bench)
+    sub.choices["bench"].formatter_class = HELP
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `sparsemem eval --flags` (no suite named) is the retrieval suite
+    command = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if command is not None and argv[command] == "eval":
+        rest = argv[command + 1 :]
+        if not rest or rest[0] not in (*SUITES, "-h", "--help"):
+            argv.insert(command + 1, "retrieval")
+    return build_parser().parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

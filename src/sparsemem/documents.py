@@ -52,6 +52,8 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         if layer.slots is not None:
             for name in _SLOT_FIELDS:
                 tensors[f"layers.{index}.slots.{name}"] = getattr(layer.slots, name)
+    if getattr(cache, "token_ids", None) is not None:  # lets generate tell new tokens from a repeated document
+        tensors["token_ids"] = cache.token_ids[:, : cache.get_seq_length()]
     first = cache.layers[0]
     meta = {
         "format": FORMAT,
@@ -132,5 +134,9 @@ def load_document(path, model) -> SparseMemCache:
                                      for n in _SLOT_FIELDS))
         layer.entries_left = True  # laid out again (a no-op where nothing moved) once cache positions apply
         cache.layers.append(layer)
+    token_ids = tensors.get("token_ids")
+    if token_ids is not None and tuple(token_ids.shape) != (meta["batch_size"], meta["logical_length"]):
+        raise ValueError(f"{path / TENSORS}: token_ids {tuple(token_ids.shape)} do not match the batch and length in {META}")
+    cache.token_ids = None if token_ids is None else token_ids.to(device)
     cache.compaction_info = meta.get("compaction")
     return cache

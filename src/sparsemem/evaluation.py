@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_text
 from .corpus import Corpus, passkey_case, token_window
+from .plots import plot_retrieval
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def evaluate_model(name, model, tokenizer, corpus: Corpus, lengths, depths, ppl_
 
 
 def write_reports(reports: list[ModelReport], meta: dict, output_dir: Path) -> tuple[Path, Path]:
-    """Write `eval.json` and `eval.md` atomically into `output_dir`."""
+    """Write `eval.json`, `eval.md` and `eval.png` (with the `plot` extra) atomically into `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "meta": meta,
@@ -101,6 +102,7 @@ def write_reports(reports: list[ModelReport], meta: dict, output_dir: Path) -> t
     json_path, md_path = output_dir / "eval.json", output_dir / "eval.md"
     write_text(json_path, json.dumps(payload, indent=2))
     write_text(md_path, render_markdown(reports, meta))
+    plot_retrieval(reports, output_dir / "eval.png")
     return json_path, md_path
 
 

@@ -21,6 +21,7 @@ from .cache_compaction import capture_reference_queries, compact
 from .modeling.compaction import AttentionMatchingPress, make_press
 from .corpus import needle_question, passkey_case, token_window
 from .atomic import write_text
+from .plots import plot_online
 
 logger = logging.getLogger(__name__)
 
@@ -165,13 +166,8 @@ def _accuracy(answers: list[dict]) -> float | None:
 
 def _answer(model, tokenizer, cache, question, case, seed: int) -> dict:
     # the question is read after compaction, as when a saved compacted document is reused
-    length = cache.get_seq_length()
-    ids = torch.cat([torch.zeros(1, length, dtype=torch.long, device=question.device), question], dim=1)
-    out = model.generate(
-        ids, past_key_values=cache, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(question, past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    text = tokenizer.decode(out[0, question.shape[1]:], skip_special_tokens=True)
     return {"seed": seed, "depth": case.depth, "key": case.passkey, "answer": text}
 
 
@@ -180,12 +176,8 @@ def write_compaction_report(results: list[CompactionResult], meta: dict, output_
     json_path, md_path = output_dir / "compaction.json", output_dir / "compaction.md"
     write_text(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
     write_text(md_path, render_compaction_markdown(results, meta))
-    paths = [json_path, md_path]
-    try:
-        paths.append(plot_compaction(results, output_dir / "compaction.png"))
-    except ImportError:
-        logger.warning("matplotlib is not installed: no plot written")
-    return paths
+    plot = plot_compaction(results, output_dir / "compaction.png")
+    return [json_path, md_path] + ([plot] if plot else [])
 
 
 def render_compaction_markdown(results, meta) -> str:
@@ -217,12 +209,12 @@ def render_compaction_markdown(results, meta) -> str:
     return "\n".join(lines)
 
 
-def plot_compaction(results, path: Path) -> Path:
-    import matplotlib
+def plot_compaction(results, path: Path) -> Path | None:
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in dict.fromkeys(r.method for r in results if r.method != "full"):
         rows = sorted((r for r in results if r.method == method), key=lambda r: r.ratio)
@@ -233,12 +225,7 @@ def plot_compaction(results, path: Path) -> Path:
     axes[0].set(xscale="log", yscale="log", xlabel="compaction ratio", ylabel="next-token KL to full cache")
     axes[1].set(xscale="log", xlabel="compaction ratio", ylabel="needle accuracy", ylim=(-0.05, 1.05))
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def merge_reports(parts: list[str], output_dir: str) -> list[Path]:
@@ -289,7 +276,8 @@ def evaluate_online(
         cache = SparseMemCache(model.config, online=online)
         peak = 0
         logits = [model(ids[:, :context], past_key_values=cache).logits[:, -1:]]
-        for index in range(context, context + steps - 1):
+        for index in tqdm(range(context, context + steps - 1), desc=f"decode ({online.method} @{online.max_kv_tokens})"
+                          if online is not None else "decode (full cache)", leave=False):
             logits.append(model(ids[:, index : index + 1], past_key_values=cache).logits)
             if online is not None:
                 peak = max(peak, max(OnlineCompaction.physical_size(layer) for layer in cache.layers))
@@ -316,7 +304,8 @@ def write_online_report(results: list[OnlineResult], meta: dict, output_dir: Pat
     json_path, md_path = output_dir / "online.json", output_dir / "online.md"
     write_text(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
     write_text(md_path, render_online_markdown(results, meta))
-    return [json_path, md_path]
+    plot = plot_online(results, output_dir / "online.png")
+    return [json_path, md_path] + ([plot] if plot else [])
 
 
 def render_online_markdown(results: list[OnlineResult], meta: dict) -> str:
