@@ -466,6 +466,9 @@ class SparseMemCache(Cache):
         self.cache_positions = False  # whether held entries have been given cache positions
         self._rotary = None
         self.layouts, self.layout_seconds = 0, 0.0  # re-rotations of every layer done, and their wall seconds
+        # [B, L] ids of the logical tokens when every one came in as an id (None where unknown): lets
+        # `generate` tell a whole sequence (cached tokens first) from new tokens only
+        self.token_ids: torch.Tensor | None = None
 
     # -- RoPE positions -----------------------------------------------------------------------------
 
@@ -510,10 +513,6 @@ class SparseMemCache(Cache):
             check_rope_shiftable(config)
             self._rotary = module.rotary_class(config=config).to(module.q_proj.weight.device)
         return self._rotary
-
-        # [B, L] ids of the logical tokens when every one came in as an id (None where unknown): lets
-        # `generate` tell a whole sequence (cached tokens first) from new tokens only
-        self.token_ids: torch.Tensor | None = None
 
     def record_tokens(self, input_ids: torch.Tensor | None, start: int) -> None:
         """Note the ids of a forward pass that appends at logical position `start`."""
