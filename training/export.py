@@ -85,12 +85,12 @@ def export(run_dir, output, repo_id: str | None = None, base_reference: str | No
         lora=f" with LoRA {run['lora']}" if run.get("lora") else "", eval_table=_eval_table(run_dir),
     )
     full, modules = output / "full", output / "modules"
-    with staged_directory(full) as staging:
+    with staged_directory(full, marker="config.json") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         card = _card(template, title=name, repo_id=name, variant="Full weights.", **common)
         (staging / "README.md").write_text(card, encoding="utf-8")
-    with staged_directory(modules) as staging:
+    with staged_directory(modules, marker="config.json") as staging:
         model.config.sparsemem_base_model = base_reference
         try:
             model.config.save_pretrained(staging)

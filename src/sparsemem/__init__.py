@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .compact import compact, prefill
 from .convert import convert
-from .documents import load_document, save_document
+from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 from .modeling.online_compaction import OnlineCompaction
@@ -34,6 +34,8 @@ for _config_class, _model_class in FAMILIES.values():
 
 __all__ = [
     "AttentionStats",
+    "DocumentIntegrityError",
+    "DocumentModelMismatchError",
     "MemoryView",
     "OnlineCompaction",
     "SlotTier",
