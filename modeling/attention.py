@@ -157,6 +157,13 @@ def sparsemem_attention_forward(
         else:
             raise ValueError(f"attention_mask must be 2D [B, T] or 4D [B, 1, Q, T], got shape {tuple(attention_mask.shape)}")
 
+    if padding is not None:
+        offsets = first_real_tokens(padding)
+        if any(offsets):
+            return _each_row_from_its_first_token(
+                module, query, key, value, padding, offsets, scaling, sparsemem, block_size, kwargs
+            )
+
     scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
     stats = getattr(module, "sparsemem_stats", None)
     backend = _option(config, "attention_backend")
@@ -281,6 +288,64 @@ def sparsemem_attention_forward(
 
     output = torch.cat(outputs, dim=3).reshape(batch, heads, num_queries, dim)
     return output.transpose(1, 2).to(query.dtype), None
+
+
+def first_real_tokens(padding: torch.Tensor) -> list[int]:
+    """Logical position of each row's first real token in a [B, T] padding mask (0 for a row of pads)."""
+    found = padding.any(-1)
+    return torch.where(found, padding.int().argmax(-1), torch.zeros_like(found, dtype=torch.long)).tolist()
+
+
+def _row_slots(slots: SlotTier | None, row: int, offset: int, block_size: int) -> SlotTier | None:
+    """The slots of one batch row, renumbered from its first real token (`offset`)."""
+    if slots is None or offset == 0:
+        return None if slots is None else slots.map(lambda t: t[row : row + 1])
+    blocks = slots.block >= 0
+    if bool(blocks.any()) and offset % block_size:
+        raise ValueError(
+            f"slots standing for blocks (block_slots) need every row's left padding to be a multiple of "
+            f"block_size={block_size}; a row is padded by {offset} tokens: pad the batch to a multiple of it"
+        )
+    keep = slots.position >= offset  # slots of whole blocks of padding stand for nothing the row sees
+    index = keep.nonzero()[:, 0]
+    block = torch.where(blocks, slots.block - offset // block_size, slots.block)
+    return SlotTier(
+        slots.keys[row : row + 1, index], slots.values[row : row + 1, index], slots.beta[row : row + 1, index],
+        slots.head[index], block[index], slots.position[index] - offset,
+    )
+
+
+def _each_row_from_its_first_token(module, query, key, value, padding, offsets, scaling, view, block_size, kwargs):
+    """Attention of a left-padded batch, one row at a time with positions counted from the row's first real
+    token: its sinks are its own first tokens and its blocks start where its text starts, exactly as when
+    the row runs alone. Queries of padding positions see nothing and give zeros."""
+    batch, heads, num_queries, dim = query.shape
+    output = query.new_zeros(batch, num_queries, heads, dim)
+    for row, offset in enumerate(offsets):
+        start_query = min(max(offset - int(view.query_positions[0]), 0), num_queries)
+        if start_query == num_queries:
+            continue
+        start_key = int(torch.searchsorted(view.key_positions, offset))
+        mask = padding[row : row + 1, offset:]
+        row_view = MemoryView(
+            view.query_positions[start_query:] - offset,
+            view.key_positions[start_key:] - offset,
+            _row_slots(view.slots, row, offset, block_size),
+            view.sliding_window,
+            None,  # the layer's block summaries describe the whole batch
+            None,
+        )
+        output[row : row + 1, start_query:] = sparsemem_attention_forward(
+            module,
+            query[row : row + 1, :, start_query:],
+            key[row : row + 1, :, start_key:],
+            value[row : row + 1, :, start_key:],
+            None if bool(mask.all()) else mask,
+            scaling,
+            sparsemem=row_view,
+            **kwargs,
+        )[0]
+    return output, None
 
 
 def sparsemem_mask(

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .modeling.call_context import call_settings
 from .modeling.compaction import (
     AttentionMatchingPress,
     LayerAttention,
@@ -43,19 +44,11 @@ REPEAT_PROMPT = "\n\nRepeat the previous text exactly.\n\n"
 SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and questions a reader might ask about it.\n"
 
 
-@contextlib.contextmanager
 def query_hook(model, hook):
     """Call `hook(layer_idx, query_states)` with every attention layer's post-RoPE queries, before the
-    layer updates or reads its cache; the previous hooks come back afterwards."""
-    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
-    previous = [m.query_recorder for m in modules]
-    for module in modules:
-        module.query_recorder = hook
-    try:
-        yield
-    finally:
-        for module, recorder in zip(modules, previous):
-            module.query_recorder = recorder
+    layer updates or reads its cache, for the forward passes of this thread inside the block (other
+    threads running the model are not affected)."""
+    return call_settings(model, query_recorder=hook)
 
 
 @contextlib.contextmanager
@@ -76,14 +69,9 @@ def recording_queries(model, keep_from: int = 0):
         yield captured
 
 
-@contextlib.contextmanager
 def _dense_attention(model):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    # for this thread's passes only: other threads keep the model's own attention
+    return call_settings(model, attn_implementation="sdpa")
 
 
 @torch.no_grad()
@@ -149,6 +137,8 @@ def prefill(model, input_ids: torch.Tensor, cache=None, attention_mask: torch.Te
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError(f"prefill() fills a SparseMemCache, got {type(cache).__name__}")
     start = cache.get_seq_length()
+    if attention_mask is not None and not bool(attention_mask.all()):
+        cache.padded_batch = True  # see compact()
     with _dense_attention(model), recording_queries(model) as captured:
         model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     positions = torch.arange(start, start + input_ids.shape[1])
@@ -319,6 +309,9 @@ def compact(
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
     if getattr(model.config, "block_size", None) is None:
         raise ValueError("compact() needs a sparsemem model: use sparsemem.convert(model) first")
+    if getattr(cache, "padded_batch", False):
+        raise ValueError("compact() keeps the same positions of every row, so a padded row would keep padding as "
+                         "its sinks: the cache was filled with a padding mask; prefill and compact each sequence alone")
     if head_budgets is None:  # the best measured; chunks are compacted one at a time, so they share uniformly
         head_budgets = "global" if chunk_size is None else "uniform"
     if head_budgets not in HEAD_BUDGETS:
