@@ -24,7 +24,7 @@ from .anchors import anchor_mask, causal_mask, sliding_window_mask
 from .block_decode import block_decode_attention, unsupported_decode_reason
 from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
 from .cache import SlotTier
-from .configuration_sparsemem import SparseMemOptions
+from .configuration_sparsemem import OPTION_NAMES, SparseMemOptions
 from .merge import masked_attention, merge_attention_states
 from .query_blocks import aligned_chunks, pool_query_blocks, query_block_index
 from .scorer import PooledKeyScorer, summarize_blocks, summarize_contiguous_blocks
@@ -77,6 +77,32 @@ class AttentionStats:
 
 def _option(config, name):
     return getattr(config, name, getattr(_DEFAULTS, name))
+
+
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_VALID_OPTIONS: set = set()  # option values (with the head layout) already validated
+
+
+def check_config(config) -> None:
+    """The architecture and the options as they are now: a config's options may be changed after the model
+    was built (`model.config.block_size = ...`), so they are checked when used, once per set of values."""
+    family = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+    if family not in _FAMILIES:
+        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} supports the {list(_FAMILIES)} families; "
+                         f"this model's model_type is {family!r}")
+    validate = getattr(config, "validate_sparsemem_options", None)
+    if validate is None:  # a plain transformers config: sparsemem's defaults, valid
+        return
+    names = (*OPTION_NAMES, "num_attention_heads", "num_key_value_heads")
+    values = (type(config), *(getattr(config, name, None) for name in names))
+    try:
+        if values in _VALID_OPTIONS:
+            return
+    except TypeError:  # an unhashable value: not one the options allow
+        values = None
+    validate()
+    if values is not None:
+        _VALID_OPTIONS.add(values)
 
 
 def _dense_pair_counts(query_positions, padding, sliding_window) -> torch.Tensor:
@@ -132,6 +158,7 @@ def sparsemem_attention_forward(
     if dropout > 0.0:
         raise ValueError("attn_implementation='sparsemem' does not implement attention dropout; set attention_dropout=0")
     config = module.config
+    check_config(config)
     block_size, top_k = _option(config, "block_size"), _option(config, "top_k_blocks")
     fraction, coverage = _option(config, "block_fraction"), _option(config, "block_mass")
     sink, local = _option(config, "sink_tokens"), _option(config, "local_tokens")

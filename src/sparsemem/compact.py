@@ -133,6 +133,8 @@ def prefill(model, input_ids: torch.Tensor, cache=None, attention_mask: torch.Te
 
     if getattr(model.config, "block_size", None) is None:
         raise ValueError("prefill() needs a sparsemem model: use sparsemem.convert(model) first")
+    if input_ids.dim() != 2 or input_ids.shape[-1] == 0:
+        raise ValueError(f"prefill() needs `input_ids` of shape [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
     cache = SparseMemCache(model.config) if cache is None else cache
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError(f"prefill() fills a SparseMemCache, got {type(cache).__name__}")
@@ -212,6 +214,15 @@ def _subsample(queries, positions, cap, generator):
         return queries, positions
     index = torch.randperm(n, generator=generator)[:cap].sort().values
     return queries[..., index, :], positions[index]
+
+
+def _entries_per_head(cache) -> float:
+    """Physical entries (exact tokens and slots) per KV head, summed over the layers."""
+    total = 0.0
+    for layer in cache.layers:
+        if layer.is_initialized:
+            total += layer.physical_length + (len(layer.slots) / layer.keys.shape[1] if layer.slots is not None else 0)
+    return total
 
 
 def plan_budget(logical_length: int, ratio: float, sink_tokens: int, local_tokens: int, keep_first=None, keep_last=None):
@@ -343,8 +354,17 @@ def compact(
         press = press.with_whole_spans()
     start_time = time.perf_counter()
     length = cache.get_seq_length()
+    if length == 0 or not any(layer.is_initialized for layer in cache.layers):
+        raise ValueError("compact() was given an empty cache: run the document through the model (e.g. "
+                         "`cache, queries = sparsemem.prefill(model, ids)`) first")
     first, last, slots_per_head = plan_budget(length, ratio, cache.sink_tokens, cache.local_tokens, keep_first, keep_last)
     budget = first + last + slots_per_head
+    held = _entries_per_head(cache)
+    if held <= budget * len(cache.layers):
+        # already compacted to this ratio or further (e.g. the same call twice): nothing is left to fit
+        logger.info("compact(ratio=%s): the cache holds %.0f entries per KV head and layer, within the budget of %d; "
+                    "nothing to compact", ratio, held / len(cache.layers), budget)
+        return cache
     if keep_last is None and slots_per_head > 0:
         rest = budget - first
         # candidate numbers of exact recent tokens (`recent_shares` of the budget). No slots at all
