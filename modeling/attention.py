@@ -56,6 +56,8 @@ class MemoryView:
     # keys are exactly positions 0..N-1 and the queries the newest of them; None: check the positions
     # (which waits for the device), so callers that know it say so
     contiguous: bool | None = None
+    # why the fast paths may not compute this call whatever its inputs (None: decided from the inputs)
+    fallback: str | None = None
 
 
 class AttentionStats:
@@ -87,7 +89,7 @@ def check_config(config) -> None:
     """The architecture and the options as they are now: a config's options may be changed after the model
     was built (`model.config.block_size = ...`), so they are checked when used, once per set of values."""
     family = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
-    if family not in _FAMILIES:
+    if family is not None and family not in _FAMILIES:  # None: a bare holder of options, as direct callers pass
         raise ValueError(f"attn_implementation={ATTENTION_NAME!r} supports the {list(_FAMILIES)} families; "
                          f"this model's model_type is {family!r}")
     validate = getattr(config, "validate_sparsemem_options", None)
@@ -199,7 +201,9 @@ def sparsemem_attention_forward(
         contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
     if backend != "reference":
         options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
-        if num_queries == 1:
+        if sparsemem.fallback is not None:
+            reason = sparsemem.fallback
+        elif num_queries == 1:
             reason = unsupported_decode_reason(query, attention_mask, window, contiguous)
         else:
             reason = unsupported_reason(query, attention_mask, window, contiguous, options)
@@ -361,6 +365,8 @@ def _each_row_from_its_first_token(module, query, key, value, padding, offsets, 
             view.sliding_window,
             None,  # the layer's block summaries describe the whole batch
             None,
+            # the fast paths are tested on whole batches without padding; a padded batch stays on the reference
+            fallback="a padding mask is present (left-padded rows run one at a time)",
         )
         output[row : row + 1, start_query:] = sparsemem_attention_forward(
             module,

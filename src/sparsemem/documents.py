@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load_file, save_file
 
 from .atomic import recover, staged_directory
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
@@ -55,6 +55,14 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:32]
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):  # a document may not fit in memory twice
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _meta_checksum(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
@@ -89,12 +97,11 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         "compaction": getattr(cache, "compaction_info", None),
         "bytes": cache.memory_bytes(),
     }
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    meta["tensors_sha256"] = hashlib.sha256(data).hexdigest()
-    meta = json.loads(json.dumps(meta, default=str))  # the checksum covers what a reader will parse
-    meta["checksum"] = _meta_checksum(meta)
     with staged_directory(path, marker=META) as staging:
-        (staging / TENSORS).write_bytes(data)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / TENSORS)
+        meta["tensors_sha256"] = _file_sha256(staging / TENSORS)
+        meta = json.loads(json.dumps(meta, default=str))  # the checksum covers what a reader will parse
+        meta["checksum"] = _meta_checksum(meta)
         (staging / META).write_text(json.dumps(meta, indent=2))
     return path
 
@@ -115,8 +122,7 @@ def load_document(path, model) -> SparseMemCache:
         raise ValueError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r} (save the document again)")
     if meta.get("checksum") != _meta_checksum(meta):
         raise DocumentIntegrityError(f"{path / META} was edited or corrupted: its checksum does not match its content")
-    data = (path / TENSORS).read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+    if _file_sha256(path / TENSORS) != meta.get("tensors_sha256"):
         raise DocumentIntegrityError(f"{path / TENSORS} is truncated or corrupt: its SHA-256 differs from the one in {META}")
     fingerprint = model_fingerprint(model)
     if meta.get("model_fingerprint") != fingerprint:
@@ -133,7 +139,7 @@ def load_document(path, model) -> SparseMemCache:
         if meta.get(key) != value:
             raise ValueError(f"{path / META}: {key} is {meta.get(key)}, the model has {value}")
     try:
-        tensors = load(data)
+        tensors = load_file(path / TENSORS)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path / TENSORS} is truncated or corrupt: {error}") from None
     device = model.device
