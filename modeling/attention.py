@@ -25,7 +25,7 @@ from .block_decode import block_decode_attention, unsupported_decode_reason
 from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
 from .held_dense import held_dense_attention, unsupported_held_reason
 from .cache import SlotTier
-from .configuration_sparsemem import SparseMemOptions
+from .configuration_sparsemem import OPTION_NAMES, SparseMemOptions
 from .merge import masked_attention, merge_attention_states
 from .query_blocks import aligned_chunks, pool_query_blocks, query_block_index
 from .scorer import PooledKeyScorer, summarize_blocks, summarize_contiguous_blocks
@@ -61,6 +61,8 @@ class MemoryView:
     # appended to): dense-equivalent attention is then one lower-right causal SDPA call (held_dense.py)
     queries_newest: bool = False
     logical_length: int | None = None  # logical tokens up to the last query, when the caller knows it
+    # why the fast paths may not compute this call whatever its inputs (None: decided from the inputs)
+    fallback: str | None = None
 
 
 class AttentionStats:
@@ -82,6 +84,32 @@ class AttentionStats:
 
 def _option(config, name):
     return getattr(config, name, getattr(_DEFAULTS, name))
+
+
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+_VALID_OPTIONS: set = set()  # option values (with the head layout) already validated
+
+
+def check_config(config) -> None:
+    """The architecture and the options as they are now: a config's options may be changed after the model
+    was built (`model.config.block_size = ...`), so they are checked when used, once per set of values."""
+    family = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
+    if family is not None and family not in _FAMILIES:  # None: a bare holder of options, as direct callers pass
+        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} supports the {list(_FAMILIES)} families; "
+                         f"this model's model_type is {family!r}")
+    validate = getattr(config, "validate_sparsemem_options", None)
+    if validate is None:  # a plain transformers config: sparsemem's defaults, valid
+        return
+    names = (*OPTION_NAMES, "num_attention_heads", "num_key_value_heads")
+    values = (type(config), *(getattr(config, name, None) for name in names))
+    try:
+        if values in _VALID_OPTIONS:
+            return
+    except TypeError:  # an unhashable value: not one the options allow
+        values = None
+    validate()
+    if values is not None:
+        _VALID_OPTIONS.add(values)
 
 
 def _dense_pair_counts(query_positions, padding, sliding_window) -> torch.Tensor:
@@ -137,6 +165,7 @@ def sparsemem_attention_forward(
     if dropout > 0.0:
         raise ValueError("attn_implementation='sparsemem' does not implement attention dropout; set attention_dropout=0")
     config = module.config
+    check_config(config)
     block_size, top_k = _option(config, "block_size"), _option(config, "top_k_blocks")
     fraction, coverage = _option(config, "block_fraction"), _option(config, "block_mass")
     sink, local = _option(config, "sink_tokens"), _option(config, "local_tokens")
@@ -165,13 +194,20 @@ def sparsemem_attention_forward(
         else:
             raise ValueError(f"attention_mask must be 2D [B, T] or 4D [B, 1, Q, T], got shape {tuple(attention_mask.shape)}")
 
+    if padding is not None:
+        offsets = first_real_tokens(padding)
+        if any(offsets):
+            return _each_row_from_its_first_token(
+                module, query, key, value, padding, offsets, scaling, sparsemem, block_size, kwargs
+            )
+
     scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
     stats = getattr(module, "sparsemem_stats", None)
     backend = _option(config, "attention_backend")
     contiguous = sparsemem.contiguous
     if contiguous is None and key.shape[-2]:
         contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
-    if backend != "reference":
+    if backend != "reference" and sparsemem.fallback is None:
         # dense-equivalent attention is one SDPA call on any device (the reference path materialises masks)
         reason = unsupported_held_reason(query, attention_mask, window, {"top_k_blocks": top_k}, sparsemem.queries_newest)
         if reason is None:
@@ -186,7 +222,9 @@ def sparsemem_attention_forward(
             return output, None
     if backend != "reference":
         options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
-        if num_queries == 1:
+        if sparsemem.fallback is not None:
+            reason = sparsemem.fallback
+        elif num_queries == 1:
             reason = unsupported_decode_reason(query, attention_mask, window, contiguous)
         else:
             reason = unsupported_reason(query, attention_mask, window, contiguous, options)
@@ -302,6 +340,66 @@ def sparsemem_attention_forward(
 
     output = torch.cat(outputs, dim=3).reshape(batch, heads, num_queries, dim)
     return output.transpose(1, 2).to(query.dtype), None
+
+
+def first_real_tokens(padding: torch.Tensor) -> list[int]:
+    """Logical position of each row's first real token in a [B, T] padding mask (0 for a row of pads)."""
+    found = padding.any(-1)
+    return torch.where(found, padding.int().argmax(-1), torch.zeros_like(found, dtype=torch.long)).tolist()
+
+
+def _row_slots(slots: SlotTier | None, row: int, offset: int, block_size: int) -> SlotTier | None:
+    """The slots of one batch row, renumbered from its first real token (`offset`)."""
+    if slots is None or offset == 0:
+        return None if slots is None else slots.map(lambda t: t[row : row + 1])
+    blocks = slots.block >= 0
+    if bool(blocks.any()) and offset % block_size:
+        raise ValueError(
+            f"slots standing for blocks (block_slots) need every row's left padding to be a multiple of "
+            f"block_size={block_size}; a row is padded by {offset} tokens: pad the batch to a multiple of it"
+        )
+    keep = slots.position >= offset  # slots of whole blocks of padding stand for nothing the row sees
+    index = keep.nonzero()[:, 0]
+    block = torch.where(blocks, slots.block - offset // block_size, slots.block)
+    return SlotTier(
+        slots.keys[row : row + 1, index], slots.values[row : row + 1, index], slots.beta[row : row + 1, index],
+        slots.head[index], block[index], slots.position[index] - offset,
+    )
+
+
+def _each_row_from_its_first_token(module, query, key, value, padding, offsets, scaling, view, block_size, kwargs):
+    """Attention of a left-padded batch, one row at a time with positions counted from the row's first real
+    token: its sinks are its own first tokens and its blocks start where its text starts, exactly as when
+    the row runs alone. Queries of padding positions see nothing and give zeros."""
+    batch, heads, num_queries, dim = query.shape
+    output = query.new_zeros(batch, num_queries, heads, dim)
+    for row, offset in enumerate(offsets):
+        start_query = min(max(offset - int(view.query_positions[0]), 0), num_queries)
+        if start_query == num_queries:
+            continue
+        start_key = int(torch.searchsorted(view.key_positions, offset))
+        mask = padding[row : row + 1, offset:]
+        row_view = MemoryView(
+            view.query_positions[start_query:] - offset,
+            view.key_positions[start_key:] - offset,
+            _row_slots(view.slots, row, offset, block_size),
+            view.sliding_window,
+            None,  # the layer's block summaries describe the whole batch
+            None,
+            # the fast paths are tested on whole batches without padding; a padded batch stays on the reference
+            fallback="a padding mask is present (left-padded rows run one at a time)",
+        )
+        output[row : row + 1, start_query:] = sparsemem_attention_forward(
+            module,
+            query[row : row + 1, :, start_query:],
+            key[row : row + 1, :, start_key:],
+            value[row : row + 1, :, start_key:],
+            None if bool(mask.all()) else mask,
+            scaling,
+            sparsemem=row_view,
+            **kwargs,
+        )[0]
+    return output, None
 
 
 def sparsemem_mask(

@@ -29,6 +29,7 @@ from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_atte
 from .block_consolidation import BlockConsolidator, BlockSlotCache, block_slots, build_consolidator
 from .block_decode import BlockSummaryCache
 from .cache import SlotTier, SparseMemCache
+from .call_context import dense_mask, settings_for
 from .configuration_sparsemem import (
     SparseMemLlamaConfig,
     SparseMemMistralConfig,
@@ -171,7 +172,8 @@ class SparseMemAttentionMixin:
                     position_ids = torch.arange(past, past + query_states.shape[-2], device=query_states.device)[None]
                 cos, sin = past_key_values._rotary_embedding(self)(value_states, position_ids - offset)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        recorder = getattr(self, "query_recorder", None)
+        call = settings_for(self)  # this thread's per-call settings (dense pass, query capture), if any
+        recorder = call.query_recorder if call is not None and call.query_recorder else getattr(self, "query_recorder", None)
         if recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
             recorder(self.layer_idx, query_states)
 
@@ -187,7 +189,8 @@ class SparseMemAttentionMixin:
         if key_positions is None:  # a transformers cache (or none): the newest `physical` tokens, in order
             key_positions = torch.arange(total - key_states.shape[-2], total, device=device)
 
-        implementation = self.config._attn_implementation
+        dense = call.attn_implementation if call is not None else None
+        implementation = dense or self.config._attn_implementation
         if implementation == ATTENTION_NAME:
             query_positions = torch.arange(past, total, device=device)
             summaries = None
@@ -210,6 +213,9 @@ class SparseMemAttentionMixin:
                 f"or consolidated into slots; use attn_implementation={ATTENTION_NAME!r}"
             )
 
+        if dense is not None and self.config._attn_implementation == ATTENTION_NAME:
+            # the model built sparsemem's padding mask; the dense implementation needs the full one
+            attention_mask = dense_mask(attention_mask, torch.arange(past, total, device=device), key_positions, self.attention_window)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         attn_output, attn_weights = attention_interface(
             self,
@@ -223,6 +229,13 @@ class SparseMemAttentionMixin:
             **kwargs,
         )
         online = getattr(past_key_values, "online", None)
+        if implementation == ATTENTION_NAME and attention_mask is not None and past_key_values is not None:
+            # a padded batch (sparsemem_mask drops an all-ones mask): compaction keeps the same positions
+            # of every row, so it would keep padding as sinks; compaction refuses such a cache
+            past_key_values.padded_batch = True
+            if online is not None:
+                raise ValueError("online compaction (max_kv_tokens) keeps the same positions of every row and "
+                                 "cannot compact a padded batch; generate each sequence alone")
         if online is not None and layer is not None:
             # after this step attended everything: remember its queries; after the last layer, keep every
             # layer in budget (one batched solve for all the layers that reached it)

@@ -219,6 +219,34 @@ def test_recipe_errors_name_the_problem(tiny_base, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overrides,key", [
+    ({"max_grad_norm": -1}, "max_grad_norm"),  # would turn training into gradient ascent
+    ({"max_grad_norm": 0}, "max_grad_norm"),
+    ({"max_grad_norm": "1.0"}, "max_grad_norm"),
+    ({"phase1": {"weight_decay": "0.1"}}, "phase1.weight_decay"),
+    ({"phase2": {"weight_decay": -0.1}}, "phase2.weight_decay"),
+    ({"data": {"max_train_tokens": "1e6"}}, "data.max_train_tokens"),
+    ({"data": {"max_train_tokens": 0}}, "data.max_train_tokens"),
+    ({"data": {"train": [{"name": "python-docs", "max_chars": "lots"}]}}, r"data.train\[0\].max_chars"),
+    ({"phase2": {"lora": {"r": "eight"}}}, "phase2.lora.r"),
+    ({"phase2": {"lora": {"alpha": 0}}}, "phase2.lora.alpha"),
+    ({"phase2": {"lora": {"dropout": 1.5}}}, "phase2.lora.dropout"),
+    ({"phase2": {"lora": {"lr": "fast"}}}, "phase2.lora.lr"),
+    ({"phase2": {"lora": {"target_modules": "q_proj"}}}, "phase2.lora.target_modules"),
+    ({"phase2": {"lora": {"target_modules": ["q_proj", 3]}}}, r"phase2.lora.target_modules\[1\]"),
+    ({"eval": {"lengths": 4096}}, "eval.lengths"),
+    ({"eval": {"lengths": ["4096"]}}, r"eval.lengths\[0\]"),
+    ({"sparsemem": {"block_size": -5}}, "sparsemem.*block_size"),
+    ({"sparsemem": {"top_k_blocks": 0}}, "sparsemem.*top_k_blocks"),
+    ({"seed": "zero"}, "seed"),
+    ({"gradient_checkpointing": "yes"}, "gradient_checkpointing"),
+    ({"report_to": "wandb"}, "report_to"),
+])
+def test_recipe_values_are_typed_before_the_model_loads(tiny_base, tmp_path, overrides, key):
+    with pytest.raises(ValueError, match=f"recipe: `{key}"):
+        _recipe(tiny_base, tmp_path, **overrides)
+
+
 def test_real_recipes_parse():
     root = Path(__file__).parents[1] / "recipes"
     from sparsemem.training import load_recipe

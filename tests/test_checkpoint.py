@@ -25,7 +25,7 @@ REMOTE_FILES = {
     "selection.py",
     "merge.py",
 }
-ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "copy", "functools", "inspect", "logging", "math", "os", "time", "typing"}
+ALLOWED_IMPORTS = {"torch", "transformers", "dataclasses", "contextlib", "contextvars", "copy", "functools", "inspect", "logging", "math", "os", "time", "typing"}
 
 # runs in a fresh interpreter where `import sparsemem` fails
 LOADER = remote_code_loader(

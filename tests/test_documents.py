@@ -7,7 +7,13 @@ import torch
 from conftest import make_base_model, prefilled
 
 import sparsemem
-from sparsemem.documents import load_document, save_document
+from sparsemem.documents import (
+    DocumentIntegrityError,
+    DocumentModelMismatchError,
+    _meta_checksum,
+    load_document,
+    save_document,
+)
 
 
 @pytest.fixture(scope="module", params=["proportional", "global"])
@@ -56,8 +62,66 @@ def test_refuses_truncated_or_inconsistent_files(compacted, tmp_path):
     save_document(cache, model, folder, overwrite=True)
     meta = json.loads((folder / "document.json").read_text())
     meta["num_key_value_heads"] = 4
+    meta["checksum"] = _meta_checksum(meta)  # consistent metadata that does not fit the model
     (folder / "document.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="num_key_value_heads"):
         load_document(folder, model)
     with pytest.raises(FileNotFoundError, match="document.json"):
         load_document(tmp_path / "nowhere", model)
+
+
+def test_a_flipped_data_byte_or_edited_metadata_is_refused(compacted, tmp_path):
+    model, _, cache = compacted
+    folder = save_document(cache, model, tmp_path / "doc")
+    data = bytearray((folder / "kv.safetensors").read_bytes())
+    data[-5] ^= 0x01  # one bit of the last tensor's data: still a valid safetensors file
+    (folder / "kv.safetensors").write_bytes(bytes(data))
+    with pytest.raises(DocumentIntegrityError, match="kv.safetensors is truncated or corrupt"):
+        load_document(folder, model)
+    save_document(cache, model, folder, overwrite=True)
+    meta = json.loads((folder / "document.json").read_text())
+    meta["logical_length"] -= 1
+    (folder / "document.json").write_text(json.dumps(meta))
+    with pytest.raises(DocumentIntegrityError, match="document.json was edited or corrupted"):
+        load_document(folder, model)
+
+
+def test_any_weight_change_is_refused(compacted, tmp_path):
+    model, _, cache = compacted
+    folder = save_document(cache, model, tmp_path / "doc")
+    last = model.model.layers[-1].self_attn
+    original = last.v_proj.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            last.v_proj.weight[0, 0] += 1e-3  # a late layer's value projection, nothing else
+        with pytest.raises(DocumentModelMismatchError, match="different model"):
+            load_document(folder, model)
+    finally:
+        with torch.no_grad():
+            last.v_proj.weight.copy_(original)
+    load_document(folder, model)  # the same weights again: accepted
+
+
+def test_a_lora_on_q_and_v_is_refused(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, ids, cache = prefilled("llama", 120, 100, top_k_blocks=None)
+    folder = save_document(cache, model, tmp_path / "doc")
+    tuned = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():  # the adapter (B not zero) really changes the model
+        adapted = tuned(ids[:, :100]).logits
+        with tuned.disable_adapter():
+            plain = tuned(ids[:, :100]).logits
+    assert (adapted - plain).abs().max() > 1e-3
+    with pytest.raises(DocumentModelMismatchError, match="different model"):
+        load_document(folder, tuned)
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_document(compacted, tmp_path):
+    model, _, cache = compacted
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="without document.json"):
+        save_document(cache, model, folder, overwrite=True)
+    assert (folder / "todo.txt").read_text() == "keep me"

@@ -45,7 +45,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
 
 def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer, info: dict, keep: int = 2) -> Path:
     target = Path(root) / f"step-{step:07d}"
-    with staged_directory(target) as staging:
+    with staged_directory(target, marker=STATE_FILE) as staging:
         save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, staging / "trainable.safetensors")
         tensors, meta = optimizer_to_flat(optimizer)
         save_file(tensors, staging / "optimizer.safetensors")

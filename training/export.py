@@ -142,12 +142,12 @@ def export(run_dir, output, repo_id: str | None = None, base_model: str | None =
         adapter=adapter_note, repo_id=name,
     )
     full, modules = output / "full", output / "modules"
-    with staged_directory(full) as staging:
+    with staged_directory(full, marker="config.json") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         card = render_card(template, base_model, title=name, variant="Full weights.", **common)
         (staging / "README.md").write_text(card, encoding="utf-8")
-    with staged_directory(modules) as staging:
+    with staged_directory(modules, marker="config.json") as staging:
         model.config.sparsemem_base_model = base_model
         try:
             model.config.save_pretrained(staging)

@@ -111,18 +111,58 @@ def _source(value, where: str) -> DataSource:
     _build(DataSource, value, where)
     if "name" not in value:
         raise ValueError(f"recipe: `{where}` needs a `name`")
+    for key in ("name", "split", "text_field"):
+        if key in value and (not isinstance(value[key], str) or not value[key]):
+            raise ValueError(f"recipe: `{where}.{key}` must be a non-empty string, got {value[key]!r}")
+    if value.get("max_chars") is not None:
+        _number(f"{where}.max_chars", value["max_chars"], int, 1)
     return DataSource(**value)
 
 
-def _number(where, value, kind, minimum=None, maximum=None):
+def _number(where, value, kind, minimum=None, maximum=None, positive=False):
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if ok and minimum is not None and value < minimum:
         ok = False
     if ok and maximum is not None and value > maximum:
         ok = False
+    if ok and positive and not value > 0:
+        ok = False
     if not ok:
         bounds = f" in [{minimum}, {maximum}]" if maximum is not None else (f" >= {minimum}" if minimum is not None else "")
+        bounds = " > 0" if positive else bounds
         raise ValueError(f"recipe: `{where}` must be a {getattr(kind, '__name__', 'number')}{bounds}, got {value!r}")
+
+
+def _list_of(where, value, kind, allow_empty=False) -> None:
+    if not isinstance(value, list) or not (value or allow_empty):
+        raise ValueError(f"recipe: `{where}` must be a {'' if allow_empty else 'non-empty '}list, got {value!r}")
+    for index, item in enumerate(value):
+        if kind is int:
+            _number(f"{where}[{index}]", item, int)
+        elif not isinstance(item, kind):
+            raise ValueError(f"recipe: `{where}[{index}]` must be a {kind.__name__}, got {item!r}")
+
+
+def _check_lora(lora: LoraSettings) -> None:
+    _number("phase2.lora.r", lora.r, int, 1)
+    _number("phase2.lora.alpha", lora.alpha, (int, float), positive=True)
+    _number("phase2.lora.dropout", lora.dropout, (int, float), 0, 1)
+    if lora.dropout == 1:
+        raise ValueError("recipe: `phase2.lora.dropout` must be below 1, got 1")
+    _number("phase2.lora.lr", lora.lr, (int, float), positive=True)
+    _list_of("phase2.lora.target_modules", lora.target_modules, str)
+
+
+def _check_options(options: dict) -> None:
+    """The sparse-memory options' values, checked as the model's config will check them."""
+    from sparsemem.modeling.configuration_sparsemem import SparseMemOptions
+
+    probe = SparseMemOptions(**options)
+    probe.num_attention_heads = probe.num_key_value_heads = None  # the model's, checked when it loads
+    try:
+        probe.validate_sparsemem_options()
+    except ValueError as error:
+        raise ValueError(f"recipe: `sparsemem`: {error}") from None
 
 
 def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
@@ -139,6 +179,7 @@ def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
     if options.get("scorer", "learned") != "learned":
         raise ValueError("recipe: `sparsemem.scorer` must be 'learned' (the scorer being calibrated)")
     values["sparsemem"] = {**options, "scorer": "learned"}
+    _check_options(values["sparsemem"])
 
     data = _build(DataSettings, values.get("data", {}) or {}, "data")
     train = data.get("train", ["python-docs"])
@@ -167,14 +208,20 @@ def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
         eval_source.check()
     values["data"] = DataSettings(train, eval_source, data.get("eval_tokens", 8192), data.get("max_train_tokens"))
     _number("data.eval_tokens", values["data"].eval_tokens, int, 1)
+    if values["data"].max_train_tokens is not None:
+        _number("data.max_train_tokens", values["data"].max_train_tokens, int, 1)
 
     phase2 = dict(_build(Phase2, values.get("phase2", {}) or {}, "phase2"))
     if phase2.get("lora") is not None:
         phase2["lora"] = LoraSettings(**_build(LoraSettings, phase2["lora"], "phase2.lora"))
+        _check_lora(phase2["lora"])
     values["phase2"] = Phase2(**phase2)
     values["phase1"] = Phase1(**_build(Phase1, values.get("phase1", {}) or {}, "phase1"))
     if values.get("eval") is not None:
         values["eval"] = EvalSettings(**_build(EvalSettings, values["eval"], "eval"))
+        _list_of("eval.lengths", values["eval"].lengths, int)
+    if "report_to" in values:
+        _list_of("report_to", values["report_to"], str, allow_empty=True)
     recipe = Recipe(**values)
 
     _number("sequence_length", recipe.sequence_length, int, 16)
@@ -182,10 +229,16 @@ def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
     _number("gradient_accumulation_steps", recipe.gradient_accumulation_steps, int, 1)
     _number("checkpoint_every", recipe.checkpoint_every, int, 1)
     _number("log_every", recipe.log_every, int, 1)
+    _number("seed", recipe.seed, int, 0)
+    # a negative clipping norm flips every gradient (training then climbs the loss)
+    _number("max_grad_norm", recipe.max_grad_norm, (int, float), positive=True)
+    if not isinstance(recipe.gradient_checkpointing, bool):
+        raise ValueError(f"recipe: `gradient_checkpointing` must be true or false, got {recipe.gradient_checkpointing!r}")
     for phase in ("phase1", "phase2"):
         settings = getattr(recipe, phase)
         _number(f"{phase}.steps", settings.steps, int, 0)
         _number(f"{phase}.lr", settings.lr, (int, float), 0)
+        _number(f"{phase}.weight_decay", settings.weight_decay, (int, float), 0)
         _number(f"{phase}.warmup_steps", settings.warmup_steps, int, 0)
     _number("phase1.queries_per_layer", recipe.phase1.queries_per_layer, int, 1)
     if not isinstance(recipe.phase1.mass_weighted, bool):

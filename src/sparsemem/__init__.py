@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .ask import ask, read_document
 from .cache_compaction import compact, prefill
 from .conversion import convert
-from .documents import load_document, save_document
+from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 from .modeling.online_compaction import OnlineCompaction
@@ -35,6 +35,8 @@ for _config_class, _model_class in FAMILIES.values():
 
 __all__ = [
     "AttentionStats",
+    "DocumentIntegrityError",
+    "DocumentModelMismatchError",
     "MemoryView",
     "OnlineCompaction",
     "SlotTier",

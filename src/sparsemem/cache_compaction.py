@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .modeling.call_context import call_settings
 from .modeling.compaction import (
     AttentionMatchingPress,
     LayerAttention,
@@ -43,19 +44,11 @@ REPEAT_PROMPT = "\n\nRepeat the previous text exactly.\n\n"
 SELF_STUDY_PROMPT = "\n\nWrite down the key facts of the text above and questions a reader might ask about it.\n"
 
 
-@contextlib.contextmanager
 def query_hook(model, hook):
     """Call `hook(layer_idx, query_states)` with every attention layer's post-RoPE queries, before the
-    layer updates or reads its cache; the previous hooks come back afterwards."""
-    modules = [m for m in model.modules() if hasattr(m, "query_recorder")]
-    previous = [m.query_recorder for m in modules]
-    for module in modules:
-        module.query_recorder = hook
-    try:
-        yield
-    finally:
-        for module, recorder in zip(modules, previous):
-            module.query_recorder = recorder
+    layer updates or reads its cache, for the forward passes of this thread inside the block (other
+    threads running the model are not affected)."""
+    return call_settings(model, query_recorder=hook)
 
 
 @contextlib.contextmanager
@@ -76,14 +69,9 @@ def recording_queries(model, keep_from: int = 0):
         yield captured
 
 
-@contextlib.contextmanager
 def _dense_attention(model):
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
+    # for this thread's passes only: other threads keep the model's own attention
+    return call_settings(model, attn_implementation="sdpa")
 
 
 @torch.no_grad()
@@ -145,10 +133,14 @@ def prefill(model, input_ids: torch.Tensor, cache=None, attention_mask: torch.Te
 
     if getattr(model.config, "block_size", None) is None:
         raise ValueError("prefill() needs a sparsemem model: use sparsemem.convert(model) first")
+    if input_ids.dim() != 2 or input_ids.shape[-1] == 0:
+        raise ValueError(f"prefill() needs `input_ids` of shape [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
     cache = SparseMemCache(model.config) if cache is None else cache
     if not getattr(cache, "is_sparsemem", False):
         raise ValueError(f"prefill() fills a SparseMemCache, got {type(cache).__name__}")
     start = cache.get_seq_length()
+    if attention_mask is not None and not bool(attention_mask.all()):
+        cache.padded_batch = True  # see compact()
     with _dense_attention(model), recording_queries(model) as captured:
         model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
     positions = torch.arange(start, start + input_ids.shape[1])
@@ -222,6 +214,15 @@ def _subsample(queries, positions, cap, generator):
         return queries, positions
     index = torch.randperm(n, generator=generator)[:cap].sort().values
     return queries[..., index, :], positions[index]
+
+
+def _entries_per_head(cache) -> float:
+    """Physical entries (exact tokens and slots) per KV head, summed over the layers."""
+    total = 0.0
+    for layer in cache.layers:
+        if layer.is_initialized:
+            total += layer.physical_length + (len(layer.slots) / layer.keys.shape[1] if layer.slots is not None else 0)
+    return total
 
 
 def plan_budget(logical_length: int, ratio: float, sink_tokens: int, local_tokens: int, keep_first=None, keep_last=None):
@@ -319,6 +320,9 @@ def compact(
         raise ValueError("compact() needs a SparseMemCache (run the context through a sparsemem model first)")
     if getattr(model.config, "block_size", None) is None:
         raise ValueError("compact() needs a sparsemem model: use sparsemem.convert(model) first")
+    if getattr(cache, "padded_batch", False):
+        raise ValueError("compact() keeps the same positions of every row, so a padded row would keep padding as "
+                         "its sinks: the cache was filled with a padding mask; prefill and compact each sequence alone")
     if head_budgets is None:  # the best measured; chunks are compacted one at a time, so they share uniformly
         head_budgets = "global" if chunk_size is None else "uniform"
     if head_budgets not in HEAD_BUDGETS:
@@ -350,8 +354,17 @@ def compact(
         press = press.with_whole_spans()
     start_time = time.perf_counter()
     length = cache.get_seq_length()
+    if length == 0 or not any(layer.is_initialized for layer in cache.layers):
+        raise ValueError("compact() was given an empty cache: run the document through the model (e.g. "
+                         "`cache, queries = sparsemem.prefill(model, ids)`) first")
     first, last, slots_per_head = plan_budget(length, ratio, cache.sink_tokens, cache.local_tokens, keep_first, keep_last)
     budget = first + last + slots_per_head
+    held = _entries_per_head(cache)
+    if held <= budget * len(cache.layers):
+        # already compacted to this ratio or further (e.g. the same call twice): nothing is left to fit
+        logger.info("compact(ratio=%s): the cache holds %.0f entries per KV head and layer, within the budget of %d; "
+                    "nothing to compact", ratio, held / len(cache.layers), budget)
+        return cache
     if keep_last is None and slots_per_head > 0:
         rest = budget - first
         # candidate numbers of exact recent tokens (`recent_shares` of the budget). No slots at all

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .arguments import check_arguments
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
@@ -418,6 +419,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_arguments(args)  # before any model work or output
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"sparsemem {args.command}: error: {error}", file=sys.stderr)

@@ -55,7 +55,7 @@ def default_model_dir() -> Path:
     model = LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    with staged_directory(target) as staging:
+    with staged_directory(target, marker="config.json") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target

@@ -1,8 +1,10 @@
 """Compacted documents on disk: read a long document once, compact it, answer many questions later.
 
 A document is a folder with `kv.safetensors` (every tier of every layer) and `document.json` (format,
-model fingerprint, shapes, logical length, how it was compacted). It is written to a temporary folder
-and renamed, so a crash never leaves half a document; loading checks the model, the shapes and the file.
+model fingerprint, shapes, logical length, how it was compacted, the SHA-256 of the tensor file and a
+checksum of the metadata itself). It is written by `atomic.staged_directory`, so a crash never leaves half
+a document nor loses the one it replaces. Loading checks both checksums (`DocumentIntegrityError`), the
+model's fingerprint over all its weights (`DocumentModelMismatchError`) and the shapes.
 """
 
 import hashlib
@@ -13,17 +15,31 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import staged_directory
+from .atomic import recover, staged_directory
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 
-FORMAT = "sparsemem-compacted-document/1"
+FORMAT = "sparsemem-compacted-document/2"
 TENSORS, META = "kv.safetensors", "document.json"
 _SLOT_FIELDS = ("keys", "values", "beta", "head", "block", "position", "rope")
 
 
+class DocumentIntegrityError(ValueError):
+    """A saved document's tensors or metadata differ from what was written (corrupt or edited)."""
+
+
+class DocumentModelMismatchError(ValueError):
+    """A saved document was made by a model whose weights or architecture differ from this one."""
+
+
+def _learned_module(name: str) -> bool:
+    # sparsemem's scorer and consolidator read the cache; they do not make it
+    return any(part in ("scorer", "consolidator") for part in name.split("."))
+
+
 def model_fingerprint(model) -> str:
-    """Architecture fields plus a hash of the first layer's key projection: two models share a
-    fingerprint only if their caches are interchangeable."""
+    """Architecture fields plus a hash of every weight that shapes the cached keys and values (every
+    layer's attention projections, MLP and norms, the embeddings, adapters such as LoRA included):
+    two models share a fingerprint only if their caches are interchangeable."""
     config = model.config
     fields = {name: getattr(config, name, None) for name in (
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
@@ -31,9 +47,25 @@ def model_fingerprint(model) -> str:
     )}
     fields["family"] = getattr(config, "base_model_type", config.model_type)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
-    weight = model.model.layers[0].self_attn.k_proj.weight.detach().float().cpu().contiguous()
-    digest.update(weight.numpy().tobytes())
+    for name, parameter in model.named_parameters():
+        if _learned_module(name):
+            continue
+        digest.update(name.encode())
+        digest.update(memoryview(parameter.detach().float().cpu().contiguous().numpy()).cast("B"))
     return digest.hexdigest()[:32]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):  # a document may not fit in memory twice
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -> Path:
@@ -73,15 +105,20 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         "compaction": getattr(cache, "compaction_info", None),
         "bytes": cache.memory_bytes(),
     }
-    with staged_directory(path) as staging:
+    with staged_directory(path, marker=META) as staging:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / TENSORS)
-        (staging / META).write_text(json.dumps(meta, indent=2, default=str))
+        meta["tensors_sha256"] = _file_sha256(staging / TENSORS)
+        meta = json.loads(json.dumps(meta, default=str))  # the checksum covers what a reader will parse
+        meta["checksum"] = _meta_checksum(meta)
+        (staging / META).write_text(json.dumps(meta, indent=2))
     return path
 
 
 def load_document(path, model) -> SparseMemCache:
     """A `SparseMemCache` holding the saved document, on the model's device, ready for `generate`."""
     path = Path(path)
+    if not path.exists():
+        recover(path)  # a writer killed mid-swap leaves the previous copy aside
     for name in (META, TENSORS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: not a saved sparsemem document")
@@ -90,10 +127,14 @@ def load_document(path, model) -> SparseMemCache:
     except json.JSONDecodeError as error:
         raise ValueError(f"{path / META} is not valid JSON: {error}") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(f"{path / META}: format {meta.get('format')!r}, expected {FORMAT!r} (save the document again)")
+    if meta.get("checksum") != _meta_checksum(meta):
+        raise DocumentIntegrityError(f"{path / META} was edited or corrupted: its checksum does not match its content")
+    if _file_sha256(path / TENSORS) != meta.get("tensors_sha256"):
+        raise DocumentIntegrityError(f"{path / TENSORS} is truncated or corrupt: its SHA-256 differs from the one in {META}")
     fingerprint = model_fingerprint(model)
     if meta.get("model_fingerprint") != fingerprint:
-        raise ValueError(
+        raise DocumentModelMismatchError(
             f"{path} was made with a different model (fingerprint {meta.get('model_fingerprint')}, this model {fingerprint})"
         )
     config = model.config

@@ -1,0 +1,76 @@
+"""Checks of the command line's values that need no model: run before anything is loaded or written, so a
+typo fails at once with the option named, not after the model work (and without a half-started report)."""
+
+import argparse
+import math
+
+from .modeling.configuration_sparsemem import SparseMemOptions
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(args, name: str, minimum: float, kind=int) -> None:
+    values = getattr(args, name, None)
+    if values is None:
+        return
+    for value in values if isinstance(values, list) else [values]:
+        if not isinstance(value, kind) or value < minimum:
+            raise ValueError(f"{_flag(name)} must be {'an integer' if kind is int else 'a number'} >= {minimum}, got {value!r}")
+
+
+def _fractions(args, name: str) -> None:
+    values = getattr(args, name, None)
+    for value in (values if isinstance(values, list) else [values]) if values is not None else []:
+        if not 0 <= value <= 1:
+            raise ValueError(f"{_flag(name)} must be a relative depth in [0, 1], got {value!r}")
+
+
+def _sparsemem_options(args) -> None:
+    given = {name: getattr(args, name) for name in SparseMemOptions.__dataclass_fields__ if hasattr(args, name)}
+    probe = SparseMemOptions(**given)
+    probe.num_attention_heads = probe.num_key_value_heads = None  # the model's; checked when it loads
+    try:
+        probe.validate_sparsemem_options()
+    except ValueError as error:
+        message = str(error)
+        for name in given:  # name the option as it is spelled on the command line
+            message = message.replace(f"`{name}`", _flag(name))
+        raise ValueError(message) from None
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first command-line option whose value cannot work."""
+    _sparsemem_options(args)
+    for name in ("length", "context_tokens", "continuation_tokens", "documents", "decode_tokens", "max_windows"):
+        _at_least(args, name, 1)
+    _at_least(args, "ppl_length", 0)
+    _at_least(args, "budgets", 1)
+    _at_least(args, "lengths", 1)
+    for ratio in getattr(args, "ratios", None) or []:
+        if not (math.isfinite(ratio) and ratio >= 1):
+            raise ValueError(f"--ratios must be finite numbers >= 1, got {ratio!r}")
+    for name in ("depth", "depths", "needle_depths"):
+        _fractions(args, name)
+    share = getattr(args, "whole_span_share", None)
+    if share not in (None, "auto") and not 0 < share <= 1:
+        raise ValueError(f"--whole-span-share must be a share in (0, 1], 'auto' or 'none', got {share!r}")
+    for share in getattr(args, "block_masses", None) or []:
+        if share is None or not 0 < share <= 1:
+            raise ValueError(f"--block-mass must be a share in (0, 1], got {share!r}")
+    if getattr(args, "command", None) == "eval":
+        _eval_choices(args)
+
+
+def _eval_choices(args) -> None:
+    from .compact import QUERY_SOURCES
+    from .modeling.compaction import PRESSES
+
+    known = sorted([*PRESSES, "am-learned"])
+    for method in args.methods or []:
+        if method not in known:
+            raise ValueError(f"--methods: unknown compaction method {method!r}; choose from {known}")
+    for source in args.queries or []:
+        if source not in QUERY_SOURCES:
+            raise ValueError(f"--queries: unknown query source {source!r}; choose from {list(QUERY_SOURCES)}")
