@@ -28,7 +28,9 @@ class OnlineCompaction:
     keep_first: first tokens kept exact (attention sinks). recent_fraction: share of the compacted
     budget kept as exact recent tokens (the rest are slots). target: the layer shrinks to this share
     of the budget. method: a compaction press name ("am", "streaming-llm", ...). num_queries: recent
-    queries remembered per layer as reference queries."""
+    queries remembered per layer as reference queries. place_slots: under cache positions, fit the slots
+    where the cache's layout will put them (right before the recent entries) rather than where their keys
+    were chosen; logical positions never move a slot."""
 
     max_kv_tokens: int
     keep_first: int = 16
@@ -36,6 +38,7 @@ class OnlineCompaction:
     target: float = 0.75
     method: str = "am"
     num_queries: int = 256
+    place_slots: bool = True
 
     def __post_init__(self):
         if isinstance(self.max_kv_tokens, bool) or not isinstance(self.max_kv_tokens, int) or self.max_kv_tokens < 8:
@@ -87,7 +90,7 @@ class OnlineCompaction:
         layers = [layer for layer in cache.layers if layer.is_initialized]
 
         def placement(layer):
-            if not getattr(cache, "cache_positions", False) or layer.rope_positions is None:
+            if not self.place_slots or not getattr(cache, "cache_positions", False) or layer.rope_positions is None:
                 return None
             # the first recent entry that stays exact: the slots go right before it
             first_kept = int(torch.searchsorted(layer.positions, layer.logical_length - self.keep_last))

@@ -4,6 +4,7 @@ against the evaluation or against identities they must satisfy."""
 
 import ast
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -157,3 +158,12 @@ def test_gpu_profile_needs_cuda():
 
     with pytest.raises(SystemExit, match="no CUDA device"):
         gpu_profile.main(["decode"])
+
+
+def test_stream_positions_runs_on_a_tiny_model(tiny):
+    """A short stream per configuration: finite losses, and positions/placement honoured."""
+    stream_positions = importlib.import_module("stream_positions")
+    model, tokenizer, _ = tiny
+    row = stream_positions.run(model, tokenizer, "am", "cache", True, tokens=200, chunk=40, budget=64)
+    assert row["loss"] is not None and math.isfinite(row["loss"]) and row["positions"] == "cache" and row["place_slots"]
+    assert len(row["chunk_losses"]) == 5

@@ -248,6 +248,7 @@ def stream(
     source: "TokenStream | None" = None,
     baseline: bool = True,
     passkeys: list[int] | None = None,
+    online=None,
 ) -> tuple[StreamRun, TokenStream]:
     """Stream `tokens` tokens through `model` (a sparsemem model) in chunks of `chunk`, with every layer's
     cache compacted online to `budget` entries per KV head by `method`.
@@ -260,7 +261,8 @@ def stream(
     read instead of one over `text_files`. `baseline` also records `loss_no_memory`: the same targets
     predicted from the chunk alone (no cache, positions from 0), the reference a memory should beat.
     `passkeys`: distances (tokens before the stream's end) at which a named secret number is hidden in the
-    stream; at the end each is asked for from the compacted cache (`run.summary["passkeys"]`).
+    stream; at the end each is asked for from the compacted cache (`run.summary["passkeys"]`). `online`: an
+    `OnlineCompaction` to use instead of the default one for `budget` and `method` (which it must match).
     """
     from tqdm.auto import tqdm
 
@@ -271,7 +273,11 @@ def stream(
         raise ValueError(f"stream needs tokens >= 2 and chunk >= 1, got tokens={tokens}, chunk={chunk}")
     device = model.device
     cuda = device.type == "cuda"
-    online = OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method)
+    if online is None:
+        online = OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method)
+    elif online.max_kv_tokens != budget or online.method != method:
+        raise ValueError(f"`online` compacts to {online.max_kv_tokens} with {online.method!r}; the stream was asked for "
+                         f"budget={budget}, method={method!r}")
     cache = SparseMemCache(model.config, online=online)
     source = source if source is not None else TokenStream(tokenizer, text_files)
     cases = passkey_cases(tokenizer, tokens, list(passkeys)) if passkeys else []
