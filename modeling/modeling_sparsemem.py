@@ -7,7 +7,6 @@ and any other registered implementation ("sdpa", "eager", ...) gives the base mo
 """
 
 import inspect
-import json
 import logging
 import os
 
@@ -323,8 +322,7 @@ def _restore_generation_options(model, name_or_path, kwargs) -> None:
         path = cached_file(name_or_path, GENERATION_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **_hub_kwargs(kwargs))
     if path is None:
         return
-    with open(path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    saved = GenerationConfig._dict_from_json_file(path)
     for key in GENERATION_OPTIONS:
         if key in saved and getattr(model.generation_config, key, None) is None:
             setattr(model.generation_config, key, saved[key])
