@@ -66,28 +66,11 @@ def select_by_attention(phi: torch.Tensor, budget: int, order: float = 2) -> tor
 
 
 def nnls(
-    gram: torch.Tensor, rhs: torch.Tensor, iterations: int = 400, initial: torch.Tensor | None = None,
-    tolerance: float = 1e-6, method: str = "auto",
+    gram: torch.Tensor, rhs: torch.Tensor, iterations: int = 400, initial: torch.Tensor | None = None, tolerance: float = 1e-6
 ) -> torch.Tensor:
     """Batched non-negative least squares on the normal equations: argmin_{w>=0} ||A w - m||^2 given
-    gram = A^T A [P, t, t] and rhs = A^T m [P, t].
-
-    `method`: "fista" (batched accelerated projected gradient, then a batched exact solve on the support
-    it found), "active-set" (exact: that answer finished by Lawson-Hanson per problem in fp64, which
-    starts from its support and so needs few steps), or "auto": the active set on the CPU, FISTA alone
-    on accelerators, where one batched kernel per step beats problem-by-problem solves.
-    """
-    if method == "auto":
-        method = "active-set" if gram.device.type == "cpu" else "fista"
-    if method not in ("active-set", "fista"):
-        raise ValueError(f"nnls method must be 'auto', 'active-set' or 'fista', got {method!r}")
-    w = _polish_on_support(gram, rhs, _fista(gram, rhs, iterations, initial, tolerance))
-    return nnls_active_set(gram, rhs, w) if method == "active-set" else w
-
-
-def _fista(gram, rhs, iterations, initial, tolerance) -> torch.Tensor:
-    """Accelerated projected gradient, stopped early once the KKT residual is below `tolerance` times
-    the largest |rhs|."""
+    gram = A^T A [P, t, t] and rhs = A^T m [P, t]. Accelerated projected gradient (FISTA), stopped early
+    once the KKT residual is below `tolerance` times the largest |rhs|."""
     # step 1/L with L the largest eigenvalue of the Gram matrix (power iteration)
     vector = torch.ones_like(rhs)
     for _ in range(30):
@@ -105,107 +88,6 @@ def _fista(gram, rhs, iterations, initial, tolerance) -> torch.Tensor:
         w, momentum = w_next, momentum_next
         if iteration % 25 == 0 and bool((_kkt_residual(gram, rhs, w) <= tolerance * scale).all()):
             break  # optimal up to `tolerance`: every problem of the batch meets the KKT conditions
-    return w
-
-
-def _objective(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """w^T G w / 2 - rhs^T w: ||A w - m||^2 / 2 up to the constant ||m||^2 / 2."""
-    return 0.5 * (w * (gram @ w[..., None])[..., 0]).sum(-1) - (rhs * w).sum(-1)
-
-
-def _polish_on_support(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor, max_rounds: int | None = None) -> torch.Tensor:
-    """Lawson-Hanson in lockstep over the batch (fp64), from projected gradient's answer: each round
-    solves every problem's least squares on its support at once; a problem whose solution turns an entry
-    negative steps to the boundary and drops it, one whose solution is feasible takes it and adds the
-    entry of steepest descent. Started near the optimum, few rounds are needed; each is one batched solve."""
-    dtype = w.dtype
-    gram, rhs, w = gram.double(), rhs.double(), w.double().clamp(min=0)
-    size = rhs.shape[-1]
-    scale = torch.maximum(gram.diagonal(dim1=-2, dim2=-1).abs().amax(-1), rhs.abs().amax(-1)).clamp(min=1e-300)
-    tolerance = (1e-12 * size * scale)[:, None]
-    # a whisker of ridge keeps systems with duplicate columns solvable (changes the objective by ~1e-12)
-    ridge = torch.diag_embed((1e-12 * scale)[:, None].expand(-1, size))
-    passive = w > 0
-    done = torch.zeros_like(passive[:, 0])
-    for _ in range(max_rounds or 3 * size):
-        both = passive[..., :, None] & passive[..., None, :]
-        # off the support: identity rows, so the batched system stays square and those entries solve to 0
-        system = torch.where(both, gram + ridge, 0.0) + torch.diag_embed((~passive).double())
-        factor, info = torch.linalg.cholesky_ex(system)
-        solved = torch.cholesky_solve(torch.where(passive, rhs, 0.0)[..., None], factor)[..., 0]
-        solved = torch.where(passive, solved, 0.0)
-        failed = info != 0
-        blocked = passive & (solved <= 0)
-        stepping = blocked.any(-1) & ~failed & ~done
-        if bool(stepping.any()):  # to the boundary, and drop the entries that reach it
-            ratio = torch.where(blocked, w / (w - solved).clamp(min=1e-300), torch.inf).amin(-1, keepdim=True)
-            moved = (w + ratio * (solved - w)).clamp(min=0)
-            w = torch.where(stepping[:, None], moved, w)
-            passive = torch.where(stepping[:, None], passive & (moved > tolerance * 1e-6), passive)
-            w = torch.where(passive, w, 0.0)
-        feasible = ~blocked.any(-1) & ~failed & ~done
-        w = torch.where(feasible[:, None], solved, w)
-        descent = torch.where(passive, -torch.inf, rhs - (gram @ w[..., None])[..., 0])
-        best = descent.argmax(-1)
-        grow = feasible & (descent.gather(-1, best[:, None])[:, 0] > tolerance[:, 0])
-        done = done | failed | (feasible & ~grow)
-        passive = passive | (torch.nn.functional.one_hot(best, size).bool() & grow[:, None])
-        if bool(done.all()):
-            break
-    return w.to(dtype)
-
-
-def nnls_active_set(gram: torch.Tensor, rhs: torch.Tensor, initial: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact NNLS per problem (Lawson-Hanson active set on the normal equations, fp64), from the feasible
-    point `initial` (default 0): the passive set grows by the entry with the steepest descent until no
-    entry outside it would lower the objective; a step that would turn a passive entry negative stops at
-    the boundary and drops it."""
-    out = torch.empty_like(rhs)
-    grams, rhss = gram.detach().double().cpu(), rhs.detach().double().cpu()
-    starts = torch.zeros_like(rhss) if initial is None else initial.detach().double().cpu().clamp(min=0)
-    for index in range(grams.shape[0]):
-        out[index] = _lawson_hanson(grams[index], rhss[index], starts[index]).to(out.device, out.dtype)
-    if not torch.isfinite(out).all():
-        raise FloatingPointError("attention matching: non-finite NNLS solution")
-    return out
-
-
-def _solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs[:, None], factor)[:, 0]
-    return torch.linalg.lstsq(system, rhs[:, None]).solution[:, 0]  # singular (duplicate columns): least norm
-
-
-def _lawson_hanson(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    size = rhs.shape[0]
-    passive = w > 0
-    # tolerance on the descent direction, relative to the problem's scale (fp64 rounding)
-    tolerance = 1e-12 * max(float(gram.diagonal().abs().max()), float(rhs.abs().max()), 1e-300) * size
-    descent = rhs - gram @ w  # minus the gradient
-    first = bool(passive.any())  # a warm start: solve on its support before growing it
-    for _ in range(3 * size + 1):
-        candidates = ~passive & (descent > tolerance)
-        if not first:
-            if not bool(candidates.any()):
-                break
-            passive[int(torch.where(candidates, descent, -torch.inf).argmax())] = True
-        first = False
-        while bool(passive.any()):
-            index = passive.nonzero()[:, 0]
-            solution = _solve(gram[index][:, index], rhs[index])
-            if bool((solution > 0).all()):
-                w = torch.zeros_like(w)
-                w[index] = solution
-                break
-            # move towards the solution until the first passive entry reaches zero, and drop it
-            current = w[index]
-            shrinking = solution <= 0
-            step = (current[shrinking] / (current[shrinking] - solution[shrinking]).clamp(min=1e-300)).min()
-            w[index] = current + step * (solution - current)
-            passive &= w > 0
-            w[~passive] = 0
-        descent = rhs - gram @ w
     return w
 
 

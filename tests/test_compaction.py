@@ -37,62 +37,6 @@ def test_nnls_matches_the_kkt_conditions():
     assert (gradient[w <= 1e-6] > -1e-4).all()
 
 
-def _attention_like_nnls(problems: int, queries: int, size: int, seed: int):
-    """(A [P, n, t], m [P, n]): selected keys' attention weights and the span mass, as Attention Matching fits."""
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(problems, queries, 16, generator=generator)
-    k = torch.randn(problems, 4 * size, 16, generator=generator)
-    phi = torch.softmax(q @ k.transpose(1, 2) / 2, dim=-1)
-    return phi[..., :size].contiguous(), phi.sum(-1)
-
-
-def _residual(a, m, w):
-    return ((a.double() @ w.double()[..., None])[..., 0] - m.double()).pow(2).sum(-1)
-
-
-def test_active_set_nnls_is_the_exact_optimum_found_by_enumeration():
-    """Every support of a 7-entry problem solved unconstrained; the best feasible one is the optimum."""
-    import itertools
-
-    from sparsemem.modeling.attention_matching import nnls_active_set
-
-    a, m = _attention_like_nnls(6, 40, 7, seed=1)
-    a = a + 0.3 * torch.randn(a.shape, generator=torch.Generator().manual_seed(2))  # mixed signs: many zeros
-    gram, rhs = a.transpose(1, 2) @ a, (a.transpose(1, 2) @ m[..., None])[..., 0]
-    for method in ("active-set", "fista"):
-        w = nnls(gram, rhs, method=method)
-        for p in range(a.shape[0]):
-            best = None
-            for r in range(1, 8):
-                for support in itertools.combinations(range(7), r):
-                    idx = list(support)
-                    sol = torch.linalg.lstsq(a[p][:, idx].double(), m[p].double()[:, None]).solution[:, 0]
-                    if (sol >= 0).all():
-                        full = torch.zeros(7, dtype=torch.float64)
-                        full[idx] = sol
-                        value = float(_residual(a[p : p + 1], m[p : p + 1], full[None]))
-                        best = value if best is None else min(best, value)
-            got = float(_residual(a[p : p + 1], m[p : p + 1], w[p : p + 1]))
-            assert (w[p] >= 0).all()
-            assert got == pytest.approx(best, rel=1e-6, abs=1e-9), (method, p)
-    assert nnls_active_set(gram, rhs).shape == rhs.shape
-
-
-@pytest.mark.parametrize("size", [16, 64, 160])
-def test_batched_nnls_is_within_1e4_of_the_exact_solver(size):
-    a, m = _attention_like_nnls(6, 384, size, seed=size)
-    gram, rhs = a.transpose(1, 2) @ a, (a.transpose(1, 2) @ m[..., None])[..., 0]
-    exact = nnls(gram, rhs, method="active-set")
-    batched = nnls(gram, rhs, method="fista")
-    assert torch.equal(nnls(gram, rhs), exact)  # the CPU default is the exact solver
-    gradient = (gram.double() @ exact.double()[..., None])[..., 0] - rhs.double()
-    assert (exact >= 0).all() and gradient[exact > 0].abs().max() < 1e-5 and (gradient[exact == 0] > -1e-5).all()
-    best, got = _residual(a, m, exact), _residual(a, m, batched)
-    assert ((got - best) / best).max() < 1e-4
-    with pytest.raises(ValueError, match="nnls method"):
-        nnls(gram, rhs, method="newton")
-
-
 def test_identical_keys_collapse_to_one_slot_exactly():
     """T identical keys: one kept key with beta = log(T) and value = mean value reproduces the span."""
     problem = _problem(duplicate=True)
