@@ -41,7 +41,7 @@ def test_compacting_twice_at_the_same_ratio_leaves_the_cache_as_it_is(caplog):
     model, ids, cache = prefilled("llama", 220, 200, top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
     sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :200])
     before = [(layer.keys.clone(), layer.slots.keys.clone(), layer.slots.beta.clone()) for layer in cache.layers]
-    with caplog.at_level(logging.INFO, logger="sparsemem.compact"):
+    with caplog.at_level(logging.INFO, logger="sparsemem.cache_compaction"):
         sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :200])
     assert "nothing to compact" in caplog.text
     for layer, (keys, slot_keys, beta) in zip(cache.layers, before):

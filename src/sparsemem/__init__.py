@@ -6,7 +6,7 @@ Qwen3, registered with transformers as `attn_implementation="sparsemem"`.
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .ask import ask, read_document
+from .questions import ask, read_document
 from .cache_compaction import compact, prefill
 from .conversion import convert
 from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document

@@ -64,7 +64,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def _eval_choices(args) -> None:
-    from .compact import QUERY_SOURCES
+    from .cache_compaction import QUERY_SOURCES
     from .modeling.compaction import PRESSES
 
     known = sorted([*PRESSES, "am-learned"])
