@@ -15,6 +15,7 @@ Policies (option `positions`):
 """
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 POSITION_POLICIES = ("logical", "cache", "auto")
 # RoPE variants whose frequencies depend on the sequence length: a shift by delta is no rotation there
@@ -51,11 +52,6 @@ def check_rope_shiftable(config) -> None:
             f"positions='cache' re-rotates cached keys, which needs a RoPE whose frequencies do not depend on the "
             f"sequence length; rope_type={rope_type!r} does. Use positions='logical'"
         )
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def shift_keys(rotary, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
