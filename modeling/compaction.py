@@ -361,7 +361,9 @@ def _stack(spans: list[HeadSpan]) -> HeadSpan:
     if all(s.problem.phi is not None for s in spans):
         stacked["phi"] = torch.cat([s.problem.phi for s in spans])
     rope = None if any(s.rope is None for s in spans) else torch.cat([s.rope for s in spans])
-    return HeadSpan(SpanProblem(**stacked, scaling=spans[0].problem.scaling), spans[0].positions, spans[0].query_positions, rope)
+    # grouped spans share their placement (`compact_layers` groups on it)
+    return HeadSpan(SpanProblem(**stacked, scaling=spans[0].problem.scaling), spans[0].positions, spans[0].query_positions, rope,
+                    spans[0].placement)
 
 
 def compact_layer(
@@ -392,6 +394,8 @@ def compact_layers(jobs: list[LayerCompaction], press: Press, scaling: float, fo
     """`compact_layer` for several layers at once: every (layer, KV head) with the same span positions and
     budget is solved in one batch, so a cache whose layers all reach their budget together (online
     compaction) runs one solve instead of one per layer."""
+    if _compact_uniform(jobs, press, scaling, fold_slots):
+        return
     groups: list[tuple[list[tuple[int, int]], list[HeadSpan]]] = []
     last_positions = []
     for number, job in enumerate(jobs):
@@ -449,3 +453,108 @@ def compact_layers(jobs: list[LayerCompaction], press: Press, scaling: float, fo
             job.layer.set_slots(None)
         for part in layer_parts:
             job.layer.add_slots(part)
+
+
+def _same_layout(jobs: list[LayerCompaction], fold_slots: bool) -> bool:
+    """Whether every layer of `jobs` holds the same entries in the same layout (positions, span, reference
+    query positions, slots: the same count per KV head, each head's at the same positions; slot keys may sit
+    at different RoPE positions) and every head
+    gets the same budget with the same placement: then all (layer, head) spans form one batch directly."""
+    first = jobs[0]
+    layer = first.layer
+    if len({budget for job in jobs for budget in job.budgets}) != 1 or (layer.slots is not None and not fold_slots):
+        return False
+    if len({None if job.placement is None else job.placement.end for job in jobs}) != 1:
+        return False
+    kv_heads = layer.keys.shape[1]
+    slot_count = 0 if layer.slots is None else len(layer.slots)
+    if slot_count % kv_heads:
+        return False
+    for job in jobs:
+        other = job.layer
+        if (other.keys.shape != layer.keys.shape or job.queries.shape != first.queries.shape
+                or job.span.shape != first.span.shape or job.query_positions.shape != first.query_positions.shape
+                or (0 if other.slots is None else len(other.slots)) != slot_count
+                or (other.rope_positions is None) != (layer.rope_positions is None)):
+            return False
+    # one comparison over everything that must match, read back once
+    per_head = slot_count // kv_heads
+    own_heads = torch.arange(kv_heads, device=layer.keys.device).repeat_interleave(per_head)
+    checks = []
+    for job in jobs:
+        other = job.layer
+        checks += [(other.positions == layer.positions).all(), (job.span == first.span).all(),
+                   (job.query_positions == first.query_positions).all()]
+        if other.rope_positions is not None:
+            checks.append((other.rope_positions == layer.rope_positions).all())
+        if slot_count:
+            slots = other.slots
+            checks += [(slots.head == own_heads).all(), (slots.position == layer.slots.position).all(),
+                       (slots.position.view(kv_heads, per_head) == slots.position[:per_head]).all()]
+    return bool(torch.stack(checks).all())
+
+
+def _compact_uniform(jobs: list[LayerCompaction], press: Press, scaling: float, fold_slots: bool) -> bool:
+    """`compact_layers` when every layer has the same layout (`_same_layout`, e.g. a stream's layers): the
+    spans of all layers and KV heads are gathered into one `HeadSpan` with a few batched operations rather
+    than per-head slicing, and the slots go back to each layer as one tier. Returns False (nothing done) when
+    the layouts differ."""
+    if not jobs or not _same_layout(jobs, fold_slots):
+        return False
+    first, layer = jobs[0], jobs[0].layer
+    batch, kv_heads, _, dim = layer.keys.shape
+    count, query_heads = len(jobs), first.queries.shape[1]
+    groups = query_heads // kv_heads
+    span = first.span.to(layer.keys.device)
+    if not bool(span.any()):
+        return True
+    # [L, B, Hkv, ...]: the query group of KV head h is query heads h*G ... (h+1)*G - 1, pooled
+    queries = torch.stack([job.queries for job in jobs]).float()
+    queries = queries.view(count, batch, kv_heads, groups * queries.shape[-2], queries.shape[-1])
+    keys = torch.stack([job.layer.keys for job in jobs]).float()
+    values = torch.stack([job.layer.values for job in jobs]).float()
+    logits = queries @ keys.transpose(-1, -2) * scaling
+    parts = [logits]
+    if layer.slots is not None:
+        per_head = len(layer.slots) // kv_heads
+        shaped = lambda t: torch.stack([t(job.layer.slots) for job in jobs]).view(count, batch, kv_heads, per_head, -1)  # noqa: E731
+        slot_keys, slot_values = shaped(lambda s: s.keys).float(), shaped(lambda s: s.values).float()
+        slot_beta = shaped(lambda s: s.beta)[..., 0].float()
+        slot_rope = shaped(lambda s: s.rope)[..., 0]
+        parts.append(queries @ slot_keys.transpose(-1, -2) * scaling + slot_beta[..., None, :])
+    lse = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+    phi = torch.exp(logits - lse[..., None])[..., span]
+    span_keys, span_values = keys[..., span, :], values[..., span, :]
+    bias = torch.zeros(phi.shape[:-2] + phi.shape[-1:], device=phi.device)
+    positions = layer.positions[span]
+    rope = (layer.rope_positions if layer.rope_positions is not None else layer.positions)[span]
+    rope = rope.expand(count, batch, kv_heads, -1)
+    if layer.slots is not None:
+        phi = torch.cat([torch.exp(parts[1] - lse[..., None]), phi], dim=-1)
+        span_keys, span_values = torch.cat([slot_keys, span_keys], -2), torch.cat([slot_values, span_values], -2)
+        bias = torch.cat([slot_beta, bias], -1)
+        positions = torch.cat([layer.slots.position[:per_head], positions])
+        rope = torch.cat([slot_rope, rope], -1)
+    flat = lambda t: t.reshape(count * batch * kv_heads, *t.shape[3:])  # noqa: E731
+    problem = SpanProblem(flat(queries), flat(span_keys), flat(span_values), flat(bias), flat(lse), scaling, phi=flat(phi))
+    query_positions = first.query_positions.repeat(groups)
+    stacked = HeadSpan(problem, positions, query_positions, flat(rope).contiguous(), first.placement)
+    budget = first.budgets[0]
+    index, new_keys, new_values, beta = press.compact(stacked, budget)
+    new_rope = stacked.rope.to(index.device).gather(1, index)
+    if first.placement is not None:
+        new_keys = first.placement.place(new_keys, new_rope)
+        new_rope = first.placement.targets(new_keys.shape[1], new_keys.device)[None].expand(new_keys.shape[0], -1)
+    slots = new_keys.shape[1]
+    unflat = lambda t: t.reshape(count, batch, kv_heads * slots, *t.shape[2:])  # noqa: E731
+    new_keys, new_values, beta, new_rope = unflat(new_keys), unflat(new_values), unflat(beta), unflat(new_rope)
+    heads = torch.arange(kv_heads, device=new_keys.device).repeat_interleave(slots)
+    position = int(positions.max())
+    for number, job in enumerate(jobs):
+        target = job.layer
+        target.evict(first.span)
+        target.set_slots(SlotTier(
+            new_keys[number].to(target.keys.dtype), new_values[number].to(target.keys.dtype), beta[number].float(),
+            heads, torch.full_like(heads, -1), torch.full_like(heads, position), new_rope[number].contiguous(),
+        ))
+    return True

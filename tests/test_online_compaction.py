@@ -144,3 +144,44 @@ def test_stream_through_the_one_call_dense_path_equals_the_reference_path():
     assert cache.cache_positions and all(layer.slots is not None for layer in cache.layers)
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-4)
     assert fast_stats["prefill_density"] == pytest.approx(reference_stats["prefill_density"], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["am", "streaming-llm"])
+@pytest.mark.parametrize("positions", ["logical", "cache"])
+def test_layers_with_one_layout_compact_in_one_batch_as_head_by_head(monkeypatch, method, positions):
+    """A stream's layers reach the budget together with the same layout: they are compacted as one batch
+    built directly from the stacked layers. It must give the slots, positions and logits of the general
+    head-by-head grouping."""
+    from sparsemem.modeling import compaction
+
+    model = sparsemem.convert(make_base_model("llama", max_position_embeddings=4096), top_k_blocks=None, positions=positions)
+    ids = torch.randint(3, 256, (1, 400), generator=torch.Generator().manual_seed(5))
+    calls = []
+    uniform = compaction._compact_uniform
+
+    def counted(*args):
+        done = uniform(*args)
+        calls.append(done)
+        return done
+
+    def run(batched: bool):
+        monkeypatch.setattr(compaction, "_compact_uniform", counted if batched else (lambda *args: False))
+        online = OnlineCompaction(96, keep_first=4, method=method)
+        cache = sparsemem.SparseMemCache(model.config, online=online)
+        logits = []
+        with torch.no_grad():
+            for start in range(0, 400, 50):
+                logits.append(model(ids[:, start : start + 50], past_key_values=cache).logits)
+        return torch.cat(logits, 1), cache, online.compactions
+
+    expected, reference_cache, reference_count = run(batched=False)
+    got, cache, count = run(batched=True)
+    assert calls and all(calls)  # every compaction took the batched path
+    assert count == reference_count > 0
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for layer, reference in zip(cache.layers, reference_cache.layers):
+        assert torch.equal(layer.positions, reference.positions)
+        assert torch.equal(layer.slots.head, reference.slots.head) and torch.equal(layer.slots.position, reference.slots.position)
+        torch.testing.assert_close(layer.slots.beta, reference.slots.beta, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.slots.values, reference.slots.values, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.slots.keys, reference.slots.keys, atol=1e-5, rtol=1e-5)
