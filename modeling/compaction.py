@@ -87,7 +87,13 @@ class HeadSpan:
 
 
 class Press:
-    """Contract: `compact(span, budget)` -> (index [B, t], keys [B, t, d], values [B, t, d], beta [B, t])."""
+    """Contract: `compact(span, budget)` -> (index [B, t], keys [B, t, d], values [B, t, d], beta [B, t]).
+
+    `reads_attention`: whether the press looks at the reference queries' attention (`span.problem.phi`,
+    `weights()`, `context_lse`); a press that ranks by position alone sets it False and is handed spans
+    without it (nothing is measured for it)."""
+
+    reads_attention = True
 
     def for_ranking(self) -> "Press":
         """The press used for trial fits that only rank choices (e.g. the recent/slot split): itself by default."""
@@ -207,6 +213,8 @@ class AttentionMatchingPress(Press):
 class StreamingLLMPress(Press):
     """Keep the newest entries of the span (with the anchors: StreamingLLM's sink + recent window)."""
 
+    reads_attention = False
+
     def scores(self, span):
         return span.positions.float()[None].expand(span.problem.keys.shape[0], -1)
 
@@ -246,6 +254,7 @@ class KVzipPress(Press):
 @dataclass
 class RandomPress(Press):
     seed: int = 0
+    reads_attention = False
 
     def scores(self, span):
         generator = torch.Generator().manual_seed(self.seed)
@@ -513,30 +522,37 @@ def _compact_uniform(jobs: list[LayerCompaction], press: Press, scaling: float, 
     queries = queries.view(count, batch, kv_heads, groups * queries.shape[-2], queries.shape[-1])
     keys = torch.stack([job.layer.keys for job in jobs]).float()
     values = torch.stack([job.layer.values for job in jobs]).float()
-    logits = queries @ keys.transpose(-1, -2) * scaling
-    parts = [logits]
     if layer.slots is not None:
         per_head = len(layer.slots) // kv_heads
         shaped = lambda t: torch.stack([t(job.layer.slots) for job in jobs]).view(count, batch, kv_heads, per_head, -1)  # noqa: E731
         slot_keys, slot_values = shaped(lambda s: s.keys).float(), shaped(lambda s: s.values).float()
         slot_beta = shaped(lambda s: s.beta)[..., 0].float()
         slot_rope = shaped(lambda s: s.rope)[..., 0]
-        parts.append(queries @ slot_keys.transpose(-1, -2) * scaling + slot_beta[..., None, :])
-    lse = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
-    phi = torch.exp(logits - lse[..., None])[..., span]
     span_keys, span_values = keys[..., span, :], values[..., span, :]
-    bias = torch.zeros(phi.shape[:-2] + phi.shape[-1:], device=phi.device)
+    if press.reads_attention:
+        logits = queries @ keys.transpose(-1, -2) * scaling
+        parts = [logits]
+        if layer.slots is not None:
+            parts.append(queries @ slot_keys.transpose(-1, -2) * scaling + slot_beta[..., None, :])
+        lse = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+        phi = torch.exp(logits - lse[..., None])[..., span]
+        if layer.slots is not None:
+            phi = torch.cat([torch.exp(parts[1] - lse[..., None]), phi], dim=-1)
+    else:  # ranked by position alone: no attention to measure
+        lse = torch.zeros(queries.shape[:-1], device=queries.device)
+        phi = None
+    bias = torch.zeros(span_keys.shape[:-1], device=span_keys.device)
     positions = layer.positions[span]
     rope = (layer.rope_positions if layer.rope_positions is not None else layer.positions)[span]
     rope = rope.expand(count, batch, kv_heads, -1)
     if layer.slots is not None:
-        phi = torch.cat([torch.exp(parts[1] - lse[..., None]), phi], dim=-1)
         span_keys, span_values = torch.cat([slot_keys, span_keys], -2), torch.cat([slot_values, span_values], -2)
         bias = torch.cat([slot_beta, bias], -1)
         positions = torch.cat([layer.slots.position[:per_head], positions])
         rope = torch.cat([slot_rope, rope], -1)
     flat = lambda t: t.reshape(count * batch * kv_heads, *t.shape[3:])  # noqa: E731
-    problem = SpanProblem(flat(queries), flat(span_keys), flat(span_values), flat(bias), flat(lse), scaling, phi=flat(phi))
+    problem = SpanProblem(flat(queries), flat(span_keys), flat(span_values), flat(bias), flat(lse), scaling,
+                          phi=None if phi is None else flat(phi))
     query_positions = first.query_positions.repeat(groups)
     stacked = HeadSpan(problem, positions, query_positions, flat(rope).contiguous(), first.placement)
     budget = first.budgets[0]
