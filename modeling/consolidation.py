@@ -20,6 +20,7 @@ import torch
 
 from .attention_matching import SpanProblem
 from .compaction import AttentionMatchingPress, HeadSpan
+from .rope import shift_keys
 
 
 def slot_attention(problem: SpanProblem, keys, values, beta):
@@ -75,6 +76,12 @@ class LearnedConsolidationPress(AttentionMatchingPress):
         # the closed form returns its fitted slots first and the exact newest entries after them: only the
         # fitted ones move, the exact entries take part in the loss as they are
         fitted = budget - self.exact_count(budget, total)
+        placed = span.placement is not None and span.rope is not None
+        if placed:
+            # refine the slots where the cache will read them (the closed form fitted them there too), and
+            # hand them back at the rotation they were chosen at, as the contract says
+            rope = span.rope.gather(1, index)
+            keys = span.placement.place(keys, rope)
         n = problem.queries.shape[1]
         held_out = torch.arange(n, device=keys.device) % self.holdout_every == 0
         fixed = keys[:, fitted:], values[:, fitted:], beta[:, fitted:]
@@ -103,4 +110,7 @@ class LearnedConsolidationPress(AttentionMatchingPress):
             values = torch.where(better[:, None, None], new_v, values)
             beta = torch.where(better[:, None], new_b, beta)
         self.last_accepted = float(better.float().mean())
+        if placed:
+            targets = span.placement.targets(keys.shape[1], keys.device)[None]
+            keys = shift_keys(span.placement.rotary, keys, rope.to(keys.device) - targets)
         return index, keys.detach(), values.detach(), beta.detach()
