@@ -300,6 +300,20 @@ class SparseMemLayer(CacheLayerMixin):
         keys (and slot keys) from where they are to there; new tokens then enter at `next_position`."""
         if not self.is_initialized:
             return
+        target, slot_target = self.layout_targets(next_position)
+        keys = shift_keys(rotary, self.keys, target - self.current_rope()) if self.positions.numel() else self.keys
+        slot_keys = None
+        if slot_target is not None:
+            slot_keys = shift_keys(rotary, self.slots.keys, slot_target - self.slots.rope)
+        self.take_layout(next_position, target, keys, slot_target, slot_keys)
+
+    def current_rope(self) -> torch.Tensor:
+        """The RoPE positions [N] the full-resolution keys are rotated at now."""
+        return self.rope_positions if self.rope_positions is not None else self.positions
+
+    def layout_targets(self, next_position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where `lay_out_positions` puts the held entries: (RoPE position [N] of each full-resolution entry,
+        [B, S] of each slot or None), the newest at `next_position` - 1."""
         device = self.positions.device
         exact = self.positions
         items = [exact]
@@ -317,19 +331,39 @@ class SparseMemLayer(CacheLayerMixin):
         start[order] = torch.cumsum(width[order], 0) - width[order]
         base = next_position - self.timeline_width()
         target = base + start[: exact.numel()]
-        current = self.rope_positions if self.rope_positions is not None else exact
-        if exact.numel():
-            self._replace_keys(shift_keys(rotary, self.keys, target - current))  # [B, Hkv, N, D] by [N]
+        if self.slots is None or not len(self.slots):
+            return target, None
+        group_start = start[exact.numel():].to(self.slots.position.device)
+        return target, (base + group_start[group_of] + offset)[None].expand_as(self.slots.rope)
+
+    def take_layout(self, next_position: int, target, keys, slot_target=None, slot_keys=None) -> None:
+        """Adopt a layout: `keys` / `slot_keys` are this layer's keys already moved to `target` /
+        `slot_target` (see `layout_targets`)."""
+        if self.positions.numel():
+            self._replace_keys(keys)
         self.rope_positions = target
-        if self.slots is not None and len(self.slots):
-            group_start = start[exact.numel():].to(self.slots.position.device)
-            slot_target = (base + group_start[group_of] + offset)[None].expand_as(self.slots.rope)
-            slot_keys = shift_keys(rotary, self.slots.keys, slot_target - self.slots.rope)
+        if slot_target is not None:
             self.slots = self.slots.moved(slot_keys, slot_target.clone())
         self.rope_offset = self.logical_length - next_position
         self.entries_left = False
         self.block_summaries = None
         self.block_slot_cache = None
+
+    def same_layout_as(self, other: "SparseMemLayer") -> list:
+        """Checks (0-dim bool tensors, to be read back together) that this layer holds its entries exactly
+        where `other` does (positions, RoPE positions, slots per head and position), or None when the shapes
+        already differ. Layers fed the same tokens and compacted together lay out identically."""
+        mine, theirs = self.slots, other.slots
+        if (self.keys.shape != other.keys.shape or self.keys.device != other.keys.device or self.offload_blocks
+                or other.offload_blocks or (self.rope_positions is None) != (other.rope_positions is None)
+                or (0 if mine is None else len(mine)) != (0 if theirs is None else len(theirs))):
+            return None
+        checks = [(self.positions == other.positions).all()]
+        if self.rope_positions is not None:
+            checks.append((self.rope_positions == other.rope_positions).all())
+        if mine is not None and len(mine):
+            checks += [(mine.position == theirs.position).all(), (mine.head == theirs.head).all()]
+        return checks
 
     def _replace_keys(self, keys: torch.Tensor) -> None:
         if self.offload_blocks and self.keys.is_pinned():
@@ -493,13 +527,40 @@ class SparseMemCache(Cache):
             start = time.perf_counter()
             rotary = self._rotary_embedding(module)
             next_position = max(layer.timeline_width() for layer in layers)
-            for layer in layers:
-                layer.lay_out_positions(next_position, rotary)
+            self._lay_out(layers, next_position, rotary)
             if layers[0].keys.is_cuda:
                 torch.cuda.synchronize(layers[0].keys.device)  # so the seconds below are the re-rotation's own
             self.layouts += 1
             self.layout_seconds += time.perf_counter() - start
         return layers[0].rope_offset
+
+    @staticmethod
+    def _lay_out(layers, next_position: int, rotary) -> None:
+        """`lay_out_positions` of every layer; the layers that hold their entries where the first one does
+        (a stream's layers) share its layout and are re-rotated as one stacked tensor."""
+        first, checks, alike = layers[0], [], []
+        for layer in layers[1:]:
+            same = layer.same_layout_as(first)
+            if same is not None:
+                alike.append(layer)
+                checks.append(torch.stack(same).all())
+        if checks:
+            agree = torch.stack(checks).tolist()  # one read-back for every layer
+            alike = [layer for layer, ok in zip(alike, agree) if ok]
+        group = [first, *alike]
+        for layer in layers:
+            if not any(layer is member for member in group):
+                layer.lay_out_positions(next_position, rotary)
+        target, slot_target = first.layout_targets(next_position)
+        keys = torch.stack([layer.keys for layer in group])
+        if first.positions.numel():
+            keys = shift_keys(rotary, keys, target - first.current_rope())
+        slot_keys = [None] * len(group)
+        if slot_target is not None:
+            ropes = torch.stack([layer.slots.rope for layer in group])
+            slot_keys = shift_keys(rotary, torch.stack([layer.slots.keys for layer in group]), slot_target - ropes)
+        for number, layer in enumerate(group):
+            layer.take_layout(next_position, target, keys[number], slot_target, slot_keys[number])
 
     @property
     def rope_offset(self) -> int:

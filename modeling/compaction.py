@@ -571,6 +571,6 @@ def _compact_uniform(jobs: list[LayerCompaction], press: Press, scaling: float, 
         target.evict(first.span)
         target.set_slots(SlotTier(
             new_keys[number].to(target.keys.dtype), new_values[number].to(target.keys.dtype), beta[number].float(),
-            heads, torch.full_like(heads, -1), torch.full_like(heads, position), new_rope[number].contiguous(),
+            heads.clone(), torch.full_like(heads, -1), torch.full_like(heads, position), new_rope[number].contiguous(),
         ))
     return True

@@ -106,7 +106,8 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         "bytes": cache.memory_bytes(),
     }
     with staged_directory(path, marker=META) as staging:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / TENSORS)
+        # copies: layers compacted or laid out together hold views of one shared tensor, which safetensors refuses
+        save_file({k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}, staging / TENSORS)
         meta["tensors_sha256"] = _file_sha256(staging / TENSORS)
         meta = json.loads(json.dumps(meta, default=str))  # the checksum covers what a reader will parse
         meta["checksum"] = _meta_checksum(meta)
