@@ -167,3 +167,17 @@ def test_stream_positions_runs_on_a_tiny_model(tiny):
     row = stream_positions.run(model, tokenizer, "am", "cache", True, tokens=200, chunk=40, budget=64)
     assert row["loss"] is not None and math.isfinite(row["loss"]) and row["positions"] == "cache" and row["place_slots"]
     assert len(row["chunk_losses"]) == 5
+
+
+def test_stream_sweep_runs_each_configuration_on_a_tiny_model(tiny):
+    """Configurations reach the online compaction and its press; unknown keys are refused."""
+    stream_sweep = importlib.import_module("stream_sweep")
+    model, tokenizer, _ = tiny
+    model = sparsemem.convert(model, top_k_blocks=None, block_fraction=None, positions="cache")
+    rows = [stream_sweep.run(model, tokenizer, config, tokens=200, chunk=40, budget=64)
+            for config in ({"method": "streaming-llm"}, {"method": "am", "online": {"num_queries": 32}, "press": {"exact_newest": 0.5}})]
+    for row in rows:
+        assert math.isfinite(row["loss_within_window"]) and row["tokens"] == 200 and row["budget_respected"]
+    assert rows[0]["loss_within_window"] != rows[1]["loss_within_window"]
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        stream_sweep.run(model, tokenizer, {"method": "am", "queries": 3}, tokens=200, chunk=40, budget=64)
