@@ -73,10 +73,34 @@ class HeadSpan:
         keep = sees_whole_span(self.query_positions, self.positions.max())
         if bool(keep.all()) or not bool(keep.any()):
             return self
+        return self.with_queries(keep)
+
+    def with_queries(self, keep: torch.Tensor) -> "HeadSpan":
+        """The same span with only the reference queries where the boolean `keep` [n] is True."""
         p = self.problem
         phi = None if p.phi is None else p.phi[:, keep]
         problem = SpanProblem(p.queries[:, keep], p.keys, p.values, p.key_bias, p.context_lse[:, keep], p.scaling, phi=phi)
         return HeadSpan(problem, self.positions, self.query_positions[keep], self.rope, self.placement)
+
+    def read_keys(self, index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Slot keys chosen at span `index` [B, t] where the cache will read them (moved by the placement)."""
+        if self.placement is None or self.rope is None:
+            return keys
+        return self.placement.place(keys, self.rope.gather(1, index))
+
+    def slot_error(self, index, keys, values, beta) -> torch.Tensor:
+        """How far slots are from the span for its reference queries, per problem [B]: the mean squared
+        difference of the span's part of each query's attention output as it is (m Y, with m the span's share
+        of the query's attention and Y its output) and as the slots give it once merged with the rest of the
+        cache (s X / (s + 1 - m), with s the slots' share and X their output)."""
+        p = self.problem
+        mass, output = p.targets(p.weights())
+        logits = p.queries @ self.read_keys(index, keys).float().transpose(-1, -2) * p.scaling + beta.float()[:, None, :]
+        logits = logits - p.context_lse[..., None]
+        slot_mass = torch.logsumexp(logits, dim=-1).exp()
+        slot_output = torch.softmax(logits, dim=-1) @ values.float()
+        merged = slot_mass[..., None] * slot_output / (slot_mass + 1 - mass).clamp(min=1e-30)[..., None]
+        return (mass[..., None] * output - merged).pow(2).sum(-1).mean(-1)
 
     def causal_weights(self) -> torch.Tensor:
         """Attention weights [B, n, T] with context queries restricted to keys at or before them."""
@@ -130,11 +154,19 @@ class AttentionMatchingPress(Press):
     omp_picks_per_step: int | None = None
     nnls_iterations: int = 400  # 100 leave the beta fit's objective within ~1% of its optimum
     exact_newest: float | str = "auto"  # share of each head's budget kept as its newest span entries, exact
+    # hold every `guard_every`-th reference query out of the fit and keep, per problem (head), the fitted
+    # slots only where they reproduce those queries' attention better than the span's newest entries kept as
+    # they are (StreamingLLM's choice for the same budget); None: always the fitted slots
+    guard_every: int | None = None
 
     def __post_init__(self):
         share = self.exact_newest
         if share != "auto" and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
             raise ValueError(f"`exact_newest` must be a share in [0, 1] or 'auto', got {share!r}")
+        guard = self.guard_every
+        if guard is not None and (isinstance(guard, bool) or not isinstance(guard, int) or guard < 2):
+            raise ValueError(f"`guard_every` must be an integer >= 2 or None, got {guard!r}")
+        self.last_kept_fit = None  # share of the problems that kept their fitted slots at the last guarded compaction
 
     @property
     def exact_share(self) -> float:
@@ -159,6 +191,19 @@ class AttentionMatchingPress(Press):
 
     def compact_after_span(self, span: HeadSpan, budget: int):
         """`compact` of a span already restricted to the reference queries after it (`HeadSpan.after_span`)."""
+        total, queries = span.problem.keys.shape[1], span.problem.queries.shape[1]
+        if self.guard_every is None or budget >= total or queries < 2 * self.guard_every:
+            return self.fit_split(span, budget)
+        held_out = torch.arange(queries, device=span.problem.queries.device) % self.guard_every == 0
+        fitted = self.fit_split(span.with_queries(~held_out), budget)
+        newest = StreamingLLMPress().compact(span, budget)
+        check = span.with_queries(held_out)
+        keep = check.slot_error(*fitted) <= check.slot_error(*newest)  # [B]
+        self.last_kept_fit = float(keep.float().mean())
+        return tuple(torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b.to(a.dtype)) for a, b in zip(fitted, newest))
+
+    def fit_split(self, span: HeadSpan, budget: int):
+        """The newest `exact_count` span entries as they are and Attention Matching's slots for the rest."""
         total = span.problem.keys.shape[1]
         keep = self.exact_count(budget, total)
         if keep:

@@ -185,3 +185,38 @@ def test_layers_with_one_layout_compact_in_one_batch_as_head_by_head(monkeypatch
         torch.testing.assert_close(layer.slots.beta, reference.slots.beta, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(layer.slots.values, reference.slots.values, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(layer.slots.keys, reference.slots.keys, atol=1e-5, rtol=1e-5)
+
+
+def test_guarded_attention_matching_keeps_the_better_of_its_fit_and_the_newest_entries_on_held_out_queries():
+    """`guard_every`: every n-th reference query is held out of the fit; per problem the press returns its
+    fitted slots or the span's newest entries as they are (StreamingLLM), whichever reproduces the held-out
+    queries' attention better."""
+    from sparsemem.modeling.attention_matching import SpanProblem
+    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan, StreamingLLMPress
+
+    generator = torch.Generator().manual_seed(7)
+    problems, total, n, dim = 6, 80, 9, 16  # 6 queries fit 8 slots: the fit can overfit them
+    keys = torch.randn(problems, total, dim, generator=generator)
+    values = torch.randn(problems, total, dim, generator=generator)
+    # half the problems: queries that look at the newest keys (the newest entries serve them), half: queries
+    # spread over the whole span (the fit serves them)
+    queries = torch.randn(problems, n, dim, generator=generator)
+    queries[: problems // 2] += 4.0 * keys[: problems // 2, -8:].mean(1, keepdim=True)
+    logits = queries @ keys.transpose(-1, -2) * 0.25
+    problem = SpanProblem(queries, keys, values, torch.zeros(problems, total), torch.logsumexp(logits, -1) + 1.0, 0.25)
+    span = HeadSpan(problem, torch.arange(total), torch.full((n,), -1))
+    guarded = AttentionMatchingPress(exact_newest=0.0, guard_every=3)
+    got = guarded.compact(span, 8)
+    held_out = torch.arange(n) % 3 == 0
+    fitted = AttentionMatchingPress(exact_newest=0.0).compact(span.with_queries(~held_out), 8)
+    newest = StreamingLLMPress().compact(span, 8)
+    check = span.with_queries(held_out)
+    fit_better = check.slot_error(*fitted) <= check.slot_error(*newest)
+    assert 0 < int(fit_better.sum()) < problems  # both choices happen here
+    for number in range(problems):
+        want = fitted if fit_better[number] else newest
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[number], b[number].to(a.dtype))
+    assert guarded.last_kept_fit == pytest.approx(float(fit_better.float().mean()))
+    with pytest.raises(ValueError, match="guard_every"):
+        AttentionMatchingPress(guard_every=1)
