@@ -14,6 +14,7 @@ tokens/s and where the seconds went, and pass keys when `--passkeys` are given.
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -49,7 +50,9 @@ def run(model, tokenizer, config: dict, tokens: int, chunk: int, budget: int, pa
     method = config.get("method", "am")
     online = sparsemem.OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method, **config.get("online", {}))
     if config.get("press"):
-        online.press = build_press(method, config["press"])
+        # the press the online compaction set up (its guard included), with the given fields changed
+        build_press(method, config["press"])  # names unknown fields
+        online.press = dataclasses.replace(online.press, **config["press"])
     start = time.perf_counter()
     result, _ = stream(model, tokenizer, tokens, chunk=chunk, budget=budget, method=method, progress=False, online=online,
                        passkeys=passkeys, time_limit=time_limit)

@@ -10,6 +10,7 @@ The reference queries are the layer's own most recent queries, kept in a small r
 tokens being generated are exactly the queries whose attention the slots must preserve.
 """
 
+import dataclasses
 import logging
 import math
 import time
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .compaction import LayerCompaction, SlotPlacement, compact_layers, make_press
+from .compaction import AttentionMatchingPress, LayerCompaction, SlotPlacement, compact_layers, make_press
 
 logger = logging.getLogger(__name__)
+
+GUARD_EVERY = 4  # online compaction's held-out share of reference queries for Attention Matching (1 in 4)
 
 
 @dataclass
@@ -30,7 +33,10 @@ class OnlineCompaction:
     of the budget. method: a compaction press name ("am", "streaming-llm", ...). num_queries: recent
     queries remembered per layer as reference queries. place_slots: under cache positions, fit the slots
     where the cache's layout will put them (right before the recent entries) rather than where their keys
-    were chosen; logical positions never move a slot."""
+    were chosen; logical positions never move a slot. guard_every: for Attention Matching presses, every
+    n-th reference query is held out of the fit and each head keeps its fitted slots only where they serve
+    those queries better than its newest span entries kept as they are (`AttentionMatchingPress.guard_every`);
+    "auto": 4 for Attention Matching presses, none for the others (which fit nothing); None: no guard."""
 
     max_kv_tokens: int
     keep_first: int = 16
@@ -39,6 +45,7 @@ class OnlineCompaction:
     method: str = "am"
     num_queries: int = 256
     place_slots: bool = True
+    guard_every: int | None | str = "auto"
 
     def __post_init__(self):
         if isinstance(self.max_kv_tokens, bool) or not isinstance(self.max_kv_tokens, int) or self.max_kv_tokens < 8:
@@ -50,6 +57,13 @@ class OnlineCompaction:
         if self.num_queries < 1:
             raise ValueError(f"online compaction `num_queries` must be >= 1, got {self.num_queries!r}")
         self.press = make_press(self.method)
+        fits = isinstance(self.press, AttentionMatchingPress)
+        if self.guard_every == "auto":
+            self.guard_every = GUARD_EVERY if fits else None
+        elif self.guard_every is not None and not fits:
+            raise ValueError(f"online compaction `guard_every` guards fitted slots; method={self.method!r} fits none")
+        if fits:
+            self.press = dataclasses.replace(self.press, guard_every=self.guard_every)
         self.compactions = 0  # layer compactions done so far
         self.seconds = 0.0  # wall seconds spent in them (the compaction reads results back, so it ends synchronised)
         compacted = math.floor(self.target * self.max_kv_tokens)

@@ -220,3 +220,12 @@ def test_guarded_attention_matching_keeps_the_better_of_its_fit_and_the_newest_e
     assert guarded.last_kept_fit == pytest.approx(float(fit_better.float().mean()))
     with pytest.raises(ValueError, match="guard_every"):
         AttentionMatchingPress(guard_every=1)
+
+
+def test_online_guard_applies_to_fitting_presses_only():
+    assert OnlineCompaction(64, method="am").press.guard_every == 4
+    assert OnlineCompaction(64, method="am", guard_every=None).press.guard_every is None
+    assert OnlineCompaction(64, method="am-learned", guard_every=8).press.guard_every == 8
+    assert OnlineCompaction(64, method="streaming-llm").guard_every is None
+    with pytest.raises(ValueError, match="guard_every.*fits none"):
+        OnlineCompaction(64, method="streaming-llm", guard_every=4)
