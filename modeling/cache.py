@@ -575,6 +575,18 @@ class SparseMemCache(Cache):
             self._rotary = module.rotary_class(config=config).to(module.q_proj.weight.device)
         return self._rotary
 
+    def rotary_at(self, module, like: torch.Tensor, position_ids: torch.Tensor):
+        """cos/sin of the model's rotary embedding for the new tokens at logical `position_ids` moved to cache
+        positions (minus `rope_offset`), in `like`'s dtype: computed once per forward pass and shared by the
+        layers, which all rotate the new tokens at the same positions."""
+        key = (position_ids, self.rope_offset, like.dtype, like.device)
+        memo = self.__dict__.get("_rotary_memo")
+        if memo is not None and memo[0][0] is key[0] and memo[0][1:] == key[1:]:
+            return memo[1]
+        cos_sin = self._rotary_embedding(module)(like, position_ids - self.rope_offset)
+        self.__dict__["_rotary_memo"] = (key, cos_sin)
+        return cos_sin
+
     def record_tokens(self, input_ids: torch.Tensor | None, start: int) -> None:
         """Note the ids of a forward pass that appends at logical position `start`."""
         known = self.token_ids

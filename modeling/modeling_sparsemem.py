@@ -164,12 +164,15 @@ class SparseMemAttentionMixin:
             offset = past_key_values.rope_offset
             if offset:
                 # cache positions: the new tokens continue right after the last held entry; their cos/sin are
-                # computed at those (in-range) positions rather than shifted from far-out logical ones
+                # computed at those (in-range) positions rather than shifted from far-out logical ones, once per
+                # forward pass (keyed on the position tensor the layers share)
                 position_ids = kwargs.get("position_ids")
                 if position_ids is None:
                     past = past_key_values.get_seq_length(self.layer_idx)
                     position_ids = torch.arange(past, past + query_states.shape[-2], device=query_states.device)[None]
-                cos, sin = past_key_values._rotary_embedding(self)(value_states, position_ids - offset)
+                    cos, sin = past_key_values._rotary_embedding(self)(value_states, position_ids - offset)
+                else:
+                    cos, sin = past_key_values.rotary_at(self, value_states, position_ids)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         call = settings_for(self)  # this thread's per-call settings (dense pass, query capture), if any
         recorder = call.query_recorder if call is not None and call.query_recorder else getattr(self, "query_recorder", None)
