@@ -87,7 +87,15 @@ class LearnedConsolidationPress(AttentionMatchingPress):
         fixed = keys[:, fitted:], values[:, fitted:], beta[:, fitted:]
         joined = lambda a, b, c: (torch.cat([a, fixed[0]], 1), torch.cat([b, fixed[1]], 1), torch.cat([c, fixed[2]], 1))  # noqa: E731
         start = keys[:, :fitted], values[:, :fitted], beta[:, :fitted]
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
+            # under inference mode (a stream, generate) the tensors cannot join autograd: train on copies
+            if torch.is_inference(problem.queries):
+                problem = SpanProblem(*(t.clone() for t in (problem.queries, problem.keys, problem.values, problem.key_bias,
+                                                             problem.context_lse)), problem.scaling,
+                                      phi=None if problem.phi is None else problem.phi.clone())
+                fixed = tuple(t.clone() for t in fixed)
+                start = tuple(t.clone() for t in start)
+                held_out = held_out.clone()
             # optimise in a normalised parametrisation: keys and values move relative to their scale
             k_scale = start[0].detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)
             v_scale = start[1].detach().norm(dim=-1, keepdim=True).mean(1, keepdim=True).clamp(min=1e-6)

@@ -1,5 +1,7 @@
 """Online compaction: generation under a physical KV budget."""
 
+import math
+
 import pytest
 import torch
 
@@ -229,3 +231,17 @@ def test_online_guard_applies_to_fitting_presses_only():
     assert OnlineCompaction(64, method="streaming-llm").guard_every is None
     with pytest.raises(ValueError, match="guard_every.*fits none"):
         OnlineCompaction(64, method="streaming-llm", guard_every=4)
+
+
+def test_learned_consolidation_streams_under_inference_mode_past_the_window():
+    """am-learned trains its slots by gradient steps inside a stream, which runs under inference mode, with
+    cache positions past the (tiny) trained window: the refinement must run and the budget hold."""
+    from conftest import ByteTokenizer
+    from sparsemem.stream import stream
+
+    model = sparsemem.convert(make_base_model("llama", max_position_embeddings=256), top_k_blocks=None, block_fraction=None)
+    online = OnlineCompaction(128, keep_first=4, method="am-learned")
+    run, _ = stream(model, ByteTokenizer(), 900, chunk=100, budget=128, method="am-learned", progress=False, online=online)
+    assert run.summary["budget_respected"] and run.records[-1]["rope_offset"] > 0
+    assert math.isfinite(run.summary["loss_beyond_window"])
+    assert online.press.last_accepted is not None
