@@ -210,3 +210,13 @@ def test_am_reference_runs_the_reference_inside_compact(tiny, tmp_path, monkeypa
     assert [(row["side"], row["config"]) for row in ours] == [("sparsemem", "am")]
     with pytest.raises(SystemExit, match="not a checkout of the reference"):
         am_reference.load_reference(str(tmp_path))
+
+
+def test_nnls_solvers_rows():
+    from nnls_solvers import METHODS, run
+
+    rows = list(run([(2, 64, 8)], torch.device("cpu"), repeats=1))
+    assert [row["method"] for row in rows] == list(METHODS)
+    excess = {row["method"]: row["residual_excess"] for row in rows}
+    assert excess["active-set"] == 0 and abs(excess["fista"]) < 1e-4 and excess["projected gradient alone"] > -1e-9
+    assert all(row["seconds"] > 0 for row in rows)
