@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MIN_WEIGHT = 1e-6  # w below this is a dead slot (beta ~ -13.8)
+QUERY_WEIGHTS = ("share", "peak")
 
 
 @dataclass
@@ -288,11 +289,20 @@ def attention_matching(
     omp_refit_every: int = 4,
     nnls_iterations: int = 400,
     place=None,
+    query_weights: str = "share",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
     values [P, t, d], beta [P, t]). `place(index, keys)`: where the chosen keys will be read from (e.g.
     moved to other RoPE positions); beta and values are then fitted to the moved keys, while the keys
-    returned stay as chosen."""
+    returned stay as chosen.
+
+    `query_weights`: how much each reference query counts in the fits. "share": by the span's share of
+    all the query reads (a query that barely looks at the span barely counts; the key ranking, the mass
+    and the value rows are all measured against the whole context). "peak": every query counts as if the
+    span were all it read: keys are ranked by their RMS softmax weight within the span, each query's mass
+    row is scaled by its largest weight in the span (so queries that spread their attention over many
+    keys, whose mass the dropped keys carry, weigh most in the beta fit) and the value rows are unweighted.
+    With the same budget for every head, "peak" measured lower next-token KL (reports/am-reference-cpu/)."""
     total = problem.keys.shape[1]
     if budget <= 0:
         raise ValueError(f"attention matching needs a positive slot budget, got {budget}")
@@ -300,14 +310,18 @@ def attention_matching(
         # nothing to compress: every key becomes a slot, exactly
         index = torch.arange(total, device=problem.keys.device).expand(problem.keys.shape[0], -1)
         return index, problem.keys, problem.values, problem.key_bias
+    if query_weights not in QUERY_WEIGHTS:
+        raise ValueError(f"query_weights must be one of {QUERY_WEIGHTS}, got {query_weights!r}")
     phi = problem.weights()
     mass, output = problem.targets(phi)
+    tiny = torch.finfo(torch.float32).tiny
+    ranked = phi if query_weights == "share" else phi / mass.clamp(min=tiny)[..., None]  # softmax within the span
     if isinstance(key_selection, torch.Tensor):  # indices [P, t] chosen by the caller
         index = key_selection
     elif key_selection == "attention":
-        index = select_by_attention(phi, budget)
+        index = select_by_attention(ranked, budget)
     elif key_selection == "peak":
-        index = select_by_attention(phi, budget, order=float("inf"))
+        index = select_by_attention(ranked, budget, order=float("inf"))
     elif key_selection == "omp":
         picks = omp_picks_per_step or max(1, budget // 32)
         index = select_by_omp(phi, mass, budget, picks, omp_refit_every if picks > 1 else 1)
@@ -321,11 +335,17 @@ def attention_matching(
         moved = place(index, keys).float()
         logits = problem.queries @ moved.transpose(-1, -2) * problem.scaling + prior_bias[:, None, :]
         phi_selected = torch.exp(logits - problem.context_lse[:, :, None])
+    if query_weights == "peak":
+        # each query's rows in units of its largest weight in the span (the scale cancels in beta)
+        peak = phi.amax(-1).clamp(min=tiny)
+        fit_phi, fit_mass, row_weight = phi_selected / peak[..., None], mass / peak, torch.ones_like(mass)
+    else:
+        fit_phi, fit_mass, row_weight = phi_selected, mass, mass
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
-        beta = prior_bias + fit_beta(phi_selected, mass, total, nnls_iterations)
+        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations)
     else:
         beta = prior_bias
     if refit_values:
-        values = fit_values(phi_selected, beta - prior_bias, mass, output, ridge)
+        values = fit_values(phi_selected, beta - prior_bias, row_weight, output, ridge)
     return index, keys, values, beta
