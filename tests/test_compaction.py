@@ -466,6 +466,37 @@ def test_exact_newest_must_be_a_share():
             AttentionMatchingPress(exact_newest=bad)
 
 
+def test_peak_query_weights_ignore_what_each_query_reads_beyond_the_span():
+    """"peak" counts every query as if the span were all it read: moving each query's context log-sum-exp
+    (how much it reads elsewhere) changes nothing, while "share" weights follow it."""
+    problem = _problem()
+    elsewhere = torch.rand(problem.context_lse.shape) * 4
+    moved = SpanProblem(problem.queries, problem.keys, problem.values, problem.key_bias, problem.context_lse + elsewhere,
+                        problem.scaling)
+    for weights, same in (("peak", True), ("share", False)):
+        a = attention_matching(problem, 30, query_weights=weights)
+        b = attention_matching(moved, 30, query_weights=weights)
+        close = torch.equal(a[0], b[0]) and torch.allclose(a[3], b[3], atol=1e-3) and torch.allclose(a[2], b[2], atol=1e-3)
+        assert close == same, weights
+    with pytest.raises(ValueError, match="query_weights"):
+        attention_matching(problem, 30, query_weights="equal")
+
+
+def test_head_budgets_choose_the_press_fit(filled):
+    """Uniform budgets fit every slot over the span with "peak" weights; global ones keep "share"."""
+    from sparsemem.modeling.compaction import AttentionMatchingPress
+
+    model, ids, full = filled
+    uniform = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="uniform")
+    assert (uniform.compaction_info["query_weights"], uniform.compaction_info["exact_newest"]) == ("peak", 0.0)
+    chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share")
+    kept = sparsemem.compact(model, copy.deepcopy(full), ratio=6, method=chosen, input_ids=ids[:, :240], head_budgets="uniform")
+    assert (kept.compaction_info["query_weights"], kept.compaction_info["exact_newest"]) == ("share", 0.5)
+    assert AttentionMatchingPress().for_head_budgets("global").query_weights == "share"
+    with pytest.raises(ValueError, match="query_weights"):
+        AttentionMatchingPress(query_weights="equal")
+
+
 def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(filled):
     """Layer l's queries depend only on layers < l, so a repeat pass over the finished on-policy cache
     yields exactly the queries each layer was fitted to: fitting the full cache to those (off-policy)
