@@ -181,3 +181,54 @@ def test_stream_sweep_runs_each_configuration_on_a_tiny_model(tiny):
     assert rows[0]["loss_within_window"] != rows[1]["loss_within_window"]
     with pytest.raises(ValueError, match="unknown configuration keys"):
         stream_sweep.run(model, tokenizer, {"method": "am", "queries": 3}, tokens=200, chunk=40, budget=64)
+STAND_IN_REFERENCE = '''
+import torch
+
+
+class HighestAttentionKeysCompaction:
+    """Stands in for the reference's class: keeps the newest t keys as they are (beta 0)."""
+
+    def __init__(self, **settings):
+        assert settings["score_method"] == "rms" and settings["c2_method"] == "lsq", settings
+
+    def compute_compacted_cache(self, K, V, queries, t, attention_bias=None):
+        assert K.shape == V.shape and queries.shape[-1] == K.shape[-1]
+        keep = torch.arange(K.shape[0] - t, K.shape[0]).flip(0)  # out of order: the press sorts them
+        return K[keep], torch.zeros(t), V[keep], keep.tolist()
+'''
+
+
+def test_am_reference_runs_the_reference_inside_compact(tiny, tmp_path, monkeypatch):
+    """With a stand-in reference that keeps each head's newest keys, its "whole" rows are StreamingLLM
+    without sinks or recent window, to the digit; without a checkout only our side runs."""
+    import am_reference
+
+    model, tokenizer, corpus = tiny
+    folder = tmp_path / "checkout" / "compaction" / "algorithms"
+    folder.mkdir(parents=True)
+    (folder / "highest_attention_keys.py").write_text(STAND_IN_REFERENCE)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("compaction", "compaction.algorithms", "compaction.algorithms.highest_attention_keys"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    reference = am_reference.load_reference(str(tmp_path / "checkout"))
+    streaming = {"tag": "streaming", "method": "streaming-llm", "keep_first": 0, "keep_last": 0}
+    rows = list(am_reference.run(model, tokenizer, corpus, [streaming, {"tag": "am"}], [4], reference, length=192, continuation=32))
+    kl = {(row["side"], row["config"]): row["kl"] for row in rows}
+    assert set(kl) == {("reference", "whole"), ("reference", "sinks"), ("sparsemem", "streaming"), ("sparsemem", "am")}
+    assert kl[("reference", "whole")] == pytest.approx(kl[("sparsemem", "streaming")], abs=1e-6)
+    assert all(row["kl"] > 0 and 3.5 < row["bytes"] <= 4.05 for row in rows)
+    assert "| reference | whole |" in am_reference.table(rows)
+    ours = list(am_reference.run(model, tokenizer, corpus, [{"tag": "am"}], [4], None, length=192, continuation=32))
+    assert [(row["side"], row["config"]) for row in ours] == [("sparsemem", "am")]
+    with pytest.raises(SystemExit, match="not a checkout of the reference"):
+        am_reference.load_reference(str(tmp_path))
+
+
+def test_nnls_solvers_rows():
+    from nnls_solvers import METHODS, run
+
+    rows = list(run([(2, 64, 8)], torch.device("cpu"), repeats=1))
+    assert [row["method"] for row in rows] == list(METHODS)
+    excess = {row["method"]: row["residual_excess"] for row in rows}
+    assert excess["active-set"] == 0 and abs(excess["fista"]) < 1e-4 and excess["projected gradient alone"] > -1e-9
+    assert all(row["seconds"] > 0 for row in rows)

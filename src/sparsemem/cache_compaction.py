@@ -350,8 +350,10 @@ def compact(
     press = make_press(method)
     if whole_span_share == "auto":
         whole_span_share = WHOLE_SPAN_SHARE if head_budgets == "global" and isinstance(press, AttentionMatchingPress) else None
-    if whole_span_share is not None and isinstance(press, AttentionMatchingPress):
-        press = press.with_whole_spans()
+    if isinstance(press, AttentionMatchingPress):
+        press = press.for_head_budgets(head_budgets)
+        if whole_span_share is not None:
+            press = press.with_whole_spans()
     start_time = time.perf_counter()
     length = cache.get_seq_length()
     if length == 0 or not any(layer.is_initialized for layer in cache.layers):
@@ -470,6 +472,7 @@ def compact(
         "slots_per_kv_head": kv_head_slots,  # per layer, with head_budgets="global"
         "whole_span_share": whole_span_share,
         "exact_newest": press.exact_share if isinstance(press, AttentionMatchingPress) else None,
+        "query_weights": press.query_weights if isinstance(press, AttentionMatchingPress) else None,
         "seconds": time.perf_counter() - start_time,
     }
     logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
