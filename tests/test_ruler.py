@@ -19,6 +19,7 @@ from sparsemem.evaluation_ruler import (
     lm_eval_process_results,
     make_sample,
     make_samples,
+    read_progress,
     score_answer,
     summarize,
     write_ruler_report,
@@ -124,17 +125,17 @@ def test_score_answer_on_known_outputs():
         score_answer("x", [])
 
 
-def test_end_to_end_tiny_model(corpus, tmp_path):
+def test_end_to_end_tiny_model(corpus, tmp_path, monkeypatch):
     import sparsemem
 
     tokenizer = ByteTokenizer()
     model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_fraction=None)
-    samples = make_samples(tokenizer, corpus, ["niah_single", "vt"], [640], samples=1)
+    samples = make_samples(tokenizer, corpus, ["niah_single", "vt"], [480], samples=1)
     results = evaluate_ruler(model, tokenizer, samples, methods=["am", "streaming-llm"], ratios=[5],
                              progress=tmp_path / "progress.jsonl", meta={"model": "tiny"})
     assert [(r.task, r.method) for r in results] == [(t, m) for t in ("niah_single", "vt") for m in ("am", "streaming-llm", "full")]
     for r in results:
-        assert r.score == score_answer(r.answer, r.expected) and r.prompt_tokens == 640
+        assert r.score == score_answer(r.answer, r.expected) and r.prompt_tokens == 480
     by = {(r.task, r.method): r for r in results}
     for task in ("niah_single", "vt"):
         # about a fifth of the full cache's bytes at 5x
@@ -151,10 +152,17 @@ def test_end_to_end_tiny_model(corpus, tmp_path):
     assert names[:2] == ["ruler.json", "ruler.md"]
     payload = json.loads((tmp_path / "ruler.json").read_text())
     assert payload["summary"] == summarize(results)
-    mean = payload["summary"]["mean/640"]["am 5x"]
+    mean = payload["summary"]["mean/480"]["am 5x"]
     assert mean == pytest.approx(50 * (by[("niah_single", "am")].score + by[("vt", "am")].score))
-    assert "| niah_single | 640 |" in (tmp_path / "ruler.md").read_text()
+    assert "| niah_single | 480 |" in (tmp_path / "ruler.md").read_text()
     assert len((tmp_path / "progress.jsonl").read_text().splitlines()) == 1 + len(results)
+    # resumed: everything measured is kept, no context is read again
+    kept = read_progress(tmp_path / "progress.jsonl", {"model": "tiny"})
+    assert kept == results
+    monkeypatch.setattr("sparsemem.cache_compaction.prefill", lambda *a, **k: pytest.fail("re-measured"))
+    assert evaluate_ruler(model, tokenizer, samples, methods=["am", "streaming-llm"], ratios=[5], done=kept) == results
+    with pytest.raises(ValueError, match="--resume.*model"):
+        read_progress(tmp_path / "progress.jsonl", {"model": "other"})
     with pytest.raises(ValueError, match="window"):
         evaluate_ruler(model, tokenizer, make_samples(tokenizer, corpus, ["niah_single"], [1100], samples=1))
 

@@ -281,7 +281,7 @@ def cmd_eval_online(args) -> int:
 def cmd_eval_ruler(args) -> int:
     from . import convert
     from .corpus import load_corpus
-    from .evaluation_ruler import evaluate_ruler, export_lm_eval, make_samples, render_ruler_markdown, write_ruler_report
+    from .evaluation_ruler import evaluate_ruler, export_lm_eval, make_samples, read_progress, render_ruler_markdown, write_ruler_report
 
     path, tokenizer, base = _load(args)
     corpus = load_corpus(args.text)
@@ -291,12 +291,17 @@ def cmd_eval_ruler(args) -> int:
         print(f"wrote {len(paths)} files of lm-eval tasks to {args.export_lm_eval} (group sparsemem_ruler)")
         return 0
     # as in the compaction suite: every remaining entry attended, so compaction is the only approximation
-    model = convert(base, **{**_options(args), "top_k_blocks": None, "block_fraction": None})
+    options = {**_options(args), "top_k_blocks": None, "block_fraction": None}
+    model = convert(base, **options)
     meta = {"model": _model_label(args, path), "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
             "tasks": list(args.tasks), "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
-            "am_queries": list(args.queries), **_run_info(args, base)}
+            "am_queries": list(args.queries), "options": options, **_run_info(args, base)}
+    progress = Path(args.output) / "progress.jsonl"
+    done = []
+    if args.resume and progress.is_file():
+        done = read_progress(progress, meta)
     results = evaluate_ruler(model, tokenizer, samples, methods=args.methods, ratios=args.ratios,
-                             queries=tuple(args.queries), progress=Path(args.output) / "progress.jsonl", meta=meta)
+                             queries=tuple(args.queries), progress=progress, meta=meta, done=done)
     paths = write_ruler_report(results, meta, Path(args.output))
     print(render_ruler_markdown(results, meta))
     print("wrote " + ", ".join(map(str, paths)))
@@ -408,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     rul.add_argument("--queries", nargs="+", default=["repeat"],
                      help="the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
                           "SnapKV and H2O by the context's own queries)")
+    rul.add_argument("--resume", action="store_true",
+                     help="keep the results in OUTPUT/progress.jsonl measured with the same settings (an interrupted "
+                          "run, or one over other tasks) and measure only the rest")
     rul.add_argument("--export-lm-eval", default=None, metavar="DIR",
                      help="write the samples as a local lm-eval task folder (use with --include_path DIR) and stop")
     rul.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")

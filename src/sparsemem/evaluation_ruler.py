@@ -285,15 +285,36 @@ def _queries_for(method: str, queries: tuple) -> tuple:
     return compaction_queries(method, queries)
 
 
+# settings a resumed run must share with the results it keeps
+RESUME_KEYS = ("model", "corpus", "seed", "am_queries", "dtype", "options")
+
+
+def read_progress(path: Path, meta: dict) -> list[RulerResult]:
+    """The results of an earlier run's `progress.jsonl`, after checking that it was measured with the
+    same `RESUME_KEYS` settings as `meta`."""
+    lines = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines or "meta" not in lines[0]:
+        raise ValueError(f"--resume: {path} does not start with a run's settings")
+    earlier = lines[0]["meta"]
+    differ = [key for key in RESUME_KEYS if earlier.get(key) != meta.get(key)]
+    if differ:
+        raise ValueError(f"--resume: {path} was measured with other settings ({', '.join(differ)}); "
+                         "use another --output or drop --resume")
+    return [RulerResult(**row) for row in lines[1:]]
+
+
 @torch.no_grad()
 def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT_METHODS, ratios=(5, 10),
-                   queries=("repeat",), progress: Path | None = None, meta: dict | None = None) -> list[RulerResult]:
+                   queries=("repeat",), progress: Path | None = None, meta: dict | None = None,
+                   done: list[RulerResult] = ()) -> list[RulerResult]:
     """Answer every sample from the full cache and from each (method, ratio) compaction of it.
 
     The context is read once per sample (`prefill`, whose context queries serve the methods that rank by
     them); each method compacts a copy of that cache; the reference queries of a repeat pass are captured
     once per sample and shared by the methods that use them. `progress`: a JSON-lines file that gets
-    `meta`, then each result as soon as it is measured."""
+    `meta`, then each result as soon as it is measured. `done`: results measured before (`read_progress`);
+    those of these samples and configurations are kept (when their expected answers match) and not
+    measured again."""
     from .cache_compaction import capture_reference_queries, compact, prefill
     from .questions import ask
 
@@ -301,17 +322,31 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
     for sample in samples:
         if window is not None and sample.length > window:
             raise ValueError(f"--lengths: {sample.length} tokens exceed the model's window ({window})")
+    configs = [(method, float(ratio)) for method in methods for ratio in ratios] + [("full", 1.0)]
+    wanted = {(s.task, s.length, s.index, m, r): s.expected for s in samples for m, r in configs}
+    kept = {}
+    for r in done:
+        key = (r.task, r.length, r.index, r.method, r.ratio)
+        if wanted.get(key) == r.expected:
+            kept[key] = r
     if progress is not None:
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
-        write_text(Path(progress), json.dumps({"meta": meta or {}}) + "\n")
-    configs = [(method, float(ratio)) for method in methods for ratio in ratios] + [("full", 1.0)]
+        write_text(Path(progress), "".join(json.dumps(row) + "\n" for row in
+                                           [{"meta": meta or {}}] + [asdict(r) for r in kept.values()]))
     results = []
     bar = tqdm(total=len(samples) * len(configs), desc="ruler (sample x method)")
     for sample in samples:
+        todo = [(m, r) for m, r in configs if (sample.task, sample.length, sample.index, m, r) not in kept]
+        for method, ratio in configs:
+            if (method, ratio) not in todo:
+                results.append(kept[(sample.task, sample.length, sample.index, method, ratio)])
+                bar.update()
+        if not todo:
+            continue
         ids = torch.tensor([sample.context], device=model.device)
         full, context_queries = prefill(model, ids)
         captured = {("context",): context_queries}
-        for method, ratio in configs:
+        for method, ratio in todo:
             bar.set_postfix_str(f"{sample.task} {sample.length} #{sample.index} {method} {ratio:g}x")
             start = time.perf_counter()
             if method == "full":
