@@ -202,3 +202,29 @@ def test_cli_defaults_and_checks():
         check_arguments(parse_args(["eval", "ruler", "--samples", "0"]))
     with pytest.raises(ValueError, match="--methods"):
         check_arguments(parse_args(["eval", "ruler", "--methods", "nope"]))
+
+
+def test_cli_refuses_unhonoured_options(tmp_path, capsys):
+    from sparsemem.cli import main
+
+    assert main(["eval", "ruler", "--top-k-blocks", "8", "--output", str(tmp_path / "out")]) == 2
+    assert "--top-k-blocks" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_export_lm_eval_with_the_real_tokenizer(smollm2_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sparsemem.cli import main
+
+    assert main(["eval", "ruler", "--export-lm-eval", str(tmp_path), "--tasks", "niah_single", "cwe",
+                 "--lengths", "512", "--samples", "2"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    for task in ("niah_single", "cwe"):
+        rows = [json.loads(line) for line in (tmp_path / f"ruler_{task}_512.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        for row in rows:
+            # decoded and tokenized again by lm-eval: about the target length
+            assert 480 <= len(tokenizer(row["input"], add_special_tokens=False).input_ids) <= 520
+            assert all(expected in row["input"] for expected in row["outputs"])

@@ -283,13 +283,23 @@ def cmd_eval_ruler(args) -> int:
     from .corpus import load_corpus
     from .evaluation_ruler import evaluate_ruler, export_lm_eval, make_samples, read_progress, render_ruler_markdown, write_ruler_report
 
-    path, tokenizer, base = _load(args)
     corpus = load_corpus(args.text)
-    samples = make_samples(tokenizer, corpus, args.tasks, args.lengths, args.samples, seed=args.seed)
-    if args.export_lm_eval:
+    if args.export_lm_eval:  # the prompts alone: only the tokenizer is needed
+        from transformers import AutoTokenizer
+
+        from .default_model import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+        samples = make_samples(tokenizer, corpus, args.tasks, args.lengths, args.samples, seed=args.seed)
         paths = export_lm_eval(samples, tokenizer, Path(args.export_lm_eval))
         print(f"wrote {len(paths)} files of lm-eval tasks to {args.export_lm_eval} (group sparsemem_ruler)")
         return 0
+    defaults = SparseMemOptions()
+    if (args.top_k_blocks, args.block_fraction) != (defaults.top_k_blocks, defaults.block_fraction):
+        raise ValueError("--top-k-blocks/--block-fraction: eval ruler attends every entry the cache keeps, so "
+                         "compaction is the only approximation measured; leave them at their defaults")
+    path, tokenizer, base = _load(args)
+    samples = make_samples(tokenizer, corpus, args.tasks, args.lengths, args.samples, seed=args.seed)
     # as in the compaction suite: every remaining entry attended, so compaction is the only approximation
     options = {**_options(args), "top_k_blocks": None, "block_fraction": None}
     model = convert(base, **options)
@@ -338,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval", formatter_class=HELP,
-        help="evaluation suites: retrieval (default), compaction, online, scorer; `sparsemem eval SUITE --help` "
+        help="evaluation suites: retrieval (default), compaction, online, scorer, ruler; `sparsemem eval SUITE --help` "
              "lists a suite's options",
         description="Evaluation suites. `sparsemem eval SUITE --help` lists a suite's options; with no suite, "
                     "`retrieval` runs.",
@@ -404,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     rul = suites.add_parser("ruler", formatter_class=HELP,
                             help="RULER-style synthetic tasks (needles, variable tracking, word extraction), full cache vs compaction")
     _add_model_args(rul)
-    rul.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS), help="RULER tasks")
+    rul.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS), metavar="TASK",
+                     help=f"RULER tasks, of {', '.join(RULER_TASKS)}")
     rul.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (up to the model's window)")
     rul.add_argument("--samples", type=int, default=4, help="samples per task and length")
     rul.add_argument("--seed", type=int, default=0, help="seed of the samples (keys, values, depths, haystack offsets)")
@@ -417,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the results in OUTPUT/progress.jsonl measured with the same settings (an interrupted "
                           "run, or one over other tasks) and measure only the rest")
     rul.add_argument("--export-lm-eval", default=None, metavar="DIR",
-                     help="write the samples as a local lm-eval task folder (use with --include_path DIR) and stop")
+                     help="write the samples as a local lm-eval task folder (use with --include_path DIR) and stop; "
+                          "only --tasks, --lengths, --samples, --seed, --model (its tokenizer) and --text apply")
     rul.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
     for suite in (ret, com, onl, sco, rul):
         suite.set_defaults(func=cmd_eval)

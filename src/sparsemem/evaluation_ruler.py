@@ -314,7 +314,7 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
     once per sample and shared by the methods that use them. `progress`: a JSON-lines file that gets
     `meta`, then each result as soon as it is measured. `done`: results measured before (`read_progress`);
     those of these samples and configurations are kept (when their expected answers match) and not
-    measured again."""
+    measured again; all of them stay in `progress`."""
     from .cache_compaction import capture_reference_queries, compact, prefill
     from .questions import ask
 
@@ -331,8 +331,9 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
             kept[key] = r
     if progress is not None:
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
+        # every earlier result stays in the file, also those of samples not asked for this time
         write_text(Path(progress), "".join(json.dumps(row) + "\n" for row in
-                                           [{"meta": meta or {}}] + [asdict(r) for r in kept.values()]))
+                                           [{"meta": meta or {}}] + [asdict(r) for r in done]))
     results = []
     bar = tqdm(total=len(samples) * len(configs), desc="ruler (sample x method)")
     for sample in samples:
