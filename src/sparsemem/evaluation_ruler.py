@@ -442,7 +442,8 @@ def render_ruler_markdown(results: list[RulerResult], meta: dict) -> str:
 
 
 def plot_ruler(summary: dict, path: Path) -> Path | None:
-    """Left: mean score over the tasks per length, one series per configuration; right: per task."""
+    """Left: mean score over the tasks, per length (one length: a bar per configuration); right: per task
+    and length. One colour per configuration in both."""
     from .plots import pyplot, save_figure
 
     plt = pyplot()
@@ -450,20 +451,30 @@ def plot_ruler(summary: dict, path: Path) -> Path | None:
         return None
     means = {int(k.split("/")[1]): row for k, row in summary.items() if k.startswith("mean/")}
     tasks = [k for k in summary if not k.startswith("mean/")]
-    labels = list(dict.fromkeys(label for row in summary.values() for label in row))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for label in labels:
-        lengths = sorted(n for n in means if label in means[n])
-        style = ":" if label == "full" else ("-" if label.startswith("am") else "--")
-        axes[0].plot(lengths, [means[n][label] for n in lengths], style, marker="o", label=label)
-    axes[0].set(xlabel="prompt tokens", ylabel="mean score (%)", ylim=(-3, 103))
-    axes[0].legend(fontsize=8)
+    labels = sorted(dict.fromkeys(label for row in summary.values() for label in row), key=lambda l: l != "full")
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1, 2.4]})
+    if len(means) == 1:
+        (length, row), = means.items()
+        shown = [l for l in labels if l in row]
+        axes[0].bar(range(len(shown)), [row[l] for l in shown], color=[colours[l] for l in shown])
+        axes[0].set_xticks(range(len(shown)), shown, rotation=35, ha="right", fontsize=8)
+        axes[0].set(ylabel=f"mean score over the tasks (%), {length} tokens", ylim=(0, 103))
+    else:
+        for label in labels:
+            lengths = sorted(n for n in means if label in means[n])
+            style = ":" if label == "full" else ("-" if label.startswith("am") else "--")
+            axes[0].plot(lengths, [means[n][label] for n in lengths], style, marker="o", color=colours[label], label=label)
+        axes[0].set(xlabel="prompt tokens", ylabel="mean score over the tasks (%)", ylim=(-3, 103))
+        axes[0].legend(fontsize=8)
     width = 0.8 / max(len(labels), 1)
     for i, label in enumerate(labels):
         axes[1].bar([t + i * width for t in range(len(tasks))], [summary[k].get(label, float("nan")) for k in tasks],
-                    width, label=label)
-    axes[1].set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [k.replace("/", "\n") for k in tasks], fontsize=7)
+                    width, color=colours[label], label=label)
+    axes[1].set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], [k.replace("/", "\n") for k in tasks],
+                       rotation=20, fontsize=8)
     axes[1].set(ylabel="score (%)", ylim=(0, 103))
+    axes[1].legend(fontsize=7, ncol=len(labels), loc="upper center", bbox_to_anchor=(0.5, 1.13))
     return save_figure(plt, fig, path)
 
 
