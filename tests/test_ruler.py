@@ -131,6 +131,8 @@ def test_end_to_end_tiny_model(corpus, tmp_path, monkeypatch):
     tokenizer = ByteTokenizer()
     model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_fraction=None)
     samples = make_samples(tokenizer, corpus, ["niah_single", "vt"], [480], samples=1)
+    for sample in samples:  # a random model's answers: a few tokens show the path, more only cost time
+        sample.max_new_tokens = 4
     results = evaluate_ruler(model, tokenizer, samples, methods=["am", "streaming-llm"], ratios=[5],
                              progress=tmp_path / "progress.jsonl", meta={"model": "tiny"})
     assert [(r.task, r.method) for r in results] == [(t, m) for t in ("niah_single", "vt") for m in ("am", "streaming-llm", "full")]
@@ -150,6 +152,12 @@ def test_end_to_end_tiny_model(corpus, tmp_path, monkeypatch):
     paths = write_ruler_report(results, {"model": "tiny"}, tmp_path)
     names = sorted(p.name for p in paths)
     assert names[:2] == ["ruler.json", "ruler.md"]
+    try:
+        import matplotlib  # noqa: F401  (the `plot` extra)
+    except ImportError:
+        assert names == ["ruler.json", "ruler.md"]
+    else:
+        assert names[2:] == ["ruler.png"] and (tmp_path / "ruler.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = json.loads((tmp_path / "ruler.json").read_text())
     assert payload["summary"] == summarize(results)
     mean = payload["summary"]["mean/480"]["am 5x"]
@@ -191,13 +199,15 @@ def test_lm_eval_export(corpus, tmp_path):
 
 
 def test_cli_defaults_and_checks():
+    import sparsemem
     from sparsemem.arguments import check_arguments
-    from sparsemem.cli import parse_args
+    from sparsemem.cli import _options, parse_args
 
     args = parse_args(["eval", "ruler"])
     assert args.tasks == list(TASKS) and args.ratios == [5, 10] and args.methods == ["am", "kvzip", "streaming-llm"]
     assert args.lengths == [4096] and args.func.__name__ == "cmd_eval"
     check_arguments(args)
+    sparsemem.convert(make_base_model("llama"), **_options(args))  # no eval option among the model's
     with pytest.raises(ValueError, match="--samples"):
         check_arguments(parse_args(["eval", "ruler", "--samples", "0"]))
     with pytest.raises(ValueError, match="--methods"):
