@@ -3,6 +3,7 @@ known answers, a tiny end-to-end run and the lm-eval export."""
 
 import json
 import re
+from dataclasses import asdict
 from collections import Counter
 
 import pytest
@@ -19,6 +20,7 @@ from sparsemem.evaluation_ruler import (
     lm_eval_process_results,
     make_sample,
     make_samples,
+    merge_reports,
     read_progress,
     score_answer,
     summarize,
@@ -164,6 +166,15 @@ def test_end_to_end_tiny_model(corpus, tmp_path, monkeypatch):
     assert mean == pytest.approx(50 * (by[("niah_single", "am")].score + by[("vt", "am")].score))
     assert "| niah_single | 480 |" in (tmp_path / "ruler.md").read_text()
     assert len((tmp_path / "progress.jsonl").read_text().splitlines()) == 1 + len(results)
+    # two runs' progress merged into one report (a row measured by both counted once)
+    rows = [json.dumps(asdict(r)) for r in results]
+    (tmp_path / "a.jsonl").write_text("\n".join([json.dumps({"meta": {"model": "tiny"}})] + rows[:4]))
+    (tmp_path / "b.jsonl").write_text("\n".join([json.dumps({"meta": {"model": "tiny", "seed": 0}})] + rows[3:]))
+    merge_reports([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], str(tmp_path / "merged"))
+    assert json.loads((tmp_path / "merged" / "ruler.json").read_text())["summary"] == summarize(results)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"meta": {"model": "other"}}))
+    with pytest.raises(ValueError, match="model"):
+        merge_reports([str(tmp_path / "a.jsonl"), str(tmp_path / "c.jsonl")], str(tmp_path / "merged"))
     # resumed: everything measured is kept, no context is read again
     kept = read_progress(tmp_path / "progress.jsonl", {"model": "tiny"})
     assert kept == results

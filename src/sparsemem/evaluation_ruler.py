@@ -377,6 +377,31 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
     return results
 
 
+def merge_reports(parts: list[str], output_dir: str) -> list[Path]:
+    """One report from the `progress.jsonl` of several runs (e.g. one per group of tasks, run side by side,
+    or interrupted): their settings must agree wherever both recorded them, and a result measured twice
+    is kept once. Tasks or configurations a run did not reach show as missing in the tables."""
+    results, meta, commands = {}, None, []
+    for part in parts:
+        path = Path(part) / "progress.jsonl" if Path(part).is_dir() else Path(part)
+        lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines or "meta" not in lines[0]:
+            raise ValueError(f"{path} does not start with a run's settings")
+        settings = lines[0]["meta"]
+        if meta is None:
+            meta = dict(settings)
+        differ = [key for key in RESUME_KEYS if key in meta and key in settings and meta[key] != settings[key]]
+        if differ:
+            raise ValueError(f"{path} was measured with other settings than {parts[0]} ({', '.join(differ)})")
+        commands.append(settings.get("command", "?"))
+        for row in lines[1:]:
+            result = RulerResult(**row)
+            results.setdefault((result.task, result.length, result.index, result.method, result.ratio), result)
+    merged = list(results.values())
+    meta.update({"tasks": list(dict.fromkeys(r.task for r in merged)), "command": " + ".join(commands) + " (merged)"})
+    return write_ruler_report(merged, meta, Path(output_dir))
+
+
 def config_label(method: str, ratio: float) -> str:
     return "full" if method == "full" else f"{method} {ratio:g}x"
 
