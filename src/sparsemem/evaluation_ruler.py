@@ -450,7 +450,7 @@ def render_ruler_markdown(results: list[RulerResult], meta: dict) -> str:
         task, length = key.rsplit("/", 1)
         name = f"**{task}**" if task == "mean" else task
         lines.append(f"| {name} | {length} | " + " | ".join(f"{row[l]:.1f}" if l in row else "-" for l in labels) + " |")
-    lines += ["", "## KV bytes, full / compacted (mean over samples)", "", "| config | ratio of bytes | seconds per sample |", "|---|---|---|"]
+    lines += ["", "## KV bytes, full / compacted (mean over samples)", "", "| config | ratio of bytes | seconds per sample (compaction, the sample's repeat pass where this configuration was the first to need it, answer) |", "|---|---|---|"]
     for label in labels:
         chosen = [r for r in results if config_label(r.method, r.ratio) == label]
         full = {(r.task, r.length, r.index): r.kv_bytes for r in results if r.method == "full"}
