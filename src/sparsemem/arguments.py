@@ -43,7 +43,7 @@ def _sparsemem_options(args) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first command-line option whose value cannot work."""
     _sparsemem_options(args)
-    for name in ("length", "context_tokens", "continuation_tokens", "documents", "decode_tokens", "max_windows"):
+    for name in ("length", "context_tokens", "continuation_tokens", "documents", "decode_tokens", "max_windows", "samples"):
         _at_least(args, name, 1)
     _at_least(args, "ppl_length", 0)
     _at_least(args, "budgets", 1)

