@@ -245,7 +245,7 @@ class MemoryBank:
     def open(cls, folder, model, tokenizer=None, verify: bool = True, selection: str = "shared") -> "MemoryBank":
         """Open the bank in `folder` for `model` (the same weights it was built with, else
         `BankModelMismatchError`). `verify`: check every shard's SHA-256 now (reads the whole bank once);
-        without it a shard is still checked the first time a question reads it. `selection`: "shared"
+        without it the routing tables are trusted and a shard is checked before a question first reads its chunks. `selection`: "shared"
         (one choice of chunks for all layers) or "per-layer" (see `memory_recall.RecallOptions`)."""
         folder = Path(folder)
         meta = read_manifest(folder)
@@ -284,7 +284,7 @@ class MemoryBank:
             self._append_tables(index, shard)
 
     def _append_tables(self, index: int, shard: dict) -> None:
-        handle = self._handle(index)
+        handle = self._handle(index, checked=False)  # `verify=False`: checked before its chunks are first read
         chunks, pieces = handle.get_tensor("chunks"), handle.get_tensor("pieces")
         layers = self.recall.routing_layer_ids(self.num_layers)
         summary = handle.get_slice("summary")[:, layers[0] : layers[-1] + 1]  # [C, Lr, Hkv, D]
@@ -312,11 +312,12 @@ class MemoryBank:
             raise BankIntegrityError(f"{path} is truncated or corrupt: its SHA-256 differs from the one in {MANIFEST}")
         self._verified.add(index)
 
-    def _handle(self, index: int):
+    def _handle(self, index: int, checked: bool = True):
+        """The shard's memory-mapped reader; `checked`: its SHA-256 verified first (once per shard)."""
         with self._lock:
+            if checked and index not in self._verified:
+                self._verify(index)
             if index not in self._handles:
-                if index not in self._verified:
-                    self._verify(index)
                 try:
                     self._handles[index] = safe_open(str(self._path(index)), framework="pt", device="cpu")
                 except (SafetensorError, OSError) as error:
