@@ -216,3 +216,37 @@ def test_reopen_in_a_fresh_process(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     child = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
     assert (child - expected[0, -1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
+    """Real text (two standard-library sources, ~2.5K tokens) with a secret number inside: ingested by the
+    CLI in one process, asked by the CLI in another, which finds the bank's model by itself."""
+    import difflib
+    import string
+
+    from sparsemem.corpus import needle_wording
+
+    needle, question = needle_wording("secret-number")
+    first = Path(string.__file__).read_text()
+    second = Path(difflib.__file__).read_text()[:4000]
+    cut = first.find("\n", len(first) // 2) + 1
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a_string.py").write_text(first[:cut] + needle.format(key=73914) + first[cut:])
+    (tmp_path / "docs" / "b_difflib.py").write_text(second)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "sparsemem.cli", *args], capture_output=True, text=True,  # noqa: E731
+                                       env=env, timeout=600)
+    bank = str(tmp_path / "bank")
+    ingest = run("memory", "ingest", "--bank", bank, "--device", "cpu", "--piece-tokens", "1024", "--batch-tokens", "2048",
+                 str(tmp_path / "docs"))
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    info = run("memory", "info", "--bank", bank, "--device", "cpu")
+    assert info.returncode == 0, info.stderr[-2000:]
+    facts = json.loads(info.stdout)
+    assert facts["documents"] == 2 and facts["tokens"] > 2000 and facts["bytes"]["disk"] > facts["tokens"] * 20000
+    ask = run("memory", "ask", "--bank", bank, "--device", "cpu", "--top-k", "8", "--max-new-tokens", "8", question)
+    assert ask.returncode == 0, ask.stderr[-2000:]
+    answer, _, read = ask.stdout.partition("documents read:")
+    assert "73914" in answer
+    assert "a_string.py" in read
