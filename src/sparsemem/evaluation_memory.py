@@ -30,6 +30,7 @@ import torch
 
 from .atomic import write_text
 from .corpus import needle_wording
+from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.rope import trained_context
 
 logger = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def _generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> t
         for _ in range(max_new_tokens - 1):
             if out[-1] == tokenizer.eos_token_id:
                 break
-            step = model(token, past_key_values=cache, use_cache=True)
+            step = model(token, **{CACHE_ARGUMENT: cache}, use_cache=True)
             cache = step.past_key_values
             token = step.logits[:, -1:].argmax(-1)
             out.append(int(token))

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .atomic import recover, write_text
 from .documents import model_fingerprint
+from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.rope import shift_keys, trained_context
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ SHARD_NAME = "shard-{:05d}.safetensors"
 PIECE, START, LENGTH, ROW, ROWS, COMPACTED = range(6)
 # piece table columns
 DOCUMENT, SINK_ROW, SINKS, PIECE_INDEX = range(4)
+_CHUNKS_PER_FIT = 512  # chunks compacted per batched Attention Matching solve (x layers x KV heads problems)
 
 
 class BankIntegrityError(ValueError):
@@ -188,6 +190,9 @@ class MemoryBank:
         from .memory_recall import RecallOptions
 
         self.folder = Path(folder)
+        # a plain model reads full-resolution documents with its own attention; compaction needs the
+        # sparsemem model's query capture
+        self._plain = None if getattr(model.config, "block_size", None) is not None else model
         self.model = _sparsemem_model(model)
         self.tokenizer = tokenizer
         self.meta = meta
@@ -239,7 +244,7 @@ class MemoryBank:
         }
         meta["checksum"] = _meta_checksum(meta)
         write_text(folder / MANIFEST, json.dumps(meta, indent=1))
-        return cls(folder, sparse, tokenizer, meta, verify=False, **open_options)
+        return cls(folder, model, tokenizer, meta, verify=False, **open_options)
 
     @classmethod
     def open(cls, folder, model, tokenizer=None, verify: bool = True, selection: str = "shared") -> "MemoryBank":
@@ -262,7 +267,7 @@ class MemoryBank:
                            ("head_dim", head_dim)):
             if meta.get(key) != value:
                 raise BankModelMismatchError(f"{folder / MANIFEST}: {key} is {meta.get(key)}, the model has {value}")
-        return cls(folder, sparse, tokenizer, meta, verify=verify, selection=selection)
+        return cls(folder, model, tokenizer, meta, verify=verify, selection=selection)
 
     # -- tables -----------------------------------------------------------------------------------
 
@@ -451,13 +456,17 @@ class MemoryBank:
         ids = ids.to(device, non_blocking=True)
         queries: dict[int, torch.Tensor] = {}
         cache = DynamicCache()
-        record = (lambda layer, q: queries.__setitem__(layer, q)) if self.options.ratio else None
-        with call_settings(model, attn_implementation="sdpa"), query_hook(model, record):
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if self.options.ratio is None and self._plain is not None:
+            self._plain(ids, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)  # its own (dense) attention
+        else:
+            record = (lambda layer, q: queries.__setitem__(layer, q)) if self.options.ratio else None
+            with call_settings(model, attn_implementation="sdpa"), query_hook(model, record):
+                model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, Hkv, T, D]
         values = torch.stack([layer.values for layer in cache.layers])
+        del cache
         rotary = model.model.rotary_emb
-        out = []
+        out, whole = [], []
         for row, piece in enumerate(pieces):
             n = piece.numel()
             k, v = keys[:, row, :, :n], values[:, row, :, :n]  # [L, Hkv, n, D]
@@ -471,48 +480,52 @@ class MemoryBank:
             summary = torch.zeros(*k.shape[:2], len(starts), k.shape[-1], device=device)
             summary.index_add_(2, chunk_of, unrotated)
             summary /= torch.tensor(lengths, device=device, dtype=torch.float32)[:, None]
-            piece_out = {"kv": torch.stack([k, v], dim=1).permute(3, 0, 1, 2, 4), "sinks": sinks, "starts": starts,
-                         "lengths": lengths, "summary": summary.permute(2, 0, 1, 3).to(k.dtype)}  # kv: [n, L, 2, Hkv, D]
-            if self.options.ratio:
-                piece_out["slots"] = self._compact_piece(k, v, torch.stack([queries[i][row, :, :n] for i in range(len(queries))]),
-                                                         starts, lengths)
-            out.append(piece_out)
+            out.append({"kv": torch.stack([k, v], dim=1).permute(3, 0, 1, 2, 4), "sinks": sinks, "starts": starts,
+                        "lengths": lengths, "summary": summary.permute(2, 0, 1, 3).to(k.dtype), "slots": {}})  # kv: [n, L, 2, Hkv, D]
+            # the last, shorter chunk of a piece stays exact
+            whole += [(row, chunk, start) for chunk, (start, length) in enumerate(zip(starts, lengths))
+                      if length == self.options.chunk_tokens]
+        if self.options.ratio and whole:
+            queries = torch.stack([queries[i] for i in range(len(queries))])  # [L, B, H, T, D]
+            for first in range(0, len(whole), _CHUNKS_PER_FIT):
+                part = whole[first : first + _CHUNKS_PER_FIT]
+                for (row, chunk, _), slots in zip(part, self._compact_chunks(keys, values, queries, part)):
+                    out[row]["slots"][chunk] = slots
         return out
 
-    def _compact_piece(self, keys, values, queries, starts, lengths) -> dict:
-        """Attention Matching of every whole chunk of one piece: keys/values [L, Hkv, n, D], queries
-        [L, H, n, D] (post-RoPE). Each (chunk, layer, KV head) is one problem fitted to the queries of the
-        chunk's own tokens from every query head of the group. Returns {chunk index: (kv [t, L, 2, Hkv, D],
-        beta [t, L, Hkv], rope [t, L, Hkv])} for the whole chunks (the last, shorter one stays exact)."""
+    def _compact_chunks(self, keys, values, queries, chunks) -> list[tuple]:
+        """Attention Matching of whole chunks (row, chunk, start) of a forward batch: keys/values
+        [L, B, Hkv, T, D], queries [L, B, H, T, D] (post-RoPE). Each (chunk, layer, KV head) is one problem,
+        fitted to the queries of the chunk's own tokens from every query head of its group. Returns per
+        chunk (kv [t, L, 2, Hkv, D], beta [t, L, Hkv] fp32, rope [t, L, Hkv]: positions the slot keys are
+        rotated at)."""
         from .modeling.attention_matching import SpanProblem, attention_matching
 
         size, budget = self.options.chunk_tokens, self.options.slots_per_chunk
-        whole = [i for i, length in enumerate(lengths) if length == size]
-        if not whole:
-            return {}
-        L, hkv, _, dim = keys.shape
-        group = queries.shape[1] // hkv
+        L, _, hkv, _, dim = keys.shape
+        group = queries.shape[2] // hkv
+        device = keys.device
+        rows = torch.tensor([row for row, _, _ in chunks], device=device)
+        starts = torch.tensor([start for _, _, start in chunks], device=device)
+        index = starts[:, None] + torch.arange(size, device=device)  # [c, C]
+
+        def gather(tensor):  # [L, B, heads, T, D] -> [c, L, heads, C, D]
+            picked = tensor[:, rows[:, None], :, index]  # [c, C, L, heads, D]
+            return picked.permute(0, 2, 3, 1, 4)
+
+        k = gather(keys).reshape(-1, size, dim).float()  # [c*L*Hkv, C, D]
+        v = gather(values).reshape(-1, size, dim).float()
+        q = gather(queries).reshape(len(chunks), L, hkv, group, size, dim).reshape(-1, group * size, dim).float()
         scaling = self.model.model.layers[0].self_attn.scaling
-        out = {}
-        for first in range(0, len(whole), 64):  # bounded memory: 64 chunks x L x Hkv problems at a time
-            part = whole[first : first + 64]
-            index = torch.stack([torch.arange(starts[i], starts[i] + size, device=keys.device) for i in part])  # [c, C]
-            k = keys[:, :, index].permute(2, 0, 1, 3, 4).reshape(-1, size, dim).float()  # [c*L*Hkv, C, D]
-            v = values[:, :, index].permute(2, 0, 1, 3, 4).reshape(-1, size, dim).float()
-            q = queries[:, :, index].view(L, hkv, group, len(part), size, dim).permute(3, 0, 1, 2, 4, 5)
-            q = q.reshape(-1, group * size, dim).float()
-            lse = torch.logsumexp(q @ k.transpose(-1, -2) * scaling, dim=-1)
-            problem = SpanProblem(q, k, v, torch.zeros(k.shape[:2], device=k.device), lse, scaling)
-            chosen, slot_keys, slot_values, beta = attention_matching(problem, budget)
-            shape = (len(part), L, hkv, budget)
-            slot_keys = slot_keys.view(*shape, dim).to(keys.dtype)
-            slot_values = slot_values.view(*shape, dim).to(values.dtype)
-            beta = beta.view(shape).float()
-            rope = chosen.view(shape) + torch.tensor([starts[i] for i in part], device=keys.device)[:, None, None, None]
-            for j, chunk in enumerate(part):
-                kv = torch.stack([slot_keys[j], slot_values[j]], dim=1).permute(3, 0, 1, 2, 4)  # [t, L, 2, Hkv, D]
-                out[chunk] = (kv, beta[j].permute(2, 0, 1), rope[j].permute(2, 0, 1))
-        return out
+        lse = torch.logsumexp(q @ k.transpose(-1, -2) * scaling, dim=-1)
+        problem = SpanProblem(q, k, v, torch.zeros(k.shape[:2], device=device), lse, scaling)
+        chosen, slot_keys, slot_values, beta = attention_matching(problem, budget)
+        shape = (len(chunks), L, hkv, budget)
+        kv = torch.stack([slot_keys.view(*shape, dim), slot_values.view(*shape, dim)], dim=2)  # [c, L, 2, Hkv, t, D]
+        kv = kv.permute(0, 4, 1, 2, 3, 5).to(keys.dtype)  # [c, t, L, 2, Hkv, D]
+        beta = beta.view(shape).permute(0, 3, 1, 2).float()  # [c, t, L, Hkv]
+        rope = (chosen.view(shape) + starts[:, None, None, None]).permute(0, 3, 1, 2)
+        return [(kv[i], beta[i], rope[i]) for i in range(len(chunks))]
 
     def _assemble(self, pieces, results) -> dict[str, torch.Tensor]:
         """The shard's tensors (on the host), pieces in document order."""
@@ -523,7 +536,7 @@ class MemoryBank:
             piece_rows.append([doc_index, rows, sinks, piece_index])
             kv.append(result["kv"][:sinks])
             rows += sinks
-            slots = result.get("slots", {})
+            slots = result["slots"]
             for chunk, (start, length) in enumerate(zip(result["starts"], result["lengths"])):
                 if chunk in slots:
                     chunk_kv, beta, rope = slots[chunk]
