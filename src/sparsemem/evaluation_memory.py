@@ -224,6 +224,9 @@ class BM25Retriever:
             raise ImportError("the BM25 baseline needs `bm25s`: pip install 'sparsemem[memory]'") from None
         self.bm25s = bm25s
         self.spans = [(d, s) for d, doc in enumerate(docs) for s in range(0, len(doc.ids), chunk_tokens)]
+        self.first_span = {}  # a document's spans are consecutive
+        for index, (d, _) in enumerate(self.spans):
+            self.first_span.setdefault(d, index)
         self.ids = [docs[d].ids[s : s + chunk_tokens] for d, s in self.spans]
         texts = tokenizer.batch_decode(self.ids)
         self.retriever = bm25s.BM25()
@@ -232,8 +235,9 @@ class BM25Retriever:
 
     def prompt(self, question: str, top_k: int, exclude: list[tuple[int, tuple[int, int]]]) -> list[int]:
         """Token ids of the top chunks (document order), hidden spans excluded."""
-        hidden = {i for i, (d, s) in enumerate(self.spans) for doc, (lo, hi) in exclude
-                  if d == doc and s < hi and s + self.chunk_tokens > lo}
+        hidden = {self.first_span[doc] + i for doc, (lo, hi) in exclude
+                  for i in range(lo // self.chunk_tokens, (hi - 1) // self.chunk_tokens + 1)
+                  if self.first_span[doc] + i < len(self.spans) and self.spans[self.first_span[doc] + i][0] == doc}
         k = min(top_k + len(hidden), len(self.spans))
         results, _ = self.retriever.retrieve(self.bm25s.tokenize([question], stopwords="en", show_progress=False), k=k,
                                              show_progress=False)
