@@ -127,14 +127,13 @@ def insert_needles(tokenizer, docs: list[Document], count: int, seed: int = 0) -
         depth = number / max(count - 1, 1)
         target = min(int(depth * total), total - 1)
         index = max(i for i, s in enumerate(starts) if s <= target)
-        while index in used:
-            index = (index + 1) % len(docs)
+        within = (target - starts[index]) / max(len(docs[index].ids), 1)
+        while index in used:  # one needle per document: the next free one, at its middle
+            index, within = (index + 1) % len(docs), 0.5
         used.add(index)
         doc = docs[index]
-        within = (target - starts[index]) / max(len(doc.ids), 1)
         kept = len(tokenizer.decode(doc.ids)) if doc.cut else len(doc.text)  # a cut document: inside its kept part
-        cut = doc.text.find("\n", int(within * kept * 0.95))
-        cut = len(doc.text) if cut < 0 else cut + 1
+        cut = doc.text.rfind("\n", 0, int(within * kept)) + 1  # the line break before the depth (0: none)
         needle = needle_text.format(key=key)
         text = doc.text[:cut] + needle + doc.text[cut:]
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -228,7 +227,7 @@ class BM25Retriever:
         for index, (d, _) in enumerate(self.spans):
             self.first_span.setdefault(d, index)
         self.ids = [docs[d].ids[s : s + chunk_tokens] for d, s in self.spans]
-        texts = tokenizer.batch_decode(self.ids)
+        texts = [tokenizer.decode(ids) for ids in self.ids]
         self.retriever = bm25s.BM25()
         self.retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
         self.chunk_tokens = chunk_tokens
