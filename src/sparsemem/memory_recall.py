@@ -269,6 +269,8 @@ class _FirstToken:
     def put(self, value):
         self.calls += 1
         if self.calls == 2 and self.first is None:
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                torch.cuda.synchronize(value.device)  # the token exists, not just its kernel launch
             self.first = time.perf_counter()
 
     def end(self):
