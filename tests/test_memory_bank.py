@@ -147,6 +147,7 @@ def test_interrupted_ingestion_resumes_without_duplicates(tmp_path, monkeypatch)
         if commits["count"] == 1:
             # killed while writing: a partial shard file lies where the next shard goes
             (self.folder / "shard-00001.safetensors").write_bytes(b"half a shard")
+            (self.folder / ".shard-00001.safetensors.999999999.tmp").write_bytes(b"a dead writer's")
             raise KeyboardInterrupt("killed")
         commits["count"] += 1
         original(self, tensors, docs)
@@ -161,6 +162,7 @@ def test_interrupted_ingestion_resumes_without_duplicates(tmp_path, monkeypatch)
     resumed = MemoryBank.open(tmp_path / "resumed", model)
     stats = resumed.add(documents, progress=False)
     assert stats["skipped"] == len(reader.documents)
+    assert not list((tmp_path / "resumed").glob(".shard-*"))
     reopened = MemoryBank.open(tmp_path / "resumed", model)
     assert [d["sha256"] for d in reopened.documents] == [d["sha256"] for d in whole.documents]
     assert torch.equal(reopened.chunk_table[:, :3], whole.chunk_table[:, :3])

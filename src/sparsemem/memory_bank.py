@@ -338,6 +338,7 @@ class MemoryBank:
         Documents already in the bank (same token ids) are skipped, so repeating an interrupted `add`
         resumes it. Returns {"documents", "tokens", "skipped", "seconds", "tokens_per_second"}."""
         start = time.perf_counter()
+        self._remove_dead_temporaries()
         stats = {"documents": 0, "tokens": 0, "skipped": 0}
         writer = _ShardWriter(self)
         pending: list[tuple[dict, torch.Tensor]] = []
@@ -367,6 +368,15 @@ class MemoryBank:
         logger.info("ingested %d documents, %d tokens (%.0f tokens/s); %d already in the bank", stats["documents"],
                     stats["tokens"], stats["tokens_per_second"], stats["skipped"])
         return stats
+
+    def _remove_dead_temporaries(self) -> None:
+        """Shard files half-written by a process that died (`.shard-NNNNN.safetensors.PID.tmp`)."""
+        from .atomic import _pid_alive
+
+        for path in self.folder.glob(".shard-*.tmp"):
+            pid = path.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
 
     def _documents(self, source, name, text_column):
         """(name, token ids [n] int64 on the host) of every document in `source`."""
