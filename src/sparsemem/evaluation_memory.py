@@ -89,9 +89,23 @@ def python_sources() -> list[tuple[str, Path]]:
     return out
 
 
-def build_haystack(tokenizer, tokens: int, max_file_bytes: int = 400_000) -> list[Document]:
-    """Whole source files in `python_sources` order until `tokens` tokens (the last one cut to fit)."""
-    docs, total, seen = [], 0, set()
+def build_haystack(tokenizer, tokens: int, max_file_bytes: int = 400_000, batch: int = 256) -> list[Document]:
+    """Whole source files in `python_sources` order until `tokens` tokens (the last one cut to fit);
+    tokenized `batch` files per call (a fast tokenizer spreads a batch over the cores)."""
+    docs, total, seen, pending = [], 0, set(), []
+
+    def flush():
+        nonlocal total
+        encoded = tokenizer([text for _, text in pending], add_special_tokens=False)["input_ids"]
+        for (module, text), ids in zip(pending, encoded):
+            if total >= tokens:
+                break
+            cut = len(ids) > tokens - total
+            ids = list(ids[: tokens - total])
+            docs.append(Document(module, text, ids, cut))
+            total += len(ids)
+        pending.clear()
+
     for module, path in python_sources():
         try:
             if path.stat().st_size > max_file_bytes:
@@ -102,14 +116,15 @@ def build_haystack(tokenizer, tokens: int, max_file_bytes: int = 400_000) -> lis
         if len(text.strip()) < 200 or text in seen:
             continue
         seen.add(text)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        cut = len(ids) > tokens - total
-        ids = ids[: tokens - total]
-        docs.append(Document(module, text, ids, cut))
-        total += len(ids)
-        if total >= tokens:
-            return docs
-    raise ValueError(f"the installed Python sources hold only {total} tokens, fewer than the {tokens} asked for")
+        pending.append((module, text))
+        if len(pending) == batch:
+            flush()
+            if total >= tokens:
+                return docs
+    flush()
+    if total < tokens:
+        raise ValueError(f"the installed Python sources hold only {total} tokens, fewer than the {tokens} asked for")
+    return docs
 
 
 def insert_needles(tokenizer, docs: list[Document], count: int, seed: int = 0) -> tuple[list[Document], list[Question]]:
