@@ -429,9 +429,17 @@ class SparseMemForCausalLMMixin:
             **kwargs,
         )
 
-    def generate(self, *args, max_kv_tokens: int | None = None, **kwargs):
+    def generate(self, *args, max_kv_tokens: int | None = None, memory=None, **kwargs):
         """`transformers` generate; `max_kv_tokens` bounds every layer's physical KV memory by compacting
-        all but the sinks and the newest tokens into slots whenever a layer reaches it (online compaction)."""
+        all but the sinks and the newest tokens into slots whenever a layer reaches it (online compaction).
+        `memory`: a `sparsemem.MemoryBank`; the prompt reads the chunks it retrieves (one question, batch 1)."""
+        if memory is not None:
+            if any(kwargs.get(name) is not None for name in ("past_key_values", "cache")) or max_kv_tokens is not None:
+                raise ValueError("`memory` builds the cache itself: it cannot be combined with a cache or `max_kv_tokens`")
+            inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.shape[0] != 1:
+                raise ValueError("generate(memory=...) answers one prompt: pass input_ids of shape [1, n]")
+            kwargs[CACHE_ARGUMENT] = memory.cache_for(inputs)
         online = _online_compaction(kwargs.get("generation_config") or self.generation_config, max_kv_tokens, self.config)
         if online is not None:
             if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:

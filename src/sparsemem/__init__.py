@@ -10,6 +10,7 @@ from .questions import ask, read_document
 from .cache_compaction import compact, prefill
 from .conversion import convert
 from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
+from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
 from .modeling.online_compaction import OnlineCompaction
@@ -35,8 +36,11 @@ for _config_class, _model_class in FAMILIES.values():
 
 __all__ = [
     "AttentionStats",
+    "BankIntegrityError",
+    "BankModelMismatchError",
     "DocumentIntegrityError",
     "DocumentModelMismatchError",
+    "MemoryBank",
     "MemoryView",
     "OnlineCompaction",
     "SlotTier",

@@ -61,6 +61,17 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--block-mass must be a share in (0, 1], got {share!r}")
     if getattr(args, "command", None) == "eval":
         _eval_choices(args)
+    _memory_values(args)
+
+
+def _memory_values(args) -> None:
+    for name in ("tokens", "top_k", "chunk_tokens", "batch_tokens", "piece_tokens", "max_new_tokens", "refresh_every"):
+        _at_least(args, name, 1)
+    for name in ("needles", "code_questions"):
+        _at_least(args, name, 0)
+    ratio = getattr(args, "ratio", None)
+    if ratio is not None and not (ratio == 0 and getattr(args, "suite", None) == "memory") and not (math.isfinite(ratio) and ratio > 1):
+        raise ValueError(f"--ratio must be a finite number > 1{' (or 0: no compacted bank)' if getattr(args, 'suite', None) == 'memory' else ''}, got {ratio!r}")
 
 
 def _eval_choices(args) -> None:
@@ -68,9 +79,9 @@ def _eval_choices(args) -> None:
     from .modeling.compaction import PRESSES
 
     known = sorted([*PRESSES, "am-learned"])
-    for method in args.methods or []:
+    for method in getattr(args, "methods", None) or []:
         if method not in known:
             raise ValueError(f"--methods: unknown compaction method {method!r}; choose from {known}")
-    for source in args.queries or []:
+    for source in getattr(args, "queries", None) or []:
         if source not in QUERY_SOURCES:
             raise ValueError(f"--queries: unknown query source {source!r}; choose from {list(QUERY_SOURCES)}")

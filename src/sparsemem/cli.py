@@ -1,4 +1,4 @@
-"""`sparsemem` command line: demo, eval, bench, calibrate, export and push."""
+"""`sparsemem` command line: demo, eval, bench, memory, calibrate, export and push."""
 
 import argparse
 import logging
@@ -23,7 +23,7 @@ class HELP(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text or action.required else super()._get_help_string(action)
 
 
-SUITES = ("retrieval", "compaction", "online", "scorer", "ruler")
+SUITES = ("retrieval", "compaction", "online", "scorer", "ruler", "memory")
 
 
 def _top_k(value: str):
@@ -146,6 +146,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.suite == "memory":
+        return cmd_eval_memory(args)
     if args.suite == "compaction":
         return cmd_eval_compaction(args)
     if args.suite == "scorer":
@@ -314,8 +316,85 @@ def cmd_eval_ruler(args) -> int:
                              queries=tuple(args.queries), progress=progress, meta=meta, done=done)
     paths = write_ruler_report(results, meta, Path(args.output))
     print(render_ruler_markdown(results, meta))
+def _memory_model(args, folder=None):
+    """(path, tokenizer, model) for a memory command; without --model, `ask`/`info` load the bank's own model."""
+    if args.model is None and folder is not None:
+        from .memory_bank import read_manifest
+
+        recorded = read_manifest(Path(folder)).get("model")
+        if recorded:
+            args.model = recorded
+    return _load(args)
+
+
+def _bank_options(args) -> dict:
+    return {"top_k": args.top_k, "selection": args.selection}
+
+
+def cmd_memory(args) -> int:
+    from .memory_bank import MemoryBank
+
+    if args.memory_command == "ingest":
+        paths = [Path(p) for p in args.paths]
+        for path in paths:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist")
+        _, tokenizer, model = _memory_model(args)
+        bank = MemoryBank.create(args.bank, model, tokenizer, chunk_tokens=args.chunk_tokens, ratio=args.ratio,
+                                 piece_tokens=args.piece_tokens, batch_tokens=args.batch_tokens, exist_ok=True)
+        stats = bank.add(paths, progress=True)
+        logger.warning("ingested %d documents (%d tokens, %.0f tokens/s); %d already in the bank", stats["documents"],
+                       stats["tokens"], stats["tokens_per_second"], stats["skipped"])
+        return 0
+    _, tokenizer, model = _memory_model(args, args.bank)
+    if args.memory_command == "info":
+        import json
+
+        print(json.dumps(MemoryBank.open(args.bank, model, tokenizer, verify=not args.no_verify).info(), indent=2))
+        return 0
+    bank = MemoryBank.open(args.bank, model, tokenizer, verify=not args.no_verify, selection=args.selection)
+    result = bank.ask(args.question, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+                      refresh_every=args.refresh_every)
+    print(result["answer"].strip())
+    print()
+    print("documents read:")
+    for name in result["documents"]:
+        print(f"  {name}")
+    logger.warning("time to first token %.3f s, %d memory positions", result["seconds_to_first_token"], result["memory_positions"])
+    return 0
+
+
+def cmd_eval_memory(args) -> int:
+    from .evaluation_memory import evaluate_memory, render_memory_markdown, write_memory_report
+
+    path, tokenizer, model = _load(args)
+    output = Path(args.output)
+    rows, meta = evaluate_memory(
+        model, tokenizer, sizes=args.tokens, ratio=args.ratio or None, full_resolution_max_tokens=args.full_resolution_max_tokens,
+        needles=args.needles, code_count=args.code_questions, chunk_tokens=args.chunk_tokens, top_k=args.top_k,
+        selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
+        keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
+    )
+    meta.update({"model": _model_label(args, path), **_run_info(args, model)})
+    paths = write_memory_report(rows, meta, output)
+    print(render_memory_markdown(rows, meta))
     print("wrote " + ", ".join(map(str, paths)))
     return 0
+
+
+def _add_bank_args(parser, ingest: bool) -> None:
+    parser.add_argument("--model", default=None, help="local folder or Hub repo id (default: the bank's model for ask/info, "
+                                                       "else the embedded SmolLM2-135M-Instruct)" if not ingest else
+                        "local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
+
+
+def _memory_read_args(parser) -> None:
+    parser.add_argument("--chunk-tokens", type=int, default=64, help="tokens per retrieved chunk")
+    parser.add_argument("--piece-tokens", type=int, default=None,
+                        help="longest span read with positions from 0 (default: the trained context, at most 4096)")
+    parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass while ingesting")
 
 
 def _model_label(args, path) -> str:
@@ -431,8 +510,49 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the samples as a local lm-eval task folder (use with --include_path DIR) and stop; "
                           "only --tasks, --lengths, --samples, --seed, --model (its tokenizer) and --text apply")
     rul.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
-    for suite in (ret, com, onl, sco, rul):
+    mem = suites.add_parser("memory", formatter_class=HELP,
+                            help="memory bank vs BM25 RAG vs full cache on Python-source haystacks: needles, code questions")
+    _add_bank_args(mem, ingest=True)
+    mem.add_argument("--tokens", type=int, nargs="+", default=[50000], help="haystack sizes in tokens")
+    mem.add_argument("--ratio", type=float, default=16.0, help="Attention Matching ratio of the compacted bank (0: none)")
+    mem.add_argument("--full-resolution-max-tokens", type=int, default=2_000_000,
+                     help="build the full-resolution bank only for haystacks up to this size (23 KB/token for SmolLM2 in bf16)")
+    mem.add_argument("--needles", type=int, default=20, help="needles (evenly spaced depths) per haystack")
+    mem.add_argument("--code-questions", type=int, default=100, help="code questions per haystack")
+    mem.add_argument("--top-k", type=int, default=32, help="chunks read per question (prompt budget = top-k x chunk-tokens)")
+    mem.add_argument("--selections", nargs="+", default=["shared", "per-layer"], choices=["shared", "per-layer"],
+                     help="chunk selection modes measured")
+    mem.add_argument("--no-bm25", action="store_true", help="skip the BM25 retrieval-augmented generation row")
+    mem.add_argument("--workdir", default=None, help="folder for the banks (default: OUTPUT/banks)")
+    mem.add_argument("--keep-banks", action="store_true", help="keep each bank on disk after its rows")
+    _memory_read_args(mem)
+    mem.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
+    for suite in (ret, com, onl, sco, rul, mem):
         suite.set_defaults(func=cmd_eval)
+
+    memory = sub.add_parser("memory", formatter_class=HELP, help="a memory bank: ingest documents once, ask many questions")
+    actions = memory.add_subparsers(dest="memory_command", required=True, metavar="ACTION")
+    ing = actions.add_parser("ingest", formatter_class=HELP, help="read files (or folders) into a bank, creating it if needed")
+    ing.add_argument("--bank", required=True, help="the bank's folder")
+    ing.add_argument("--ratio", type=float, default=None, help="compact every chunk this many times (default: full resolution)")
+    _memory_read_args(ing)
+    _add_bank_args(ing, ingest=True)
+    ing.add_argument("paths", nargs="+", help="text files or folders (their files, sorted)")
+    ask = actions.add_parser("ask", formatter_class=HELP, help="answer a question from a bank (answer on stdout, then the documents read)")
+    ask.add_argument("--bank", required=True, help="the bank's folder")
+    ask.add_argument("question", help="the question")
+    ask.add_argument("--top-k", type=int, default=32, help="chunks read")
+    ask.add_argument("--selection", default="shared", choices=["shared", "per-layer"], help="one choice for all layers, or per layer")
+    ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length")
+    ask.add_argument("--refresh-every", type=int, default=None, help="re-select chunks every N generated tokens (not supported yet: an error)")
+    ask.add_argument("--no-verify", action="store_true", help="check a shard's SHA-256 only when a question reads it")
+    _add_bank_args(ask, ingest=False)
+    inf = actions.add_parser("info", formatter_class=HELP, help="documents, tokens and bytes on disk / host / device")
+    inf.add_argument("--bank", required=True, help="the bank's folder")
+    inf.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of every shard")
+    _add_bank_args(inf, ingest=False)
+    for action in (ing, ask, inf):
+        action.set_defaults(func=cmd_memory)
 
     cal = sub.add_parser("calibrate", formatter_class=HELP, help="calibrate the learned modules from a YAML recipe (resumes from the last checkpoint)")
     cal.add_argument("recipe", help="recipe YAML (see recipes/)")

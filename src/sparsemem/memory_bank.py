@@ -1,0 +1,659 @@
+"""`MemoryBank`: a corpus far larger than the model's window, read once, kept on disk, queried many times.
+
+Each document is read once by the model with document-wise positions: its positions start at 0, and a
+document longer than `piece_tokens` (at most the trained context) is read in pieces that each start at 0.
+Per piece the bank keeps
+- its first `sink_tokens` entries exact (attention sinks, laid out ahead of any chunk of the piece that
+  a question reads), and
+- the rest in chunks of `chunk_tokens`, each either exact or, with `ratio`, compacted by Attention
+  Matching into `chunk_tokens / ratio` slots `(k, v, beta)` per layer and KV head (the last, shorter
+  chunk of a piece stays exact), and
+- per chunk, layer and KV head a routing summary: the mean of the chunk's keys rotated back to position
+  0, so a question's queries (also at position 0) score every chunk with one matmul, position-free.
+
+Keys are stored as the model rotated them, at their position inside the piece (recorded), and moved to
+wherever a question lays them out with one re-rotation (`rope.shift_keys`). See `memory_recall.py` for
+asking.
+
+On disk a bank is a folder with `bank.json` (format, model fingerprint, options, and per shard its file,
+SHA-256, and the documents it holds) and shards `shard-NNNNN.safetensors`, each holding whole documents:
+- `kv` [N, L, 2, Hkv, D]: exact entries, token-major so one chunk is one contiguous read;
+- `slot_kv` [S, L, 2, Hkv, D], `slot_beta` [S, L, Hkv] (fp32), `slot_rope` [S, L, Hkv]: compacted chunks;
+- `summary` [C, L, Hkv, D]; `chunks` [C, 6] (piece, start, length, row, rows, compacted) and `pieces`
+  [P, 4] (document, sink row, sinks, piece index in its document), all rows local to the shard.
+A shard is written under a temporary name and renamed, then `bank.json` is replaced atomically: a reader
+sees only whole shards, and an ingestion killed at any point resumes with the same `add` call (documents
+already in the bank, known by their token ids' SHA-256, are skipped; a shard file not in `bank.json` is
+written over). Reading checks every shard's SHA-256 (`BankIntegrityError`) and the model fingerprint
+(`BankModelMismatchError`). Shards are memory-mapped: only the chunks a question reads are paged in.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as serialize
+from tqdm.auto import tqdm
+
+from .atomic import recover, write_text
+from .documents import model_fingerprint
+from .modeling.modeling_sparsemem import CACHE_ARGUMENT
+from .modeling.rope import shift_keys, trained_context
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "sparsemem-memory-bank/1"
+MANIFEST = "bank.json"
+SHARD_NAME = "shard-{:05d}.safetensors"
+# chunk table columns
+PIECE, START, LENGTH, ROW, ROWS, COMPACTED = range(6)
+# piece table columns
+DOCUMENT, SINK_ROW, SINKS, PIECE_INDEX = range(4)
+_CHUNKS_PER_FIT = 512  # chunks compacted per batched Attention Matching solve (x layers x KV heads problems)
+
+
+class BankIntegrityError(ValueError):
+    """A bank's shard or manifest differs from what was written (truncated, corrupt or edited)."""
+
+
+class BankModelMismatchError(ValueError):
+    """A bank was built by a model whose weights or architecture differ from the one given."""
+
+
+@dataclass
+class BankOptions:
+    """How a bank reads and stores documents (fixed when the bank is created).
+
+    chunk_tokens: tokens per chunk, the unit a question retrieves and the routing summaries pool over.
+    piece_tokens: the longest span read in one pass with positions from 0; longer documents are read in
+        pieces of this size. Default: the model's trained context, at most 4096.
+    sink_tokens: first entries of every piece kept exact and laid out ahead of the piece's retrieved chunks
+        (a model attends heavily to the first tokens it read; without them a retrieved chunk reads wrong).
+    ratio: compact every whole chunk `ratio` times by Attention Matching (fitted to the chunk's own
+        queries); None keeps full resolution.
+    batch_tokens: tokens (rows x longest piece) per forward pass while ingesting.
+    shard_tokens: a shard is closed once it holds this many tokens (documents are never split across shards).
+    """
+
+    chunk_tokens: int = 64
+    piece_tokens: int | None = None
+    sink_tokens: int = 4
+    ratio: float | None = None
+    batch_tokens: int = 32768
+    shard_tokens: int = 262144
+
+    def validate(self, model_config) -> "BankOptions":
+        for name in ("chunk_tokens", "batch_tokens", "shard_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"`sink_tokens` must be an integer >= 0, got {self.sink_tokens!r}")
+        context = trained_context(model_config) or 4096
+        if self.piece_tokens is None:
+            self.piece_tokens = min(4096, context)
+        if not isinstance(self.piece_tokens, int) or not self.sink_tokens < self.piece_tokens <= context:
+            raise ValueError(f"`piece_tokens` must be an integer in ({self.sink_tokens}, {context}] (the trained "
+                             f"context), got {self.piece_tokens!r}")
+        if self.ratio is not None:
+            if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and self.ratio > 1):
+                raise ValueError(f"`ratio` must be a finite number > 1 or None (full resolution), got {self.ratio!r}")
+            if self.sink_tokens < 1:
+                raise ValueError("a compacted bank needs `sink_tokens` >= 1: the exact entries a piece is read from")
+            self.ratio = float(self.ratio)
+        if self.batch_tokens < self.piece_tokens:
+            raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must hold one piece ({self.piece_tokens} tokens)")
+        return self
+
+    @property
+    def slots_per_chunk(self) -> int:
+        return max(1, round(self.chunk_tokens / self.ratio)) if self.ratio else self.chunk_tokens
+
+
+def _token_sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:32]
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sparsemem_model(model):
+    """The model a bank reads with: `model` itself when it is a sparsemem model (its options are kept),
+    else its dense-equivalent conversion (shares the weights)."""
+    if getattr(model.config, "block_size", None) is not None:
+        return model
+    from .conversion import convert
+
+    return convert(model, top_k_blocks=None, block_fraction=None, positions="logical")
+
+
+class _ShardWriter:
+    """Writes shards in a background thread, in order, each followed by the manifest that lists it; the
+    forward passes of the next shard run meanwhile. At most `depth` shards wait in memory."""
+
+    def __init__(self, bank: "MemoryBank", depth: int = 2):
+        self.bank = bank
+        self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sparsemem-bank-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is None:
+                try:
+                    self.bank._commit_shard(*job)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the ingesting thread
+                    self.error = error
+
+    def put(self, tensors: dict, documents: list[dict]):
+        self.check()
+        self.jobs.put((tensors, documents))
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self):
+        self.jobs.put(None)
+        self.thread.join()
+        self.check()
+
+
+class MemoryBank:
+    """A memory bank in `folder` for one model. Make one with `MemoryBank.create`, reopen it (in any
+    process) with `MemoryBank.open`, fill it with `add`, ask with `ask` or `model.generate(..., memory=bank)`."""
+
+    def __init__(self, folder: Path, model, tokenizer, meta: dict, verify: bool = True, selection: str = "shared"):
+        from .memory_recall import RecallOptions
+
+        self.folder = Path(folder)
+        # a plain model reads full-resolution documents with its own attention; compaction needs the
+        # sparsemem model's query capture
+        self._plain = None if getattr(model.config, "block_size", None) is not None else model
+        self.model = _sparsemem_model(model)
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.options = BankOptions(**meta["options"])
+        config = self.model.config
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.recall = RecallOptions(selection=selection).validate(self.num_layers)
+        self.recall_layers = self.recall.routing_layer_ids(self.num_layers)  # layers with routing summaries on the device
+        self._handles: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._load_tables(verify)
+
+    # -- creation and opening ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder, model, tokenizer=None, chunk_tokens: int = 64, ratio: float | None = None,
+               piece_tokens: int | None = None, sink_tokens: int = 4, batch_tokens: int = 32768,
+               shard_tokens: int = 262144, exist_ok: bool = False, **open_options) -> "MemoryBank":
+        """A new, empty bank in `folder` (created; an existing bank there is refused unless `exist_ok`,
+        which opens it instead, checking that the options match). See `BankOptions` for the options."""
+        folder = Path(folder)
+        sparse = _sparsemem_model(model)
+        options = BankOptions(chunk_tokens, piece_tokens, sink_tokens, ratio, batch_tokens, shard_tokens).validate(sparse.config)
+        if (folder / MANIFEST).exists():
+            if not exist_ok:
+                raise FileExistsError(f"{folder} already holds a memory bank; open it with MemoryBank.open")
+            bank = cls.open(folder, model, tokenizer, **open_options)
+            stored = asdict(bank.options)
+            for name, value in asdict(options).items():
+                if name not in ("batch_tokens",) and stored[name] != value:
+                    raise ValueError(f"{folder} was created with {name}={stored[name]!r}, not {value!r}")
+            return bank
+        if folder.exists() and any(folder.iterdir()):
+            raise FileExistsError(f"{folder} is a non-empty folder without {MANIFEST}: refusing to make a bank in it")
+        folder.mkdir(parents=True, exist_ok=True)
+        config = sparse.config
+        meta = {
+            "format": FORMAT,
+            "model_fingerprint": model_fingerprint(sparse),
+            "model": str(getattr(config, "_name_or_path", "") or ""),
+            "dtype": str(sparse.dtype).removeprefix("torch."),
+            "num_layers": config.num_hidden_layers,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            "options": asdict(options),
+            "shards": [],
+        }
+        meta["checksum"] = _meta_checksum(meta)
+        write_text(folder / MANIFEST, json.dumps(meta, indent=1))
+        return cls(folder, model, tokenizer, meta, verify=False, **open_options)
+
+    @classmethod
+    def open(cls, folder, model, tokenizer=None, verify: bool = True, selection: str = "shared") -> "MemoryBank":
+        """Open the bank in `folder` for `model` (the same weights it was built with, else
+        `BankModelMismatchError`). `verify`: check every shard's SHA-256 now (reads the whole bank once);
+        without it the routing tables are trusted and a shard is checked before a question first reads its chunks. `selection`: "shared"
+        (one choice of chunks for all layers) or "per-layer" (see `memory_recall.RecallOptions`)."""
+        folder = Path(folder)
+        meta = read_manifest(folder)
+        sparse = _sparsemem_model(model)
+        fingerprint = model_fingerprint(sparse)
+        if meta["model_fingerprint"] != fingerprint:
+            raise BankModelMismatchError(
+                f"{folder} was built with a different model (fingerprint {meta['model_fingerprint']}, this model "
+                f"{fingerprint}{'; the bank names ' + meta['model'] if meta.get('model') else ''})"
+            )
+        config = sparse.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        for key, value in (("num_layers", config.num_hidden_layers), ("num_key_value_heads", config.num_key_value_heads),
+                           ("head_dim", head_dim)):
+            if meta.get(key) != value:
+                raise BankModelMismatchError(f"{folder / MANIFEST}: {key} is {meta.get(key)}, the model has {value}")
+        return cls(folder, model, tokenizer, meta, verify=verify, selection=selection)
+
+    # -- tables -----------------------------------------------------------------------------------
+
+    def _load_tables(self, verify: bool) -> None:
+        """Chunk and piece tables of the whole bank (host), routing summaries (model's device)."""
+        self._verified: set[int] = set()
+        self.chunk_table = torch.zeros(0, 6, dtype=torch.long)
+        self.chunk_shard = torch.zeros(0, dtype=torch.long)
+        self.piece_table = torch.zeros(0, 4, dtype=torch.long)
+        self.piece_shard = torch.zeros(0, dtype=torch.long)
+        self.chunk_global_piece = torch.zeros(0, dtype=torch.long)
+        self.piece_global_document = torch.zeros(0, dtype=torch.long)
+        self.routing = None
+        self.documents: list[dict] = []
+        self._known = set()
+        for index, shard in enumerate(self.meta["shards"]):
+            if verify:
+                self._verify(index)
+            self._append_tables(index, shard)
+
+    def _append_tables(self, index: int, shard: dict) -> None:
+        handle = self._handle(index, checked=False)  # `verify=False`: checked before its chunks are first read
+        chunks, pieces = handle.get_tensor("chunks"), handle.get_tensor("pieces")
+        layers = self.recall.routing_layer_ids(self.num_layers)
+        summary = handle.get_slice("summary")[:, layers[0] : layers[-1] + 1]  # [C, Lr, Hkv, D]
+        device = self.model.device
+        summary = summary.to(device).permute(1, 2, 0, 3).contiguous()
+        self.routing = summary if self.routing is None else torch.cat([self.routing, summary], dim=2)
+        self.chunk_global_piece = torch.cat([self.chunk_global_piece, chunks[:, PIECE] + self.piece_table.shape[0]])
+        self.piece_global_document = torch.cat([self.piece_global_document, pieces[:, DOCUMENT] + len(self.documents)])
+        self.chunk_table = torch.cat([self.chunk_table, chunks])
+        self.chunk_shard = torch.cat([self.chunk_shard, torch.full((chunks.shape[0],), index, dtype=torch.long)])
+        self.piece_table = torch.cat([self.piece_table, pieces])
+        self.piece_shard = torch.cat([self.piece_shard, torch.full((pieces.shape[0],), index, dtype=torch.long)])
+        self.documents.extend(shard["documents"])
+        self._known.update(d["sha256"] for d in shard["documents"])
+
+    def _path(self, index: int) -> Path:
+        return self.folder / self.meta["shards"][index]["file"]
+
+    def _verify(self, index: int) -> None:
+        shard = self.meta["shards"][index]
+        path = self._path(index)
+        if not path.is_file():
+            raise BankIntegrityError(f"{path} is missing: {MANIFEST} lists it")
+        if path.stat().st_size != shard["bytes"] or _file_sha256(path) != shard["sha256"]:
+            raise BankIntegrityError(f"{path} is truncated or corrupt: its SHA-256 differs from the one in {MANIFEST}")
+        self._verified.add(index)
+
+    def _handle(self, index: int, checked: bool = True):
+        """The shard's memory-mapped reader; `checked`: its SHA-256 verified first (once per shard)."""
+        with self._lock:
+            if checked and index not in self._verified:
+                self._verify(index)
+            if index not in self._handles:
+                try:
+                    self._handles[index] = safe_open(str(self._path(index)), framework="pt", device="cpu")
+                except (SafetensorError, OSError) as error:
+                    raise BankIntegrityError(f"{self._path(index)} cannot be read: {error}") from None
+            return self._handles[index]
+
+    # -- adding documents -------------------------------------------------------------------------
+
+    def add(self, source, name: str | None = None, text_column: str = "text", progress: bool = True) -> dict:
+        """Read documents into the bank. `source`: a string (one document's text), a `pathlib.Path` (a text
+        file, or a folder: its files in sorted order), token ids (a list of ints or a 1-D tensor: one
+        document), a `datasets.Dataset` (one document per row, `text_column`), or a list of any of these.
+        Documents already in the bank (same token ids) are skipped, so repeating an interrupted `add`
+        resumes it. Returns {"documents", "tokens", "skipped", "seconds", "tokens_per_second"}."""
+        start = time.perf_counter()
+        self._remove_dead_temporaries()
+        stats = {"documents": 0, "tokens": 0, "skipped": 0}
+        writer = _ShardWriter(self)
+        pending: list[tuple[dict, torch.Tensor]] = []
+        pending_tokens = 0
+        bar = tqdm(desc="ingest", unit="tok", unit_scale=True, disable=not progress)
+        try:
+            for doc_name, ids in self._documents(source, name, text_column):
+                if ids.numel() == 0:
+                    continue
+                sha = _token_sha(ids)
+                if sha in self._known:
+                    stats["skipped"] += 1
+                    continue
+                self._known.add(sha)
+                pending.append(({"name": doc_name, "sha256": sha, "tokens": int(ids.numel())}, ids))
+                pending_tokens += ids.numel()
+                if pending_tokens >= self.options.shard_tokens:
+                    self._ingest_shard(pending, writer, bar, stats)
+                    pending, pending_tokens = [], 0
+            if pending:
+                self._ingest_shard(pending, writer, bar, stats)
+        finally:
+            bar.close()
+            writer.close()
+        stats["seconds"] = time.perf_counter() - start
+        stats["tokens_per_second"] = stats["tokens"] / max(stats["seconds"], 1e-9)
+        logger.info("ingested %d documents, %d tokens (%.0f tokens/s); %d already in the bank", stats["documents"],
+                    stats["tokens"], stats["tokens_per_second"], stats["skipped"])
+        return stats
+
+    def _remove_dead_temporaries(self) -> None:
+        """Shard files half-written by a process that died (`.shard-NNNNN.safetensors.PID.tmp`)."""
+        from .atomic import _pid_alive
+
+        for path in self.folder.glob(".shard-*.tmp"):
+            pid = path.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+    def _documents(self, source, name, text_column):
+        """(name, token ids [n] int64 on the host) of every document in `source`."""
+        if isinstance(source, (list, tuple)) and not (source and isinstance(source[0], int)):
+            for index, item in enumerate(source):
+                yield from self._documents(item, None if name is None else f"{name}[{index}]", text_column)
+            return
+        if isinstance(source, Path):
+            if source.is_dir():
+                for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                    yield from self._documents(path, None, text_column)
+                return
+            if not source.is_file():
+                raise FileNotFoundError(f"document file {source} does not exist")
+            yield name or str(source), self._encode(source.read_text(encoding="utf-8", errors="replace"))
+            return
+        if isinstance(source, str):
+            yield name or f"text-{hashlib.sha256(source.encode()).hexdigest()[:12]}", self._encode(source)
+            return
+        if isinstance(source, torch.Tensor) or (isinstance(source, (list, tuple)) and source and isinstance(source[0], int)):
+            ids = torch.as_tensor(source, dtype=torch.long).cpu()
+            if ids.dim() == 2 and ids.shape[0] == 1:
+                ids = ids[0]
+            if ids.dim() != 1:
+                raise ValueError(f"token ids must be one document: shape [n] or [1, n], got {tuple(ids.shape)}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.model.config.vocab_size):
+                raise ValueError(f"token ids must lie in [0, {self.model.config.vocab_size}) (the model's vocabulary)")
+            yield name or f"ids-{_token_sha(ids)[:12]}", ids
+            return
+        if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # a datasets.Dataset
+            if text_column not in source.column_names:
+                raise ValueError(f"the dataset has no column {text_column!r} (columns: {source.column_names}); pass text_column=")
+            for index, row in enumerate(source):
+                yield f"{name or 'dataset'}[{index}]", self._encode(row[text_column])
+            return
+        raise ValueError(f"cannot add a {type(source).__name__}: give text (str), a pathlib.Path, token ids, "
+                         "a datasets.Dataset or a list of these")
+
+    def _encode(self, text: str) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("adding text needs the bank's tokenizer: pass tokenizer= to MemoryBank.create/open")
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+    def _pieces(self, documents):
+        """(document index, piece index, ids) of every piece of the documents."""
+        size = self.options.piece_tokens
+        for doc_index, (_, ids) in enumerate(documents):
+            for piece_index, start in enumerate(range(0, ids.numel(), size)):
+                yield doc_index, piece_index, ids[start : start + size]
+
+    @torch.no_grad()
+    def _ingest_shard(self, documents, writer: _ShardWriter, bar, stats) -> None:
+        pieces = list(self._pieces(documents))
+        results = [None] * len(pieces)
+        # longest first, so each forward pass pads little
+        order = sorted(range(len(pieces)), key=lambda i: -pieces[i][2].numel())
+        batch: list[int] = []
+        for index in order + [None]:
+            if index is not None:
+                longest = pieces[batch[0]][2].numel() if batch else pieces[index][2].numel()
+                if (len(batch) + 1) * longest <= self.options.batch_tokens:
+                    batch.append(index)
+                    continue
+            if batch:
+                for i, result in zip(batch, self._read_pieces([pieces[i][2] for i in batch])):
+                    results[i] = result
+                bar.update(sum(pieces[i][2].numel() for i in batch))
+            batch = [] if index is None else [index]
+        tensors = self._assemble(pieces, results)
+        writer.put(tensors, [doc for doc, _ in documents])
+        stats["documents"] += len(documents)
+        stats["tokens"] += sum(doc["tokens"] for doc, _ in documents)
+
+    def _read_pieces(self, pieces: list[torch.Tensor]) -> list[dict]:
+        """One forward pass over right-padded pieces (padding comes after every real token, so causal
+        attention never lets a real token see it). Per piece: exact rows, routing summaries, slots."""
+        from transformers import DynamicCache
+
+        from .cache_compaction import query_hook
+        from .modeling.call_context import call_settings
+
+        model, device = self.model, self.model.device
+        longest = max(p.numel() for p in pieces)
+        ids = torch.zeros(len(pieces), longest, dtype=torch.long)
+        for row, piece in enumerate(pieces):
+            ids[row, : piece.numel()] = piece
+        ids = ids.to(device, non_blocking=True)
+        queries: dict[int, torch.Tensor] = {}
+        cache = DynamicCache()
+        if self.options.ratio is None and self._plain is not None:
+            self._plain(ids, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)  # its own (dense) attention
+        else:
+            record = (lambda layer, q: queries.__setitem__(layer, q)) if self.options.ratio else None
+            with call_settings(model, attn_implementation="sdpa"), query_hook(model, record):
+                model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, Hkv, T, D]
+        values = torch.stack([layer.values for layer in cache.layers])
+        del cache
+        rotary = model.model.rotary_emb
+        out, whole = [], []
+        for row, piece in enumerate(pieces):
+            n = piece.numel()
+            k, v = keys[:, row, :, :n], values[:, row, :, :n]  # [L, Hkv, n, D]
+            sinks = min(self.options.sink_tokens, n - 1)
+            starts = list(range(sinks, n, self.options.chunk_tokens))
+            lengths = [min(self.options.chunk_tokens, n - s) for s in starts]
+            position = torch.arange(n, device=device)
+            # routing summaries: the chunk's keys rotated back to position 0, averaged
+            unrotated = shift_keys(rotary, k[:, :, sinks:].float(), -position[sinks:])
+            chunk_of = (position[sinks:] - sinks) // self.options.chunk_tokens
+            summary = torch.zeros(*k.shape[:2], len(starts), k.shape[-1], device=device)
+            summary.index_add_(2, chunk_of, unrotated)
+            summary /= torch.tensor(lengths, device=device, dtype=torch.float32)[:, None]
+            out.append({"kv": torch.stack([k, v], dim=1).permute(3, 0, 1, 2, 4), "sinks": sinks, "starts": starts,
+                        "lengths": lengths, "summary": summary.permute(2, 0, 1, 3).to(k.dtype), "slots": {}})  # kv: [n, L, 2, Hkv, D]
+            # the last, shorter chunk of a piece stays exact
+            whole += [(row, chunk, start) for chunk, (start, length) in enumerate(zip(starts, lengths))
+                      if length == self.options.chunk_tokens]
+        if self.options.ratio and whole:
+            queries = torch.stack([queries[i] for i in range(len(queries))])  # [L, B, H, T, D]
+            for first in range(0, len(whole), _CHUNKS_PER_FIT):
+                part = whole[first : first + _CHUNKS_PER_FIT]
+                for (row, chunk, _), slots in zip(part, self._compact_chunks(keys, values, queries, part)):
+                    out[row]["slots"][chunk] = slots
+        return out
+
+    def _compact_chunks(self, keys, values, queries, chunks) -> list[tuple]:
+        """Attention Matching of whole chunks (row, chunk, start) of a forward batch: keys/values
+        [L, B, Hkv, T, D], queries [L, B, H, T, D] (post-RoPE). Each (chunk, layer, KV head) is one problem,
+        fitted to the queries of the chunk's own tokens from every query head of its group. Returns per
+        chunk (kv [t, L, 2, Hkv, D], beta [t, L, Hkv] fp32, rope [t, L, Hkv]: positions the slot keys are
+        rotated at)."""
+        from .modeling.attention_matching import SpanProblem, attention_matching
+
+        size, budget = self.options.chunk_tokens, self.options.slots_per_chunk
+        L, _, hkv, _, dim = keys.shape
+        group = queries.shape[2] // hkv
+        device = keys.device
+        rows = torch.tensor([row for row, _, _ in chunks], device=device)
+        starts = torch.tensor([start for _, _, start in chunks], device=device)
+        index = starts[:, None] + torch.arange(size, device=device)  # [c, C]
+
+        def gather(tensor):  # [L, B, heads, T, D] -> [c, L, heads, C, D]
+            picked = tensor[:, rows[:, None], :, index]  # [c, C, L, heads, D]
+            return picked.permute(0, 2, 3, 1, 4)
+
+        k = gather(keys).reshape(-1, size, dim).float()  # [c*L*Hkv, C, D]
+        v = gather(values).reshape(-1, size, dim).float()
+        q = gather(queries).reshape(len(chunks), L, hkv, group, size, dim).reshape(-1, group * size, dim).float()
+        scaling = self.model.model.layers[0].self_attn.scaling
+        lse = torch.logsumexp(q @ k.transpose(-1, -2) * scaling, dim=-1)
+        problem = SpanProblem(q, k, v, torch.zeros(k.shape[:2], device=device), lse, scaling)
+        chosen, slot_keys, slot_values, beta = attention_matching(problem, budget)
+        shape = (len(chunks), L, hkv, budget)
+        kv = torch.stack([slot_keys.view(*shape, dim), slot_values.view(*shape, dim)], dim=2)  # [c, L, 2, Hkv, t, D]
+        kv = kv.permute(0, 4, 1, 2, 3, 5).to(keys.dtype)  # [c, t, L, 2, Hkv, D]
+        beta = beta.view(shape).permute(0, 3, 1, 2).float()  # [c, t, L, Hkv]
+        rope = (chosen.view(shape) + starts[:, None, None, None]).permute(0, 3, 1, 2)
+        return [(kv[i], beta[i], rope[i]) for i in range(len(chunks))]
+
+    def _assemble(self, pieces, results) -> dict[str, torch.Tensor]:
+        """The shard's tensors (on the host), pieces in document order."""
+        kv, slot_kv, slot_beta, slot_rope, summaries, chunk_rows, piece_rows = [], [], [], [], [], [], []
+        rows = slot_rows = 0
+        for piece_number, ((doc_index, piece_index, _), result) in enumerate(zip(pieces, results)):
+            sinks = result["sinks"]
+            piece_rows.append([doc_index, rows, sinks, piece_index])
+            kv.append(result["kv"][:sinks])
+            rows += sinks
+            slots = result["slots"]
+            for chunk, (start, length) in enumerate(zip(result["starts"], result["lengths"])):
+                if chunk in slots:
+                    chunk_kv, beta, rope = slots[chunk]
+                    slot_kv.append(chunk_kv)
+                    slot_beta.append(beta)
+                    slot_rope.append(rope)
+                    chunk_rows.append([piece_number, start, length, slot_rows, chunk_kv.shape[0], 1])
+                    slot_rows += chunk_kv.shape[0]
+                else:
+                    kv.append(result["kv"][start : start + length])
+                    chunk_rows.append([piece_number, start, length, rows, length, 0])
+                    rows += length
+            summaries.append(result["summary"])
+        first = results[0]["kv"]
+        empty = first.new_zeros(0, *first.shape[1:])
+        tensors = {
+            "kv": torch.cat(kv),
+            "slot_kv": torch.cat(slot_kv) if slot_kv else empty,
+            "slot_beta": torch.cat(slot_beta) if slot_beta else torch.zeros(0, *first.shape[1:2], first.shape[3]),
+            "slot_rope": torch.cat(slot_rope) if slot_rope else torch.zeros(0, *first.shape[1:2], first.shape[3], dtype=torch.long),
+            "summary": torch.cat(summaries),
+            "chunks": torch.tensor(chunk_rows, dtype=torch.long),
+            "pieces": torch.tensor(piece_rows, dtype=torch.long),
+        }
+        # one copy to the host per shard; the writer thread serialises it
+        return {name: t.to("cpu", non_blocking=False).contiguous() for name, t in tensors.items()}
+
+    def _commit_shard(self, tensors: dict, documents: list[dict]) -> None:
+        """Write one shard (temporary name, fsync, rename), then the manifest that lists it."""
+        index = len(self.meta["shards"])
+        name = SHARD_NAME.format(index)
+        data = serialize(tensors, metadata={"format": FORMAT})
+        path = self.folder / name
+        temporary = self.folder / f".{name}.{os.getpid()}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)  # a shard file not yet in the manifest is written over by the next writer
+        shard = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                 "tokens": sum(d["tokens"] for d in documents), "chunks": int(tensors["chunks"].shape[0]),
+                 "pieces": int(tensors["pieces"].shape[0]), "documents": documents}
+        meta = {**self.meta, "shards": [*self.meta["shards"], shard]}
+        meta["checksum"] = _meta_checksum(meta)
+        write_text(self.folder / MANIFEST, json.dumps(meta, indent=1))
+        self.meta = meta
+        self._verified.add(index)
+        self._append_tables(index, shard)
+
+    # -- reading chunks ----------------------------------------------------------------------------
+
+    def read_rows(self, shard: int, name: str, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start + count) of a shard tensor (memory-mapped read)."""
+        return self._handle(shard).get_slice(name)[start : start + count]
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(shard["tokens"] for shard in self.meta["shards"])
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.chunk_table.shape[0])
+
+    def info(self) -> dict:
+        """Documents, tokens, chunks and bytes per tier: on disk (shards), on the host (tables; the shards
+        are memory-mapped, so what the OS caches of them is not counted) and on the model's device
+        (routing summaries)."""
+        disk = sum(shard["bytes"] for shard in self.meta["shards"]) + (self.folder / MANIFEST).stat().st_size
+        host = sum(t.numel() * t.element_size() for t in (self.chunk_table, self.chunk_shard, self.piece_table,
+                                                           self.piece_shard, self.chunk_global_piece, self.piece_global_document))
+        device = 0 if self.routing is None else self.routing.numel() * self.routing.element_size()
+        return {"folder": str(self.folder), "model": self.meta.get("model"), "documents": len(self.documents),
+                "tokens": self.num_tokens, "chunks": self.num_chunks, "shards": len(self.meta["shards"]),
+                "options": asdict(self.options), "selection": self.recall.selection,
+                "bytes": {"disk": disk, "host": host, "device": device}}
+
+    # -- asking ------------------------------------------------------------------------------------
+
+    def cache_for(self, question_ids: torch.Tensor, model=None, **recall_options):
+        """A `SparseMemCache` holding the chunks the question retrieves, laid out before it (see
+        `memory_recall.recall`); `generate(question_ids, past_key_values=cache)` continues it."""
+        from .memory_recall import recall
+
+        return recall(self, question_ids, **recall_options).cache
+
+    def ask(self, question: str, max_new_tokens: int = 64, refresh_every: int | None = None, **recall_options) -> dict:
+        """Answer `question` from the bank: {"answer", "documents" (names, in the order read), "chunks",
+        "seconds_to_first_token"}. `recall_options` (top_k, selection, ...): see `memory_recall.RecallOptions`."""
+        from .memory_recall import answer
+
+        return answer(self, question, max_new_tokens=max_new_tokens, refresh_every=refresh_every, **recall_options)
+
+
+def read_manifest(folder: Path) -> dict:
+    folder = Path(folder)
+    recover(folder / MANIFEST)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {folder} is not a sparsemem memory bank")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BankIntegrityError(f"{path} is not valid JSON: {error}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("checksum") != _meta_checksum(meta):
+        raise BankIntegrityError(f"{path} was edited or corrupted: its checksum does not match its content")
+    return meta

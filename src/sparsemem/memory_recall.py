@@ -1,0 +1,302 @@
+"""Asking a `MemoryBank`: score every chunk position-free, attend the best ones exactly at in-range positions.
+
+1. Routing. The question is read alone; each layer's queries, rotated back to position 0, meet every
+   chunk's routing summary (its keys rotated back to position 0, averaged) in one matmul per layer on the
+   model's device. A chunk's score at a layer is the attention mass the question's last `query_tokens`
+   queries (all heads of a KV group), each minus the mean query of the question, would give it if each
+   chunk were one key: softmax over all chunks, summed over those queries and the KV heads. The last token
+   is the one the answer follows. On SmolLM2 (a needle in 54K tokens of stdlib sources, 852 chunks;
+   scores summed over the upper half of the layers) the needle's chunk ranked 33rd with every question
+   token, 12th with the last one, 3rd with the last one centred (and 6th of 62 in a 4K-token bank).
+2. Selection. "shared": one choice for every layer, from the scores summed over the upper half of the
+   layers (where retrieval heads live; the lower layers mostly attend locally). "per-layer": each layer
+   reads its own `top_k` chunks.
+3. Layout. The chosen chunks are laid out in bank (document) order, each piece's sink entries ahead of its
+   first chunk, from position 0 on; keys move there by one re-rotation. The question follows right after,
+   so every position stays inside the trained context. A compacted chunk keeps its width in positions,
+   its slots sit where their keys were chosen, and its logits carry their beta.
+With every chunk selected and full resolution, this is exactly reading each document (piece) with its own
+positions and the question after them all.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+from .modeling.rope import shift_keys, trained_context
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = ("shared", "per-layer")
+
+
+@dataclass
+class RecallOptions:
+    """top_k: chunks read per question (per layer with per-layer selection); with `chunk_tokens` this sets
+        the prompt budget. None: every chunk (only for banks that fit the window).
+    selection: "shared" (one choice from the upper half of the layers, default) or "per-layer".
+    exclude: chunk ids never read (e.g. an evaluation hiding other cases' needles); None: none.
+    query_tokens: the question's last tokens whose queries score the chunks.
+    """
+
+    top_k: int | None = 32
+    selection: str = "shared"
+    exclude: torch.Tensor | None = None
+    query_tokens: int = 1
+
+    def validate(self, num_layers: int) -> "RecallOptions":
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"`selection` must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"`top_k` must be a positive integer or None (every chunk), got {self.top_k!r}")
+        if not isinstance(self.query_tokens, int) or self.query_tokens < 1:
+            raise ValueError(f"`query_tokens` must be a positive integer, got {self.query_tokens!r}")
+        return self
+
+    def routing_layer_ids(self, num_layers: int) -> list[int]:
+        return list(range(num_layers // 2, num_layers)) if self.selection == "shared" else list(range(num_layers))
+
+
+@dataclass
+class Recall:
+    cache: SparseMemCache
+    chunks: list[torch.Tensor]  # per layer: the global chunk ids read, in layout order
+    width: int  # positions the memory takes before the question
+    seconds: float
+
+    def documents(self, bank) -> list[str]:
+        """Names of the documents read (any layer), in bank order."""
+        chunks = torch.unique(torch.cat(self.chunks))
+        docs = torch.unique(bank.piece_global_document[bank.chunk_global_piece[chunks]])
+        return [bank.documents[int(d)]["name"] for d in docs]
+
+
+@torch.no_grad()
+def question_queries(model, question_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{layer: queries [H, n, D]} of the question read alone, rotated back to position 0 (fp32)."""
+    from .cache_compaction import query_hook
+    from .modeling.call_context import call_settings
+
+    captured: dict[int, torch.Tensor] = {}
+    with call_settings(model, attn_implementation="sdpa"), query_hook(model, lambda i, q: captured.__setitem__(i, q[0])):
+        model(question_ids, use_cache=False, logits_to_keep=1)
+    positions = torch.arange(question_ids.shape[1], device=question_ids.device)
+    rotary = model.model.rotary_emb
+    return {i: shift_keys(rotary, q.float(), -positions) for i, q in captured.items()}
+
+
+def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor | None, query_tokens: int = 1) -> torch.Tensor:
+    """[Lr, N] score of every chunk at every routing layer (see the module docstring)."""
+    layers = bank.recall_layers
+    scaling = bank.model.model.layers[0].self_attn.scaling
+    hkv = bank.num_kv_heads
+    scores = []
+    for row, layer in enumerate(layers):
+        q = queries[layer]
+        # centred on the question's mean query: what all its tokens share (and what favours the chunks every
+        # query likes, such as those right after a piece's start) says nothing about where the answer is
+        q = (q - q.mean(dim=1, keepdim=True))[:, -query_tokens:]  # [H, n, D]
+        heads, n, dim = q.shape
+        q = q.reshape(hkv, heads // hkv * n, dim)  # query head h reads KV head h // group
+        logits = (q @ bank.routing[row].float().transpose(-1, -2)) * scaling  # [Hkv, G*n, N]
+        if exclude is not None and exclude.numel():
+            logits[..., exclude.to(logits.device)] = float("-inf")
+        scores.append(torch.softmax(logits, dim=-1).sum(dim=(0, 1)))
+    return torch.stack(scores)
+
+
+def select_chunks(bank, question_ids: torch.Tensor, options: RecallOptions) -> list[torch.Tensor]:
+    """Per layer, the global ids of the chunks to read, sorted (bank order)."""
+    count = bank.num_chunks
+    if count == 0:
+        raise ValueError(f"the memory bank {bank.folder} holds no documents yet: add some first")
+    num_layers = bank.num_layers
+    if options.top_k is None or options.top_k >= count:
+        chosen = torch.arange(count)
+        if options.exclude is not None and options.exclude.numel():
+            keep = torch.ones(count, dtype=torch.bool)
+            keep[options.exclude.cpu()] = False
+            chosen = chosen[keep]
+        return [chosen] * num_layers
+    scores = chunk_scores(bank, question_queries(bank.model, question_ids), options.exclude, options.query_tokens)
+    if options.selection == "shared":
+        chosen = torch.sort(scores.sum(0).topk(options.top_k).indices.cpu()).values
+        return [chosen] * num_layers
+    picks = torch.sort(scores.topk(options.top_k, dim=-1).indices.cpu(), dim=-1).values  # [L, k]
+    return [picks[layer] for layer in range(num_layers)]
+
+
+class _Fetched:
+    """Chunk and sink data read from the shards once per question, on the model's device."""
+
+    def __init__(self, bank, chunks: torch.Tensor):
+        device = bank.model.device
+        self.exact: dict[int, torch.Tensor] = {}
+        self.slots: dict[int, tuple] = {}
+        self.sinks: dict[int, torch.Tensor] = {}
+        for chunk in chunks.tolist():
+            shard = int(bank.chunk_shard[chunk])
+            _, _, _, row, rows, compacted = bank.chunk_table[chunk].tolist()
+            if compacted:
+                self.slots[chunk] = tuple(bank.read_rows(shard, name, row, rows).to(device, non_blocking=True)
+                                          for name in ("slot_kv", "slot_beta", "slot_rope"))
+            else:
+                self.exact[chunk] = bank.read_rows(shard, "kv", row, rows).to(device, non_blocking=True)
+        for piece in torch.unique(bank.chunk_global_piece[chunks]).tolist():
+            _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
+            if sinks:
+                self.sinks[piece] = bank.read_rows(int(bank.piece_shard[piece]), "kv", sink_row, sinks).to(device, non_blocking=True)
+
+
+def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
+    """(keys, values, positions, slots, width) of one layer reading `chunks`, positions from 0."""
+    keys, values, deltas, positions = [], [], [], []
+    slot = {"keys": [], "values": [], "beta": [], "rope": [], "position": []}
+    cursor = 0
+    device = bank.model.device
+    pieces = bank.chunk_global_piece[chunks].tolist()
+    previous_piece = None
+    for chunk, piece in zip(chunks.tolist(), pieces):
+        if piece != previous_piece and piece in fetched.sinks:
+            data = fetched.sinks[piece][:, layer]  # [s, 2, Hkv, D]
+            keys.append(data[:, 0])
+            values.append(data[:, 1])
+            deltas.append(torch.full((data.shape[0],), cursor, device=device))
+            positions.append(torch.arange(cursor, cursor + data.shape[0], device=device))
+            cursor += data.shape[0]
+        previous_piece = piece
+        _, start, length, _, _, _ = bank.chunk_table[chunk].tolist()
+        delta = cursor - start
+        if chunk in fetched.exact:
+            data = fetched.exact[chunk][:, layer]
+            keys.append(data[:, 0])
+            values.append(data[:, 1])
+            deltas.append(torch.full((length,), delta, device=device))
+            positions.append(torch.arange(cursor, cursor + length, device=device))
+        else:
+            kv, beta, rope = fetched.slots[chunk]
+            slot["keys"].append(shift_keys(rotary, kv[:, layer, 0].transpose(0, 1), torch.full((kv.shape[0],), delta, device=device)))
+            slot["values"].append(kv[:, layer, 1].transpose(0, 1))  # [Hkv, t, D]
+            slot["beta"].append(beta[:, layer].transpose(0, 1))
+            slot["rope"].append(rope[:, layer].transpose(0, 1) + delta)
+            slot["position"].append(torch.full((kv.shape[0],), cursor + length - 1, device=device))
+        cursor += length
+    key = torch.cat(keys).transpose(0, 1)  # [Hkv, n, D]
+    key = shift_keys(rotary, key, torch.cat(deltas))
+    value = torch.cat(values).transpose(0, 1)
+    return key, value, torch.cat(positions), slot, cursor
+
+
+def build_cache(bank, chunks_per_layer: list[torch.Tensor]) -> tuple[SparseMemCache, int]:
+    """A `SparseMemCache` (logical positions) with each layer's chunks laid out, right-aligned so every
+    layer ends at the same position, where the question starts."""
+    model = bank.model
+    rotary = model.model.rotary_emb
+    union = torch.unique(torch.cat(chunks_per_layer))
+    fetched = _Fetched(bank, union)
+    built = [_layer(bank, fetched, chunks, layer, rotary) for layer, chunks in enumerate(chunks_per_layer)]
+    width = max(b[4] for b in built)
+    cache = SparseMemCache(model.config, positions="logical")
+    heads = bank.num_kv_heads
+    for key, value, positions, slot, layer_width in built:
+        offset = width - layer_width
+        if offset:
+            key = shift_keys(rotary, key, torch.full((key.shape[1],), offset, device=key.device))
+            positions = positions + offset
+        layer = SparseMemLayer()
+        key, value = key[None], value[None]
+        layer.lazy_initialization(key, value)
+        layer.keys, layer.values, layer.positions = key, value, positions
+        layer.logical_length = width
+        if slot["keys"]:
+            slot_keys = torch.cat(slot["keys"], dim=1)  # [Hkv, S, D]
+            if offset:
+                slot_keys = shift_keys(rotary, slot_keys, torch.full((slot_keys.shape[1],), offset, device=key.device))
+            count = slot_keys.shape[1]
+            layer.slots = SlotTier(
+                slot_keys.reshape(1, heads * count, -1),
+                torch.cat(slot["values"], dim=1).reshape(1, heads * count, -1),
+                torch.cat(slot["beta"], dim=1).float().reshape(1, heads * count),
+                torch.arange(heads, device=key.device).repeat_interleave(count),
+                torch.full((heads * count,), -1, dtype=torch.long, device=key.device),
+                (torch.cat(slot["position"]) + offset).repeat(heads),
+                (torch.cat(slot["rope"], dim=1) + offset).reshape(1, heads * count),
+            )
+        cache.layers.append(layer)
+    # the ids of the memory are not tokens the question could repeat: generate reads the question as new
+    cache.token_ids = torch.full((1, width), -1, dtype=torch.long, device=model.device)
+    return cache, width
+
+
+@torch.no_grad()
+def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default", selection: str | None = None,
+           exclude=None, answer_tokens: int = 64, query_tokens: int = 1) -> Recall:
+    """Select and lay out the chunks `question_ids` [1, n] reads. `answer_tokens`: room kept for the
+    answer inside the trained context (the layout + question + answer must fit it)."""
+    options = RecallOptions(
+        top_k=bank.recall.top_k if top_k == "default" else top_k,
+        selection=selection or bank.recall.selection,
+        exclude=None if exclude is None else torch.as_tensor(exclude, dtype=torch.long),
+        query_tokens=query_tokens,
+    ).validate(bank.num_layers)
+    if options.selection != bank.recall.selection and options.top_k is not None:
+        raise ValueError(f"the bank was opened with selection={bank.recall.selection!r}, whose routing summaries are on "
+                         f"the device; open it with selection={options.selection!r} to select that way")
+    if question_ids.dim() != 2 or question_ids.shape[0] != 1:
+        raise ValueError(f"a memory bank answers one question at a time: ids of shape [1, n], got {tuple(question_ids.shape)}")
+    start = time.perf_counter()
+    question_ids = question_ids.to(bank.model.device)
+    chunks = select_chunks(bank, question_ids, options)
+    cache, width = build_cache(bank, chunks)
+    context = trained_context(bank.model.config)
+    if context is not None and width + question_ids.shape[1] + answer_tokens > context:
+        raise ValueError(
+            f"the memory read ({width} positions) + question ({question_ids.shape[1]}) + answer ({answer_tokens}) exceed "
+            f"the trained context ({context}): lower top_k"
+        )
+    return Recall(cache, chunks, width, time.perf_counter() - start)
+
+
+class _FirstToken:
+    """A generate streamer that notes when the first new token arrives (the first `put` is the prompt)."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first is None:
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                torch.cuda.synchronize(value.device)  # the token exists, not just its kernel launch
+            self.first = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+@torch.no_grad()
+def answer(bank, question: str, max_new_tokens: int = 64, refresh_every: int | None = None, **recall_options) -> dict:
+    """Answer `question` from `bank` (greedy). Returns {"answer", "documents", "chunks",
+    "seconds_to_first_token", "memory_positions"}."""
+    if refresh_every is not None:
+        raise ValueError("`refresh_every` (re-selecting chunks during a long answer) is not supported yet: the chunks "
+                         "are chosen once per question; leave it None")
+    if bank.tokenizer is None:
+        raise ValueError("asking in text needs the bank's tokenizer: pass tokenizer= to MemoryBank.open")
+    tokenizer, model = bank.tokenizer, bank.model
+    ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] == 0:
+        raise ValueError("the question is empty")
+    start = time.perf_counter()
+    found = recall(bank, ids, answer_tokens=max_new_tokens, **recall_options)
+    streamer = _FirstToken()
+    out = model.generate(ids, past_key_values=found.cache, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id, streamer=streamer)
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    first = streamer.first if streamer.first is not None else time.perf_counter()
+    return {"answer": text, "documents": found.documents(bank), "chunks": [c.tolist() for c in found.chunks[:1]]
+            if recall_options.get("selection", bank.recall.selection) == "shared" else [c.tolist() for c in found.chunks],
+            "seconds_to_first_token": first - start, "memory_positions": found.width}

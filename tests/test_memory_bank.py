@@ -1,0 +1,254 @@
+"""MemoryBank: exactness against document-wise reading, persistence, resumable ingestion, integrity."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ByteTokenizer, make_base_model
+from sparsemem.memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
+from sparsemem.memory_recall import recall
+
+CHUNK, PIECE, SINKS = 16, 64, 2
+
+
+def _model(seed=0):
+    model = make_base_model("llama", seed=seed, max_position_embeddings=512)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def _documents():
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 256, (n,), generator=generator) for n in (70, 33, 150, 9)]
+
+
+def _bank(folder, model, **options):
+    options = {"chunk_tokens": CHUNK, "piece_tokens": PIECE, "sink_tokens": SINKS, "shard_tokens": 100, **options}
+    return MemoryBank.create(folder, model, ByteTokenizer(), **options)
+
+
+@torch.no_grad()
+def _reference_logits(model, documents, question):
+    """Every piece read with its own positions (a block-diagonal causal mask), laid out one after the other,
+    the question after them all: the plain transformers model with a 4D mask."""
+    pieces = [p for d in documents for p in d.split(PIECE)]
+    ids = torch.cat(pieces + [question[0]])
+    total, start = ids.numel(), 0
+    mask = torch.full((total, total), float("-inf"))
+    for piece in pieces:
+        n = piece.numel()
+        mask[start : start + n, start : start + n] = torch.triu(torch.full((n, n), float("-inf")), 1)
+        start += n
+    q = question.shape[1]
+    mask[start:, :start] = 0
+    mask[start:, start:] = torch.triu(torch.full((q, q), float("-inf")), 1)
+    out = model(ids[None], attention_mask=mask[None, None], position_ids=torch.arange(total)[None])
+    return out.logits[:, start:]
+
+
+@torch.no_grad()
+def _bank_logits(bank, question, **options):
+    found = recall(bank, question, top_k=None, **options)
+    return bank.model(question, past_key_values=found.cache).logits
+
+
+def test_every_chunk_selected_equals_document_wise_reading(tmp_path):
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "bank", model)
+    stats = bank.add(documents, progress=False)
+    assert stats["documents"] == 4 and stats["tokens"] == sum(d.numel() for d in documents)
+    assert len(bank.meta["shards"]) > 1  # several shards, and a document longer than a piece
+    question = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    reference = _reference_logits(model, documents, question)
+    logits = _bank_logits(MemoryBank.open(tmp_path / "bank", model), question)
+    assert (logits - reference).abs().max().item() <= 1e-4
+    # the question alone differs: the memory is really read
+    alone = model(question).logits
+    assert (alone - reference).abs().max().item() > 1e-2
+
+
+def test_slot_path_with_every_key_kept_is_exact(tmp_path):
+    # ratio 1.01 keeps 16 of 16 keys per chunk: Attention Matching returns them unchanged (beta 0), so the
+    # compacted layout (slots, their RoPE shift and positions) must give the full-resolution logits
+    model, documents = _model(), _documents()
+    full = _bank(tmp_path / "full", model)
+    full.add(documents, progress=False)
+    slots = _bank(tmp_path / "slots", model, ratio=1.01)
+    slots.add(documents, progress=False)
+    assert int(slots.chunk_table[:, 5].sum()) > 0  # some chunks are held as slots
+    question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    assert (_bank_logits(slots, question) - _bank_logits(full, question)).abs().max().item() <= 1e-4
+
+
+def test_compacted_bank_is_smaller_and_reads(tmp_path):
+    model, documents = _model(), _documents()
+    full = _bank(tmp_path / "full", model)
+    full.add(documents, progress=False)
+    compact = _bank(tmp_path / "am", model, ratio=4)
+    compact.add(documents, progress=False)
+    assert compact.info()["bytes"]["disk"] < 0.6 * full.info()["bytes"]["disk"]
+    question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    reference = _bank_logits(full, question).log_softmax(-1)
+    compacted = _bank_logits(compact, question).log_softmax(-1)
+    alone = model(question).logits.log_softmax(-1)
+    kl = lambda p, q: (p.exp() * (p - q)).sum(-1).mean().item()  # noqa: E731
+    assert kl(reference, compacted) < kl(reference, alone)
+
+
+def test_top_k_selection_and_generate_memory(tmp_path):
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "bank", model)
+    bank.add(documents, progress=False)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    found = recall(bank, question, top_k=3)
+    assert all(len(c) == 3 for c in found.chunks) and found.width <= 3 * CHUNK + 3 * SINKS
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with_cache = bank.model.generate(question, past_key_values=found.cache, **kwargs)
+    bank.recall.top_k = 3
+    with_memory = bank.model.generate(question, memory=bank, **kwargs)
+    assert torch.equal(with_cache, with_memory)
+    per_layer = MemoryBank.open(tmp_path / "bank", model, selection="per-layer")
+    chosen = recall(per_layer, question, top_k=3).chunks
+    assert len(chosen) == model.config.num_hidden_layers and all(len(c) == 3 for c in chosen)
+    with pytest.raises(ValueError, match="refresh_every"):
+        bank.ask("abc", refresh_every=8)
+
+
+def test_add_text_files_and_dataset(tmp_path):
+    import datasets
+
+    model = _model()
+    bank = _bank(tmp_path / "bank", model)
+    source = Path(json.__file__)
+    first = bank.add([source, "a string document " * 5], progress=False)
+    again = bank.add([source], progress=False)  # already there: skipped, nothing written
+    rows = bank.add(datasets.Dataset.from_dict({"text": ["row one " * 4, "row two " * 4]}), progress=False)
+    assert (first["documents"], again["skipped"], rows["documents"]) == (2, 1, 2)
+    assert [d["name"] for d in bank.documents][0] == str(source)
+    with pytest.raises(ValueError, match="column"):
+        bank.add(datasets.Dataset.from_dict({"body": ["x"]}), progress=False)
+
+
+def test_interrupted_ingestion_resumes_without_duplicates(tmp_path, monkeypatch):
+    model, documents = _model(), _documents()
+    whole = _bank(tmp_path / "whole", model)
+    whole.add(documents, progress=False)
+
+    commits = {"count": 0}
+    original = MemoryBank._commit_shard
+
+    def dies_on_second_shard(self, tensors, docs):
+        if commits["count"] == 1:
+            # killed while writing: a partial shard file lies where the next shard goes
+            (self.folder / "shard-00001.safetensors").write_bytes(b"half a shard")
+            (self.folder / ".shard-00001.safetensors.999999999.tmp").write_bytes(b"a dead writer's")
+            raise KeyboardInterrupt("killed")
+        commits["count"] += 1
+        original(self, tensors, docs)
+
+    monkeypatch.setattr(MemoryBank, "_commit_shard", dies_on_second_shard)
+    bank = _bank(tmp_path / "resumed", model)
+    with pytest.raises(KeyboardInterrupt):
+        bank.add(documents, progress=False)
+    monkeypatch.setattr(MemoryBank, "_commit_shard", original)
+    reader = MemoryBank.open(tmp_path / "resumed", model)  # sees the committed shard only
+    assert len(reader.meta["shards"]) == 1 and len(reader.documents) < len(documents)
+    resumed = MemoryBank.open(tmp_path / "resumed", model)
+    stats = resumed.add(documents, progress=False)
+    assert stats["skipped"] == len(reader.documents)
+    assert not list((tmp_path / "resumed").glob(".shard-*"))
+    reopened = MemoryBank.open(tmp_path / "resumed", model)
+    assert [d["sha256"] for d in reopened.documents] == [d["sha256"] for d in whole.documents]
+    assert torch.equal(reopened.chunk_table[:, :3], whole.chunk_table[:, :3])
+    assert torch.equal(reopened.piece_global_document, whole.piece_global_document)
+    question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(5))
+    assert (_bank_logits(reopened, question) - _bank_logits(whole, question)).abs().max().item() == 0
+
+
+def test_corrupted_shard_and_other_model_are_named_errors(tmp_path):
+    model = _model()
+    bank = _bank(tmp_path / "bank", model)
+    bank.add(_documents(), progress=False)
+    with pytest.raises(BankModelMismatchError):
+        MemoryBank.open(tmp_path / "bank", _model(seed=1))
+    shard = tmp_path / "bank" / bank.meta["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(BankIntegrityError, match="corrupt"):
+        MemoryBank.open(tmp_path / "bank", model)
+    lazy = MemoryBank.open(tmp_path / "bank", model, verify=False)  # checked when a question reads the shard
+    with pytest.raises(BankIntegrityError, match="corrupt"):
+        recall(lazy, torch.tensor([[5, 6, 7]]), top_k=None)
+    manifest = tmp_path / "bank" / "bank.json"
+    meta = json.loads(manifest.read_text())
+    meta["options"]["chunk_tokens"] = 8
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(BankIntegrityError, match="edited"):
+        MemoryBank.open(tmp_path / "bank", model)
+
+
+def test_reopen_in_a_fresh_process(tmp_path):
+    model, documents = _model(), _documents()
+    model.save_pretrained(tmp_path / "model")
+    bank = _bank(tmp_path / "bank", model)
+    bank.add(documents, progress=False)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    expected = _bank_logits(bank, question)
+    script = textwrap.dedent(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        from sparsemem.memory_bank import MemoryBank
+        from sparsemem.memory_recall import recall
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}, dtype=torch.float32, attn_implementation="sdpa").eval()
+        bank = MemoryBank.open({str(tmp_path / 'bank')!r}, model)
+        question = torch.tensor({question.tolist()})
+        with torch.no_grad():
+            logits = bank.model(question, past_key_values=recall(bank, question, top_k=None).cache).logits
+        print(json.dumps(logits[0, -1].tolist()))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    child = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert (child - expected[0, -1]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
+    """Real text (two standard-library sources, ~2.5K tokens) with a secret number inside: ingested by the
+    CLI in one process, asked by the CLI in another, which finds the bank's model by itself."""
+    import difflib
+    import string
+
+    from sparsemem.corpus import needle_wording
+
+    needle, question = needle_wording("secret-number")
+    first = Path(string.__file__).read_text()
+    second = Path(difflib.__file__).read_text()[:4000]
+    cut = first.find("\n", len(first) // 2) + 1
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a_string.py").write_text(first[:cut] + needle.format(key=73914) + first[cut:])
+    (tmp_path / "docs" / "b_difflib.py").write_text(second)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "sparsemem.cli", *args], capture_output=True, text=True,  # noqa: E731
+                                       env=env, timeout=600)
+    bank = str(tmp_path / "bank")
+    ingest = run("memory", "ingest", "--bank", bank, "--device", "cpu", "--piece-tokens", "1024", "--batch-tokens", "2048",
+                 str(tmp_path / "docs"))
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    info = run("memory", "info", "--bank", bank, "--device", "cpu")
+    assert info.returncode == 0, info.stderr[-2000:]
+    facts = json.loads(info.stdout)
+    assert facts["documents"] == 2 and facts["tokens"] > 2000 and facts["bytes"]["disk"] > facts["tokens"] * 20000
+    ask = run("memory", "ask", "--bank", bank, "--device", "cpu", "--top-k", "8", "--max-new-tokens", "8", question)
+    assert ask.returncode == 0, ask.stderr[-2000:]
+    answer, _, read = ask.stdout.partition("documents read:")
+    assert "73914" in answer
+    assert "a_string.py" in read

@@ -1,0 +1,68 @@
+"""`sparsemem eval memory` pieces: needles, AST code questions (checked against `inspect`), BM25 hiding."""
+
+import ast
+import importlib
+import inspect
+
+import pytest
+
+from conftest import ByteTokenizer
+from sparsemem.evaluation_memory import BM25Retriever, Document, build_haystack, code_questions, insert_needles, is_correct
+
+
+class BatchByteTokenizer(ByteTokenizer):
+    """Bytes as ids, for one text or a batch (as a fast tokenizer takes them)."""
+
+    def __call__(self, text, **kwargs):
+        if isinstance(text, list):
+            return {"input_ids": [super(BatchByteTokenizer, self).__call__(t, **kwargs)["input_ids"] for t in text]}
+        return super().__call__(text, **kwargs)
+
+
+def test_code_questions_match_the_live_signatures():
+    tokenizer = BatchByteTokenizer()
+    docs = build_haystack(tokenizer, 1_500_000)
+    questions = code_questions(docs, 30)
+    assert len(questions) >= 20
+    checked = 0
+    for question in questions:
+        module_name, qualname, param = question.info["module"], question.info["function"], question.info["parameter"]
+        try:
+            target = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001 - some modules cannot be imported here (platform-specific)
+            continue
+        for part in qualname.split("."):
+            target = getattr(target, part, None)
+        if target is None:
+            continue
+        try:
+            default = inspect.signature(target).parameters[param].default
+        except (TypeError, ValueError, KeyError):
+            continue
+        assert default == ast.literal_eval(question.accepted[0]), (module_name, qualname, param)
+        assert is_correct(question, " " + question.accepted[-1] + ", the rest")
+        checked += 1
+    assert checked >= 5
+
+
+def test_needles_sit_inside_the_kept_tokens():
+    tokenizer = BatchByteTokenizer()
+    plain = build_haystack(tokenizer, 60_000)
+    docs, questions = insert_needles(tokenizer, plain, 6)
+    assert len({q.document for q in questions}) == 6 and sum(len(d.ids) for d in docs) > sum(len(d.ids) for d in plain)
+    for question in questions:
+        lo, hi = question.exclude_span
+        text = tokenizer.decode(docs[question.document].ids[lo:hi])
+        assert question.accepted[0] in text and "secret number" in text
+
+
+def test_bm25_finds_a_unique_word_and_hides_spans():
+    pytest.importorskip("bm25s")
+    tokenizer = BatchByteTokenizer()
+    texts = ["alpha beta gamma " * 10, "delta epsilon zebra quagga " * 10, "omega theta " * 10]
+    docs = [Document(f"d{i}", t, tokenizer(t)["input_ids"]) for i, t in enumerate(texts)]
+    retriever = BM25Retriever(tokenizer, docs, chunk_tokens=32)
+    first = retriever.prompt("where is the quagga", top_k=1, exclude=[])
+    assert "quagga" in tokenizer.decode(first)
+    hidden = retriever.prompt("where is the quagga", top_k=1, exclude=[(1, (0, len(docs[1].ids)))])
+    assert "quagga" not in tokenizer.decode(hidden)
