@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 MIN_WEIGHT = 1e-6  # w below this is a dead slot (beta ~ -13.8)
+VALUE_PRIORS = ("zero", "kept")  # what the value fit shrinks toward: 0, or the chosen entries' own values
 QUERY_WEIGHTS = ("share", "peak")
 
 
@@ -224,10 +225,12 @@ def fit_beta(phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, i
 
 
 def fit_values(
-    phi_selected: torch.Tensor, beta: torch.Tensor, mass: torch.Tensor, output: torch.Tensor, ridge: float = 1e-3
+    phi_selected: torch.Tensor, beta: torch.Tensor, mass: torch.Tensor, output: torch.Tensor, ridge: float = 1e-3,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Values [P, t, d] minimising sum_i m_i^2 ||X_i C - Y_i||^2 + ridge * tr(X^T W X)/t * ||C||^2,
-    with X the slots' softmax weights (beta included) for each reference query."""
+    """Values [P, t, d] minimising sum_i m_i^2 ||X_i C - Y_i||^2 + ridge * tr(X^T W X)/t * ||C - C0||^2,
+    with X the slots' softmax weights (beta included) for each reference query and C0 the `prior` values
+    (default 0): directions the queries do not determine stay at the prior."""
     scores = phi_selected * torch.exp(beta)[:, None, :]
     x = scores / scores.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     weight = mass[..., None]  # rows weighted by the span's share of the query's attention
@@ -237,6 +240,8 @@ def fit_values(
     damping = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
     gram = gram + damping[:, None, None] * torch.eye(t, device=gram.device)
     rhs = xw.transpose(-1, -2) @ (output * weight)
+    if prior is not None:
+        rhs = rhs + damping[:, None, None] * prior.float()
     if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
         raise FloatingPointError("attention matching: non-finite normal equations in the value fit")
     # the damped Gram matrix is symmetric positive definite: Cholesky (batched LU breaks on some CPU
@@ -290,6 +295,8 @@ def attention_matching(
     nnls_iterations: int = 400,
     place=None,
     query_weights: str = "share",
+    value_prior: str = "zero",
+    bound_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
     values [P, t, d], beta [P, t]). `place(index, keys)`: where the chosen keys will be read from (e.g.
@@ -346,6 +353,23 @@ def attention_matching(
         beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations)
     else:
         beta = prior_bias
+    if value_prior not in VALUE_PRIORS:
+        raise ValueError(f"`value_prior` must be one of {VALUE_PRIORS}, got {value_prior!r}")
     if refit_values:
-        values = fit_values(phi_selected, beta - prior_bias, row_weight, output, ridge)
+        prior = values if value_prior == "kept" else None
+        values = fit_values(phi_selected, beta - prior_bias, row_weight, output, ridge, prior=prior)
+        if bound_values:
+            values = bound_value_norms(values, problem.values, problem.key_bias)
     return index, keys, values, beta
+
+
+def bound_value_norms(values: torch.Tensor, span_values: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+    """`values` [P, t, d] scaled down where longer than the longest value of the span's tokens (entries with
+    no prior bias; every entry if there are none): an attention output is an average of values, so a slot
+    that must stand for part of one never needs a longer value. Keeps slots that are folded into later
+    compactions again and again from drifting away."""
+    tokens = key_bias == 0
+    norms = span_values.float().norm(dim=-1)
+    longest = torch.where(tokens.any(-1), norms.masked_fill(~tokens, 0).amax(-1), norms.amax(-1))
+    length = values.norm(dim=-1).clamp(min=torch.finfo(torch.float32).tiny)
+    return values * (longest[:, None] / length).clamp(max=1.0)[..., None]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention_matching import QUERY_WEIGHTS, SpanProblem, attention_matching
+from .attention_matching import QUERY_WEIGHTS, VALUE_PRIORS, SpanProblem, attention_matching
 from .cache import SlotTier
 from .rope import shift_keys
 
@@ -161,6 +161,10 @@ class AttentionMatchingPress(Press):
     # they are (StreamingLLM's choice for the same budget); None: always the fitted slots
     guard_every: int | None = None
     query_weights: str = "auto"  # "share", "peak" or "auto" (see `attention_matching`, `for_head_budgets`)
+    # the value fit's ridge shrinks toward "zero" or toward the chosen entries' own values ("kept")
+    value_prior: str = "zero"
+    # scale fitted values down to the longest value of the span's tokens (see `bound_value_norms`)
+    bound_values: bool = False
 
     def __post_init__(self):
         share = self.exact_newest
@@ -170,6 +174,8 @@ class AttentionMatchingPress(Press):
         if guard is not None and (isinstance(guard, bool) or not isinstance(guard, int) or guard < 2):
             raise ValueError(f"`guard_every` must be an integer >= 2 or None, got {guard!r}")
         self.last_kept_fit = None  # share of the problems that kept their fitted slots at the last guarded compaction
+        if self.value_prior not in VALUE_PRIORS:
+            raise ValueError(f"`value_prior` must be one of {VALUE_PRIORS}, got {self.value_prior!r}")
         if self.query_weights not in ("auto", *QUERY_WEIGHTS):
             raise ValueError(f"`query_weights` must be 'auto' or one of {QUERY_WEIGHTS}, got {self.query_weights!r}")
 
@@ -266,6 +272,8 @@ class AttentionMatchingPress(Press):
             omp_picks_per_step=self.omp_picks_per_step,
             nnls_iterations=self.nnls_iterations,
             query_weights="share" if self.query_weights == "auto" else self.query_weights,
+            value_prior=self.value_prior,
+            bound_values=self.bound_values,
         )
 
     def for_ranking(self) -> "AttentionMatchingPress":

@@ -245,3 +245,30 @@ def test_learned_consolidation_streams_under_inference_mode_past_the_window():
     assert run.summary["budget_respected"] and run.records[-1]["rope_offset"] > 0
     assert math.isfinite(run.summary["loss_beyond_window"])
     assert online.press.last_accepted is not None
+
+
+def test_value_fit_shrinks_toward_the_kept_values_and_stays_within_the_span_lengths():
+    """`value_prior="kept"`: with a heavy ridge the fitted values are the chosen entries' own values (the
+    default shrinks them to zero); `bound_values`: no fitted value is longer than the span's longest token
+    value."""
+    from sparsemem.modeling.attention_matching import SpanProblem, attention_matching, bound_value_norms
+
+    generator = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(3, 50, 8, generator=generator), torch.randn(3, 50, 8, generator=generator)
+    queries = torch.randn(3, 12, 8, generator=generator)
+    lse = torch.logsumexp(queries @ keys.transpose(-1, -2) * 0.35, -1) + 0.3
+    problem = SpanProblem(queries, keys, values, torch.zeros(3, 50), lse, 0.35)
+    index, _, kept, _ = attention_matching(problem, 10, ridge=1e6, value_prior="kept")
+    chosen = values.gather(1, index[..., None].expand(-1, -1, 8))
+    torch.testing.assert_close(kept, chosen, atol=1e-3, rtol=1e-3)
+    _, _, zero, _ = attention_matching(problem, 10, ridge=1e6)
+    assert float(zero.abs().max()) < 1e-3
+    longest = values.norm(dim=-1).amax(-1)
+    wild = torch.randn(3, 10, 8, generator=generator) * 100
+    bounded = bound_value_norms(wild, values, torch.zeros(3, 50))
+    assert bool((bounded.norm(dim=-1) <= longest[:, None] * (1 + 1e-5)).all())
+    torch.testing.assert_close(bounded / bounded.norm(dim=-1, keepdim=True), wild / wild.norm(dim=-1, keepdim=True))
+    small = values[:, :10] * 0.5
+    torch.testing.assert_close(bound_value_norms(small, values, torch.zeros(3, 50)), small)
+    online = OnlineCompaction(64, method="am")
+    assert online.press.value_prior == "kept" and online.press.bound_values
