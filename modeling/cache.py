@@ -560,7 +560,9 @@ class SparseMemCache(Cache):
             ropes = torch.stack([layer.slots.rope for layer in group])
             slot_keys = shift_keys(rotary, torch.stack([layer.slots.keys for layer in group]), slot_target - ropes)
         for number, layer in enumerate(group):
-            layer.take_layout(next_position, target, keys[number], slot_target, slot_keys[number])
+            # copies: each layer owns its keys (a view would keep the whole stack alive)
+            layer.take_layout(next_position, target, keys[number].clone(), slot_target,
+                              None if slot_keys[number] is None else slot_keys[number].clone())
 
     @property
     def rope_offset(self) -> int:

@@ -644,7 +644,9 @@ def _compact_uniform(jobs: list[LayerCompaction], press: Press, scaling: float, 
         target = job.layer
         target.evict(first.span)
         target.set_slots(SlotTier(
-            new_keys[number].to(target.keys.dtype), new_values[number].to(target.keys.dtype), beta[number].float(),
-            heads.clone(), torch.full_like(heads, -1), torch.full_like(heads, position), new_rope[number].contiguous(),
+            # copies: each layer owns its tensors (a view would keep every layer's slots alive)
+            new_keys[number].to(target.keys.dtype, copy=True), new_values[number].to(target.keys.dtype, copy=True),
+            beta[number].to(torch.float32, copy=True), heads.clone(), torch.full_like(heads, -1),
+            torch.full_like(heads, position), new_rope[number].clone(),
         ))
     return True
