@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .attention_matching import SpanProblem
+from .attention_matching import SpanProblem, bound_value_norms
 from .compaction import AttentionMatchingPress, HeadSpan
 from .rope import shift_keys
 
@@ -117,6 +117,8 @@ class LearnedConsolidationPress(AttentionMatchingPress):
             keys = torch.where(better[:, None, None], new_k, keys)
             values = torch.where(better[:, None, None], new_v, values)
             beta = torch.where(better[:, None], new_b, beta)
+            if self.bound_values:  # as the closed form's: refined values stay within the span's value lengths
+                values = bound_value_norms(values, problem.values, problem.key_bias)
         self.last_accepted = float(better.float().mean())
         if placed:
             targets = span.placement.targets(keys.shape[1], keys.device)[None]
