@@ -70,7 +70,7 @@ def select_by_attention(phi: torch.Tensor, budget: int, order: float = 2) -> tor
     return score.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
-NNLS_METHODS = ("auto", "active-set", "fista")
+NNLS_METHODS = ("auto", "active-set", "fista", "fast")
 # active-set rounds allowed per solve: from a warm start the exact support is usually a few exchanges away;
 # past this many rounds the unfinished problems fall back to projected gradient, with a warning
 NNLS_MAX_ROUNDS = 48
@@ -91,12 +91,20 @@ def nnls(
       is below `tolerance` times the largest |rhs|), then the same active set from its support to finish
       exactly (few rounds from there); one batched kernel per step, for accelerators;
     - "auto" (default): "active-set" on the CPU (measured several times faster than projected gradient
-      there), "fista" elsewhere.
+      there), "fista" elsewhere;
+    - "fast": "active-set" on the CPU, projected gradient alone elsewhere (no exact finish: within ~1% of the
+      optimum's objective; for work that repeats every few steps, e.g. online compaction, where the finish's
+      host round trips halved a GPU stream's speed).
     """
     if method not in NNLS_METHODS:
         raise ValueError(f"nnls `method` must be one of {NNLS_METHODS}, got {method!r}")
-    if method == "auto":
-        method = "active-set" if gram.device.type == "cpu" else "fista"
+    if method in ("auto", "fast"):
+        if gram.device.type == "cpu":
+            method = "active-set"
+        elif method == "fast":
+            return _projected_gradient(gram, rhs, iterations, initial, tolerance)
+        else:
+            method = "fista"
     if method == "fista":
         start = _projected_gradient(gram, rhs, iterations, initial, tolerance)
     else:
@@ -212,7 +220,9 @@ def _kkt_residual(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor) -> tor
     return torch.minimum(w, gradient).abs().amax(-1)
 
 
-def fit_beta(phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400) -> torch.Tensor:
+def fit_beta(
+    phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400, nnls_method: str = "auto"
+) -> torch.Tensor:
     """beta [P, t] = log w, w = NNLS fit of the span mass by the selected keys' weights.
 
     Bounded to [log 1e-6, log(10 * span_length)]: one slot can stand for at most the whole span."""
@@ -220,7 +230,7 @@ def fit_beta(phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, i
     rhs = (phi_selected.transpose(-1, -2) @ mass[..., None])[..., 0]
     # start from the single scale that matches the total mass
     scale = mass.sum(-1) / phi_selected.sum((-1, -2)).clamp(min=1e-30)
-    w = nnls(gram, rhs, iterations, initial=scale[:, None].expand_as(rhs).clone())
+    w = nnls(gram, rhs, iterations, initial=scale[:, None].expand_as(rhs).clone(), method=nnls_method)
     return torch.log(w.clamp(min=MIN_WEIGHT, max=10.0 * span_length))
 
 
@@ -293,6 +303,7 @@ def attention_matching(
     omp_picks_per_step: int | None = None,
     omp_refit_every: int = 4,
     nnls_iterations: int = 400,
+    nnls_method: str = "auto",
     place=None,
     query_weights: str = "share",
     value_prior: str = "zero",
@@ -350,7 +361,7 @@ def attention_matching(
         fit_phi, fit_mass, row_weight = phi_selected, mass, mass
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
-        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations)
+        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method)
     else:
         beta = prior_bias
     if value_prior not in VALUE_PRIORS:

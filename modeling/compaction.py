@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention_matching import QUERY_WEIGHTS, VALUE_PRIORS, SpanProblem, attention_matching
+from .attention_matching import NNLS_METHODS, QUERY_WEIGHTS, VALUE_PRIORS, SpanProblem, attention_matching
 from .cache import SlotTier
 from .rope import shift_keys
 
@@ -161,6 +161,7 @@ class AttentionMatchingPress(Press):
     # they are (StreamingLLM's choice for the same budget); None: always the fitted slots
     guard_every: int | None = None
     query_weights: str = "auto"  # "share", "peak" or "auto" (see `attention_matching`, `for_head_budgets`)
+    nnls_method: str = "auto"  # the beta fit's NNLS solver (see `attention_matching.nnls`)
     # the value fit's ridge shrinks toward "zero" or toward the chosen entries' own values ("kept")
     value_prior: str = "zero"
     # scale fitted values down to the longest value of the span's tokens (see `bound_value_norms`)
@@ -174,6 +175,8 @@ class AttentionMatchingPress(Press):
         if guard is not None and (isinstance(guard, bool) or not isinstance(guard, int) or guard < 2):
             raise ValueError(f"`guard_every` must be an integer >= 2 or None, got {guard!r}")
         self.last_kept_fit = None  # share of the problems that kept their fitted slots at the last guarded compaction
+        if self.nnls_method not in NNLS_METHODS:
+            raise ValueError(f"`nnls_method` must be one of {NNLS_METHODS}, got {self.nnls_method!r}")
         if self.value_prior not in VALUE_PRIORS:
             raise ValueError(f"`value_prior` must be one of {VALUE_PRIORS}, got {self.value_prior!r}")
         if self.query_weights not in ("auto", *QUERY_WEIGHTS):
@@ -271,6 +274,7 @@ class AttentionMatchingPress(Press):
             ridge=self.ridge,
             omp_picks_per_step=self.omp_picks_per_step,
             nnls_iterations=self.nnls_iterations,
+            nnls_method=self.nnls_method,
             query_weights="share" if self.query_weights == "auto" else self.query_weights,
             value_prior=self.value_prior,
             bound_values=self.bound_values,

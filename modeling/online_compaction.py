@@ -37,7 +37,7 @@ class OnlineCompaction:
     n-th reference query is held out of the fit and each head keeps its fitted slots only where they serve
     those queries better than its newest span entries kept as they are (`AttentionMatchingPress.guard_every`;
     online compaction also fits values toward the chosen entries' own and bounds their length, see
-    `value_prior`, `bound_values`);
+    `value_prior`, `bound_values`, and solves beta's NNLS with `nnls_method="fast"`);
     "auto": 4 for Attention Matching presses, none for the others (which fit nothing); None: no guard."""
 
     max_kv_tokens: int
@@ -68,7 +68,9 @@ class OnlineCompaction:
             # slots are folded into every later compaction: their values shrink toward the entries they were
             # chosen from and stay within the span's value lengths, so refits cannot drift over thousands of
             # compactions (a 1M-token stream on SmolLM2 diverged after ~230 without)
-            self.press = dataclasses.replace(self.press, guard_every=self.guard_every, value_prior="kept", bound_values=True)
+            # it repeats every few steps: the NNLS without its exact finish on accelerators ("fast")
+            self.press = dataclasses.replace(self.press, guard_every=self.guard_every, value_prior="kept", bound_values=True,
+                                             nnls_method="fast")
         self.compactions = 0  # layer compactions done so far
         self.seconds = 0.0  # wall seconds spent in them (the compaction reads results back, so it ends synchronised)
         compacted = math.floor(self.target * self.max_kv_tokens)

@@ -71,7 +71,7 @@ def _attention_nnls(seed, problems, n, t, sharpness):
     return a, mass, a.transpose(1, 2) @ a, (a.transpose(1, 2) @ mass[..., None])[..., 0]
 
 
-@pytest.mark.parametrize("method", ["active-set", "fista"])
+@pytest.mark.parametrize("method", ["active-set", "fista", "fast"])  # "fast" is the active set on the CPU
 def test_nnls_reaches_the_optimum_of_every_support(method):
     """Both solvers (the CPU's active set, the accelerators' projected gradient with its active-set finish)
     within 1e-4 of the exact optimum's residual, on problems small enough to enumerate every support
