@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import json
 import os
 import re
 import shutil
@@ -102,6 +103,19 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_report(output_dir: Path, name: str, payload: dict, markdown: str, plot=None) -> list[Path]:
+    """An evaluation's report files in `output_dir`: `name`.json (`payload`), `name`.md (`markdown`), each
+    written atomically, and `name`.png when `plot(path)` draws one (it returns the path, or None without the
+    `plot` extra). Returns the paths written."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / f"{name}.json", output_dir / f"{name}.md"
+    write_text(json_path, json.dumps(payload, indent=2))
+    write_text(md_path, markdown)
+    figure = plot(output_dir / f"{name}.png") if plot is not None else None
+    return [json_path, md_path] + ([figure] if figure else [])
 
 
 def _check_kind(target: Path, marker: str | None) -> None:

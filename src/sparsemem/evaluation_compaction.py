@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .cache_compaction import capture_reference_queries, compact
 from .modeling.compaction import AttentionMatchingPress, make_press
 from .corpus import needle_question, passkey_case, token_window
-from .atomic import write_text
+from .atomic import write_report, write_text
 from .plots import plot_online
 
 logger = logging.getLogger(__name__)
@@ -172,12 +172,8 @@ def _answer(model, tokenizer, cache, question, case, seed: int) -> dict:
 
 
 def write_compaction_report(results: list[CompactionResult], meta: dict, output_dir: Path) -> list[Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "compaction.json", output_dir / "compaction.md"
-    write_text(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2))
-    write_text(md_path, render_compaction_markdown(results, meta))
-    plot = plot_compaction(results, output_dir / "compaction.png")
-    return [json_path, md_path] + ([plot] if plot else [])
+    return write_report(output_dir, "compaction", {"meta": meta, "results": [asdict(r) for r in results]},
+                        render_compaction_markdown(results, meta), lambda path: plot_compaction(results, path))
 
 
 def render_compaction_markdown(results, meta) -> str:

@@ -15,7 +15,6 @@ time to first token, bytes per tier (disk / host / device).
 """
 
 import ast
-import json
 import logging
 import math
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_text
+from .atomic import write_report
 from .corpus import needle_wording
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.rope import trained_context
@@ -393,12 +392,8 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
 
 
 def write_memory_report(rows: list[MemoryRow], meta: dict, output: Path) -> list[Path]:
-    output.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output / "memory.json", output / "memory.md"
-    write_text(json_path, json.dumps({"meta": meta, "results": [asdict(r) for r in rows]}, indent=1))
-    write_text(md_path, render_memory_markdown(rows, meta))
-    plot = plot_memory(rows, output / "memory.png")
-    return [json_path, md_path] + ([plot] if plot else [])
+    return write_report(output, "memory", {"meta": meta, "results": [asdict(r) for r in rows]},
+                        render_memory_markdown(rows, meta), lambda path: plot_memory(rows, path))
 
 
 def _fmt(value, pattern="{:.0%}"):

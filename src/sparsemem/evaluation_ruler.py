@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .atomic import write_text
+from .atomic import write_report, write_text
 from .corpus import Corpus, token_window
 
 logger = logging.getLogger(__name__)
@@ -430,13 +430,9 @@ def _means(rows: list[RulerResult]) -> dict:
 
 
 def write_ruler_report(results: list[RulerResult], meta: dict, output_dir: Path) -> list[Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output_dir / "ruler.json", output_dir / "ruler.md"
     summary = summarize(results)
-    write_text(json_path, json.dumps({"meta": meta, "summary": summary, "results": [asdict(r) for r in results]}, indent=2))
-    write_text(md_path, render_ruler_markdown(results, meta))
-    plot = plot_ruler(summary, output_dir / "ruler.png")
-    return [json_path, md_path] + ([plot] if plot else [])
+    return write_report(output_dir, "ruler", {"meta": meta, "summary": summary, "results": [asdict(r) for r in results]},
+                        render_ruler_markdown(results, meta), lambda path: plot_ruler(summary, path))
 
 
 def render_ruler_markdown(results: list[RulerResult], meta: dict) -> str:
