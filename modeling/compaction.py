@@ -557,27 +557,22 @@ def _same_layout(jobs: list[LayerCompaction], fold_slots: bool) -> bool:
     slot_count = 0 if layer.slots is None else len(layer.slots)
     if slot_count % kv_heads:
         return False
-    for job in jobs:
-        other = job.layer
-        if (other.keys.shape != layer.keys.shape or job.queries.shape != first.queries.shape
-                or job.span.shape != first.span.shape or job.query_positions.shape != first.query_positions.shape
-                or (0 if other.slots is None else len(other.slots)) != slot_count
-                or (other.rope_positions is None) != (layer.rope_positions is None)):
-            return False
-    # one comparison over everything that must match, read back once
-    per_head = slot_count // kv_heads
-    own_heads = torch.arange(kv_heads, device=layer.keys.device).repeat_interleave(per_head)
+    # the layers' own layout check (positions, RoPE positions, slots), then what the batch adds: the span,
+    # the reference queries, and slots stored head by head with each head's at the same positions
     checks = []
-    for job in jobs:
-        other = job.layer
-        checks += [(other.positions == layer.positions).all(), (job.span == first.span).all(),
-                   (job.query_positions == first.query_positions).all()]
-        if other.rope_positions is not None:
-            checks.append((other.rope_positions == layer.rope_positions).all())
-        if slot_count:
-            slots = other.slots
-            checks += [(slots.head == own_heads).all(), (slots.position == layer.slots.position).all(),
-                       (slots.position.view(kv_heads, per_head) == slots.position[:per_head]).all()]
+    for job in jobs[1:]:
+        same = job.layer.same_layout_as(layer)
+        if (same is None or job.queries.shape != first.queries.shape or job.span.shape != first.span.shape
+                or job.query_positions.shape != first.query_positions.shape):
+            return False
+        checks += [*same, (job.span == first.span).all(), (job.query_positions == first.query_positions).all()]
+    if slot_count:
+        per_head = slot_count // kv_heads
+        own_heads = torch.arange(kv_heads, device=layer.keys.device).repeat_interleave(per_head)
+        slots = layer.slots
+        checks += [(slots.head == own_heads).all(), (slots.position.view(kv_heads, per_head) == slots.position[:per_head]).all()]
+    if not checks:
+        return True
     return bool(torch.stack(checks).all())
 
 
