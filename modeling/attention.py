@@ -20,13 +20,14 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 
-from .anchors import anchor_mask, causal_mask, sliding_window_mask
+from .anchors import anchor_mask, causal_mask, local_mask, sliding_window_mask
 from .block_decode import block_decode_attention, unsupported_decode_reason
 from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
 from .held_dense import held_dense_attention, unsupported_held_reason
 from .cache import SlotTier
 from .configuration_sparsemem import OPTION_NAMES, SparseMemOptions
 from .merge import masked_attention, merge_attention_states
+from .placement import Placement, occupied_blocks_after
 from .query_blocks import aligned_chunks, pool_query_blocks, query_block_index
 from .scorer import PooledKeyScorer, summarize_blocks, summarize_contiguous_blocks
 from .selection import score_and_select
@@ -63,6 +64,8 @@ class MemoryView:
     logical_length: int | None = None  # logical tokens up to the last query, when the caller knows it
     # why the fast paths may not compute this call whatever its inputs (None: decided from the inputs)
     fallback: str | None = None
+    # where entries outside the local window are scored and attended (placement.py); None: where they are
+    placement: Placement | None = None
 
 
 class AttentionStats:
@@ -264,13 +267,21 @@ def sparsemem_attention_forward(
         if slots is not None and slots.block.numel():
             num_blocks = max(num_blocks, int(slots.block.max()) + 1)
         num_blocks = max(num_blocks, 1)
+    placement = sparsemem.placement
+    keys_f, values_f = key.float(), value.float()
+    free_keys = None
+    if placement is not None:
+        # blocks are scored and attended without their positions (placement.py)
+        free_keys = placement.free_keys(keys_f, key_positions)
+        if block_first is None:
+            block_first = torch.arange(num_blocks, device=key.device) * block_size
+    summary_keys = key if free_keys is None else free_keys
     if contiguous:
-        summaries = summarize_contiguous_blocks(key, block_size, num_blocks)  # nothing evicted
+        summaries = summarize_contiguous_blocks(summary_keys, block_size, num_blocks)  # nothing evicted
     else:
-        summaries = summarize_blocks(key, block_ids, num_blocks)
+        summaries = summarize_blocks(summary_keys, block_ids, num_blocks)
 
     query_groups = query.view(batch, kv_heads, groups, num_queries, dim).float()
-    keys_f, values_f = key.float(), value.float()
     first_position = int(query_positions[0]) if query_block else 0
     outputs = []
     for start, stop in aligned_chunks(first_position, num_queries, chunk, query_block):
@@ -296,12 +307,13 @@ def sparsemem_attention_forward(
         cold = (visible & ~anchors).float()
         candidate_keys = cold.new_zeros(cold.shape[0], n_q, num_blocks).index_add_(2, key_blocks, cold)
         candidates = candidate_keys > 0
+        q_score = q if placement is None else placement.far_queries(q, start, stop)
         if query_block is None:
-            scores, selected = score_and_select(scorer, q, summaries, candidates[:, None], top_k, fraction, coverage)  # [B, Hkv, q, nb]
+            scores, selected = score_and_select(scorer, q_score, summaries, candidates[:, None], top_k, fraction, coverage)  # [B, Hkv, q, nb]
         else:
             # one selection per query block, from its mean query, over the union of its queries' candidates
             index = query_block_index(q_pos, query_block)
-            pooled = pool_query_blocks(q, int(q_pos[0]), query_block)  # [B, Hkv, G, nQb, D]
+            pooled = pool_query_blocks(q_score, int(q_pos[0]), query_block)  # [B, Hkv, G, nQb, D]
             block_candidates = candidate_keys.new_zeros(candidates.shape[0], pooled.shape[-2], num_blocks)
             block_candidates = block_candidates.index_add_(1, index, candidate_keys) > 0
             _, shared = score_and_select(scorer, pooled, summaries, block_candidates[:, None], top_k, fraction, coverage)
@@ -313,6 +325,13 @@ def sparsemem_attention_forward(
         # fold the GQA group into the query axis: [B, Hkv, G*q, D] against [B, Hkv, N, D]
         q_flat = q.reshape(batch, kv_heads, groups * n_q, dim)
         logits = (q_flat @ k_chunk.transpose(-1, -2)).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
+        occupied_after = None
+        if placement is not None:
+            # keys in the local window keep their own distances, every other key takes its placed one
+            if placement.scheme == "ordered" or has_slots:
+                occupied_after = occupied_blocks_after(selected, block_first, sink)
+            placed = placement.placed_logits(q, start, stop, free_keys[:, :, :end], key_blocks, occupied_after, scaling)
+            logits = torch.where(local_mask(q_pos, key_pos, local)[None, None, None], logits, placed)
         gate_temperature = getattr(module, "selection_gate_temperature", None)
         if gate_temperature is not None and torch.is_grad_enabled():
             # calibration: the same sparse output, with a straight-through gradient to the scorer
@@ -325,8 +344,17 @@ def sparsemem_attention_forward(
         attended = full.sum() * groups
 
         if has_slots:
+            q_slots, chunk_slots = q, slots
+            if placement is not None:
+                # slots sit before every placed block ("fixed": with them, at the placement distance)
+                extra = 0
+                if placement.scheme == "ordered":
+                    first_attended = selected[..., 0] | (block_first[0] < sink)
+                    attended_blocks = occupied_after[..., 0] + first_attended.long()  # [B, Hkv, q]
+                    extra = (attended_blocks * block_size)[:, :, None]  # [B, Hkv, 1, q]
+                q_slots, chunk_slots = placement.far_queries(q, start, stop, extra), placement.free_slots(slots)
             slot_out, slot_lse, slot_pairs = slot_attention(
-                q, q_pos, slots, selected, scaling, block_size, sink, local, window, slot_block, block_first
+                q_slots, q_pos, chunk_slots, selected, scaling, block_size, sink, local, window, slot_block, block_first
             )
             out = merge_attention_states([(out, lse), (slot_out, slot_lse)])[0]
             attended = attended + slot_pairs * groups

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+from .placement import check_placement, check_placement_options
 from .rope import POSITION_POLICIES
 
 SCORERS = ("minmax", "hybrid", "mean", "learned")
@@ -59,6 +60,13 @@ class SparseMemOptions:
         re-rotated when entries leave (evicted or compacted), so distances stay within what the cache
         holds. "auto": logical while the sequence fits the model's trained context (the RoPE scaling's
         original length, else `max_position_embeddings`), cache positions from then on.
+    memory_placement: where a query attends what lies outside its local window once the cache holds more
+        than the trained context (placement.py), for sparse selection over a long block store. "cache": at
+        the held ranks (distances may leave the trained range). "fixed": sinks, selected blocks and slots
+        all at distance `local_tokens`, scored without their positions (InfLLM). "ordered": the same
+        position-free scoring; the attended blocks keep their time order packed right before the local
+        window (needs `top_k_blocks` alone, no `block_fraction`/`block_mass`). Needs positions "auto" or
+        "cache"; inside the trained context nothing changes.
     """
 
     block_size: int = 8
@@ -76,6 +84,7 @@ class SparseMemOptions:
     query_block_size: int | None = None
     attention_backend: str = "auto"
     positions: str = "auto"
+    memory_placement: str = "cache"
 
     def validate_sparsemem_options(self) -> None:
         def _int(name, value, minimum):
@@ -97,6 +106,10 @@ class SparseMemOptions:
             _int("query_block_size", self.query_block_size, 1)
         if self.positions not in POSITION_POLICIES:
             raise ValueError(f"`positions` must be one of {POSITION_POLICIES}, got {self.positions!r}")
+        check_placement(self.memory_placement)
+        check_placement_options(
+            self.memory_placement, self.positions, self.top_k_blocks, self.block_fraction, self.block_mass
+        )
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"`attention_backend` must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.block_fraction is not None and (

@@ -25,6 +25,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Rotary
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 
 from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
+from .placement import Placement
 from .block_consolidation import BlockConsolidator, BlockSlotCache, block_slots, build_consolidator
 from .block_decode import BlockSummaryCache
 from .cache import SlotTier, SparseMemCache
@@ -137,6 +138,19 @@ class SparseMemAttentionMixin:
             learned = None if learned is None else learned.to(device)
         return slots if learned is None else SlotTier.cat(slots, learned)
 
+    def _placement(self, cache, layer, query_positions) -> Placement | None:
+        """The memory placement of this pass (placement.py), once the layer holds more than the model's
+        trained context under cache positions; None otherwise (every entry at its held rank)."""
+        scheme = getattr(self.config, "memory_placement", "cache")
+        if scheme == "cache" or layer is None or not getattr(cache, "cache_positions", False):
+            return None
+        if cache.trained_context is None or layer.timeline_width() <= cache.trained_context:
+            return None
+        return Placement(
+            scheme, cache._rotary_embedding(self), query_positions - cache.rope_offset, layer.current_rope(),
+            self.config.local_tokens, self.config.block_size,
+        )
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -203,9 +217,11 @@ class SparseMemAttentionMixin:
             # a SparseMemLayer holds positions 0..L-1 exactly when it holds L entries (nothing evicted)
             contiguous = key_positions.shape[0] == total and key_states.shape[-2] == total
             slots = self._with_block_slots(slots, layer, key_states, value_states, key_positions, contiguous, query_states.device)
+            placement = self._placement(past_key_values, layer, query_positions)
             kwargs["sparsemem"] = MemoryView(
                 query_positions, key_positions, slots, self.attention_window, summaries, contiguous,
-                queries_newest=True, logical_length=total,
+                queries_newest=True, logical_length=total, placement=placement,
+                fallback=None if placement is None else "memory placement beyond the trained context",
             )
         elif getattr(layer, "positions", None) is not None and (
             slots is not None or key_positions.shape[0] != total

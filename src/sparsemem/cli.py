@@ -12,6 +12,7 @@ import torch
 from .arguments import check_arguments
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
+from .modeling.placement import PLACEMENTS
 
 logger = logging.getLogger("sparsemem")
 
@@ -67,6 +68,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS), help="block scorer")
     parser.add_argument("--block-slots", type=int, default=defaults.block_slots,
                         help="consolidate every complete block into this many slots that answer it when unselected")
+    parser.add_argument("--memory-placement", default=defaults.memory_placement, choices=list(PLACEMENTS),
+                        help="where selected memory is attended once the cache outgrows the trained context")
 
 
 def _options(args) -> dict:
