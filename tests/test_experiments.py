@@ -232,3 +232,22 @@ def test_nnls_solvers_rows():
     excess = {row["method"]: row["residual_excess"] for row in rows}
     assert excess["active-set"] == 0 and abs(excess["fista"]) < 1e-4 and excess["projected gradient alone"] > -1e-9
     assert all(row["seconds"] > 0 for row in rows)
+
+
+def test_memory_placement_rows_agree_inside_the_window(tiny):
+    """The placements read the window identically and differ past it; every row's losses are finite."""
+    import memory_placement
+
+    _, tokenizer, corpus = tiny
+    base = make_base_model("llama", max_position_embeddings=128)
+    sparse = dict(block_size=8, top_k_blocks=2, block_fraction=None, sink_tokens=4, local_tokens=16, positions="auto",
+                  query_block_size=8)
+    rows = {}
+    for name in memory_placement.CONFIGS:
+        model, new_cache = memory_placement.build(base, name, sparse, budget=64)
+        rows[name] = memory_placement.measure(model, new_cache, tokenizer, corpus, 400, [0.5], 64, 128, "cpu")
+    assert all(math.isfinite(row["loss_beyond_window"]) for row in rows.values())
+    placed = [rows[f"sparse, {scheme}"] for scheme in ("cache", "fixed", "ordered")]
+    assert len({row["loss_within_window"] for row in placed}) == 1
+    assert len({row["loss_beyond_window"] for row in placed}) == 3
+    assert rows["dense (logical)"]["passkey_cases"][0]["key"] == placed[0]["passkey_cases"][0]["key"]
