@@ -121,6 +121,9 @@ def main():
     parser.add_argument("--top-k-blocks", type=int, default=32)
     parser.add_argument("--sink-tokens", type=int, default=64)
     parser.add_argument("--local-tokens", type=int, default=2048)
+    parser.add_argument("--scorer", default="minmax", help="block scorer of the sparse rows")
+    parser.add_argument("--query-block-size", type=int, default=64,
+                        help="queries sharing one selection in the sparse rows (0: each query selects its own)")
     parser.add_argument("--budget", type=int, default=4096, help="entries streaming-llm keeps")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -131,7 +134,7 @@ def main():
     window = trained_context(base.config)
     sparse = dict(block_size=args.block_size, top_k_blocks=args.top_k_blocks, block_fraction=None,
                   sink_tokens=args.sink_tokens, local_tokens=args.local_tokens, positions="auto",
-                  query_block_size=args.block_size)
+                  query_block_size=args.query_block_size or None, scorer=args.scorer)
     for name in args.configs:
         model, new_cache = build(base, name, sparse, args.budget)
         for length in args.tokens:
