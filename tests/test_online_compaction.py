@@ -245,6 +245,26 @@ def test_learned_consolidation_streams_under_inference_mode_past_the_window():
     assert run.summary["budget_respected"] and run.records[-1]["rope_offset"] > 0
     assert math.isfinite(run.summary["loss_beyond_window"])
     assert online.press.last_accepted is not None
+    assert online.press.train_keys is False  # refitted keys drift over many compactions; values and beta move
+
+
+def test_refinement_without_key_training_keeps_the_closed_form_keys():
+    """`train_keys=False`: the refined press returns the closed form's keys (real span keys) and its own values."""
+    from sparsemem.modeling.attention_matching import SpanProblem
+    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+    from sparsemem.modeling.consolidation import LearnedConsolidationPress
+
+    generator = torch.Generator().manual_seed(4)
+    keys, values = torch.randn(2, 60, 8, generator=generator), torch.randn(2, 60, 8, generator=generator)
+    queries = torch.randn(2, 200, 8, generator=generator)
+    lse = torch.logsumexp(queries @ keys.transpose(-1, -2) * 0.35, -1) + 0.2
+    span = HeadSpan(SpanProblem(queries, keys, values, torch.zeros(2, 60), lse, 0.35), torch.arange(60), torch.arange(60, 260))
+    closed = AttentionMatchingPress(exact_newest=0.0).compact(span, 6)
+    press = LearnedConsolidationPress(exact_newest=0.0, train_keys=False, max_ratio=None)
+    refined = press.compact(span, 6)
+    assert press.last_accepted == 1.0  # both heads took their refinement (better on held-out queries)
+    assert torch.equal(refined[0], closed[0]) and torch.equal(refined[1], closed[1])
+    assert not torch.allclose(refined[2], closed[2])
 
 
 def test_value_fit_shrinks_toward_the_kept_values_and_stays_within_the_span_lengths():
