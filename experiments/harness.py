@@ -17,7 +17,7 @@ import torch
 import sparsemem
 from sparsemem.cache_compaction import capture_reference_queries
 from sparsemem.corpus import load_corpus, needle_question, passkey_case, token_window
-from sparsemem.modeling.compaction import make_press
+from sparsemem.modeling.presses import make_press
 
 # the needle cases of `sparsemem eval compaction --documents 2`: (haystack seed, depth)
 SIX_CASES = [(seed, depth) for seed in (0, 1) for depth in (0.25, 0.5, 0.75)]

@@ -16,13 +16,13 @@ tokens/s and where the seconds went, and pass keys when `--passkeys` are given.
 import argparse
 import dataclasses
 import json
-import platform
 import time
 
 import torch
 
 import sparsemem
 from harness import build_press, parse_json
+from sparsemem.machine import device_name
 from sparsemem.stream import stream
 
 SUMMARY_KEYS = ("tokens", "tokens_per_second", "loss_within_window", "loss_beyond_window", "no_memory_loss_within_window",
@@ -80,8 +80,7 @@ def main(argv=None):
     for config in args.configs:
         print(json.dumps(run(model, tokenizer, config, args.tokens, args.chunk, args.budget, args.passkeys, args.time_limit)),
               flush=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
-    print(json.dumps({"device": device, "torch": torch.__version__, "dtype": args.dtype, "tokens": args.tokens,
+    print(json.dumps({"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype, "tokens": args.tokens,
                       "chunk": args.chunk, "budget": args.budget}), flush=True)
 
 

@@ -24,7 +24,7 @@ from .anchors import anchor_mask, causal_mask, local_mask, sliding_window_mask
 from .block_decode import block_decode_attention, unsupported_decode_reason
 from .block_sparse import block_sparse_attention, contiguous_positions, unsupported_reason
 from .held_dense import held_dense_attention, unsupported_held_reason
-from .cache import SlotTier
+from .slots import SlotTier
 from .configuration_sparsemem import OPTION_NAMES, SparseMemOptions
 from .merge import masked_attention, merge_attention_states
 from .placement import Placement, occupied_blocks_after

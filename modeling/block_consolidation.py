@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .cache import SlotTier
+from .slots import SlotTier
 
 SEGMENT_LOGIT = 8.0  # initial positional preference of a slot for its own segment of the block
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention_matching import NNLS_METHODS, QUERY_WEIGHTS, VALUE_PRIORS, SpanProblem, attention_matching
-from .cache import SlotTier
+from .slots import SlotTier
 from .rope import shift_keys
 
 # `exact_newest="auto"` without whole spans: the share of each head's budget kept as its newest entries
@@ -337,33 +337,6 @@ class RandomPress(Press):
     def scores(self, span):
         generator = torch.Generator().manual_seed(self.seed)
         return torch.rand(span.problem.keys.shape[:2], generator=generator).to(span.problem.keys.device)
-
-
-PRESSES = {
-    "am": AttentionMatchingPress,
-    "am-omp": lambda: AttentionMatchingPress(key_selection="omp"),
-    "am-peak": lambda: AttentionMatchingPress(key_selection="peak"),
-    "am-no-beta": lambda: AttentionMatchingPress(fit_bias=False),
-    "am-no-refit": lambda: AttentionMatchingPress(refit_values=False),
-    "am-recent": lambda: AttentionMatchingPress(key_selection="recent"),
-    "streaming-llm": StreamingLLMPress,
-    "h2o": H2OPress,
-    "snapkv": SnapKVPress,
-    "kvzip": KVzipPress,
-    "random": RandomPress,
-}
-
-
-def make_press(method) -> Press:
-    if isinstance(method, Press):
-        return method
-    if method == "am-learned":  # lives in consolidation.py, which builds on this module
-        from .consolidation import LearnedConsolidationPress
-
-        return LearnedConsolidationPress()
-    if method not in PRESSES:
-        raise ValueError(f"unknown compaction method {method!r}; choose one of {sorted([*PRESSES, 'am-learned'])}")
-    return PRESSES[method]()
 
 
 def group_queries(queries: torch.Tensor, head: int, kv_heads: int) -> torch.Tensor:

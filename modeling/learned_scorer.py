@@ -112,3 +112,12 @@ class LearnedBlockScorer(nn.Module):
         logits = logits.masked_fill(~candidates, float("-inf"))
         return torch.log_softmax(logits, dim=-1)
 
+
+def build_scorer(config) -> nn.Module:
+    """The block scorer the config's `scorer` option names: this module's learned scorer, or a training-free
+    `PooledKeyScorer`."""
+    if config.scorer == "learned":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads or config.num_attention_heads
+        return LearnedBlockScorer(kv_heads, head_dim, config.scorer_dim, config.scorer_init, config.scorer_union)
+    return PooledKeyScorer(config.scorer)

@@ -25,10 +25,10 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2Rotary
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 
 from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
-from .placement import Placement
 from .block_consolidation import BlockConsolidator, BlockSlotCache, block_slots, build_consolidator
 from .block_decode import BlockSummaryCache
-from .cache import SlotTier, SparseMemCache
+from .cache import SparseMemCache
+from .slots import SlotTier
 from .call_context import dense_mask, settings_for
 from .configuration_sparsemem import (
     SparseMemLlamaConfig,
@@ -36,8 +36,8 @@ from .configuration_sparsemem import (
     SparseMemQwen2Config,
     SparseMemQwen3Config,
 )
-from .learned_scorer import LearnedBlockScorer
-from .scorer import build_scorer
+from .learned_scorer import LearnedBlockScorer, build_scorer
+from .placement import Placement
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .compaction import AttentionMatchingPress, LayerCompaction, SlotPlacement, compact_layers, make_press
+from .compaction import AttentionMatchingPress, LayerCompaction, SlotPlacement, compact_layers
+from .presses import make_press
 
 logger = logging.getLogger(__name__)
 

@@ -149,13 +149,3 @@ class PooledKeyScorer(nn.Module):
             valid = standardization_rows(empty, candidates, mean.shape)
             scores = _standardize(bound.masked_fill(~valid, 0.0), valid) + _standardize(mean.masked_fill(~valid, 0.0), valid)
         return scores.masked_fill(empty, float("-inf"))
-
-
-def build_scorer(config) -> nn.Module:
-    if config.scorer == "learned":
-        from .learned_scorer import LearnedBlockScorer
-
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = config.num_key_value_heads or config.num_attention_heads
-        return LearnedBlockScorer(kv_heads, head_dim, config.scorer_dim, config.scorer_init, config.scorer_union)
-    return PooledKeyScorer(config.scorer)

@@ -7,7 +7,7 @@ full-resolution tiers.
 import torch
 
 from .anchors import blocks_touching_anchors
-from .cache import SlotTier
+from .slots import SlotTier
 from .merge import masked_attention
 
 

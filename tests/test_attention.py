@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsemem.modeling.attention import MemoryView, sparsemem_attention_forward
-from sparsemem.modeling.cache import SlotTier
+from sparsemem.modeling.slots import SlotTier
 from sparsemem.modeling.merge import masked_attention, merge_attention_states
 
 B, H, HKV, D = 2, 4, 2, 8

@@ -12,7 +12,7 @@ import torch
 
 from sparsemem.modeling import block_sparse
 from sparsemem.modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
-from sparsemem.modeling.cache import SlotTier
+from sparsemem.modeling.slots import SlotTier
 from sparsemem.modeling.query_blocks import aligned_chunks, pool_query_blocks
 from sparsemem.modeling.scorer import PooledKeyScorer
 

@@ -460,7 +460,7 @@ def test_constant_memory_with_learned_consolidation():
 
     model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None)
     ids = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(0))
-    from sparsemem.modeling.compaction import make_press
+    from sparsemem.modeling.presses import make_press
     from sparsemem.modeling.consolidation import LearnedConsolidationPress
 
     assert isinstance(make_press("am-learned"), LearnedConsolidationPress)

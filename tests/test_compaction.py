@@ -11,7 +11,7 @@ from conftest import ByteTokenizer, prefilled
 
 import sparsemem
 from sparsemem.modeling.attention_matching import SpanProblem, attention_matching, nnls
-from sparsemem.modeling.compaction import PRESSES
+from sparsemem.modeling.presses import PRESSES
 
 
 def _problem(seed=0, n=256, span=200, kept=20, dim=16, duplicate=False):

@@ -1,6 +1,5 @@
 """The CUDA fast paths against the reference path on the same GPU inputs (bf16 tolerance)."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 import sparsemem
 from sparsemem.modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
-from sparsemem.modeling.cache import SlotTier
+from sparsemem.modeling.slots import SlotTier
 from sparsemem.modeling.scorer import PooledKeyScorer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -49,3 +49,41 @@ def test_package_functions_are_the_implementations():
     assert by_statement is cache_compaction and by_statement.REPEAT_REACH == cache_compaction.REPEAT_REACH
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("sparsemem.compact")
+
+
+def _imports_between_modules() -> dict:
+    """Module name -> the package modules it imports (anywhere in its body, deferred imports included)."""
+    import ast
+    from pathlib import Path
+
+    files = {}
+    for package_name in PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            files[f"{package_name}.{info.name}"] = Path(package.__path__[0]) / f"{info.name}.py"
+    graph = {}
+    for name, path in files.items():
+        if not path.exists():
+            continue
+        parent = name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(parent.split(".")[: len(parent.split(".")) - node.level + 1]) if node.level else ""
+                target = ".".join(part for part in (base, node.module) if part)
+                found |= {t for t in (target, *(f"{target}.{a.name}" for a in node.names)) if t in files}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_module_imports_itself_through_others():
+    graph = _imports_between_modules()
+    assert graph["sparsemem.modeling.cache"] and graph["sparsemem.bench"]  # the graph was read
+
+    def reaches(start, goal, seen):
+        return any(n == goal or (n not in seen and not seen.add(n) and reaches(n, goal, seen)) for n in graph.get(start, ()))
+
+    loops = sorted(name for name in graph if reaches(name, name, set()))
+    assert not loops, f"modules on an import loop: {loops}"
+    # the command line is imported by nothing but the `python -m sparsemem.training` entry point
+    assert [n for n, deps in graph.items() if "sparsemem.cli" in deps] == ["sparsemem.training.__main__"]

@@ -6,7 +6,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import sparsemem
-from sparsemem.modeling.cache import SlotTier, SparseMemLayer
+from sparsemem.modeling.cache import SparseMemLayer
+from sparsemem.modeling.slots import SlotTier
 from sparsemem.modeling.online_compaction import OnlineCompaction
 from sparsemem.modeling.rope import shift_keys, trained_context
 

@@ -9,7 +9,7 @@ import torch
 import sparsemem
 from sparsemem.modeling import attention
 from sparsemem.modeling.attention import MemoryView, compact_block_ids, sparsemem_attention_forward
-from sparsemem.modeling.cache import SlotTier
+from sparsemem.modeling.slots import SlotTier
 from sparsemem.stream import TokenStream, _pieces, stream
 
 from conftest import ByteTokenizer, make_base_model

@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 
 from sparsemem.atomic import write_text
 from sparsemem.conversion import convert
+from sparsemem.machine import device_name
 from sparsemem.plots import plot_scorer
 from sparsemem.default_model import resolve_model
 
@@ -123,7 +123,7 @@ def evaluate_scorer(run_dir, lengths=(4096, 8192), block_fraction: float = 0.1, 
         "run": str(run_dir), "base_model": run["base_model"], "options": options, "calibration_steps": run["steps"],
         "calibration_tokens": run["tokens"], "calibration_device": run.get("device"),
         "eval_tokens": f"consecutive windows of the last {ids.numel()} tokens of {run.get('eval_data')}, held out from calibration",
-        "device": torch.cuda.get_device_name() if str(device).startswith("cuda") else f"cpu ({platform.machine()})",
+        "device": device_name(device),
         "dtype": dtype, "torch": torch.__version__,
         "block_masses": list(block_masses),
     }

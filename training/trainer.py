@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sparsemem.atomic import write_text
 from sparsemem.conversion import convert
 from sparsemem.default_model import resolve_model
+from sparsemem.machine import device_name
 
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_flat, save_checkpoint
 from .data import build_data, hash_seed
@@ -286,7 +287,7 @@ def train(recipe: Recipe, resume: bool = True, stop_after: int | None = None, ac
             "eval_data": recipe.data.eval.name if recipe.data.eval is not None else None,
             "data_fingerprint": data.fingerprint,
             "fingerprint": fingerprint,
-            "device": _device_name(accelerator),
+            "device": device_name(accelerator),
             "num_processes": accelerator.num_processes,
             "fsdp2": dataclasses.asdict(sharding) if sharding is not None else None,
             # what one process held during training (FSDP2 keeps 1/N of the frozen decoder weights)
@@ -312,15 +313,6 @@ def _whole_copy(recipe: Recipe, model, phase: int, main: bool):
     _load_trainable(whole, state)
     end_phase2(whole)
     return whole
-
-
-def _device_name(accelerator) -> str:
-    device = accelerator.device
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _unwrap(model):

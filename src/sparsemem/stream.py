@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from .machine import device_name, model_label
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
 logger = logging.getLogger(__name__)
@@ -414,7 +415,6 @@ def load_stream_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import convert
-    from .cli import _device_name, _model_label
     from .default_model import resolve_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -425,7 +425,7 @@ def load_stream_model(args):
     positions = getattr(args, "positions", "auto")
     model = convert(base.to(device).eval(), top_k_blocks=None, block_fraction=None, positions=positions)
     meta = dict(positions=positions, 
-        model=_model_label(args, path), device=_device_name(model), dtype=args.dtype, tokens=args.stream_tokens,
+        model=model_label(args.model, path), device=device_name(model), dtype=args.dtype, tokens=args.stream_tokens,
         chunk=args.stream_chunk, budget=args.stream_budget, methods=list(args.stream_methods),
         trained_context=getattr(model.config, "max_position_embeddings", None), sink_tokens=model.config.sink_tokens,
         time_limit=args.stream_time_limit,
