@@ -92,7 +92,10 @@ def test_compacted_bank_is_smaller_and_reads(tmp_path):
     full.add(documents, progress=False)
     compact = _bank(tmp_path / "am", model, ratio=4)
     compact.add(documents, progress=False)
-    assert compact.info()["bytes"]["disk"] < 0.6 * full.info()["bytes"]["disk"]
+    # the K/V shrink; the routing keys (the same in both, on the device and on disk) do not
+    kv_bytes = lambda bank: bank.info()["bytes"]["disk"] - bank.info()["bytes"]["device"]  # noqa: E731
+    assert compact.info()["bytes"]["device"] == full.info()["bytes"]["device"] > 0
+    assert kv_bytes(compact) < 0.6 * kv_bytes(full)
     question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3))
     reference = _bank_logits(full, question).log_softmax(-1)
     compacted = _bank_logits(compact, question).log_softmax(-1)
@@ -252,3 +255,59 @@ def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
     answer, _, read = ask.stdout.partition("documents read:")
     assert "73914" in answer
     assert "a_string.py" in read
+
+
+@torch.no_grad()
+def _reference_scores(bank, question, pool):
+    """Chunk scores computed the long way: every chunk's keys read back from the shards, rotated back to
+    position 0, pooled, and met by the question's centred queries, one chunk and head at a time."""
+    from sparsemem.memory_recall import question_queries
+    from sparsemem.modeling.rope import shift_keys
+
+    queries = question_queries(bank.model, question)
+    rotary, scaling = bank.model.model.rotary_emb, bank.model.model.layers[0].self_attn.scaling
+    group = bank.model.config.num_attention_heads // bank.num_kv_heads
+    rows = []
+    for layer in bank.routing_layers:
+        q = queries[layer] - queries[layer].mean(dim=1, keepdim=True)  # [H, n, D]
+        logits = torch.empty(q.shape[0], q.shape[1], bank.num_chunks)
+        for chunk in range(bank.num_chunks):
+            _, start, length, row, _, _ = bank.chunk_table[chunk].tolist()
+            kv = bank.read_rows(int(bank.chunk_shard[chunk]), "kv", row, length)  # full resolution: exact rows
+            keys = shift_keys(rotary, kv[:, layer, 0].transpose(0, 1).float(), -torch.arange(start, start + length))
+            for head in range(q.shape[0]):
+                k = keys[head // group]
+                if pool == "mean":
+                    logits[head, :, chunk] = q[head] @ k.mean(0) * scaling
+                else:
+                    logits[head, :, chunk] = (q[head] @ k.T * scaling).amax(-1)
+        rows.append(torch.softmax(logits, dim=-1).sum(dim=(0, 1)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_routing_scores_match_a_dense_reference(tmp_path, monkeypatch, pool):
+    import sparsemem.memory_recall as memory_recall
+
+    monkeypatch.setattr(memory_recall, "_ROUTING_BLOCK", 7)  # several blocks of routing keys per layer
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "bank", model, routing_layers=[1, 0], routing_pool=pool)
+    bank.add(documents, progress=False)
+    assert bank.routing_layers == [0, 1]
+    tokens = sum(d.numel() for d in documents) - SINKS * bank.piece_table.shape[0]
+    assert bank.routing.shape[2] == (tokens if pool == "max" else bank.num_chunks)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(7))
+    queries = memory_recall.question_queries(bank.model, question)
+    scores = memory_recall.chunk_scores(MemoryBank.open(tmp_path / "bank", model), queries, exclude=None)
+    assert torch.allclose(scores, _reference_scores(bank, question, pool), atol=1e-5)
+    # exclude and include: never read / always read, whatever the score
+    best = int(scores.sum(0).argmax())
+    worst = scores.sum(0).argsort()[:2].tolist()
+    found = recall(bank, question, top_k=3, exclude=[best], include=worst)
+    assert best not in found.chunks[0].tolist() and set(worst) <= set(found.chunks[0].tolist())
+    # per-layer: each layer reads the choice of its nearest routing layer (here: its own)
+    per_layer = recall(bank, question, top_k=3, selection="per-layer").chunks
+    for layer in (0, 1):
+        assert per_layer[layer].tolist() == sorted(scores[layer].topk(3).indices.tolist())
+    with pytest.raises(ValueError, match="routing_layers"):
+        _bank(tmp_path / "bad", model, routing_layers=[2])
