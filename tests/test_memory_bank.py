@@ -120,7 +120,7 @@ def test_top_k_selection_and_generate_memory(tmp_path):
     chosen = recall(per_layer, question, top_k=3).chunks
     assert len(chosen) == model.config.num_hidden_layers and all(len(c) == 3 for c in chosen)
     with pytest.raises(ValueError, match="refresh_every"):
-        bank.ask("abc", refresh_every=8)
+        bank.ask("abc", refresh_every=0)
 
 
 def test_add_text_files_and_dataset(tmp_path):
@@ -311,3 +311,27 @@ def test_routing_scores_match_a_dense_reference(tmp_path, monkeypatch, pool):
         assert per_layer[layer].tolist() == sorted(scores[layer].topk(3).indices.tolist())
     with pytest.raises(ValueError, match="routing_layers"):
         _bank(tmp_path / "bad", model, routing_layers=[2])
+
+
+def test_refresh_every_reroutes_on_the_answer_so_far(tmp_path):
+    from sparsemem.memory_recall import generate_from_memory
+
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "bank", model)
+    bank.add(documents, progress=False)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(8))
+    # every chunk read: each round reads the same memory, so re-reading the answer so far changes nothing
+    once, rounds, _ = generate_from_memory(bank, question, 6, top_k=None)
+    refreshed, rounds, _ = generate_from_memory(bank, question, 6, refresh_every=2, top_k=None)
+    assert len(rounds) == 3 and torch.equal(once, refreshed)
+    # top 3 of 11 chunks: round r is routed by the question and the first 2r tokens of the answer, and
+    # continues as a plain generate from that memory would
+    answer, rounds, _ = generate_from_memory(bank, question, 6, refresh_every=2, top_k=3)
+    assert answer.numel() == 6 and len(rounds) == 3
+    for r, found in enumerate(rounds):
+        prompt = torch.cat([question[0], answer[: 2 * r]])[None]
+        expected = recall(bank, prompt, top_k=3)
+        assert torch.equal(found.chunks[0], expected.chunks[0])
+        step = bank.model.generate(prompt, past_key_values=expected.cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert torch.equal(step[0, prompt.shape[1]:], answer[2 * r : 2 * r + 2])
+    assert any(not torch.equal(rounds[0].chunks[0], found.chunks[0]) for found in rounds[1:])  # the memory did move

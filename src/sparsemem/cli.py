@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length")
     ask.add_argument("--query-tokens", type=int, default=None,
                      help="the question's last tokens whose queries route (default: all of them)")
-    ask.add_argument("--refresh-every", type=int, default=None, help="re-select chunks every N generated tokens (not supported yet: an error)")
+    ask.add_argument("--refresh-every", type=int, default=None, help="re-select chunks every N generated tokens, routed by the question and the answer so far")
     ask.add_argument("--no-verify", action="store_true", help="check a shard's SHA-256 only when a question reads it")
     _add_bank_args(ask, ingest=False)
     inf = actions.add_parser("info", formatter_class=HELP, help="documents, tokens and bytes on disk / host / device")

@@ -682,7 +682,8 @@ class MemoryBank:
 
     def ask(self, question: str, max_new_tokens: int = 64, refresh_every: int | None = None, **recall_options) -> dict:
         """Answer `question` from the bank: {"answer", "documents" (names, in the order read), "chunks",
-        "seconds_to_first_token"}. `recall_options` (top_k, selection, ...): see `memory_recall.RecallOptions`."""
+        "seconds_to_first_token"}. `refresh_every`: re-select the chunks every this many generated tokens (see
+        `memory_recall.generate_from_memory`). `recall_options` (top_k, selection, ...): see `memory_recall.RecallOptions`."""
         from .memory_recall import answer
 
         return answer(self, question, max_new_tokens=max_new_tokens, refresh_every=refresh_every, **recall_options)

@@ -294,27 +294,52 @@ class _FirstToken:
 
 
 @torch.no_grad()
+def generate_from_memory(bank, ids: torch.Tensor, max_new_tokens: int, refresh_every: int | None = None,
+                         eos_token_id: int | None = None, **recall_options) -> tuple[torch.Tensor, list[Recall], float]:
+    """Greedy answer to `ids` [1, n] from `bank`: (new token ids [m], the recall of every round, seconds
+    to the first token). `refresh_every`: re-select the chunks every this many generated tokens, routed
+    by the question and the answer so far; each round lays out its chunks and reads the question and the
+    answer so far after them again (None: one round)."""
+    if refresh_every is not None and (not isinstance(refresh_every, int) or refresh_every < 1):
+        raise ValueError(f"`refresh_every` must be a positive integer or None (choose the chunks once), got {refresh_every!r}")
+    model, start = bank.model, time.perf_counter()
+    step = max_new_tokens if refresh_every is None else refresh_every
+    answer = ids.new_zeros(0)
+    rounds, first = [], None
+    while answer.numel() < max_new_tokens:
+        prompt = torch.cat([ids[0], answer])[None]
+        left = max_new_tokens - answer.numel()
+        found = recall(bank, prompt, answer_tokens=left, **recall_options)
+        rounds.append(found)
+        streamer = _FirstToken() if first is None else None
+        out = model.generate(prompt, past_key_values=found.cache, max_new_tokens=min(step, left), do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=eos_token_id, streamer=streamer)
+        if streamer is not None:
+            first = streamer.first if streamer.first is not None else time.perf_counter()
+        new = out[0, prompt.shape[1]:]
+        answer = torch.cat([answer, new])
+        if new.numel() < min(step, left) or (eos_token_id is not None and eos_token_id in new.tolist()):
+            break  # the answer ended
+    return answer, rounds, first - start
+
+
+@torch.no_grad()
 def answer(bank, question: str, max_new_tokens: int = 64, refresh_every: int | None = None, **recall_options) -> dict:
-    """Answer `question` from `bank` (greedy). Returns {"answer", "documents", "chunks" (the chunk ids
-    read: one list with shared selection, one per layer with per-layer), "seconds_to_first_token",
-    "memory_positions"}."""
-    if refresh_every is not None:
-        raise ValueError("`refresh_every` (re-selecting chunks during a long answer) is not supported yet: the chunks "
-                         "are chosen once per question; leave it None")
+    """Answer `question` from `bank` (greedy). Returns {"answer", "documents" (read in any round), "chunks"
+    (the chunk ids the first round read: one list with shared selection, one per layer with per-layer),
+    "rounds" (the chunks of every round, as "chunks"), "seconds_to_first_token", "memory_positions"}.
+    `refresh_every`: see `generate_from_memory`."""
     if bank.tokenizer is None:
         raise ValueError("asking in text needs the bank's tokenizer: pass tokenizer= to MemoryBank.open")
     tokenizer, model = bank.tokenizer, bank.model
     ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise ValueError("the question is empty")
-    start = time.perf_counter()
-    found = recall(bank, ids, answer_tokens=max_new_tokens, **recall_options)
-    streamer = _FirstToken()
-    out = model.generate(ids, past_key_values=found.cache, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id, streamer=streamer)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    first = streamer.first if streamer.first is not None else time.perf_counter()
+    tokens, rounds, seconds = generate_from_memory(bank, ids, max_new_tokens, refresh_every, tokenizer.eos_token_id,
+                                                   **recall_options)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     shared = (recall_options.get("selection") or bank.recall.selection) == "shared"
-    return {"answer": text, "documents": found.documents(bank),
-            "chunks": [c.tolist() for c in (found.chunks[:1] if shared else found.chunks)],
-            "seconds_to_first_token": first - start, "memory_positions": found.width}
+    chunks = [[c.tolist() for c in (found.chunks[:1] if shared else found.chunks)] for found in rounds]
+    documents = list(dict.fromkeys(name for found in rounds for name in found.documents(bank)))
+    return {"answer": text, "documents": documents, "chunks": chunks[0], "rounds": chunks,
+            "seconds_to_first_token": seconds, "memory_positions": rounds[0].width}
