@@ -335,3 +335,36 @@ def test_refresh_every_reroutes_on_the_answer_so_far(tmp_path):
         step = bank.model.generate(prompt, past_key_values=expected.cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert torch.equal(step[0, prompt.shape[1]:], answer[2 * r : 2 * r + 2])
     assert any(not torch.equal(rounds[0].chunks[0], found.chunks[0]) for found in rounds[1:])  # the memory did move
+
+
+def _byte_level_tokenizer():
+    """A real (fast) transformers tokenizer over the test models' 256-token vocabulary: one token per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    spare = iter(range(256, 512))
+    chars = {b: chr(b if b in printable else next(spare)) for b in range(256)}  # byte-level BPE's alphabet
+    tokenizer = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=chars[1], pad_token=chars[0])
+
+
+def test_text_generation_pipeline_reads_the_bank(tmp_path):
+    from transformers import pipeline
+
+    tokenizer = _byte_level_tokenizer()
+    assert tokenizer("abc é")["input_ids"] == list("abc é".encode())
+    model = _model()
+    bank = MemoryBank.create(tmp_path / "bank", model, tokenizer, chunk_tokens=CHUNK, piece_tokens=PIECE, sink_tokens=SINKS)
+    bank.add(_documents(), progress=False)
+    bank.recall.top_k = 3
+    generator = pipeline("text-generation", model=bank.model, tokenizer=tokenizer)  # bank.model: the converted model
+    prompt = "where is it?"
+    out = generator(prompt, memory=bank, max_new_tokens=4, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = bank.model.generate(ids, past_key_values=recall(bank, ids, top_k=3).cache, max_new_tokens=4,
+                                   do_sample=False, pad_token_id=0)
+    alone = bank.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert list(out) == expected[0].tolist() and not torch.equal(expected, alone)
