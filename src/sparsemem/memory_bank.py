@@ -85,7 +85,7 @@ class BankModelMismatchError(ValueError):
 class BankOptions:
     """How a bank reads and stores documents (fixed when the bank is created).
 
-    chunk_tokens: tokens per chunk, the unit a question retrieves and the routing summaries pool over.
+    chunk_tokens: tokens per chunk, the unit a question retrieves and the unit routing scores.
     piece_tokens: the longest span read in one pass with positions from 0; longer documents are read in
         pieces of this size. Default: the model's trained context, at most 4096.
     sink_tokens: first entries of every piece kept exact and laid out ahead of the piece's retrieved chunks
@@ -304,7 +304,7 @@ class MemoryBank:
     # -- tables -----------------------------------------------------------------------------------
 
     def _load_tables(self, verify: bool) -> None:
-        """Chunk and piece tables of the whole bank (host), routing summaries (model's device)."""
+        """Chunk and piece tables of the whole bank (host), routing keys (model's device)."""
         self._verified: set[int] = set()
         self.chunk_table = torch.zeros(0, 6, dtype=torch.long)
         self.chunk_shard = torch.zeros(0, dtype=torch.long)
@@ -485,7 +485,7 @@ class MemoryBank:
 
     def _read_pieces(self, pieces: list[torch.Tensor]) -> list[dict]:
         """One forward pass over right-padded pieces (padding comes after every real token, so causal
-        attention never lets a real token see it). Per piece: exact rows, routing summaries, slots."""
+        attention never lets a real token see it). Per piece: exact rows, routing keys, slots."""
         from transformers import DynamicCache
 
         from .cache_compaction import query_hook
@@ -661,7 +661,7 @@ class MemoryBank:
     def info(self) -> dict:
         """Documents, tokens, chunks and bytes per tier: on disk (shards), on the host (tables; the shards
         are memory-mapped, so what the OS caches of them is not counted) and on the model's device
-        (routing summaries)."""
+        (routing keys)."""
         disk = sum(shard["bytes"] for shard in self.meta["shards"]) + (self.folder / MANIFEST).stat().st_size
         host = sum(t.numel() * t.element_size() for t in (self.chunk_table, self.chunk_shard, self.piece_table,
                                                            self.piece_shard, self.chunk_global_piece, self.piece_global_document))
