@@ -9,7 +9,8 @@
    them by default), the query heads and the routing layers. Measured on SmolLM2-135M (needles in 12K and
    32K tokens of Python sources): the old routing (mean-pooled keys of the upper half of the layers,
    scored by the question's last query) put the needle's chunk among the top 8 for 2 of 6 needles at
-   12K; the best key of each chunk at layer 5, scored by every question token, ranks it first for all.
+   12K (2 of 10 at 32K); the best key of each chunk at layer 5, scored by every question token, ranks it
+   first for all 16 (the lower layers match the question's words to the chunk's).
 2. Selection. "shared": one choice for every layer, from the scores summed over the routing layers.
    "per-layer": each routing layer chooses its own `top_k`; every model layer reads the choice of the
    routing layer nearest to it (with every layer routing, each layer its own).
@@ -39,7 +40,8 @@ SELECTIONS = ("shared", "per-layer")
 class RecallOptions:
     """top_k: chunks read per question (per layer with per-layer selection); with `chunk_tokens` this sets
         the prompt budget. None: every chunk (only for banks that fit the window).
-    selection: "shared" (one choice from the upper half of the layers, default) or "per-layer".
+    selection: "shared" (one choice from the scores summed over the routing layers, default) or
+        "per-layer" (each layer the choice of its nearest routing layer).
     exclude: chunk ids never read (e.g. an evaluation hiding other cases' needles); None: none.
     include: chunk ids always read, whatever their score (a diagnostic: does the model answer once the
         right chunk is read?); they count towards `top_k`. None: none.
