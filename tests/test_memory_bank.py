@@ -303,12 +303,17 @@ def test_routing_scores_match_a_dense_reference(tmp_path, monkeypatch, pool):
     # exclude and include: never read / always read, whatever the score
     best = int(scores.sum(0).argmax())
     worst = scores.sum(0).argsort()[:2].tolist()
-    found = recall(bank, question, top_k=3, exclude=[best], include=worst)
+    found = recall(bank, question, top_k=3, exclude=[best], include=worst, min_relative_score=0)
     assert best not in found.chunks[0].tolist() and set(worst) <= set(found.chunks[0].tolist())
     # per-layer: each layer reads the choice of its nearest routing layer (here: its own)
-    per_layer = recall(bank, question, top_k=3, selection="per-layer").chunks
+    per_layer = recall(bank, question, top_k=3, selection="per-layer", min_relative_score=0).chunks
     for layer in (0, 1):
         assert per_layer[layer].tolist() == sorted(scores[layer].topk(3).indices.tolist())
+    # chunks under a fraction of the best score are left out: at 1, only the best is read
+    assert recall(bank, question, top_k=3, min_relative_score=1).chunks[0].tolist() == [best]
+    floor = 0.9 * scores.sum(0).max()
+    expected = sorted(c for c in scores.sum(0).topk(3).indices.tolist() if scores.sum(0)[c] >= floor)
+    assert recall(bank, question, top_k=3, min_relative_score=0.9).chunks[0].tolist() == expected
     with pytest.raises(ValueError, match="routing_layers"):
         _bank(tmp_path / "bad", model, routing_layers=[2])
 

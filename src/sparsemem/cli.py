@@ -355,7 +355,8 @@ def cmd_memory(args) -> int:
         return 0
     bank = MemoryBank.open(args.bank, model, tokenizer, verify=not args.no_verify, selection=args.selection)
     result = bank.ask(args.question, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                      refresh_every=args.refresh_every, query_tokens=args.query_tokens)
+                      refresh_every=args.refresh_every, query_tokens=args.query_tokens,
+                      min_relative_score=args.min_relative_score)
     print(result["answer"].strip())
     print()
     print("documents read:")
@@ -376,6 +377,7 @@ def cmd_eval_memory(args) -> int:
         selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
         routing_layers=args.routing_layers, routing_pool=args.routing_pool, query_tokens=args.query_tokens,
+        min_relative_score=args.min_relative_score,
     )
     meta.update({"model": _model_label(args, path), **_run_info(args, model)})
     paths = write_memory_report(rows, meta, output)
@@ -533,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--keep-banks", action="store_true", help="keep each bank on disk after its rows")
     mem.add_argument("--query-tokens", type=int, default=None,
                      help="the question's last tokens whose queries route (default: all of them)")
+    mem.add_argument("--min-relative-score", type=float, default=0.5,
+                     help="leave out chunks scoring under this fraction of the best chunk's score (0: always top-k)")
     _memory_read_args(mem)
     mem.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
     for suite in (ret, com, onl, sco, rul, mem):
@@ -554,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length")
     ask.add_argument("--query-tokens", type=int, default=None,
                      help="the question's last tokens whose queries route (default: all of them)")
+    ask.add_argument("--min-relative-score", type=float, default=0.5,
+                     help="leave out chunks scoring under this fraction of the best chunk's score (0: always top-k)")
     ask.add_argument("--refresh-every", type=int, default=None, help="re-select chunks every N generated tokens, routed by the question and the answer so far")
     ask.add_argument("--no-verify", action="store_true", help="check a shard's SHA-256 only when a question reads it")
     _add_bank_args(ask, ingest=False)

@@ -322,10 +322,10 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
                     selections=("shared", "per-layer"), bm25: bool = True, workdir: Path = Path("reports/eval/banks"),
                     keep_banks: bool = False, batch_tokens: int = 32768, piece_tokens: int | None = None,
                     routing_layers: list[int] | None = None, routing_pool: str = "max", query_tokens: int | None = None,
-                    progress=None) -> tuple[list[MemoryRow], dict]:
+                    min_relative_score: float = 0.5, progress=None) -> tuple[list[MemoryRow], dict]:
     """Rows per haystack size (see the module docstring). Banks are built in `workdir` and removed after
     their rows unless `keep_banks`. `routing_layers`, `routing_pool`: see `memory_bank.BankOptions`;
-    `query_tokens`: see `memory_recall.RecallOptions`. `progress(row)` is called after every row."""
+    `query_tokens`, `min_relative_score`: see `memory_recall.RecallOptions`. `progress(row)` is called after every row."""
     from .memory_bank import MemoryBank
 
     context = trained_context(model.config)
@@ -334,6 +334,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
             "needles": needles, "code_questions": code_count, "chunk_tokens": chunk_tokens, "top_k": top_k,
             "prompt_budget_tokens": top_k * chunk_tokens, "selections": list(selections), "trained_context": context,
             "routing_pool": routing_pool, "query_tokens": "all" if query_tokens is None else query_tokens,
+            "min_relative_score": min_relative_score,
             "haystack": "Python sources: standard library, then installed packages (sorted paths)"}
     device = model.device
     for size in sizes:
@@ -367,7 +368,8 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
                 answers = []
                 for question in questions:
                     exclude = [c for d, span in others(question) for c in _chunks_overlapping(opened, d, span)]
-                    asked = dict(max_new_tokens=_tokens_for(question), top_k=top_k, exclude=exclude, query_tokens=query_tokens)
+                    asked = dict(max_new_tokens=_tokens_for(question), top_k=top_k, exclude=exclude, query_tokens=query_tokens,
+                                 min_relative_score=min_relative_score)
                     result = opened.ask(question.prompt, **asked)
                     row = {"kind": question.kind, **question.info, "answer": result["answer"],
                            "correct": is_correct(question, result["answer"]),
