@@ -394,13 +394,21 @@ def _add_bank_args(parser, ingest: bool) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 5 or 4,5,6, got {text!r}") from None
+
+
 def _memory_read_args(parser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=64, help="tokens per retrieved chunk")
     parser.add_argument("--piece-tokens", type=int, default=None,
                         help="longest span read with positions from 0 (default: the trained context, at most 4096)")
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass while ingesting")
-    parser.add_argument("--routing-layers", type=int, nargs="+", default=None,
-                        help="layers whose keys route questions to chunks (default: the layer a sixth of the way up)")
+    parser.add_argument("--routing-layers", type=_layer_list, default=None, metavar="I,J,...",
+                        help="layers whose keys route questions to chunks, comma-separated (default: the layer a sixth "
+                             "of the way up)")
     parser.add_argument("--routing-pool", default="max", choices=["max", "mean"],
                         help="score a chunk by its best-matching key (every key kept) or by its mean key")
 
