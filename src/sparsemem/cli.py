@@ -568,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the question's last tokens whose queries route (default: all of them)")
     ask.add_argument("--min-relative-score", type=float, default=0.5,
                      help="leave out chunks scoring under this fraction of the best chunk's score (0: always top-k)")
-    ask.add_argument("--refresh-every", type=int, default=None, help="re-select chunks every N generated tokens, routed by the question and the answer so far")
+    ask.add_argument("--refresh-every", type=int, default=None,
+                     help="re-select chunks every N generated tokens, routed by the question and the answer so far")
     ask.add_argument("--no-verify", action="store_true", help="check a shard's SHA-256 only when a question reads it")
     _add_bank_args(ask, ingest=False)
     inf = actions.add_parser("info", formatter_class=HELP, help="documents, tokens and bytes on disk / host / device")
