@@ -92,7 +92,10 @@ def test_compacted_bank_is_smaller_and_reads(tmp_path):
     full.add(documents, progress=False)
     compact = _bank(tmp_path / "am", model, ratio=4)
     compact.add(documents, progress=False)
-    assert compact.info()["bytes"]["disk"] < 0.6 * full.info()["bytes"]["disk"]
+    # the K/V shrink; the routing keys (the same in both, on the device and on disk) do not
+    kv_bytes = lambda bank: bank.info()["bytes"]["disk"] - bank.info()["bytes"]["device"]  # noqa: E731
+    assert compact.info()["bytes"]["device"] == full.info()["bytes"]["device"] > 0
+    assert kv_bytes(compact) < 0.6 * kv_bytes(full)
     question = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(3))
     reference = _bank_logits(full, question).log_softmax(-1)
     compacted = _bank_logits(compact, question).log_softmax(-1)
@@ -117,7 +120,7 @@ def test_top_k_selection_and_generate_memory(tmp_path):
     chosen = recall(per_layer, question, top_k=3).chunks
     assert len(chosen) == model.config.num_hidden_layers and all(len(c) == 3 for c in chosen)
     with pytest.raises(ValueError, match="refresh_every"):
-        bank.ask("abc", refresh_every=8)
+        bank.ask("abc", refresh_every=0)
 
 
 def test_add_text_files_and_dataset(tmp_path):
@@ -222,7 +225,8 @@ def test_reopen_in_a_fresh_process(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
-    """Real text (two standard-library sources, ~2.5K tokens) with a secret number inside: ingested by the
+    """Real text (two standard-library sources, ~2.5K tokens, ~40 chunks) with a secret number inside, read
+    from the top 2 chunks (routing must rank the needle's chunk first or second): ingested by the
     CLI in one process, asked by the CLI in another, which finds the bank's model by itself."""
     import difflib
     import string
@@ -247,8 +251,126 @@ def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
     assert info.returncode == 0, info.stderr[-2000:]
     facts = json.loads(info.stdout)
     assert facts["documents"] == 2 and facts["tokens"] > 2000 and facts["bytes"]["disk"] > facts["tokens"] * 20000
-    ask = run("memory", "ask", "--bank", bank, "--device", "cpu", "--top-k", "8", "--max-new-tokens", "8", question)
+    ask = run("memory", "ask", "--bank", bank, "--device", "cpu", "--top-k", "2", "--max-new-tokens", "8", question)
     assert ask.returncode == 0, ask.stderr[-2000:]
     answer, _, read = ask.stdout.partition("documents read:")
     assert "73914" in answer
     assert "a_string.py" in read
+
+
+@torch.no_grad()
+def _reference_scores(bank, question, pool):
+    """Chunk scores computed the long way: every chunk's keys read back from the shards, rotated back to
+    position 0, pooled, and met by the question's centred queries, one chunk and head at a time."""
+    from sparsemem.memory_recall import question_queries
+    from sparsemem.modeling.rope import shift_keys
+
+    queries = question_queries(bank.model, question)
+    rotary, scaling = bank.model.model.rotary_emb, bank.model.model.layers[0].self_attn.scaling
+    group = bank.model.config.num_attention_heads // bank.num_kv_heads
+    rows = []
+    for layer in bank.routing_layers:
+        q = queries[layer] - queries[layer].mean(dim=1, keepdim=True)  # [H, n, D]
+        logits = torch.empty(q.shape[0], q.shape[1], bank.num_chunks)
+        for chunk in range(bank.num_chunks):
+            _, start, length, row, _, _ = bank.chunk_table[chunk].tolist()
+            kv = bank.read_rows(int(bank.chunk_shard[chunk]), "kv", row, length)  # full resolution: exact rows
+            keys = shift_keys(rotary, kv[:, layer, 0].transpose(0, 1).float(), -torch.arange(start, start + length))
+            for head in range(q.shape[0]):
+                k = keys[head // group]
+                if pool == "mean":
+                    logits[head, :, chunk] = q[head] @ k.mean(0) * scaling
+                else:
+                    logits[head, :, chunk] = (q[head] @ k.T * scaling).amax(-1)
+        rows.append(torch.softmax(logits, dim=-1).sum(dim=(0, 1)))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("pool", ["max", "mean"])
+def test_routing_scores_match_a_dense_reference(tmp_path, monkeypatch, pool):
+    import sparsemem.memory_recall as memory_recall
+
+    monkeypatch.setattr(memory_recall, "_ROUTING_BLOCK", 7)  # several blocks of routing keys per layer
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "bank", model, routing_layers=[1, 0], routing_pool=pool)
+    bank.add(documents, progress=False)
+    assert bank.routing_layers == [0, 1]
+    tokens = sum(d.numel() for d in documents) - SINKS * bank.piece_table.shape[0]
+    assert bank.routing.shape[2] == (tokens if pool == "max" else bank.num_chunks)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(7))
+    queries = memory_recall.question_queries(bank.model, question)
+    scores = memory_recall.chunk_scores(MemoryBank.open(tmp_path / "bank", model), queries, exclude=None)
+    assert torch.allclose(scores, _reference_scores(bank, question, pool), atol=1e-5)
+    # exclude and include: never read / always read, whatever the score
+    best = int(scores.sum(0).argmax())
+    worst = scores.sum(0).argsort()[:2].tolist()
+    found = recall(bank, question, top_k=3, exclude=[best], include=worst, min_relative_score=0)
+    assert best not in found.chunks[0].tolist() and set(worst) <= set(found.chunks[0].tolist())
+    # per-layer: each layer reads the choice of its nearest routing layer (here: its own)
+    per_layer = recall(bank, question, top_k=3, selection="per-layer", min_relative_score=0).chunks
+    for layer in (0, 1):
+        assert per_layer[layer].tolist() == sorted(scores[layer].topk(3).indices.tolist())
+    # chunks under a fraction of the best score are left out: at 1, only the best is read
+    assert recall(bank, question, top_k=3, min_relative_score=1).chunks[0].tolist() == [best]
+    floor = 0.9 * scores.sum(0).max()
+    expected = sorted(c for c in scores.sum(0).topk(3).indices.tolist() if scores.sum(0)[c] >= floor)
+    assert recall(bank, question, top_k=3, min_relative_score=0.9).chunks[0].tolist() == expected
+    with pytest.raises(ValueError, match="routing_layers"):
+        _bank(tmp_path / "bad", model, routing_layers=[2])
+
+
+def test_refresh_every_reroutes_on_the_answer_so_far(tmp_path):
+    from sparsemem.memory_recall import generate_from_memory
+
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "bank", model)
+    bank.add(documents, progress=False)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(8))
+    # every chunk read: each round reads the same memory, so re-reading the answer so far changes nothing
+    once, rounds, _ = generate_from_memory(bank, question, 6, top_k=None)
+    refreshed, rounds, _ = generate_from_memory(bank, question, 6, refresh_every=2, top_k=None)
+    assert len(rounds) == 3 and torch.equal(once, refreshed)
+    # top 3 of 11 chunks: round r is routed by the question and the first 2r tokens of the answer, and
+    # continues as a plain generate from that memory would
+    answer, rounds, _ = generate_from_memory(bank, question, 6, refresh_every=2, top_k=3)
+    assert answer.numel() == 6 and len(rounds) == 3
+    for r, found in enumerate(rounds):
+        prompt = torch.cat([question[0], answer[: 2 * r]])[None]
+        expected = recall(bank, prompt, top_k=3)
+        assert torch.equal(found.chunks[0], expected.chunks[0])
+        step = bank.model.generate(prompt, past_key_values=expected.cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert torch.equal(step[0, prompt.shape[1]:], answer[2 * r : 2 * r + 2])
+    assert any(not torch.equal(rounds[0].chunks[0], found.chunks[0]) for found in rounds[1:])  # the memory did move
+
+
+def _byte_level_tokenizer():
+    """A real (fast) transformers tokenizer over the test models' 256-token vocabulary: one token per byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    spare = iter(range(256, 512))
+    chars = {b: chr(b if b in printable else next(spare)) for b in range(256)}  # byte-level BPE's alphabet
+    tokenizer = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=chars[1], pad_token=chars[0])
+
+
+def test_text_generation_pipeline_reads_the_bank(tmp_path):
+    from transformers import pipeline
+
+    tokenizer = _byte_level_tokenizer()
+    assert tokenizer("abc é")["input_ids"] == list("abc é".encode())
+    model = _model()
+    bank = MemoryBank.create(tmp_path / "bank", model, tokenizer, chunk_tokens=CHUNK, piece_tokens=PIECE, sink_tokens=SINKS)
+    bank.add(_documents(), progress=False)
+    bank.recall.top_k = 3
+    generator = pipeline("text-generation", model=bank.model, tokenizer=tokenizer)  # bank.model: the converted model
+    prompt = "where is it?"
+    out = generator(prompt, memory=bank, max_new_tokens=4, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = bank.model.generate(ids, past_key_values=recall(bank, ids, top_k=3).cache, max_new_tokens=4,
+                                   do_sample=False, pad_token_id=0)
+    alone = bank.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert list(out) == expected[0].tolist() and not torch.equal(expected, alone)

@@ -66,3 +66,22 @@ def test_bm25_finds_a_unique_word_and_hides_spans():
     assert "quagga" in tokenizer.decode(first)
     hidden = retriever.prompt("where is the quagga", top_k=1, exclude=[(1, (0, len(docs[1].ids)))])
     assert "quagga" not in tokenizer.decode(hidden)
+
+
+def test_rows_tell_routing_from_reading():
+    from sparsemem.evaluation_memory import _summarise, render_memory_markdown
+
+    answers = [
+        {"kind": "needle", "depth": 0.0, "key": 11111, "answer": " 11111.", "correct": True, "routed": 1.0,
+         "answer_when_forced": " 11111.", "correct_when_forced": True, "seconds_to_first_token": 0.5},
+        {"kind": "needle", "depth": 1.0, "key": 22222, "answer": " 3.", "correct": False, "routed": 0.5,
+         "answer_when_forced": " 2222.", "correct_when_forced": False, "seconds_to_first_token": 1.5},
+        {"kind": "code", "answer": "0", "correct": True, "seconds_to_first_token": 1.0},
+    ]
+    row = _summarise("bank full (per-layer)", 1000, answers)
+    assert (row.needle_accuracy, row.routing_recall, row.forced_needle_accuracy, row.code_accuracy) == (0.5, 0.75, 0.5, 1.0)
+    assert row.seconds_to_first_token == 1.0
+    text = render_memory_markdown([row, _summarise("BM25 RAG", 1000, answers[2:])], {})
+    assert "| bank full (per-layer) | 1000 | 50% | 75% | 50% | 100% | 1.000 |" in text
+    assert "| BM25 RAG | 1000 | - | - | - | 100% |" in text
+    assert "| bank full (per-layer) | 1000 | 1.00 | 22222 | 50% | '3.' | '2222.' |" in text

@@ -346,7 +346,8 @@ def cmd_memory(args) -> int:
                 raise FileNotFoundError(f"{path} does not exist")
         _, tokenizer, model = _memory_model(args)
         bank = MemoryBank.create(args.bank, model, tokenizer, chunk_tokens=args.chunk_tokens, ratio=args.ratio,
-                                 piece_tokens=args.piece_tokens, batch_tokens=args.batch_tokens, exist_ok=True)
+                                 piece_tokens=args.piece_tokens, batch_tokens=args.batch_tokens,
+                                 routing_layers=args.routing_layers, routing_pool=args.routing_pool, exist_ok=True)
         stats = bank.add(paths, progress=True)
         logger.warning("ingested %d documents (%d tokens, %.0f tokens/s); %d already in the bank", stats["documents"],
                        stats["tokens"], stats["tokens_per_second"], stats["skipped"])
@@ -359,7 +360,8 @@ def cmd_memory(args) -> int:
         return 0
     bank = MemoryBank.open(args.bank, model, tokenizer, verify=not args.no_verify, selection=args.selection)
     result = bank.ask(args.question, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
-                      refresh_every=args.refresh_every)
+                      refresh_every=args.refresh_every, query_tokens=args.query_tokens,
+                      min_relative_score=args.min_relative_score)
     print(result["answer"].strip())
     print()
     print("documents read:")
@@ -379,6 +381,8 @@ def cmd_eval_memory(args) -> int:
         needles=args.needles, code_count=args.code_questions, chunk_tokens=args.chunk_tokens, top_k=args.top_k,
         selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
+        routing_layers=args.routing_layers, routing_pool=args.routing_pool, query_tokens=args.query_tokens,
+        min_relative_score=args.min_relative_score,
     )
     meta.update({"model": model_label(args.model, path), **run_info(args.dtype, model)})
     paths = write_memory_report(rows, meta, output)
@@ -395,11 +399,23 @@ def _add_bank_args(parser, ingest: bool) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices such as 5 or 4,5,6, got {text!r}") from None
+
+
 def _memory_read_args(parser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=64, help="tokens per retrieved chunk")
     parser.add_argument("--piece-tokens", type=int, default=None,
                         help="longest span read with positions from 0 (default: the trained context, at most 4096)")
     parser.add_argument("--batch-tokens", type=int, default=32768, help="tokens per forward pass while ingesting")
+    parser.add_argument("--routing-layers", type=_layer_list, default=None, metavar="I,J,...",
+                        help="layers whose keys route questions to chunks, comma-separated (default: the layer a sixth "
+                             "of the way up)")
+    parser.add_argument("--routing-pool", default="max", choices=["max", "mean"],
+                        help="score a chunk by its best-matching key (every key kept) or by its mean key")
 
 
 def _add_bench_parser(sub) -> None:
@@ -564,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--no-bm25", action="store_true", help="skip the BM25 retrieval-augmented generation row")
     mem.add_argument("--workdir", default=None, help="folder for the banks (default: OUTPUT/banks)")
     mem.add_argument("--keep-banks", action="store_true", help="keep each bank on disk after its rows")
+    mem.add_argument("--query-tokens", type=int, default=None,
+                     help="the question's last tokens whose queries route (default: all of them)")
+    mem.add_argument("--min-relative-score", type=float, default=0.5,
+                     help="leave out chunks scoring under this fraction of the best chunk's score (0: always top-k)")
     _memory_read_args(mem)
     mem.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
     for suite in (ret, com, onl, sco, rul, mem):
@@ -583,7 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-k", type=int, default=32, help="chunks read")
     ask.add_argument("--selection", default="shared", choices=["shared", "per-layer"], help="one choice for all layers, or per layer")
     ask.add_argument("--max-new-tokens", type=int, default=64, help="answer length")
-    ask.add_argument("--refresh-every", type=int, default=None, help="re-select chunks every N generated tokens (not supported yet: an error)")
+    ask.add_argument("--query-tokens", type=int, default=None,
+                     help="the question's last tokens whose queries route (default: all of them)")
+    ask.add_argument("--min-relative-score", type=float, default=0.5,
+                     help="leave out chunks scoring under this fraction of the best chunk's score (0: always top-k)")
+    ask.add_argument("--refresh-every", type=int, default=None,
+                     help="re-select chunks every N generated tokens, routed by the question and the answer so far")
     ask.add_argument("--no-verify", action="store_true", help="check a shard's SHA-256 only when a question reads it")
     _add_bank_args(ask, ingest=False)
     inf = actions.add_parser("info", formatter_class=HELP, help="documents, tokens and bytes on disk / host / device")

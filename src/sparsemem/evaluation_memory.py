@@ -12,6 +12,11 @@ the bank at full resolution and compacted (`ratio`), with shared and per-layer s
 over the same token chunks, the retrieved text read in document order; the full cache (every token
 read, needle-free except the case's own) where the haystack fits the window. Also: ingest tokens/s,
 time to first token, bytes per tier (disk / host / device).
+
+For the bank, routing and reading are told apart: `routing_recall` is the share of needle cases whose
+needle chunk was among the chunks read (per-layer selection: averaged over the layers), and
+`forced_needle_accuracy` the needle accuracy when the needle's chunks are forced into the selection
+(`include`), so a miss shows whether the router or the reading lost the needle.
 """
 
 import ast
@@ -63,6 +68,8 @@ class MemoryRow:
     needle_accuracy: float | None
     code_accuracy: float | None
     seconds_to_first_token: float
+    routing_recall: float | None = None  # needle cases whose needle chunk was read (bank rows)
+    forced_needle_accuracy: float | None = None  # needle accuracy with the needle's chunks forced in (bank rows)
     ingest_tokens_per_second: float | None = None
     bytes: dict | None = None
     peak_device_bytes: int | None = None
@@ -297,9 +304,15 @@ def _summarise(method, tokens, answers, **extra) -> MemoryRow:
         rows = [a for a in answers if a["kind"] == kind]
         return sum(a["correct"] for a in rows) / len(rows) if rows else None
 
+    def mean(key):
+        values = [a[key] for a in answers if a.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
     ttft = sum(a["seconds_to_first_token"] for a in answers) / max(len(answers), 1)
-    row = MemoryRow(method, tokens, accuracy("needle"), accuracy("code"), ttft, answers=answers, **extra)
-    logger.info("%s @%d tokens: needles %s, code %s, ttft %.3fs", method, tokens, row.needle_accuracy, row.code_accuracy, ttft)
+    row = MemoryRow(method, tokens, accuracy("needle"), accuracy("code"), ttft, routing_recall=mean("routed"),
+                    forced_needle_accuracy=mean("correct_when_forced"), answers=answers, **extra)
+    logger.info("%s @%d tokens: needles %s (routed %s, forced %s), code %s, ttft %.3fs", method, tokens, row.needle_accuracy,
+                row.routing_recall, row.forced_needle_accuracy, row.code_accuracy, ttft)
     return row
 
 
@@ -308,9 +321,11 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
                     needles: int = 20, code_count: int = 100, chunk_tokens: int = 64, top_k: int = 32,
                     selections=("shared", "per-layer"), bm25: bool = True, workdir: Path = Path("reports/eval/banks"),
                     keep_banks: bool = False, batch_tokens: int = 32768, piece_tokens: int | None = None,
-                    progress=None) -> tuple[list[MemoryRow], dict]:
+                    routing_layers: list[int] | None = None, routing_pool: str = "max", query_tokens: int | None = None,
+                    min_relative_score: float = 0.5, progress=None) -> tuple[list[MemoryRow], dict]:
     """Rows per haystack size (see the module docstring). Banks are built in `workdir` and removed after
-    their rows unless `keep_banks`. `progress(row)` is called after every row."""
+    their rows unless `keep_banks`. `routing_layers`, `routing_pool`: see `memory_bank.BankOptions`;
+    `query_tokens`, `min_relative_score`: see `memory_recall.RecallOptions`. `progress(row)` is called after every row."""
     from .memory_bank import MemoryBank
 
     context = trained_context(model.config)
@@ -318,6 +333,8 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
     meta = {"sizes": list(sizes), "ratio": ratio, "full_resolution_max_tokens": full_resolution_max_tokens,
             "needles": needles, "code_questions": code_count, "chunk_tokens": chunk_tokens, "top_k": top_k,
             "prompt_budget_tokens": top_k * chunk_tokens, "selections": list(selections), "trained_context": context,
+            "routing_pool": routing_pool, "query_tokens": "all" if query_tokens is None else query_tokens,
+            "min_relative_score": min_relative_score,
             "haystack": "Python sources: standard library, then installed packages (sorted paths)"}
     device = model.device
     for size in sizes:
@@ -336,7 +353,9 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
             if folder.exists():
                 shutil.rmtree(folder)
             bank = MemoryBank.create(folder, model, tokenizer, chunk_tokens=chunk_tokens, ratio=variant,
-                                     batch_tokens=batch_tokens, piece_tokens=piece_tokens)
+                                     batch_tokens=batch_tokens, piece_tokens=piece_tokens, routing_layers=routing_layers,
+                                     routing_pool=routing_pool)
+            meta["routing_layers"] = bank.options.routing_layers
             if device.type == "cuda":
                 torch.cuda.synchronize()
             stats = bank.add([d.ids for d in docs], progress=logger.isEnabledFor(logging.INFO))
@@ -349,10 +368,20 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
                 answers = []
                 for question in questions:
                     exclude = [c for d, span in others(question) for c in _chunks_overlapping(opened, d, span)]
-                    result = opened.ask(question.prompt, max_new_tokens=_tokens_for(question), top_k=top_k, exclude=exclude)
-                    answers.append({"kind": question.kind, **question.info, "answer": result["answer"],
-                                    "correct": is_correct(question, result["answer"]),
-                                    "seconds_to_first_token": result["seconds_to_first_token"]})
+                    asked = dict(max_new_tokens=_tokens_for(question), top_k=top_k, exclude=exclude, query_tokens=query_tokens,
+                                 min_relative_score=min_relative_score)
+                    result = opened.ask(question.prompt, **asked)
+                    row = {"kind": question.kind, **question.info, "answer": result["answer"],
+                           "correct": is_correct(question, result["answer"]),
+                           "seconds_to_first_token": result["seconds_to_first_token"]}
+                    if question.kind == "needle":
+                        target = set(_chunks_overlapping(opened, question.document, question.exclude_span))
+                        read = [set(chunks) for chunks in result["chunks"]]
+                        row["routed"] = sum(bool(target & chunks) for chunks in read) / len(read)
+                        forced = opened.ask(question.prompt, **asked, include=sorted(target))["answer"]
+                        row.update(needle_chunks=sorted(target), answer_when_forced=forced,
+                                   correct_when_forced=is_correct(question, forced))
+                    answers.append(row)
                 name = f"bank {'full' if variant is None else f'AM {variant:g}x'} ({selection})"
                 rows.append(_summarise(name, size, answers, ingest_tokens_per_second=stats["tokens_per_second"],
                                        bytes=opened.info()["bytes"],
@@ -406,18 +435,24 @@ def _gib(n):
 
 def render_memory_markdown(rows: list[MemoryRow], meta: dict) -> str:
     lines = ["# sparsemem eval memory", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
-    lines += ["| method | haystack tokens | needles | code questions | time to first token (s) | ingest tokens/s | "
-              "disk GiB | host GiB | device GiB (routing) | peak device GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | haystack tokens | needles | routing recall | needles, chunk forced | code questions | "
+              "time to first token (s) | ingest tokens/s | disk GiB | host GiB | device GiB (routing) | peak device GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r.bytes or {}
-        lines.append(f"| {r.method} | {r.tokens} | {_fmt(r.needle_accuracy)} | {_fmt(r.code_accuracy)} | "
+        lines.append(f"| {r.method} | {r.tokens} | {_fmt(r.needle_accuracy)} | {_fmt(r.routing_recall)} | "
+                     f"{_fmt(r.forced_needle_accuracy)} | {_fmt(r.code_accuracy)} | "
                      f"{r.seconds_to_first_token:.3f} | {_fmt(r.ingest_tokens_per_second, '{:.0f}')} | {_gib(b.get('disk'))} | "
                      f"{_gib(b.get('host'))} | {_gib(b.get('device'))} | {_gib(r.peak_device_bytes)} |")
     missed = [(r, a) for r in rows for a in r.answers if a["kind"] == "needle" and not a["correct"]]
     if missed:
-        lines += ["", "## Needles missed", "", "| method | tokens | depth | key | answer |", "|---|---|---|---|---|"]
+        lines += ["", "## Needles missed", "", "| method | tokens | depth | key | needle chunk routed | answer | answer, chunk forced |",
+                  "|---|---|---|---|---|---|---|"]
         for r, a in missed:
-            lines.append(f"| {r.method} | {r.tokens} | {a['depth']:.2f} | {a['key']} | {a['answer'].strip()!r} |".replace("\n", " "))
+            routed = _fmt(a.get("routed"))
+            forced = repr(a["answer_when_forced"].strip()) if "answer_when_forced" in a else "-"
+            lines.append(f"| {r.method} | {r.tokens} | {a['depth']:.2f} | {a['key']} | {routed} | {a['answer'].strip()!r} | "
+                         f"{forced} |".replace("\n", " "))
     return "\n".join(lines) + "\n"
 
 

@@ -1,16 +1,20 @@
 """Asking a `MemoryBank`: score every chunk position-free, attend the best ones exactly at in-range positions.
 
-1. Routing. The question is read alone; each layer's queries, rotated back to position 0, meet every
-   chunk's routing summary (its keys rotated back to position 0, averaged) in one matmul per layer on the
-   model's device. A chunk's score at a layer is the attention mass the question's last `query_tokens`
-   queries (all heads of a KV group), each minus the mean query of the question, would give it if each
-   chunk were one key: softmax over all chunks, summed over those queries and the KV heads. The last token
-   is the one the answer follows. On SmolLM2 (a needle in 54K tokens of stdlib sources, 852 chunks;
-   scores summed over the upper half of the layers) the needle's chunk ranked 33rd with every question
-   token, 12th with the last one, 3rd with the last one centred (and 6th of 62 in a 4K-token bank).
-2. Selection. "shared": one choice for every layer, from the scores summed over the upper half of the
-   layers (where retrieval heads live; the lower layers mostly attend locally). "per-layer": each layer
-   reads its own `top_k` chunks.
+1. Routing. The question is read alone; at each routing layer (`BankOptions.routing_layers`) its
+   queries, rotated back to position 0 and centred on the question's mean query (what all its tokens
+   share says nothing about where the answer is), meet every routing key (the bank's keys at that layer,
+   also at position 0) in one matmul on the model's device. A chunk's logit for one query is its best
+   key's (`routing_pool="max"`) or its mean key's ("mean"); its score is the attention mass it would get
+   over all chunks (softmax over chunks), summed over the question's queries (`query_tokens`: all of
+   them by default), the query heads and the routing layers. Measured on SmolLM2-135M (needles in 12K and
+   32K tokens of Python sources): the old routing (mean-pooled keys of the upper half of the layers,
+   scored by the question's last query) put the needle's chunk among the top 8 for 2 of 6 needles at
+   12K (2 of 10 at 32K); the best key of each chunk at layer 5, scored by every question token, ranks it
+   first for all 16 (the lower layers match the question's words to the chunk's).
+2. Selection. "shared": one choice for every layer, from the scores summed over the routing layers: the
+   `top_k` best chunks that reach `min_relative_score` (0.5) of the best one's score.
+   "per-layer": each routing layer chooses its own `top_k`; every model layer reads the choice of the
+   routing layer nearest to it (with every layer routing, each layer its own).
 3. Layout. The chosen chunks are laid out in bank (document) order, each piece's sink entries ahead of its
    first chunk, from position 0 on; keys move there by one re-rotation. The question follows right after,
    so every position stays inside the trained context. A compacted chunk keeps its width in positions,
@@ -37,27 +41,39 @@ SELECTIONS = ("shared", "per-layer")
 class RecallOptions:
     """top_k: chunks read per question (per layer with per-layer selection); with `chunk_tokens` this sets
         the prompt budget. None: every chunk (only for banks that fit the window).
-    selection: "shared" (one choice from the upper half of the layers, default) or "per-layer".
+    selection: "shared" (one choice from the scores summed over the routing layers, default) or
+        "per-layer" (each layer the choice of its nearest routing layer).
     exclude: chunk ids never read (e.g. an evaluation hiding other cases' needles); None: none.
-    query_tokens: the question's last tokens whose queries score the chunks.
+    include: chunk ids always read, whatever their score (a diagnostic: does the model answer once the
+        right chunk is read?); they count towards `top_k`. None: none.
+    query_tokens: the question's last tokens whose queries score the chunks; None: every token of it
+        (measured best: the words that name what is asked need not be the last ones).
+    min_relative_score: chunks scoring below this fraction of the best chunk's score are not read, so
+        `top_k` is an upper bound; 0 always reads `top_k`. Chunks that merely share a word with the
+        question distract a small model: on SmolLM2 (6 needles in 32K tokens, top 8), 0 answered 4 of 6
+        needles with every needle's chunk ranked first, 0.5 answered 6 of 6 (and 2 of 3 code questions,
+        as 0 did).
     """
 
     top_k: int | None = 32
     selection: str = "shared"
     exclude: torch.Tensor | None = None
-    query_tokens: int = 1
+    include: torch.Tensor | None = None
+    query_tokens: int | None = None
+    min_relative_score: float = 0.5
 
     def validate(self, num_layers: int) -> "RecallOptions":
         if self.selection not in SELECTIONS:
             raise ValueError(f"`selection` must be one of {SELECTIONS}, got {self.selection!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"`top_k` must be a positive integer or None (every chunk), got {self.top_k!r}")
-        if not isinstance(self.query_tokens, int) or self.query_tokens < 1:
-            raise ValueError(f"`query_tokens` must be a positive integer, got {self.query_tokens!r}")
+        if self.query_tokens is not None and (not isinstance(self.query_tokens, int) or self.query_tokens < 1):
+            raise ValueError(f"`query_tokens` must be a positive integer or None (every question token), got {self.query_tokens!r}")
+        if not isinstance(self.min_relative_score, (int, float)) or not 0 <= self.min_relative_score <= 1:
+            raise ValueError(f"`min_relative_score` must be a number in [0, 1], got {self.min_relative_score!r}")
+        if self.include is not None and self.top_k is not None and self.include.numel() > self.top_k:
+            raise ValueError(f"`include` names {self.include.numel()} chunks, more than top_k={self.top_k}")
         return self
-
-    def routing_layer_ids(self, num_layers: int) -> list[int]:
-        return list(range(num_layers // 2, num_layers)) if self.selection == "shared" else list(range(num_layers))
 
 
 @dataclass
@@ -88,23 +104,32 @@ def question_queries(model, question_ids: torch.Tensor) -> dict[int, torch.Tenso
     return {i: shift_keys(rotary, q.float(), -positions) for i, q in captured.items()}
 
 
-def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor | None, query_tokens: int = 1) -> torch.Tensor:
+_ROUTING_BLOCK = 1 << 20  # routing keys scored per matmul (bounds the logits' memory on large banks)
+
+
+def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor | None,
+                 query_tokens: int | None = None) -> torch.Tensor:
     """[Lr, N] score of every chunk at every routing layer (see the module docstring)."""
-    layers = bank.recall_layers
     scaling = bank.model.model.layers[0].self_attn.scaling
-    hkv = bank.num_kv_heads
+    hkv, count = bank.num_kv_heads, bank.num_chunks
+    owner = bank.routing_chunk
     scores = []
-    for row, layer in enumerate(layers):
+    for row, layer in enumerate(bank.routing_layers):
         q = queries[layer]
-        # centred on the question's mean query: what all its tokens share (and what favours the chunks every
-        # query likes, such as those right after a piece's start) says nothing about where the answer is
-        q = (q - q.mean(dim=1, keepdim=True))[:, -query_tokens:]  # [H, n, D]
+        q = q - q.mean(dim=1, keepdim=True)  # [H, n, D]
+        if query_tokens is not None:
+            q = q[:, -query_tokens:]
         heads, n, dim = q.shape
         q = q.reshape(hkv, heads // hkv * n, dim)  # query head h reads KV head h // group
-        logits = (q @ bank.routing[row].float().transpose(-1, -2)) * scaling  # [Hkv, G*n, N]
+        best = torch.full((hkv, q.shape[1], count), float("-inf"), device=q.device)
+        for start in range(0, owner.numel(), _ROUTING_BLOCK):
+            keys = bank.routing[row, :, start : start + _ROUTING_BLOCK].float()  # [Hkv, r, D]
+            logits = q @ keys.transpose(-1, -2) * scaling  # [Hkv, G*n, r]
+            index = owner[start : start + _ROUTING_BLOCK].expand_as(logits)
+            best.scatter_reduce_(-1, index, logits, reduce="amax")
         if exclude is not None and exclude.numel():
-            logits[..., exclude.to(logits.device)] = float("-inf")
-        scores.append(torch.softmax(logits, dim=-1).sum(dim=(0, 1)))
+            best[..., exclude.to(best.device)] = float("-inf")
+        scores.append(torch.softmax(best, dim=-1).sum(dim=(0, 1)))
     return torch.stack(scores)
 
 
@@ -123,10 +148,22 @@ def select_chunks(bank, question_ids: torch.Tensor, options: RecallOptions) -> l
         return [chosen] * num_layers
     scores = chunk_scores(bank, question_queries(bank.model, question_ids), options.exclude, options.query_tokens)
     if options.selection == "shared":
-        chosen = torch.sort(scores.sum(0).topk(options.top_k).indices.cpu()).values
-        return [chosen] * num_layers
-    picks = torch.sort(scores.topk(options.top_k, dim=-1).indices.cpu(), dim=-1).values  # [L, k]
-    return [picks[layer] for layer in range(num_layers)]
+        return [_pick(scores.sum(0), options)] * num_layers
+    picks = [_pick(row, options) for row in scores]
+    routing = torch.tensor(bank.routing_layers)
+    nearest = [int((routing - layer).abs().argmin()) for layer in range(num_layers)]
+    return [picks[row] for row in nearest]
+
+
+def _pick(scores: torch.Tensor, options: RecallOptions) -> torch.Tensor:
+    """The ids (sorted) of the top `top_k` chunks by `scores` [N] that reach `min_relative_score` of the
+    best score, with the `include`d chunks always among them."""
+    floor = options.min_relative_score * scores.max()
+    if options.include is not None and options.include.numel():
+        scores = scores.clone()
+        scores[options.include.to(scores.device)] = float("inf")
+    top = scores.topk(options.top_k)
+    return torch.sort(top.indices[top.values >= floor].cpu()).values
 
 
 class _Fetched:
@@ -233,18 +270,18 @@ def build_cache(bank, chunks_per_layer: list[torch.Tensor]) -> tuple[SparseMemCa
 
 @torch.no_grad()
 def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default", selection: str | None = None,
-           exclude=None, answer_tokens: int = 64, query_tokens: int = 1) -> Recall:
+           exclude=None, include=None, answer_tokens: int = 64, query_tokens: int | None = None,
+           min_relative_score: float = 0.5) -> Recall:
     """Select and lay out the chunks `question_ids` [1, n] reads. `answer_tokens`: room kept for the
     answer inside the trained context (the layout + question + answer must fit it)."""
     options = RecallOptions(
         top_k=bank.recall.top_k if top_k == "default" else top_k,
         selection=selection or bank.recall.selection,
         exclude=None if exclude is None else torch.as_tensor(exclude, dtype=torch.long),
+        include=None if include is None else torch.as_tensor(include, dtype=torch.long),
         query_tokens=query_tokens,
+        min_relative_score=min_relative_score,
     ).validate(bank.num_layers)
-    if options.selection != bank.recall.selection and options.top_k is not None:
-        raise ValueError(f"the bank was opened with selection={bank.recall.selection!r}, whose routing summaries are on "
-                         f"the device; open it with selection={options.selection!r} to select that way")
     if question_ids.dim() != 2 or question_ids.shape[0] != 1:
         raise ValueError(f"a memory bank answers one question at a time: ids of shape [1, n], got {tuple(question_ids.shape)}")
     start = time.perf_counter()
@@ -278,25 +315,52 @@ class _FirstToken:
 
 
 @torch.no_grad()
+def generate_from_memory(bank, ids: torch.Tensor, max_new_tokens: int, refresh_every: int | None = None,
+                         eos_token_id: int | None = None, **recall_options) -> tuple[torch.Tensor, list[Recall], float]:
+    """Greedy answer to `ids` [1, n] from `bank`: (new token ids [m], the recall of every round, seconds
+    to the first token). `refresh_every`: re-select the chunks every this many generated tokens, routed
+    by the question and the answer so far; each round lays out its chunks and reads the question and the
+    answer so far after them again (None: one round)."""
+    if refresh_every is not None and (not isinstance(refresh_every, int) or refresh_every < 1):
+        raise ValueError(f"`refresh_every` must be a positive integer or None (choose the chunks once), got {refresh_every!r}")
+    model, start = bank.model, time.perf_counter()
+    step = max_new_tokens if refresh_every is None else refresh_every
+    answer = ids.new_zeros(0)
+    rounds, first = [], None
+    while answer.numel() < max_new_tokens:
+        prompt = torch.cat([ids[0], answer])[None]
+        left = max_new_tokens - answer.numel()
+        found = recall(bank, prompt, answer_tokens=left, **recall_options)
+        rounds.append(found)
+        streamer = _FirstToken() if first is None else None
+        out = model.generate(prompt, past_key_values=found.cache, max_new_tokens=min(step, left), do_sample=False,
+                             eos_token_id=eos_token_id, pad_token_id=eos_token_id, streamer=streamer)
+        if streamer is not None:
+            first = streamer.first if streamer.first is not None else time.perf_counter()
+        new = out[0, prompt.shape[1]:]
+        answer = torch.cat([answer, new])
+        if new.numel() < min(step, left) or (eos_token_id is not None and eos_token_id in new.tolist()):
+            break  # the answer ended
+    return answer, rounds, first - start
+
+
+@torch.no_grad()
 def answer(bank, question: str, max_new_tokens: int = 64, refresh_every: int | None = None, **recall_options) -> dict:
-    """Answer `question` from `bank` (greedy). Returns {"answer", "documents", "chunks",
-    "seconds_to_first_token", "memory_positions"}."""
-    if refresh_every is not None:
-        raise ValueError("`refresh_every` (re-selecting chunks during a long answer) is not supported yet: the chunks "
-                         "are chosen once per question; leave it None")
+    """Answer `question` from `bank` (greedy). Returns {"answer", "documents" (read in any round), "chunks"
+    (the chunk ids the first round read: one list with shared selection, one per layer with per-layer),
+    "rounds" (the chunks of every round, as "chunks"), "seconds_to_first_token", "memory_positions"}.
+    `refresh_every`: see `generate_from_memory`."""
     if bank.tokenizer is None:
         raise ValueError("asking in text needs the bank's tokenizer: pass tokenizer= to MemoryBank.open")
     tokenizer, model = bank.tokenizer, bank.model
     ids = tokenizer(question, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] == 0:
         raise ValueError("the question is empty")
-    start = time.perf_counter()
-    found = recall(bank, ids, answer_tokens=max_new_tokens, **recall_options)
-    streamer = _FirstToken()
-    out = model.generate(ids, past_key_values=found.cache, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.eos_token_id, streamer=streamer)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    first = streamer.first if streamer.first is not None else time.perf_counter()
-    return {"answer": text, "documents": found.documents(bank), "chunks": [c.tolist() for c in found.chunks[:1]]
-            if recall_options.get("selection", bank.recall.selection) == "shared" else [c.tolist() for c in found.chunks],
-            "seconds_to_first_token": first - start, "memory_positions": found.width}
+    tokens, rounds, seconds = generate_from_memory(bank, ids, max_new_tokens, refresh_every, tokenizer.eos_token_id,
+                                                   **recall_options)
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    shared = (recall_options.get("selection") or bank.recall.selection) == "shared"
+    chunks = [[c.tolist() for c in (found.chunks[:1] if shared else found.chunks)] for found in rounds]
+    documents = list(dict.fromkeys(name for found in rounds for name in found.documents(bank)))
+    return {"answer": text, "documents": documents, "chunks": chunks[0], "rounds": chunks,
+            "seconds_to_first_token": seconds, "memory_positions": rounds[0].width}
