@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling.cache import SlotTier, SparseMemCache, SparseMemLayer
+from .modeling.cache import SparseMemCache, SparseMemLayer
+from .modeling.slots import SlotTier
 from .modeling.rope import shift_keys, trained_context
 
 logger = logging.getLogger(__name__)
