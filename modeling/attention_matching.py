@@ -221,16 +221,26 @@ def _kkt_residual(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor) -> tor
 
 
 def fit_beta(
-    phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400, nnls_method: str = "auto"
+    phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400, nnls_method: str = "auto",
+    min_weight: float = 0.0,
 ) -> torch.Tensor:
-    """beta [P, t] = log w, w = NNLS fit of the span mass by the selected keys' weights.
+    """beta [P, t] = log w, w = least-squares fit of the span mass by the selected keys' weights, with
+    w >= `min_weight` (0: plain NNLS, which leaves many slots at w = 0, i.e. dead).
 
     Bounded to [log 1e-6, log(10 * span_length)]: one slot can stand for at most the whole span."""
     gram = phi_selected.transpose(-1, -2) @ phi_selected
     rhs = (phi_selected.transpose(-1, -2) @ mass[..., None])[..., 0]
     # start from the single scale that matches the total mass
     scale = mass.sum(-1) / phi_selected.sum((-1, -2)).clamp(min=1e-30)
-    w = nnls(gram, rhs, iterations, initial=scale[:, None].expand_as(rhs).clone(), method=nnls_method)
+    initial = scale[:, None].expand_as(rhs).clone()
+    if min_weight > 0:
+        # w = floor + u with u >= 0: the same NNLS in u, its right-hand side moved by the floor's fit
+        floor = torch.full_like(rhs, min_weight)
+        rhs = rhs - (gram @ floor[..., None])[..., 0]
+        initial = (initial - min_weight).clamp(min=0)
+        w = floor + nnls(gram, rhs, iterations, initial=initial, method=nnls_method)
+    else:
+        w = nnls(gram, rhs, iterations, initial=initial, method=nnls_method)
     return torch.log(w.clamp(min=MIN_WEIGHT, max=10.0 * span_length))
 
 
@@ -308,6 +318,7 @@ def attention_matching(
     query_weights: str = "share",
     value_prior: str = "zero",
     bound_values: bool = False,
+    min_beta: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
     values [P, t, d], beta [P, t]). `place(index, keys)`: where the chosen keys will be read from (e.g.
@@ -361,7 +372,8 @@ def attention_matching(
         fit_phi, fit_mass, row_weight = phi_selected, mass, mass
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
-        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method)
+        min_weight = 0.0 if min_beta is None else float(torch.tensor(min_beta).exp())
+        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method, min_weight)
     else:
         beta = prior_bias
     if value_prior not in VALUE_PRIORS:

@@ -166,6 +166,8 @@ class AttentionMatchingPress(Press):
     value_prior: str = "zero"
     # scale fitted values down to the longest value of the span's tokens (see `bound_value_norms`)
     bound_values: bool = False
+    # lower bound of each fitted slot's beta (None: NNLS's w >= 0, so some slots end dead)
+    min_beta: float | None = None
 
     def __post_init__(self):
         share = self.exact_newest
@@ -278,6 +280,7 @@ class AttentionMatchingPress(Press):
             query_weights="share" if self.query_weights == "auto" else self.query_weights,
             value_prior=self.value_prior,
             bound_values=self.bound_values,
+            min_beta=self.min_beta,
         )
 
     def for_ranking(self) -> "AttentionMatchingPress":
