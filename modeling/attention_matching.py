@@ -17,6 +17,7 @@ merged output is proportional to the span's share of its attention.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -331,7 +332,10 @@ def attention_matching(
     span were all it read: keys are ranked by their RMS softmax weight within the span, each query's mass
     row is scaled by its largest weight in the span (so queries that spread their attention over many
     keys, whose mass the dropped keys carry, weigh most in the beta fit) and the value rows are unweighted.
-    With the same budget for every head, "peak" measured lower next-token KL (reports/am-reference-cpu/)."""
+    With the same budget for every head, "peak" measured lower next-token KL (reports/am-reference-cpu/).
+    `min_beta`: the lowest beta a fitted slot may get (the mass fit then solves w >= exp(min_beta) exactly);
+    None: w >= 0, where the optimum switches many chosen keys off (beta at log 1e-6), so their slots serve
+    no query and the value fit loses them."""
     total = problem.keys.shape[1]
     if budget <= 0:
         raise ValueError(f"attention matching needs a positive slot budget, got {budget}")
@@ -372,7 +376,7 @@ def attention_matching(
         fit_phi, fit_mass, row_weight = phi_selected, mass, mass
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
-        min_weight = 0.0 if min_beta is None else float(torch.tensor(min_beta).exp())
+        min_weight = 0.0 if min_beta is None else math.exp(min_beta)
         beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method, min_weight)
     else:
         beta = prior_bias
