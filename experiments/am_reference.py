@@ -22,6 +22,7 @@ Each of our configurations is a JSON object as in `compaction_kl.py` ("method", 
 
     OMP_NUM_THREADS=2 python experiments/am_reference.py --reference /tmp/am-ref --output reports/am-reference-cpu
     OMP_NUM_THREADS=2 python experiments/am_reference.py --ratios 10 '{"tag": "no exact newest", "press": {"exact_newest": 0}}'
+    OMP_NUM_THREADS=2 python experiments/am_reference.py --reference /tmp/am-ref --arrangements sinks --offset 23512
 """
 
 import argparse
