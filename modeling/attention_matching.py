@@ -320,6 +320,7 @@ def attention_matching(
     value_prior: str = "zero",
     bound_values: bool = False,
     min_beta: float | None = None,
+    max_beta: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
     values [P, t, d], beta [P, t]). `place(index, keys)`: where the chosen keys will be read from (e.g.
@@ -335,7 +336,10 @@ def attention_matching(
     With the same budget for every head, "peak" measured lower next-token KL (reports/am-reference-cpu/).
     `min_beta`: the lowest beta a fitted slot may get (the mass fit then solves w >= exp(min_beta) exactly);
     None: w >= 0, where the optimum switches many chosen keys off (beta at log 1e-6), so their slots serve
-    no query and the value fit loses them."""
+    no query and the value fit loses them. `max_beta`: the fitted betas are clipped to at most this (None:
+    only the bound of `fit_beta`), so no slot stands for more than exp(max_beta) of its key: with few slots
+    for a long span the mass fit gives single slots the weight of hundreds of entries, which queries
+    unlike the reference ones then over-read."""
     total = problem.keys.shape[1]
     if budget <= 0:
         raise ValueError(f"attention matching needs a positive slot budget, got {budget}")
@@ -377,7 +381,8 @@ def attention_matching(
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
         min_weight = 0.0 if min_beta is None else math.exp(min_beta)
-        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method, min_weight)
+        fitted = fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method, min_weight)
+        beta = prior_bias + (fitted if max_beta is None else fitted.clamp(max=max_beta))
     else:
         beta = prior_bias
     if value_prior not in VALUE_PRIORS:

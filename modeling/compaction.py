@@ -17,12 +17,14 @@ from .rope import shift_keys
 
 # `exact_newest="auto"` without whole spans: the share of each head's budget kept as its newest entries
 EXACT_NEWEST = 0.75
-# `ridge` / `min_beta` "auto": the value fit's ridge and the floor of the fitted beta, and what
+# `ridge` / `min_beta` / `max_beta` "auto": the value fit's ridge and the bounds of the fitted beta, and what
 # `for_head_budgets` chooses with uniform or proportional budgets (reports/am-reference-cpu/)
 RIDGE = 1e-3
 MIN_BETA = None
+MAX_BETA = None
 HEAD_BUDGET_RIDGE = 1e-5
 HEAD_BUDGET_MIN_BETA = -1.0
+HEAD_BUDGET_MAX_BETA = 3.0
 
 
 def sees_whole_span(query_positions: torch.Tensor, last_span_position) -> torch.Tensor:
@@ -155,8 +157,9 @@ class AttentionMatchingPress(Press):
     every head its own budget (`for_head_budgets`): the heads then measured better with every slot fitted
     over the whole span. `query_weights`: see `attention_matching`; "auto": "share", or what
     `for_head_budgets` chooses. `ridge` (the value fit's, relative to its Gram matrix's mean diagonal) and
-    `min_beta` (the lowest beta a fitted slot may get; None: beta's NNLS may switch slots off): "auto" is
-    `RIDGE` / `MIN_BETA`, or what `for_head_budgets` chooses."""
+    `min_beta` (the lowest beta a fitted slot may get; None: beta's NNLS may switch slots off) and `max_beta`
+    (the highest; None: no cap): "auto" is `RIDGE` / `MIN_BETA` / `MAX_BETA`, or what `for_head_budgets`
+    chooses (see `attention_matching`)."""
 
     key_selection: str = "attention"
     fit_bias: bool = True
@@ -177,6 +180,8 @@ class AttentionMatchingPress(Press):
     bound_values: bool = False
     # lower bound of each fitted slot's beta, or "auto" (None: NNLS's w >= 0, which leaves some slots dead)
     min_beta: float | str | None = "auto"
+    # upper bound of each fitted slot's beta (a clip), or "auto" (None: no cap)
+    max_beta: float | str | None = "auto"
 
     def __post_init__(self):
         share = self.exact_newest
@@ -200,12 +205,18 @@ class AttentionMatchingPress(Press):
         if floor not in ("auto", None) and (isinstance(floor, bool) or not isinstance(floor, (int, float))
                                             or not math.isfinite(floor)):
             raise ValueError(f"`min_beta` must be a finite number, None or 'auto', got {floor!r}")
+        cap = self.max_beta
+        if cap not in ("auto", None) and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)):
+            raise ValueError(f"`max_beta` must be a finite number, None or 'auto', got {cap!r}")
+        if isinstance(floor, (int, float)) and isinstance(cap, (int, float)) and floor > cap:
+            raise ValueError(f"`min_beta` ({floor}) must not exceed `max_beta` ({cap})")
 
     def for_head_budgets(self, head_budgets: str) -> "AttentionMatchingPress":
         """This press for `compact` with these head budgets: with "uniform" or "proportional" ones, "auto"
         fits every slot over the whole span (`exact_newest=0`) with the reference's query weights ("peak"),
         keeps every fitted slot alive (beta >= `HEAD_BUDGET_MIN_BETA`: exact NNLS switched off up to three
-        quarters of a head's slots, budget that then served nothing) and fits values with a lighter ridge
+        quarters of a head's slots, budget that then served nothing), caps them at beta <= `HEAD_BUDGET_MAX_BETA`
+        (as the published implementation bounds them) and fits values with a lighter ridge
         (`HEAD_BUDGET_RIDGE`); measured against the published implementation on the same document and
         queries, each lowers the next-token KL at 10x and 50x (reports/am-reference-cpu/). Global budgets
         keep "share" weights and the general defaults."""
@@ -214,6 +225,7 @@ class AttentionMatchingPress(Press):
             press.query_weights = "share" if self.query_weights == "auto" else self.query_weights
             press.ridge = RIDGE if self.ridge == "auto" else self.ridge
             press.min_beta = MIN_BETA if self.min_beta == "auto" else self.min_beta
+            press.max_beta = MAX_BETA if self.max_beta == "auto" else self.max_beta
             return press
         if self.exact_newest == "auto":
             press.exact_newest = 0.0
@@ -223,6 +235,8 @@ class AttentionMatchingPress(Press):
             press.ridge = HEAD_BUDGET_RIDGE
         if self.min_beta == "auto":
             press.min_beta = HEAD_BUDGET_MIN_BETA
+        if self.max_beta == "auto":
+            press.max_beta = HEAD_BUDGET_MAX_BETA
         return press
 
     @property
@@ -307,6 +321,7 @@ class AttentionMatchingPress(Press):
             value_prior=self.value_prior,
             bound_values=self.bound_values,
             min_beta=MIN_BETA if self.min_beta == "auto" else self.min_beta,
+            max_beta=MAX_BETA if self.max_beta == "auto" else self.max_beta,
         )
 
     def for_ranking(self) -> "AttentionMatchingPress":

@@ -162,6 +162,18 @@ def test_min_beta_keeps_every_fitted_slot_alive():
     assert fitted[0] < kept[0] and fitted[1] < kept[1]
 
 
+def test_max_beta_clips_the_fitted_beta():
+    """`max_beta` clips the mass fit's betas (the same keys; the beta of the uncapped fit, clipped) and the
+    values are fitted to the clipped betas."""
+    problem = _problem()
+    index, _, values, beta = attention_matching(problem, 10, query_weights="peak", min_beta=-1.0)
+    assert bool((beta > 2.0).any())  # few slots for the span: some stand for many entries
+    capped_index, _, capped_values, capped = attention_matching(problem, 10, query_weights="peak", min_beta=-1.0, max_beta=2.0)
+    assert torch.equal(capped_index, index)
+    torch.testing.assert_close(capped, beta.clamp(max=2.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(capped_values, values, atol=1e-3)
+
+
 def test_identical_keys_collapse_to_one_slot_exactly():
     """T identical keys: one kept key with beta = log(T) and value = mean value reproduces the span."""
     problem = _problem(duplicate=True)
@@ -532,19 +544,20 @@ def test_peak_query_weights_ignore_what_each_query_reads_beyond_the_span():
 
 
 def test_head_budgets_choose_the_press_fit(filled):
-    """Uniform budgets fit every slot over the span with "peak" weights, no slot switched off and a light
+    """Uniform budgets fit every slot over the span with "peak" weights, beta bounded to [-1, 3] and a light
     value ridge; global ones keep "share" and the general defaults; options given stay as given."""
     from sparsemem.modeling.compaction import AttentionMatchingPress
 
     model, ids, full = filled
-    fit = lambda cache: tuple(cache.compaction_info[key] for key in ("query_weights", "exact_newest", "min_beta", "ridge"))  # noqa: E731
+    keys = ("query_weights", "exact_newest", "min_beta", "max_beta", "ridge")
+    fit = lambda cache: tuple(cache.compaction_info[key] for key in keys)  # noqa: E731
     uniform = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="uniform")
-    assert fit(uniform) == ("peak", 0.0, -1.0, 1e-5)
-    chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share", min_beta=None, ridge=1e-2)
+    assert fit(uniform) == ("peak", 0.0, -1.0, 3.0, 1e-5)
+    chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share", min_beta=None, max_beta=None, ridge=1e-2)
     kept = sparsemem.compact(model, copy.deepcopy(full), ratio=6, method=chosen, input_ids=ids[:, :240], head_budgets="uniform")
-    assert fit(kept) == ("share", 0.5, None, 1e-2)
+    assert fit(kept) == ("share", 0.5, None, None, 1e-2)
     press = AttentionMatchingPress().for_head_budgets("global")
-    assert (press.query_weights, press.min_beta, press.ridge) == ("share", None, 1e-3)
+    assert (press.query_weights, press.min_beta, press.max_beta, press.ridge) == ("share", None, None, 1e-3)
     with pytest.raises(ValueError, match="query_weights"):
         AttentionMatchingPress(query_weights="equal")
     for bad in (-1.0, "light", True, float("inf")):
@@ -553,6 +566,10 @@ def test_head_budgets_choose_the_press_fit(filled):
     for bad in ("low", float("nan"), False):
         with pytest.raises(ValueError, match="min_beta"):
             AttentionMatchingPress(min_beta=bad)
+        with pytest.raises(ValueError, match="max_beta"):
+            AttentionMatchingPress(max_beta=bad)
+    with pytest.raises(ValueError, match="must not exceed"):
+        AttentionMatchingPress(min_beta=1.0, max_beta=0.0)
 
 
 def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(filled):
