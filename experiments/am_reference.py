@@ -22,6 +22,7 @@ Each of our configurations is a JSON object as in `compaction_kl.py` ("method", 
 
     OMP_NUM_THREADS=2 python experiments/am_reference.py --reference /tmp/am-ref --output reports/am-reference-cpu
     OMP_NUM_THREADS=2 python experiments/am_reference.py --ratios 10 '{"tag": "no exact newest", "press": {"exact_newest": 0}}'
+    OMP_NUM_THREADS=2 python experiments/am_reference.py --reference /tmp/am-ref --arrangements sinks --offset 23512
 """
 
 import argparse
@@ -84,12 +85,17 @@ class ReferencePress(Press):
         return tuple(torch.stack(part) for part in zip(*rows))
 
 
-def run(model, tokenizer, corpus, configs, ratios, reference=None, length=3000, continuation=512, offset=20000):
+def run(model, tokenizer, corpus, configs, ratios, reference=None, length=3000, continuation=512, offset=20000,
+        arrangements=tuple(ARRANGEMENTS)):
     """Yield one row per (side, configuration, ratio): its KL, the seconds `compact` took, the bytes ratio."""
+    unknown = sorted(set(arrangements) - set(ARRANGEMENTS))
+    if unknown:
+        raise ValueError(f"--arrangements: unknown {unknown}; choose from {sorted(ARRANGEMENTS)}")
     doc = Document(model, tokenizer, corpus, length, continuation, offset)
     rows = []
     if reference is not None:
-        for name, arrangement in ARRANGEMENTS.items():
+        for name in arrangements:
+            arrangement = ARRANGEMENTS[name]
             press = ReferencePress(reference(**REFERENCE_SETTINGS))
             rows.append(("reference", name, press, arrangement))
     for config in configs:
@@ -126,6 +132,8 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=3000, help="context tokens")
     parser.add_argument("--continuation", type=int, default=512, help="continuation tokens the KL is measured on")
     parser.add_argument("--offset", type=int, default=20000, help="corpus token of the document")
+    parser.add_argument("--arrangements", nargs="+", default=list(ARRANGEMENTS), choices=list(ARRANGEMENTS),
+                        help="the reference's arrangements to run (default: all)")
     parser.add_argument("--output", default=None, help="folder for results.json and table.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -135,13 +143,14 @@ def main(argv=None):
         logger.warning("no reference checkout given (--reference or AM_REFERENCE): only sparsemem's side runs")
     model, tokenizer = load_default_model()
     rows = []
-    for row in run(model, tokenizer, default_corpus(), configs, args.ratios, reference, args.length, args.continuation, args.offset):
+    for row in run(model, tokenizer, default_corpus(), configs, args.ratios, reference, args.length, args.continuation, args.offset,
+                   args.arrangements):
         rows.append(row)
         print(json.dumps({**row, "kl": round(row["kl"], 4), "sec": round(row["sec"], 1), "bytes": round(row["bytes"], 2)}), flush=True)
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"length": args.length, "continuation": args.continuation, "offset": args.offset, "queries": ["repeat"],
+        meta = {"arrangements": args.arrangements, "length": args.length, "continuation": args.continuation, "offset": args.offset, "queries": ["repeat"],
                 "head_budgets": "uniform", "reference": None if reference is None else REFERENCE_SETTINGS,
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
         sparsemem.atomic.write_text(out / "results.json", json.dumps({"settings": meta, "rows": rows}, indent=1) + "\n")

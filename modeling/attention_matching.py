@@ -17,6 +17,7 @@ merged output is proportional to the span's share of its attention.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -221,16 +222,26 @@ def _kkt_residual(gram: torch.Tensor, rhs: torch.Tensor, w: torch.Tensor) -> tor
 
 
 def fit_beta(
-    phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400, nnls_method: str = "auto"
+    phi_selected: torch.Tensor, mass: torch.Tensor, span_length: int, iterations: int = 400, nnls_method: str = "auto",
+    min_weight: float = 0.0,
 ) -> torch.Tensor:
-    """beta [P, t] = log w, w = NNLS fit of the span mass by the selected keys' weights.
+    """beta [P, t] = log w, w = least-squares fit of the span mass by the selected keys' weights, with
+    w >= `min_weight` (0: plain NNLS, which leaves many slots at w = 0, i.e. dead).
 
     Bounded to [log 1e-6, log(10 * span_length)]: one slot can stand for at most the whole span."""
     gram = phi_selected.transpose(-1, -2) @ phi_selected
     rhs = (phi_selected.transpose(-1, -2) @ mass[..., None])[..., 0]
     # start from the single scale that matches the total mass
     scale = mass.sum(-1) / phi_selected.sum((-1, -2)).clamp(min=1e-30)
-    w = nnls(gram, rhs, iterations, initial=scale[:, None].expand_as(rhs).clone(), method=nnls_method)
+    initial = scale[:, None].expand_as(rhs).clone()
+    if min_weight > 0:
+        # w = floor + u with u >= 0: the same NNLS in u, its right-hand side moved by the floor's fit
+        floor = torch.full_like(rhs, min_weight)
+        rhs = rhs - (gram @ floor[..., None])[..., 0]
+        initial = (initial - min_weight).clamp(min=0)
+        w = floor + nnls(gram, rhs, iterations, initial=initial, method=nnls_method)
+    else:
+        w = nnls(gram, rhs, iterations, initial=initial, method=nnls_method)
     return torch.log(w.clamp(min=MIN_WEIGHT, max=10.0 * span_length))
 
 
@@ -308,6 +319,8 @@ def attention_matching(
     query_weights: str = "share",
     value_prior: str = "zero",
     bound_values: bool = False,
+    min_beta: float | None = None,
+    max_beta: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact each problem's span to `budget` slots. Returns (indices [P, t] into the span, keys [P, t, d],
     values [P, t, d], beta [P, t]). `place(index, keys)`: where the chosen keys will be read from (e.g.
@@ -320,7 +333,13 @@ def attention_matching(
     span were all it read: keys are ranked by their RMS softmax weight within the span, each query's mass
     row is scaled by its largest weight in the span (so queries that spread their attention over many
     keys, whose mass the dropped keys carry, weigh most in the beta fit) and the value rows are unweighted.
-    With the same budget for every head, "peak" measured lower next-token KL (reports/am-reference-cpu/)."""
+    With the same budget for every head, "peak" measured lower next-token KL (reports/am-reference-cpu/).
+    `min_beta`: the lowest beta a fitted slot may get (the mass fit then solves w >= exp(min_beta) exactly);
+    None: w >= 0, where the optimum switches many chosen keys off (beta at log 1e-6), so their slots serve
+    no query and the value fit loses them. `max_beta`: the fitted betas are clipped to at most this (None:
+    only the bound of `fit_beta`), so no slot stands for more than exp(max_beta) of its key: with few slots
+    for a long span the mass fit gives single slots the weight of hundreds of entries, which queries
+    unlike the reference ones then over-read."""
     total = problem.keys.shape[1]
     if budget <= 0:
         raise ValueError(f"attention matching needs a positive slot budget, got {budget}")
@@ -361,7 +380,9 @@ def attention_matching(
         fit_phi, fit_mass, row_weight = phi_selected, mass, mass
     if fit_bias:
         # phi already includes each key's prior bias; the fitted weight multiplies it
-        beta = prior_bias + fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method)
+        min_weight = 0.0 if min_beta is None else math.exp(min_beta)
+        fitted = fit_beta(fit_phi, fit_mass, total, nnls_iterations, nnls_method, min_weight)
+        beta = prior_bias + (fitted if max_beta is None else fitted.clamp(max=max_beta))
     else:
         beta = prior_bias
     if value_prior not in VALUE_PRIORS:

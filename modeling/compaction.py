@@ -6,6 +6,7 @@ and values with their prior beta; Attention Matching fits beta and values in clo
 """
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,14 @@ from .rope import shift_keys
 
 # `exact_newest="auto"` without whole spans: the share of each head's budget kept as its newest entries
 EXACT_NEWEST = 0.75
+# `ridge` / `min_beta` / `max_beta` "auto": the value fit's ridge and the bounds of the fitted beta, and what
+# `for_head_budgets` chooses with uniform or proportional budgets (reports/am-reference-cpu/)
+RIDGE = 1e-3
+MIN_BETA = None
+MAX_BETA = None
+HEAD_BUDGET_RIDGE = 1e-5
+HEAD_BUDGET_MIN_BETA = -1.0
+HEAD_BUDGET_MAX_BETA = 3.0
 
 
 def sees_whole_span(query_positions: torch.Tensor, last_span_position) -> torch.Tensor:
@@ -147,12 +156,15 @@ class AttentionMatchingPress(Press):
     `EXACT_NEWEST`, or none once `compact` keeps the retrieval heads whole (`with_whole_spans`) or gives
     every head its own budget (`for_head_budgets`): the heads then measured better with every slot fitted
     over the whole span. `query_weights`: see `attention_matching`; "auto": "share", or what
-    `for_head_budgets` chooses."""
+    `for_head_budgets` chooses. `ridge` (the value fit's, relative to its Gram matrix's mean diagonal) and
+    `min_beta` (the lowest beta a fitted slot may get; None: beta's NNLS may switch slots off) and `max_beta`
+    (the highest; None: no cap): "auto" is `RIDGE` / `MIN_BETA` / `MAX_BETA`, or what `for_head_budgets`
+    chooses (see `attention_matching`)."""
 
     key_selection: str = "attention"
     fit_bias: bool = True
     refit_values: bool = True
-    ridge: float = 1e-3
+    ridge: float | str = "auto"  # the value fit's ridge (see `attention_matching.fit_values`), or "auto"
     omp_picks_per_step: int | None = None
     nnls_iterations: int = 400  # projected gradient's steps where it runs (accelerators; see `nnls`)
     exact_newest: float | str = "auto"  # share of each head's budget kept as its newest span entries, exact
@@ -166,6 +178,10 @@ class AttentionMatchingPress(Press):
     value_prior: str = "zero"
     # scale fitted values down to the longest value of the span's tokens (see `bound_value_norms`)
     bound_values: bool = False
+    # lower bound of each fitted slot's beta, or "auto" (None: NNLS's w >= 0, which leaves some slots dead)
+    min_beta: float | str | None = "auto"
+    # upper bound of each fitted slot's beta (a clip), or "auto" (None: no cap)
+    max_beta: float | str | None = "auto"
 
     def __post_init__(self):
         share = self.exact_newest
@@ -181,20 +197,46 @@ class AttentionMatchingPress(Press):
             raise ValueError(f"`value_prior` must be one of {VALUE_PRIORS}, got {self.value_prior!r}")
         if self.query_weights not in ("auto", *QUERY_WEIGHTS):
             raise ValueError(f"`query_weights` must be 'auto' or one of {QUERY_WEIGHTS}, got {self.query_weights!r}")
+        ridge = self.ridge
+        if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge)
+                                or ridge < 0):
+            raise ValueError(f"`ridge` must be a finite number >= 0 or 'auto', got {ridge!r}")
+        floor = self.min_beta
+        if floor not in ("auto", None) and (isinstance(floor, bool) or not isinstance(floor, (int, float))
+                                            or not math.isfinite(floor)):
+            raise ValueError(f"`min_beta` must be a finite number, None or 'auto', got {floor!r}")
+        cap = self.max_beta
+        if cap not in ("auto", None) and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap)):
+            raise ValueError(f"`max_beta` must be a finite number, None or 'auto', got {cap!r}")
+        if isinstance(floor, (int, float)) and isinstance(cap, (int, float)) and floor > cap:
+            raise ValueError(f"`min_beta` ({floor}) must not exceed `max_beta` ({cap})")
 
     def for_head_budgets(self, head_budgets: str) -> "AttentionMatchingPress":
         """This press for `compact` with these head budgets: with "uniform" or "proportional" ones, "auto"
-        fits every slot over the whole span (`exact_newest=0`) with the reference's query weights ("peak");
-        measured against the published implementation on the same document and queries, both lower the
-        next-token KL at 10x and 50x (reports/am-reference-cpu/). Global budgets keep "share" weights."""
+        fits every slot over the whole span (`exact_newest=0`) with the reference's query weights ("peak"),
+        keeps every fitted slot alive (beta >= `HEAD_BUDGET_MIN_BETA`: exact NNLS switched off up to three
+        quarters of a head's slots, budget that then served nothing), caps them at beta <= `HEAD_BUDGET_MAX_BETA`
+        (as the published implementation bounds them) and fits values with a lighter ridge
+        (`HEAD_BUDGET_RIDGE`); measured against the published implementation on the same document and
+        queries, each lowers the next-token KL at 10x and 50x (reports/am-reference-cpu/). Global budgets
+        keep "share" weights and the general defaults."""
         press = copy.copy(self)  # shallow: a subclass's own state (learned weights) stays shared
         if head_budgets == "global":
             press.query_weights = "share" if self.query_weights == "auto" else self.query_weights
+            press.ridge = RIDGE if self.ridge == "auto" else self.ridge
+            press.min_beta = MIN_BETA if self.min_beta == "auto" else self.min_beta
+            press.max_beta = MAX_BETA if self.max_beta == "auto" else self.max_beta
             return press
         if self.exact_newest == "auto":
             press.exact_newest = 0.0
         if self.query_weights == "auto":
             press.query_weights = "peak"
+        if self.ridge == "auto":
+            press.ridge = HEAD_BUDGET_RIDGE
+        if self.min_beta == "auto":
+            press.min_beta = HEAD_BUDGET_MIN_BETA
+        if self.max_beta == "auto":
+            press.max_beta = HEAD_BUDGET_MAX_BETA
         return press
 
     @property
@@ -271,13 +313,15 @@ class AttentionMatchingPress(Press):
             key_selection=key_selection,
             fit_bias=self.fit_bias,
             refit_values=self.refit_values,
-            ridge=self.ridge,
+            ridge=RIDGE if self.ridge == "auto" else self.ridge,
             omp_picks_per_step=self.omp_picks_per_step,
             nnls_iterations=self.nnls_iterations,
             nnls_method=self.nnls_method,
             query_weights="share" if self.query_weights == "auto" else self.query_weights,
             value_prior=self.value_prior,
             bound_values=self.bound_values,
+            min_beta=MIN_BETA if self.min_beta == "auto" else self.min_beta,
+            max_beta=MAX_BETA if self.max_beta == "auto" else self.max_beta,
         )
 
     def for_ranking(self) -> "AttentionMatchingPress":

@@ -113,6 +113,67 @@ def test_nnls_past_its_round_cap_falls_back_and_says_so(caplog):
         nnls(gram, rhs, method="exact")
 
 
+def _enumerated_bounded_optimum(a, mass, floor):
+    """The exact residual of min ||A w - m||^2 subject to w >= floor, for one small problem: the best over
+    every set S of free entries (the others at the floor) whose least-squares solution keeps w_S >= floor."""
+    size = a.shape[-1]
+    at_floor = torch.full((size,), floor, dtype=a.dtype)
+    best = float(_residual(a[None], mass[None], at_floor[None]))
+    for count in range(1, size + 1):
+        for support in itertools.combinations(range(size), count):
+            s = list(support)
+            w = at_floor.clone()
+            rest = mass - a @ at_floor + a[:, s] @ at_floor[s]
+            w[s] = torch.linalg.lstsq(a[:, s], rest[:, None]).solution[:, 0]
+            if bool((w[s] >= floor).all()):
+                best = min(best, float(_residual(a[None], mass[None], w[None])))
+    return best
+
+
+def test_fit_beta_floor_reaches_the_bounded_optimum():
+    """With `min_weight`, the mass fit is the exact least squares over w >= min_weight (checked against
+    every support of small problems), while plain NNLS leaves some of the same slots below that floor."""
+    from sparsemem.modeling.attention_matching import fit_beta
+
+    floor, worst, below = math.exp(-1), 0.0, 0
+    for seed in range(4):
+        a, mass, _, _ = _attention_nnls(seed, 3, 40, 8, sharpness=1.0 + seed)
+        w = fit_beta(a.float(), mass.float(), span_length=32, min_weight=floor).double().exp()
+        assert (w >= floor * (1 - 1e-5)).all()
+        below += int((fit_beta(a.float(), mass.float(), span_length=32).exp() < floor).sum())
+        for p in range(3):
+            exact = _enumerated_bounded_optimum(a[p], mass[p], floor)
+            worst = max(worst, (float(_residual(a[p], mass[p], w[p])) - exact) / exact)
+    assert worst < 1e-4, worst
+    assert below > 0  # the floor binds: these problems are not solved by plain NNLS already
+
+
+def test_min_beta_keeps_every_fitted_slot_alive():
+    """Plain NNLS switches some chosen keys off (beta at log 1e-6); `min_beta` keeps every slot at or above
+    it, and the slots still reproduce the span better than the chosen keys left as they are."""
+    problem = _problem(span=200, n=256)
+    _, _, _, dead = attention_matching(problem, 40, query_weights="peak")
+    assert bool((dead < -13).any())
+    index, keys, values, beta = attention_matching(problem, 40, query_weights="peak", min_beta=-1.0)
+    assert bool((beta >= -1.0 - 1e-5).all())
+    gather = lambda t: t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+    fitted = _errors(problem, keys, values, beta)
+    kept = _errors(problem, keys, gather(problem.values), torch.zeros_like(beta))
+    assert fitted[0] < kept[0] and fitted[1] < kept[1]
+
+
+def test_max_beta_clips_the_fitted_beta():
+    """`max_beta` clips the mass fit's betas (the same keys; the beta of the uncapped fit, clipped) and the
+    values are fitted to the clipped betas."""
+    problem = _problem()
+    index, _, values, beta = attention_matching(problem, 10, query_weights="peak", min_beta=-1.0)
+    assert bool((beta > 2.0).any())  # few slots for the span: some stand for many entries
+    capped_index, _, capped_values, capped = attention_matching(problem, 10, query_weights="peak", min_beta=-1.0, max_beta=2.0)
+    assert torch.equal(capped_index, index)
+    torch.testing.assert_close(capped, beta.clamp(max=2.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(capped_values, values, atol=1e-3)
+
+
 def test_identical_keys_collapse_to_one_slot_exactly():
     """T identical keys: one kept key with beta = log(T) and value = mean value reproduces the span."""
     problem = _problem(duplicate=True)
@@ -483,18 +544,32 @@ def test_peak_query_weights_ignore_what_each_query_reads_beyond_the_span():
 
 
 def test_head_budgets_choose_the_press_fit(filled):
-    """Uniform budgets fit every slot over the span with "peak" weights; global ones keep "share"."""
+    """Uniform budgets fit every slot over the span with "peak" weights, beta bounded to [-1, 3] and a light
+    value ridge; global ones keep "share" and the general defaults; options given stay as given."""
     from sparsemem.modeling.compaction import AttentionMatchingPress
 
     model, ids, full = filled
+    keys = ("query_weights", "exact_newest", "min_beta", "max_beta", "ridge")
+    fit = lambda cache: tuple(cache.compaction_info[key] for key in keys)  # noqa: E731
     uniform = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="uniform")
-    assert (uniform.compaction_info["query_weights"], uniform.compaction_info["exact_newest"]) == ("peak", 0.0)
-    chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share")
+    assert fit(uniform) == ("peak", 0.0, -1.0, 3.0, 1e-5)
+    chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share", min_beta=None, max_beta=None, ridge=1e-2)
     kept = sparsemem.compact(model, copy.deepcopy(full), ratio=6, method=chosen, input_ids=ids[:, :240], head_budgets="uniform")
-    assert (kept.compaction_info["query_weights"], kept.compaction_info["exact_newest"]) == ("share", 0.5)
-    assert AttentionMatchingPress().for_head_budgets("global").query_weights == "share"
+    assert fit(kept) == ("share", 0.5, None, None, 1e-2)
+    press = AttentionMatchingPress().for_head_budgets("global")
+    assert (press.query_weights, press.min_beta, press.max_beta, press.ridge) == ("share", None, None, 1e-3)
     with pytest.raises(ValueError, match="query_weights"):
         AttentionMatchingPress(query_weights="equal")
+    for bad in (-1.0, "light", True, float("inf")):
+        with pytest.raises(ValueError, match="ridge"):
+            AttentionMatchingPress(ridge=bad)
+    for bad in ("low", float("nan"), False):
+        with pytest.raises(ValueError, match="min_beta"):
+            AttentionMatchingPress(min_beta=bad)
+        with pytest.raises(ValueError, match="max_beta"):
+            AttentionMatchingPress(max_beta=bad)
+    with pytest.raises(ValueError, match="must not exceed"):
+        AttentionMatchingPress(min_beta=1.0, max_beta=0.0)
 
 
 def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(filled):

@@ -473,6 +473,9 @@ def compact(
         "whole_span_share": whole_span_share,
         "exact_newest": press.exact_share if isinstance(press, AttentionMatchingPress) else None,
         "query_weights": press.query_weights if isinstance(press, AttentionMatchingPress) else None,
+        "min_beta": press.min_beta if isinstance(press, AttentionMatchingPress) else None,
+        "max_beta": press.max_beta if isinstance(press, AttentionMatchingPress) else None,
+        "ridge": press.ridge if isinstance(press, AttentionMatchingPress) else None,
         "seconds": time.perf_counter() - start_time,
     }
     logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
