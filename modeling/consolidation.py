@@ -19,7 +19,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from .attention_matching import SpanProblem, bound_value_norms
-from .compaction import AttentionMatchingPress, HeadSpan
+from .compaction import HeadSpan
+from .attention_matching_press import AttentionMatchingPress
 from .rope import shift_keys
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .compaction import AttentionMatchingPress, LayerCompaction, SlotPlacement, compact_layers
+from .compaction import LayerCompaction, SlotPlacement, compact_layers
+from .attention_matching_press import AttentionMatchingPress
 from .presses import make_press
 
 logger = logging.getLogger(__name__)

@@ -4,15 +4,9 @@ The press contract and the per-layer step live in compaction.py; each press or f
 module. This registry imports them all, so none of them needs to know the others.
 """
 
-from .compaction import (
-    AttentionMatchingPress,
-    H2OPress,
-    KVzipPress,
-    Press,
-    RandomPress,
-    SnapKVPress,
-    StreamingLLMPress,
-)
+from .compaction import Press
+from .attention_matching_press import AttentionMatchingPress
+from .baseline_presses import H2OPress, KVzipPress, RandomPress, SnapKVPress, StreamingLLMPress
 from .consolidation import LearnedConsolidationPress
 
 PRESSES = {

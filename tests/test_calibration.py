@@ -417,7 +417,8 @@ def test_push_fails_fast_offline(uninterrupted, tmp_path):
 
 def test_learned_consolidation_never_worse_than_attention_matching_on_held_out_queries():
     from sparsemem.modeling.attention_matching import SpanProblem
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
     from sparsemem.modeling.consolidation import LearnedConsolidationPress, consolidation_loss
 
     generator = torch.Generator().manual_seed(0)

@@ -376,7 +376,8 @@ def test_chunked_compaction_keeps_the_ratio_and_every_chunk(filled):
 def test_am_output_error_is_below_kvzip_on_a_fixed_problem():
     """Same budget, same queries: AM's fitted beta and values reproduce the span's attention output and
     mass better than KVzip's kept keys and values."""
-    from sparsemem.modeling.compaction import HeadSpan, KVzipPress
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.baseline_presses import KVzipPress
 
     problem = _problem()
     span = HeadSpan(problem, torch.arange(200), torch.full((256,), -1))
@@ -402,7 +403,7 @@ def test_every_layer_and_head_keeps_slots_when_the_split_is_searched(filled):
 
 
 def test_context_queries_judge_the_split_but_only_the_sources_are_fitted(filled):
-    from sparsemem.modeling.compaction import AttentionMatchingPress
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
 
     class Recording(AttentionMatchingPress):
         seen: list
@@ -467,7 +468,9 @@ def test_am_fits_only_the_queries_that_come_after_the_span():
 
 
 def test_recent_key_selection_without_fits_is_streaming_llm():
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan, StreamingLLMPress
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
+    from sparsemem.modeling.baseline_presses import StreamingLLMPress
 
     problem = _problem(span=60)
     span = HeadSpan(problem, torch.arange(100, 160), torch.full((problem.queries.shape[1],), -1))
@@ -484,7 +487,8 @@ def test_recent_key_selection_without_fits_is_streaming_llm():
 
 
 def test_am_keeps_the_newest_share_of_each_budget_exact_and_fits_the_rest_to_the_older_part():
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
 
     problem = _problem(span=60)
     span = HeadSpan(problem, torch.arange(100, 160), torch.full((problem.queries.shape[1],), -1))
@@ -504,7 +508,8 @@ def test_am_keeps_the_newest_share_of_each_budget_exact_and_fits_the_rest_to_the
 
 
 def test_exact_newest_indices_point_into_the_span_whatever_its_order():
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
 
     problem = _problem(span=60)
     # positions descending: the newest entries come first in the span, so its older part is not a prefix
@@ -517,7 +522,7 @@ def test_exact_newest_indices_point_into_the_span_whatever_its_order():
 
 
 def test_exact_newest_must_be_a_share():
-    from sparsemem.modeling.compaction import AttentionMatchingPress
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
 
     assert AttentionMatchingPress().exact_share == 0.75  # "auto" without whole spans
     assert AttentionMatchingPress().with_whole_spans().exact_share == 0.0
@@ -546,7 +551,7 @@ def test_peak_query_weights_ignore_what_each_query_reads_beyond_the_span():
 def test_head_budgets_choose_the_press_fit(filled):
     """Uniform budgets fit every slot over the span with "peak" weights, beta bounded to [-1, 3] and a light
     value ridge; global ones keep "share" and the general defaults; options given stay as given."""
-    from sparsemem.modeling.compaction import AttentionMatchingPress
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
 
     model, ids, full = filled
     keys = ("query_weights", "exact_newest", "min_beta", "max_beta", "ridge")

@@ -194,7 +194,9 @@ def test_guarded_attention_matching_keeps_the_better_of_its_fit_and_the_newest_e
     fitted slots or the span's newest entries as they are (StreamingLLM), whichever reproduces the held-out
     queries' attention better."""
     from sparsemem.modeling.attention_matching import SpanProblem
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan, StreamingLLMPress
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
+    from sparsemem.modeling.baseline_presses import StreamingLLMPress
 
     generator = torch.Generator().manual_seed(7)
     problems, total, n, dim = 6, 80, 9, 16  # 6 queries fit 8 slots: the fit can overfit them
@@ -251,7 +253,8 @@ def test_learned_consolidation_streams_under_inference_mode_past_the_window():
 def test_refinement_without_key_training_keeps_the_closed_form_keys():
     """`train_keys=False`: the refined press returns the closed form's keys (real span keys) and its own values."""
     from sparsemem.modeling.attention_matching import SpanProblem
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan
+    from sparsemem.modeling.compaction import HeadSpan
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
     from sparsemem.modeling.consolidation import LearnedConsolidationPress
 
     generator = torch.Generator().manual_seed(4)

@@ -186,7 +186,8 @@ def test_learned_consolidation_refines_slots_where_the_layout_puts_them():
     rotation they were chosen at. With no steps it returns the closed form's slots; with steps it is
     never worse on the held-out queries, measured at the placed keys."""
     from sparsemem.modeling.attention_matching import SpanProblem
-    from sparsemem.modeling.compaction import AttentionMatchingPress, HeadSpan, SlotPlacement
+    from sparsemem.modeling.compaction import HeadSpan, SlotPlacement
+    from sparsemem.modeling.attention_matching_press import AttentionMatchingPress
     from sparsemem.modeling.consolidation import LearnedConsolidationPress, consolidation_loss
 
     rotary, _ = _rotary("default")

@@ -18,13 +18,8 @@ import time
 import torch
 
 from .modeling.call_context import call_settings
-from .modeling.compaction import (
-    AttentionMatchingPress,
-    LayerAttention,
-    compact_layer,
-    group_queries,
-    sees_whole_span,
-)
+from .modeling.compaction import LayerAttention, compact_layer, group_queries, sees_whole_span
+from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.presses import make_press
 
 logger = logging.getLogger(__name__)

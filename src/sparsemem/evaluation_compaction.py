@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache_compaction import capture_reference_queries, compact
-from .modeling.compaction import AttentionMatchingPress
+from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.presses import make_press
 from .corpus import needle_question, passkey_case, token_window
 from .atomic import write_report, write_text
