@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from .machine import device_name, model_label
+from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 
 logger = logging.getLogger(__name__)
@@ -289,6 +290,8 @@ def stream(
     compacted_to = {
         "sinks": online.keep_first, "recent": online.keep_last, "slots_per_head": online.slots_per_head,
         "after_compaction": online.keep_first + online.keep_last + online.slots_per_head,
+        # eviction presses keep span entries as they are; only a fitting press makes slots of its own
+        "fitted": isinstance(online.press, AttentionMatchingPress),
     }
     carry = source.take(1)
     fed = 0
@@ -483,8 +486,9 @@ def render_stream_markdown(runs: list[dict], meta: dict) -> list[str]:
         if not s.get("chunks"):
             continue
         c = s.get("compacted_to", {})
+        older = "fitted slots" if c.get("fitted", True) else "older entries it chose, as they are,"
         notes = [f"- {run['method']}: after a compaction a layer holds {c.get('sinks')} sinks + {c.get('recent')} recent tokens "
-                 f"+ {c.get('slots_per_head')} slots per KV head; while a chunk is attended it holds up to "
+                 f"+ {c.get('slots_per_head')} {older} per KV head; while a chunk is attended it holds up to "
                  f"{c.get('after_compaction', 0) + run['chunk']} entries per head (the chunk included)."]
         if s.get("steady_cuda_peak_allocated"):
             p = s["steady_cuda_peak_allocated"]
