@@ -276,6 +276,8 @@ def sparsemem_attention_forward(
         if block_first is None:
             block_first = torch.arange(num_blocks, device=key.device) * block_size
     summary_keys = key if free_keys is None else free_keys
+    has_slots = slots is not None and len(slots) > 0
+    free_slots = placement.free_slots(slots) if placement is not None and has_slots else slots
     if contiguous:
         summaries = summarize_contiguous_blocks(summary_keys, block_size, num_blocks)  # nothing evicted
     else:
@@ -321,16 +323,15 @@ def sparsemem_attention_forward(
         key_selected = selected.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         full = visible[:, None] & (anchors[None, None] | key_selected)  # [B, Hkv, q, N]
 
-        has_slots = slots is not None and len(slots) > 0
         # fold the GQA group into the query axis: [B, Hkv, G*q, D] against [B, Hkv, N, D]
         q_flat = q.reshape(batch, kv_heads, groups * n_q, dim)
         logits = (q_flat @ k_chunk.transpose(-1, -2)).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
-        occupied_after = None
+        occupied_after = attended_blocks = None
         if placement is not None:
             # keys in the local window keep their own distances, every other key takes its placed one
-            if placement.scheme == "ordered" or has_slots:
-                occupied_after = occupied_blocks_after(selected, block_first, sink)
-            placed = placement.placed_logits(q, start, stop, free_keys[:, :, :end], key_blocks, occupied_after, scaling)
+            if placement.scheme == "ordered":
+                occupied_after, attended_blocks = occupied_blocks_after(selected, block_first, sink)
+            placed = placement.placed_logits(q, q_score, start, stop, free_keys[:, :, :end], key_blocks, occupied_after, scaling)
             logits = torch.where(local_mask(q_pos, key_pos, local)[None, None, None], logits, placed)
         gate_temperature = getattr(module, "selection_gate_temperature", None)
         if gate_temperature is not None and torch.is_grad_enabled():
@@ -344,17 +345,14 @@ def sparsemem_attention_forward(
         attended = full.sum() * groups
 
         if has_slots:
-            q_slots, chunk_slots = q, slots
+            q_slots = q
             if placement is not None:
                 # slots sit before every placed block ("fixed": with them, at the placement distance)
-                extra = 0
-                if placement.scheme == "ordered":
-                    first_attended = selected[..., 0] | (block_first[0] < sink)
-                    attended_blocks = occupied_after[..., 0] + first_attended.long()  # [B, Hkv, q]
-                    extra = (attended_blocks * block_size)[:, :, None]  # [B, Hkv, 1, q]
-                q_slots, chunk_slots = placement.far_queries(q, start, stop, extra), placement.free_slots(slots)
+                q_slots = q_score if attended_blocks is None else placement.far_queries(
+                    q, start, stop, (attended_blocks * block_size)[:, :, None]  # [B, Hkv, 1, q]
+                )
             slot_out, slot_lse, slot_pairs = slot_attention(
-                q_slots, q_pos, chunk_slots, selected, scaling, block_size, sink, local, window, slot_block, block_first
+                q_slots, q_pos, free_slots, selected, scaling, block_size, sink, local, window, slot_block, block_first
             )
             out = merge_attention_states([(out, lse), (slot_out, slot_lse)])[0]
             attended = attended + slot_pairs * groups

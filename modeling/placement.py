@@ -91,30 +91,30 @@ class Placement:
         """The slot tier with the slot keys' positions taken out."""
         return slots.moved(shift_keys(self.rotary, slots.keys, -slots.rope), torch.zeros_like(slots.rope))
 
-    def placed_logits(self, query, start, stop, free_keys, key_blocks, occupied_after, scaling: float):
+    def placed_logits(self, query, far, start, stop, free_keys, key_blocks, occupied_after, scaling: float):
         """Logits [B, Hkv, G, q, N] of `query` [B, Hkv, G, q, D] against every key at its placed distance.
 
-        free_keys [B, Hkv, N, D] from `free_keys`; key_blocks [N] their block ids; occupied_after
+        far: `far_queries(query, start, stop)` (the queries at the placement distance, which selection scored
+        with); free_keys [B, Hkv, N, D] from `free_keys`; key_blocks [N] their block ids; occupied_after
         [B, Hkv, q, nb]: per query, how many attended blocks (selected or holding sinks) are newer than
         each block (used by "ordered" only). Entries that are not attended are masked by the caller."""
         batch, kv_heads, groups, n_q, dim = query.shape
         flat_keys = free_keys.transpose(-1, -2)
         if self.scheme == "fixed":
-            far = self.far_queries(query, start, stop).reshape(batch, kv_heads, groups * n_q, dim)
-            return (far @ flat_keys).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
+            return (far.reshape(batch, kv_heads, groups * n_q, dim) @ flat_keys).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
         # "ordered": a key in a block with m attended blocks newer than it sits m blocks further away
         after = occupied_after.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
         logits = None
         for m in torch.unique(after).tolist():
-            far = self.far_queries(query, start, stop, m * self.block_size).reshape(batch, kv_heads, groups * n_q, dim)
-            part = (far @ flat_keys).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
+            at_m = far if m == 0 else self.far_queries(query, start, stop, m * self.block_size)
+            part = (at_m.reshape(batch, kv_heads, groups * n_q, dim) @ flat_keys).mul_(scaling).view(batch, kv_heads, groups, n_q, -1)
             logits = part if logits is None else torch.where((after == m)[:, :, None], part, logits)
         return logits
 
 
-def occupied_blocks_after(selected: torch.Tensor, block_first: torch.Tensor, sink_tokens: int) -> torch.Tensor:
-    """[B, Hkv, q, nb]: per query, the number of attended blocks newer than each block, where a block is
-    attended when selected or when it holds sinks. `block_first` [nb]: each block's first logical position."""
-    occupied = selected | (block_first < sink_tokens)
-    count = occupied.long()
-    return count.flip(-1).cumsum(-1).flip(-1) - count
+def occupied_blocks_after(selected: torch.Tensor, block_first: torch.Tensor, sink_tokens: int):
+    """Per query, the attended blocks, where a block is attended when selected or when it holds sinks: (how
+    many are newer than each block [B, Hkv, q, nb], how many there are [B, Hkv, q]). `block_first` [nb]:
+    each block's first logical position."""
+    count = (selected | (block_first < sink_tokens)).long()
+    return count.flip(-1).cumsum(-1).flip(-1) - count, count.sum(-1)
