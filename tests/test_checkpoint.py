@@ -134,3 +134,24 @@ def test_resave_of_a_loaded_checkpoint_keeps_remote_code(saved, tmp_path):
     model.save_pretrained(tmp_path / "again")
     assert REMOTE_FILES <= {p.name for p in (tmp_path / "again").glob("*.py")}
     assert "auto_map" in json.loads((tmp_path / "again" / "config.json").read_text())
+
+
+def test_default_model_cache_drops_a_gguf_quantization_config(tmp_path, monkeypatch):
+    """The cached default model holds dequantised safetensors: a GGUF `quantization_config` left in its
+    config.json made every model loaded from it refuse `save_pretrained`."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from sparsemem.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+    monkeypatch.setenv("SPARSEMEM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / DEFAULT_MODEL_NAME
+    make_base_model("llama").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert default_model_dir() == folder
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "config.json").is_file()

