@@ -36,7 +36,7 @@ from .slot_attention import slot_attention
 
 ATTENTION_NAME = "sparsemem"
 _DEFAULTS = SparseMemOptions()
-_FAST_PATH_OPTIONS = (
+FAST_PATH_OPTIONS = (
     "block_size", "query_block_size", "sink_tokens", "local_tokens", "top_k_blocks", "block_fraction", "block_mass", "query_chunk_size"
 )
 _LOGGED: set[str] = set()
@@ -224,7 +224,7 @@ def sparsemem_attention_forward(
                 stats.add("decode" if num_queries == 1 else "prefill", attended, dense)
             return output, None
     if backend != "reference":
-        options = {name: _option(config, name) for name in _FAST_PATH_OPTIONS}
+        options = {name: _option(config, name) for name in FAST_PATH_OPTIONS}
         if sparsemem.fallback is not None:
             reason = sparsemem.fallback
         elif num_queries == 1:

@@ -6,12 +6,14 @@ through `ALL_ATTENTION_FUNCTIONS`; the default implementation is "sparsemem" (th
 and any other registered implementation ("sdpa", "eager", ...) gives the base model's dense attention.
 """
 
+import functools
 import inspect
 import logging
 import os
 
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, load_state_dict
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 from transformers.models.llama.modeling_llama import (
@@ -24,7 +26,7 @@ from transformers.models.mistral.modeling_mistral import MistralAttention, Mistr
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 
-from .attention import ATTENTION_NAME, AttentionStats, MemoryView, register_attention
+from .attention import ATTENTION_NAME, FAST_PATH_OPTIONS, AttentionStats, MemoryView, register_attention
 from .block_consolidation import BlockConsolidator, BlockSlotCache, block_slots, build_consolidator
 from .block_decode import BlockSummaryCache
 from .cache import SparseMemCache
@@ -38,6 +40,9 @@ from .configuration_sparsemem import (
 )
 from .learned_scorer import LearnedBlockScorer, build_scorer
 from .placement import Placement
+from .decode_graph import DecodeGraph
+from .static_cache import StaticSparseMemCache
+from .static_decode import selection_width, static_decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +156,45 @@ class SparseMemAttentionMixin:
             self.config.local_tokens, self.config.block_size,
         )
 
+    def _static_attention(self, query, key, value, attention_mask, cache, kwargs) -> torch.Tensor:
+        """Attention over a `StaticSparseMemCache` layer: one-token steps by `static_decode_attention` (fixed
+        shapes, nothing read back: capturable), several tokens by the usual attention over the filled part."""
+        layer = cache.layers[self.layer_idx]
+        past = layer.get_seq_length()
+        keys, values = cache.update(key, value, self.layer_idx)
+        total, new = past + query.shape[-2], query.shape[-2]
+        call = settings_for(self)
+        dense = call.attn_implementation if call is not None else None
+        implementation = dense or self.config._attn_implementation
+        if self.attention_window is not None and self.attention_window < layer.max_cache_len:
+            raise ValueError(f"StaticSparseMemCache does not implement a sliding window ({self.attention_window} tokens, "
+                             f"max_cache_len {layer.max_cache_len}): use SparseMemCache")
+        if attention_mask is not None and implementation == ATTENTION_NAME:
+            raise ValueError("StaticSparseMemCache does not take a padded batch: pass sequences of one length (or one "
+                             "at a time), or use SparseMemCache")
+        if new == 1 and implementation == ATTENTION_NAME:
+            options = {name: getattr(self.config, name) for name in FAST_PATH_OPTIONS}
+            width = selection_width(layer.max_cache_len, options)
+            output, attended = static_decode_attention(query, layer, self.scaling, self.scorer, options, width)
+            if not (output.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # a replayed step does not run Python: counts come from eager steps only
+                self.sparsemem_stats.add("decode", attended, total * query.shape[0] * query.shape[1])
+            return output
+        keys, values = keys[:, :, :total], values[:, :, :total]
+        if implementation == ATTENTION_NAME:
+            positions = torch.arange(total, device=keys.device)
+            kwargs["sparsemem"] = MemoryView(positions[past:], positions, None, self.attention_window, None, True,
+                                             queries_newest=True, logical_length=total)
+        elif dense is not None and self.config._attn_implementation == ATTENTION_NAME:
+            positions = torch.arange(total, device=keys.device)
+            attention_mask = dense_mask(attention_mask, positions[past:], positions, self.attention_window)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, _ = attention_interface(
+            self, query, keys, values, attention_mask, dropout=0.0, scaling=self.scaling,
+            sliding_window=self.attention_window, **kwargs,
+        )
+        return output
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -192,6 +236,10 @@ class SparseMemAttentionMixin:
         recorder = call.query_recorder if call is not None and call.query_recorder else getattr(self, "query_recorder", None)
         if recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
             recorder(self.layer_idx, query_states)
+
+        if getattr(past_key_values, "is_static_sparsemem", False):
+            output = self._static_attention(query_states, key_states, value_states, attention_mask, past_key_values, kwargs)
+            return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
         past, layer = 0, None
         if past_key_values is not None:
@@ -428,6 +476,14 @@ class SparseMemForCausalLMMixin:
         **kwargs,
     ):
         cache = _given_cache(past_key_values, cache)
+        if getattr(cache, "is_static_sparsemem", False):
+            graph = self._decode_graph(cache, input_ids, labels, kwargs)
+            if graph is not None:
+                logits = graph(input_ids)
+                if attention_mask is not None and not bool(attention_mask.all()):
+                    raise ValueError("StaticSparseMemCache does not take a padded batch: pass sequences of one length "
+                                     "(or one at a time), or use SparseMemCache")
+                return CausalLMOutputWithPast(logits=logits, **{CACHE_ARGUMENT: cache})
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if use_cache and cache is None:
             cache = SparseMemCache(self.config)
@@ -444,6 +500,24 @@ class SparseMemForCausalLMMixin:
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+
+    def _decode_graph(self, cache, input_ids, labels, kwargs) -> DecodeGraph | None:
+        """The captured decode step that runs this call, where it is a one-token step over a filled
+        `StaticSparseMemCache(cuda_graph=True)` on CUDA without gradients; None: run the forward eagerly."""
+        graph = cache.graph
+        if graph is not None and graph.busy:  # the capture itself runs the forward
+            return None
+        one_token = input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] == 1 and input_ids.is_cuda
+        if not (cache.cuda_graph and one_token and cache.get_seq_length() and labels is None):
+            return None
+        if torch.is_grad_enabled() or settings_for(self.model.layers[0].self_attn) is not None:
+            return None
+        if any(kwargs.get(name) for name in ("output_attentions", "output_hidden_states", "inputs_embeds")):
+            return None
+        if graph is None or graph.input_ids.shape[0] != input_ids.shape[0]:
+            eager = functools.partial(self.forward, **{CACHE_ARGUMENT: cache})
+            graph = cache.graph = DecodeGraph(eager, cache, input_ids.shape[0], input_ids.device)
+        return graph
 
     def generate(self, *args, max_kv_tokens: int | None = None, memory=None, **kwargs):
         """`transformers` generate; `max_kv_tokens` bounds every layer's physical KV memory by compacting

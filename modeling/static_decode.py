@@ -1,0 +1,98 @@
+"""Decode attention over a `StaticSparseMemLayer` with every shape fixed and every choice made on the device.
+
+The same function as the reference path for one new query at position L-1 (L = the layer's device length):
+sinks, the recent window and the selected blocks of the block store, exact softmax over their union. What
+differs is how it is computed: the sinks, a window of `local_tokens` positions and `width` blocks are always
+gathered (`width` = the most blocks the selection can take at the buffers' full length), and those that are not
+held or not chosen at this length are masked. A step therefore issues the same kernels on the same shapes at
+every length, with no value read back to the host, which is what a CUDA graph replay needs.
+"""
+
+import functools
+import math
+
+import torch
+
+from .block_decode import selection_budget
+
+
+def selection_width(max_cache_len: int, options: dict) -> int:
+    """Blocks a static step gathers: the selection budget of a query that sees every block of the buffers
+    (0 for the dense-equivalent setting, which attends the whole held range instead)."""
+    if options["top_k_blocks"] is None:
+        return 0
+    return _budget(math.ceil(max_cache_len / options["block_size"]), options["top_k_blocks"], options["block_fraction"])
+
+
+@functools.lru_cache(maxsize=64)
+def _budget(num_blocks: int, top_k: int, fraction: float | None) -> int:
+    return selection_budget(num_blocks, top_k, fraction)  # computed once per shape, not at every step
+
+
+def _gather_tokens(tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """tensor [B, Hkv, N, D] at `tokens` ([n] shared by every row, or [B, Hkv, n]); indices past N are clamped
+    (their entries are masked by the caller)."""
+    tokens = tokens.clamp(min=0, max=tensor.shape[2] - 1)
+    if tokens.dim() == 1:
+        return tensor.index_select(2, tokens)
+    return tensor.gather(2, tokens[..., None].expand(-1, -1, -1, tensor.shape[-1]))
+
+
+def _chosen_blocks(query_rows, layer, scorer, options, width, position):
+    """Token indices [B, Hkv, width * block] of the selected blocks and whether each is attended: the block is
+    chosen at this length and the token is a held key outside the anchors."""
+    size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
+    summaries = layer.summaries()
+    blocks = torch.arange(summaries.num_blocks, device=position.device)
+    high = position - local  # newest key outside the recent window
+    # candidates: blocks holding a key in [sink, high]
+    candidates = (blocks >= sink // size) & (blocks <= torch.div(high, size, rounding_mode="floor"))
+    scores = scorer(query_rows[:, :, :, None], summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
+    scores = scores.masked_fill(~candidates, float("-inf"))
+    fraction = options["block_fraction"]
+    top = scores.topk(width, dim=-1, sorted=fraction is not None)  # best first when a budget cuts the ranks
+    chosen = candidates[top.indices]
+    if fraction is not None:
+        budget = torch.ceil(candidates.sum() * fraction).clamp(min=options["top_k_blocks"])
+        chosen = chosen & (torch.arange(width, device=position.device) < budget)
+    tokens = (top.indices[..., None] * size + torch.arange(size, device=position.device)).flatten(-2)
+    attended = chosen.repeat_interleave(size, dim=-1) & (tokens >= sink) & (tokens <= high)
+    return tokens, attended
+
+
+def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, options: dict, width: int):
+    """query [B, H, 1, D] of the token the layer just wrote at position L-1 (L = `layer.length`).
+
+    Returns (output [B, 1, H, D] in the query dtype, attended (query head, key) pairs as a 0-d tensor)."""
+    batch, heads, _, dim = query.shape
+    keys, values = layer.keys, layer.values
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    position = layer.length - 1  # [1]
+    query_rows = query.view(batch, kv_heads, groups, dim).float()
+    if options["top_k_blocks"] is None:
+        # dense-equivalent: every held key
+        held = torch.arange(keys.shape[2], device=keys.device) <= position
+        parts = [(keys, values, held.expand(batch, kv_heads, -1))]
+    else:
+        sink, local = options["sink_tokens"], options["local_tokens"]
+        parts = []
+        if sink:
+            tokens = torch.arange(sink, device=keys.device)
+            parts.append((keys[:, :, :sink], values[:, :, :sink], (tokens <= position).expand(batch, kv_heads, -1)))
+        if local:
+            # the recent window: the `local` newest positions up to the query, past the sinks
+            tokens = position - local + 1 + torch.arange(local, device=keys.device)
+            held = (tokens >= sink).expand(batch, kv_heads, -1)
+            parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), held))
+        if width:
+            tokens, attended = _chosen_blocks(query_rows, layer, scorer, options, width, position)
+            parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), attended))
+    part_keys = torch.cat([part[0] for part in parts], dim=2).float()
+    part_values = torch.cat([part[1] for part in parts], dim=2).float()
+    valid = torch.cat([part[2] for part in parts], dim=2)  # [B, Hkv, n]
+    logits = torch.einsum("bhgd,bhnd->bhgn", query_rows, part_keys).mul_(scaling)
+    logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+    output = torch.softmax(logits, dim=-1) @ part_values  # the query's own key is always valid
+    attended = valid.sum() * groups
+    return output.view(batch, heads, 1, dim).transpose(1, 2).to(query.dtype), attended
