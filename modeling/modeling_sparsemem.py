@@ -41,7 +41,6 @@ from .configuration_sparsemem import (
 from .learned_scorer import LearnedBlockScorer, build_scorer
 from .placement import Placement
 from .decode_graph import DecodeGraph
-from .static_cache import StaticSparseMemCache
 from .static_decode import selection_width, static_decode_attention
 
 logger = logging.getLogger(__name__)

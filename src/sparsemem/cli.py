@@ -79,16 +79,9 @@ def _options(args) -> dict:
 
 
 def _load(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .default_model import load_model
 
-    from .default_model import resolve_model
-
-    path = resolve_model(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    return path, tokenizer, model
+    return load_model(args.model, args.device, args.dtype)
 
 
 def _kv_bytes(cache) -> int:
@@ -432,6 +425,12 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--decode-model-context", type=int, default=131072)
     bench.add_argument("--decode-model-densities", type=float, nargs="+", default=[0.125, 0.0625])
     bench.add_argument("--decode-steps", type=int, default=8)
+    bench.add_argument("--no-compile-dense", dest="compile_dense", action="store_false",
+                       help="leave out dense transformers with StaticCache + torch.compile (mode reduce-overhead) from the "
+                            "decode sections (its compilation takes minutes)")
+    bench.add_argument("--small-context", type=int, default=4096,
+                       help="decode-small section: real-text prompt tokens before the timed steps")
+    bench.add_argument("--small-steps", type=int, default=256, help="decode-small section: one-token steps (3 untimed)")
     bench.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward call)")
     bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
     bench.add_argument("--sink-tokens", type=int, default=128)

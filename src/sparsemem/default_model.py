@@ -79,3 +79,16 @@ def resolve_model(name_or_path: str | None) -> str:
     if name_or_path in (None, "", "default", DEFAULT_MODEL_NAME):
         return str(default_model_dir())
     return name_or_path
+
+
+def load_model(name_or_path: str | None, device: str | None = None, dtype: str = "float32"):
+    """(path, tokenizer, base model in eval mode with SDPA attention on `device`) for a model argument of the CLI:
+    None/"default" for the default model, else a local folder or a Hub repo id. `device`: default cuda when
+    available. `dtype`: a torch dtype name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return path, tokenizer, model.to(device).eval()

@@ -415,18 +415,13 @@ def summarize(run: StreamRun, config, source: TokenStream) -> dict:
 
 def load_stream_model(args):
     """The model, tokenizer and report metadata of the bench's `stream` section."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from . import convert
-    from .default_model import resolve_model
+    from .default_model import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
+    path, tokenizer, base = load_model(args.model, args.device, args.dtype)
     # every held entry is attended exactly: the compaction into slots is the only approximation
     positions = getattr(args, "positions", "auto")
-    model = convert(base.to(device).eval(), top_k_blocks=None, block_fraction=None, positions=positions)
+    model = convert(base, top_k_blocks=None, block_fraction=None, positions=positions)
     meta = dict(positions=positions, 
         model=model_label(args.model, path), device=device_name(model), dtype=args.dtype, tokens=args.stream_tokens,
         chunk=args.stream_chunk, budget=args.stream_budget, methods=list(args.stream_methods),
