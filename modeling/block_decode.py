@@ -181,17 +181,27 @@ if triton is not None:
 
     @triton.jit
     def _decode_tiles_kernel(
-        Q, K, V, IDX, ACC, M, L, CNT,
+        Q, K, V, IDX, ACC, M, L, CNT, LENGTH,
         stride_qb, stride_qh, stride_qg,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
         stride_ib, stride_ih,
-        num_selected, num_tiles, per_split, total, low, high, sink_end, sink_tiles, window_start, scale,
+        num_selected, num_tiles, per_split, total, sink, local, sink_tiles, scale,
         KV_HEADS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+        LENGTH_ON_DEVICE: tl.constexpr,
     ):
         # one program: one (sequence, KV head) and a range of its tiles of BS keys, G query heads as
-        # rows. Tiles [0, num_selected) are the selected blocks (keys in [low, high]); then the sink
-        # tiles (keys < sink_end), then the recent-window tiles (keys from window_start to the query).
+        # rows. Tiles [0, num_selected) are the selected blocks (keys in [sink, total - 1 - local]); then
+        # the sink tiles (keys < sink), then the recent-window tiles (keys after the sinks and the
+        # selectable range, up to the query). With LENGTH_ON_DEVICE the number of keys is read from
+        # LENGTH, not passed: the launch is then the same at every length (CUDA graph replay), and
+        # tiles past what the length needs are masked.
+        if LENGTH_ON_DEVICE:
+            total = tl.load(LENGTH)
+        high = total - 1 - local
+        sink_end = tl.minimum(sink, total)
+        window_start = tl.maximum(high + 1, sink_end)
+        low = sink
         pid = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -276,17 +286,23 @@ def _launch_width(num_tiles: int, programs: int) -> int:
     return max(1, min(16, math.ceil(num_tiles * programs / 2048)))
 
 
-def _tiles_triton(query, key, value, index, sink, high, scaling, block_size, out_dtype):
-    """Attention of query [B, Hkv, G, D] over the selected blocks index [B, Hkv, S] (keys in
-    [sink, high]) and the anchors (keys < sink, keys > high), in one kernel and one merge:
-    (output [B, Hkv, G, D] in `out_dtype`, lse [B, Hkv, G] fp32, attended keys per query head)."""
+def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None):
+    """Attention of query [B, Hkv, G, D] at position N-1 over the selected blocks index [B, Hkv, S] (keys in
+    [sink, N-1-local]) and the anchors (keys < sink, keys > N-1-local), in one kernel and one merge:
+    (output [B, Hkv, G, D] in `out_dtype`, lse [B, Hkv, G] fp32, attended keys per query head).
+
+    N = key.shape[-2], or the value of `length` ([1] on the device) when given: then the keys are buffers
+    longer than N, every launch argument is independent of N, and the tiles are sized for any N."""
     batch, kv_heads, groups, dim = query.shape
     total = key.shape[-2]
     num_selected = index.shape[-1]
-    sink_end = min(sink, total)
-    window_start = max(high + 1, sink_end)
-    sink_tiles = math.ceil(sink_end / block_size)
-    window_tiles = math.ceil((total - window_start) / block_size)
+    if length is None:
+        sink_end = min(sink, total)
+        window_start = max(total - local, sink_end)
+        sink_tiles = math.ceil(sink_end / block_size)
+        window_tiles = math.ceil((total - window_start) / block_size)
+    else:
+        sink_tiles, window_tiles = math.ceil(sink / block_size), math.ceil(local / block_size)
     num_tiles = num_selected + sink_tiles + window_tiles
     programs = batch * kv_heads
     per_split = _launch_width(num_tiles, programs)
@@ -300,13 +316,13 @@ def _tiles_triton(query, key, value, index, sink, high, scaling, block_size, out
         index = torch.zeros(batch, kv_heads, 1, dtype=torch.int64, device=device)
     gp = max(16, triton.next_power_of_2(groups))
     _decode_tiles_kernel[(programs, splits)](
-        query, key, value, index, acc, m, l, count,
+        query, key, value, index, acc, m, l, count, index if length is None else length,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         index.stride(0), index.stride(1),
-        num_selected, num_tiles, per_split, total, sink, high, sink_end, sink_tiles, window_start, scaling,
-        KV_HEADS=kv_heads, G=groups, GP=gp, D=dim, BS=block_size,
+        num_selected, num_tiles, per_split, total, sink, local, sink_tiles, scaling,
+        KV_HEADS=kv_heads, G=groups, GP=gp, D=dim, BS=block_size, LENGTH_ON_DEVICE=length is not None,
     )
     out = torch.empty(batch, kv_heads, groups, dim, dtype=out_dtype, device=device)
     lse = torch.empty(batch, kv_heads, groups, dtype=torch.float32, device=device)
@@ -426,7 +442,7 @@ def block_decode_attention(
 
     if use_triton:
         out, lse, keys_attended = _tiles_triton(
-            q_rows, key, value, index, sink, high, scaling, size, torch.float32 if has_slots else query.dtype
+            q_rows, key, value, index, sink, local, scaling, size, torch.float32 if has_slots else query.dtype
         )
         attended = keys_attended * groups
         if not has_slots:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .block_decode import selection_budget
+from .block_decode import _tiles_triton, _triton_extents, selection_budget, triton
 
 
 def selection_width(max_cache_len: int, options: dict) -> int:
@@ -39,15 +39,13 @@ def _gather_tokens(tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _chosen_blocks(query_rows, layer, scorer, options, width, position):
-    """Token indices [B, Hkv, width * block] of the selected blocks and whether each is attended: the block is
-    chosen at this length and the token is a held key outside the anchors."""
+    """The `width` best candidate blocks [B, Hkv, width] of the query at `position`, and which of them the
+    selection takes at this length (candidates: blocks holding a key in [sink, position - local])."""
     size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
     summaries = layer.summaries()
     blocks = torch.arange(summaries.num_blocks, device=position.device)
-    high = position - local  # newest key outside the recent window
-    # candidates: blocks holding a key in [sink, high]
-    candidates = (blocks >= sink // size) & (blocks <= torch.div(high, size, rounding_mode="floor"))
-    scores = scorer(query_rows[:, :, :, None], summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
+    candidates = (blocks >= sink // size) & (blocks <= torch.div(position - local, size, rounding_mode="floor"))
+    scores = scorer(query_rows[:, :, :, None].float(), summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
     scores = scores.masked_fill(~candidates, float("-inf"))
     fraction = options["block_fraction"]
     top = scores.topk(width, dim=-1, sorted=fraction is not None)  # best first when a budget cuts the ranks
@@ -55,27 +53,40 @@ def _chosen_blocks(query_rows, layer, scorer, options, width, position):
     if fraction is not None:
         budget = torch.ceil(candidates.sum() * fraction).clamp(min=options["top_k_blocks"])
         chosen = chosen & (torch.arange(width, device=position.device) < budget)
-    tokens = (top.indices[..., None] * size + torch.arange(size, device=position.device)).flatten(-2)
-    attended = chosen.repeat_interleave(size, dim=-1) & (tokens >= sink) & (tokens <= high)
-    return tokens, attended
+    return top.indices, chosen
 
 
-def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, options: dict, width: int):
+def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, options: dict, width: int,
+                            use_triton: bool | None = None):
     """query [B, H, 1, D] of the token the layer just wrote at position L-1 (L = `layer.length`).
 
-    Returns (output [B, 1, H, D] in the query dtype, attended (query head, key) pairs as a 0-d tensor)."""
+    Returns (output [B, 1, H, D] in the query dtype, attended (query head, key) pairs as a 0-d tensor). On CUDA
+    (power-of-two block size and head dim) the block-sparse decode kernel reads the chosen blocks and the anchors
+    in place, with L read from the device; elsewhere they are gathered."""
     batch, heads, _, dim = query.shape
     keys, values = layer.keys, layer.values
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
+    size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
     position = layer.length - 1  # [1]
-    query_rows = query.view(batch, kv_heads, groups, dim).float()
+    query_rows = query.view(batch, kv_heads, groups, dim)
+    if use_triton is None:
+        use_triton = triton is not None and query.is_cuda and _triton_extents(size, dim)
+    if options["top_k_blocks"] is not None and use_triton:
+        if width:
+            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position)
+            index = index.masked_fill(~chosen, layer.key_min.shape[2])  # a block past the buffers attends nothing
+        else:
+            index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=query.device)
+        output, _, keys_attended = _tiles_triton(
+            query_rows, keys, values, index, sink, local, scaling, size, query.dtype, length=layer.length
+        )
+        return output.view(batch, 1, heads, dim), keys_attended * groups
     if options["top_k_blocks"] is None:
         # dense-equivalent: every held key
         held = torch.arange(keys.shape[2], device=keys.device) <= position
         parts = [(keys, values, held.expand(batch, kv_heads, -1))]
     else:
-        sink, local = options["sink_tokens"], options["local_tokens"]
         parts = []
         if sink:
             tokens = torch.arange(sink, device=keys.device)
@@ -86,12 +97,14 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
             held = (tokens >= sink).expand(batch, kv_heads, -1)
             parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), held))
         if width:
-            tokens, attended = _chosen_blocks(query_rows, layer, scorer, options, width, position)
+            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position)
+            tokens = (index[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)
+            attended = chosen.repeat_interleave(size, dim=-1) & (tokens >= sink) & (tokens <= position - local)
             parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), attended))
     part_keys = torch.cat([part[0] for part in parts], dim=2).float()
     part_values = torch.cat([part[1] for part in parts], dim=2).float()
     valid = torch.cat([part[2] for part in parts], dim=2)  # [B, Hkv, n]
-    logits = torch.einsum("bhgd,bhnd->bhgn", query_rows, part_keys).mul_(scaling)
+    logits = torch.einsum("bhgd,bhnd->bhgn", query_rows.float(), part_keys).mul_(scaling)
     logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
     output = torch.softmax(logits, dim=-1) @ part_values  # the query's own key is always valid
     attended = valid.sum() * groups
