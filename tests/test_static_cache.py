@@ -138,7 +138,7 @@ def test_captured_decode_steps_equal_eager_steps_on_the_gpu(setting):
     """Replays of the captured step give the eager static steps' logits, which equal SparseMemCache's (the
     kernels' fp32 dots may run in TF32: 2e-3)."""
     model = _model(**GPU_SETTINGS[setting]).cuda()
-    ids = _ids(length=100).cuda()
+    ids = _ids(length=141).cuda()  # 100 prefilled, then 41 steps fed from here (the same inputs for every cache)
     outputs = {}
     with torch.no_grad():
         for name, make_cache in {
@@ -146,11 +146,10 @@ def test_captured_decode_steps_equal_eager_steps_on_the_gpu(setting):
             "eager": lambda: StaticSparseMemCache(model.config, max_cache_len=160, cuda_graph=False),
             "graph": lambda: StaticSparseMemCache(model.config, max_cache_len=160),
         }.items():
-            cache, tokens, logits = make_cache(), ids, []
-            for _ in range(41):
-                step = model(input_ids=tokens, past_key_values=cache).logits[:, -1:]
-                logits.append(step)
-                tokens = step.argmax(-1)
+            cache, tokens, logits = make_cache(), ids[:, :100], []
+            for step in range(41):
+                logits.append(model(input_ids=tokens, past_key_values=cache).logits[:, -1:])
+                tokens = ids[:, 100 + step : 101 + step]
             if name != "reference":
                 assert (cache.graph is not None) == (name == "graph")
             outputs[name] = torch.cat(logits, 1)
