@@ -13,6 +13,7 @@ from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_
 from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SparseMemCache, SparseMemLayer
+from .modeling.compaction import CompactionRecord
 from .modeling.slots import SlotTier
 from .modeling.online_compaction import OnlineCompaction
 from .modeling.configuration_sparsemem import (
@@ -39,6 +40,7 @@ __all__ = [
     "AttentionStats",
     "BankIntegrityError",
     "BankModelMismatchError",
+    "CompactionRecord",
     "DocumentIntegrityError",
     "DocumentModelMismatchError",
     "MemoryBank",
