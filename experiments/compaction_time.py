@@ -35,7 +35,7 @@ def run(model, tokenizer, ids, ratio=10.0, runs=RUNS):
         cache = copy.deepcopy(full)
         start = time.perf_counter()
         if queries == ("context",):
-            sparsemem.compact(model, cache, ratio, method=method, reference_queries=recorded)
+            sparsemem.compact(model, cache, ratio, method=method, queries=queries, reference_queries=recorded)
         else:
             sparsemem.compact(model, cache, ratio, method=method, input_ids=ids, queries=queries, tokenizer=tokenizer)
         seconds = time.perf_counter() - start

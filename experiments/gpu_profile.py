@@ -7,10 +7,11 @@ Measures, on random bf16 tensors of Llama-3-8B's attention shape (32 query / 8 K
 - `prefill`: `--context` (64K) queries at block fraction 0.1: planning (`plan_block_sparse`: scores and
   top-k), the kernel alone and the whole call in milliseconds, then the profiler's table of the planning.
 
-Writes `reports/bench-h100/decode_profile.log` and `prefill_profile.log`:
+Prints the tables of `reports/bench-h100/decode_profile.md` and `prefill_profile.md` (kept there as the
+output, in a fenced block):
 
-    python experiments/gpu_profile.py decode > reports/bench-h100/decode_profile.log
-    python experiments/gpu_profile.py prefill --context 65536 --batch 1 > reports/bench-h100/prefill_profile.log
+    python experiments/gpu_profile.py decode > decode_profile.txt
+    python experiments/gpu_profile.py prefill --context 65536 --batch 1 > prefill_profile.txt
 """
 
 import argparse

@@ -18,7 +18,7 @@ line per result on stdout. Modes:
   14 best heads (which heads copy the context back, and so need it whole).
 
 Writes the JSON lines of `reports/compaction-cpu-needle/` (needles*.jsonl, layers-*.jsonl,
-remaining-*.jsonl; first_token.txt, now as JSON lines) and the needle paragraphs of the README.
+remaining-*.jsonl; first_token.md, now as JSON lines) and the needle paragraphs of the README.
 
     OMP_NUM_THREADS=2 python experiments/needles.py answers '[{"press": {"exact_newest": 0.75}, "ratios": [10]}]' > needles.jsonl
     OMP_NUM_THREADS=2 python experiments/needles.py --wording secret-number restore --ratio 10 > layers-secret-number.jsonl

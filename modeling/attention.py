@@ -207,6 +207,14 @@ def sparsemem_attention_forward(
     scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
     stats = getattr(module, "sparsemem_stats", None)
     backend = _option(config, "attention_backend")
+    # calibration: the same sparse output with a straight-through gradient to the scorer, which only the
+    # reference path computes
+    gate_temperature = _option(config, "selection_gate_temperature") if torch.is_grad_enabled() else None
+    if gate_temperature is not None:
+        if backend == "flex":
+            raise ValueError("attention_backend='flex' has no selection gate (`selection_gate_temperature`, set while "
+                             "calibrating with gradients); use attention_backend='auto' or 'reference'")
+        backend = "reference"
     contiguous = sparsemem.contiguous
     if contiguous is None and key.shape[-2]:
         contiguous = contiguous_positions(query_positions, key_positions, key.shape[-2])
@@ -333,9 +341,7 @@ def sparsemem_attention_forward(
                 occupied_after, attended_blocks = occupied_blocks_after(selected, block_first, sink)
             placed = placement.placed_logits(q, q_score, start, stop, free_keys[:, :, :end], key_blocks, occupied_after, scaling)
             logits = torch.where(local_mask(q_pos, key_pos, local)[None, None, None], logits, placed)
-        gate_temperature = getattr(module, "selection_gate_temperature", None)
-        if gate_temperature is not None and torch.is_grad_enabled():
-            # calibration: the same sparse output, with a straight-through gradient to the scorer
+        if gate_temperature is not None:
             gate = straight_through_gate(scores, selected, candidates[:, None], gate_temperature)
             key_gate = gate.gather(-1, key_blocks.view(1, 1, 1, -1).expand(batch, kv_heads, n_q, -1))
             weights = torch.where(anchors[None, None], torch.ones_like(key_gate), key_gate)

@@ -20,7 +20,9 @@ class StreamingLLMPress(Press):
 
 @dataclass
 class H2OPress(Press):
-    """Heavy hitters: attention accumulated by the (causal) reference queries."""
+    """Heavy hitters: attention accumulated by the (causal) queries of the context's own prefill."""
+
+    query_sources = ("context",)
 
     def scores(self, span):
         return span.causal_weights().sum(dim=1)
@@ -29,6 +31,8 @@ class H2OPress(Press):
 @dataclass
 class SnapKVPress(Press):
     """Attention from an observation window of the last context queries, pooled over neighbours."""
+
+    query_sources = ("context",)
 
     window: int = 32
     kernel: int = 7
@@ -44,7 +48,10 @@ class SnapKVPress(Press):
 
 @dataclass
 class KVzipPress(Press):
-    """KVzip-style: the largest attention any reference query (e.g. a repeat pass) gives each entry."""
+    """KVzip-style: the largest attention any query of a teacher-forced repeat pass over the context gives
+    each entry (KVzip reconstructs the context to score it)."""
+
+    query_sources = ("repeat",)
 
     def scores(self, span):
         return span.problem.weights().amax(dim=1)

@@ -17,6 +17,7 @@ import time
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .compaction import CompactionRecord
 from .rope import check_policy, check_rope_shiftable, shift_keys, trained_context
 from .slots import SlotTier
 
@@ -355,6 +356,10 @@ class SparseMemCache(Cache):
     Pass `config` (a sparsemem config) so the per-tier byte report knows the anchor sizes.
     `max_kv_tokens` (or an `OnlineCompaction` as `online`) bounds the physical memory of every layer:
     after each forward pass a layer that reached the budget is compacted into slots.
+
+    `compaction`: a `CompactionRecord` of the last `sparsemem.compact` call that compacted this cache
+    (settings, queries, slots per layer and head, seconds), None until one did; set by
+    `record_compaction`, saved and loaded with the cache by `save_document` / `load_document`.
     """
 
     is_sparsemem = True
@@ -388,6 +393,13 @@ class SparseMemCache(Cache):
         # [B, L] ids of the logical tokens when every one came in as an id (None where unknown): lets
         # `generate` tell a whole sequence (cached tokens first) from new tokens only
         self.token_ids: torch.Tensor | None = None
+        self.compaction: CompactionRecord | None = None
+
+    def record_compaction(self, record: CompactionRecord | None) -> None:
+        """Keep what a whole-cache compaction did as `compaction` (None: forget it)."""
+        if record is not None and not isinstance(record, CompactionRecord):
+            raise TypeError(f"`record` must be a CompactionRecord or None, got {type(record).__name__}")
+        self.compaction = record
 
     # -- RoPE positions -----------------------------------------------------------------------------
 
@@ -486,6 +498,7 @@ class SparseMemCache(Cache):
     def reset(self) -> None:
         super().reset()
         self.token_ids = None
+        self.compaction = None  # nothing held, nothing compacted
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -34,7 +34,7 @@ def settings_for(module) -> CallSettings | None:
 def call_settings(model, **changes):
     """Within the block and in this thread only, the sparsemem attention modules of `model` use `changes`
     (`attn_implementation`, `query_recorder`) on top of the settings already in force for them."""
-    modules = frozenset(id(m) for m in model.modules() if hasattr(m, "query_recorder"))
+    modules = frozenset(id(m) for m in model.modules() if getattr(m, "is_sparsemem_attention", False))
     current = _SETTINGS.get()
     base = {} if current is None or current.modules != modules else {
         "attn_implementation": current.attn_implementation, "query_recorder": current.query_recorder

@@ -3,13 +3,14 @@
 Every method is a small "press" with one contract, `Press.compact(span, budget)`, returning which span
 entries to keep and the keys, values and beta of the slots. This module holds the contract (`HeadSpan`,
 `Press`, `SlotPlacement`) and the per-layer step that cuts a layer into head spans, runs a press and puts
-the slots back (`compact_layer`, `compact_layers`). The presses live in their own modules:
+the slots back (`compact_layer`, `compact_layers`), and `CompactionRecord`, what a whole-cache compaction
+did (kept by the cache as `SparseMemCache.compaction`). The presses live in their own modules:
 `attention_matching_press.py` (Attention Matching: beta and values fitted in closed form),
 `consolidation.py` (its slots refined by gradient steps), `baseline_presses.py` (eviction baselines that
 keep original keys and values with their prior beta); `presses.py` is the registry of method names.
 """
 
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 
@@ -21,6 +22,59 @@ def sees_whole_span(query_positions: torch.Tensor, last_span_position) -> torch.
     """Which reference queries attend to every entry of a span ending at `last_span_position`: those
     standing for the future (-1) and context queries at or past its end."""
     return (query_positions < 0) | (query_positions >= last_span_position)
+
+
+@dataclass
+class CompactionRecord:
+    """What `sparsemem.compact` did to a cache: its settings as resolved and what it chose, per layer.
+
+    A compacted cache keeps it as `SparseMemCache.compaction`; a saved document keeps it in its JSON
+    metadata (`to_dict` / `from_dict`).
+
+    method: the press's name (a press instance: its class name). ratio: the logical length over the
+    physical budget asked for. queries: the reference-query sources the press fitted or ranked with.
+    keep_first: exact first tokens of every layer. keep_last / slots_per_head: per compacted layer, the
+    exact recent tokens and the slots per KV head of its budget (the mean with non-uniform head budgets).
+    head_budgets: "uniform", "proportional" or "global". slots_per_kv_head: with global budgets, the slots
+    of every KV head per layer (None otherwise). whole_span_share: the share at which a head kept its whole
+    span (None: none did). exact_newest, query_weights, min_beta, max_beta, ridge: the Attention Matching
+    press's options (None for other presses). seconds: wall time of the call.
+    """
+
+    method: str
+    ratio: float
+    queries: list
+    keep_first: int
+    keep_last: list
+    slots_per_head: list
+    head_budgets: str
+    seconds: float
+    slots_per_kv_head: list | None = None
+    whole_span_share: float | None = None
+    exact_newest: float | str | None = None
+    query_weights: str | None = None
+    min_beta: float | None = None
+    max_beta: float | None = None
+    ridge: float | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON values (lists, numbers, strings, None)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompactionRecord":
+        """The record `to_dict` wrote; fields it lacks (written before they existed) are None."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a compaction record must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown compaction record field(s) {unknown}; expected {sorted(known)}")
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ValueError(f"compaction record lacks field(s) {missing}")
+        return cls(**data)
 
 
 @dataclass
@@ -114,9 +168,14 @@ class Press:
 
     `reads_attention`: whether the press looks at the reference queries' attention (`span.problem.phi`,
     `weights()`, `context_lse`); a press that ranks by position alone sets it False and is handed spans
-    without it (nothing is measured for it)."""
+    without it (nothing is measured for it).
+
+    `query_sources`: the reference queries the method is defined with (e.g. KVzip's repeat pass), which
+    `sparsemem.compact` and the evaluations capture for it unless the caller names other sources; None:
+    the caller's choice. Online compaction has only the stream's own newest queries and ranks with those."""
 
     reads_attention = True
+    query_sources: tuple[str, ...] | None = None
 
     def for_ranking(self) -> "Press":
         """The press used for trial fits that only rank choices (e.g. the recent/slot split): itself by default."""

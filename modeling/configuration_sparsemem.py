@@ -67,6 +67,12 @@ class SparseMemOptions:
         position-free scoring; the attended blocks keep their time order packed right before the local
         window (needs `top_k_blocks` alone, no `block_fraction`/`block_mass`). Needs positions "auto" or
         "cache"; inside the trained context nothing changes.
+    selection_gate_temperature: calibration only. When set and a gradient is being computed, the reference
+        path multiplies each block's keys by a straight-through gate (selection_gate.py): the forward output
+        stays the sparse model's, and the end-to-end loss reaches the scorer through a sigmoid of each
+        score's distance to the selection boundary at this temperature. A config option rather than a
+        per-call setting because gradient checkpointing recomputes the layers during the backward pass,
+        possibly on another thread, and must take the same path. `None`: off (inference never gates).
     """
 
     block_size: int = 8
@@ -85,6 +91,7 @@ class SparseMemOptions:
     attention_backend: str = "auto"
     positions: str = "auto"
     memory_placement: str = "cache"
+    selection_gate_temperature: float | None = None
 
     def validate_sparsemem_options(self) -> None:
         def _int(name, value, minimum):
@@ -123,6 +130,9 @@ class SparseMemOptions:
                 raise ValueError(f"`block_mass` must be a share in (0, 1], got {self.block_mass!r}")
             if self.scorer != "learned":
                 raise ValueError(f"`block_mass` needs scorer='learned' (its mass estimate), got scorer={self.scorer!r}")
+        gate = self.selection_gate_temperature
+        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate < float("inf")):
+            raise ValueError(f"`selection_gate_temperature` must be a positive number or None, got {gate!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
         if self.scorer_init not in SCORER_INITS:

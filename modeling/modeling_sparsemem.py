@@ -115,14 +115,16 @@ class SparseMemAttentionMixin:
 
     Owns the per-layer places of the learned modules: `scorer` (block relevance; a `LearnedBlockScorer`
     with `scorer="learned"`) and `consolidator` (slots of complete blocks; a `BlockConsolidator` with
-    `block_slots` set, else None).
+    `block_slots` set, else None). Options come from the config; per-call settings (a dense pass, a hook
+    on the queries) from `call_context.call_settings`.
     """
+
+    is_sparsemem_attention = True  # what `call_settings` looks for among a model's modules
 
     def _init_sparsemem(self) -> None:
         self.scorer = build_scorer(self.config)
         self.consolidator = build_consolidator(self.config)
         self.sparsemem_stats = AttentionStats()
-        self.query_recorder = None
         # Qwen2/Qwen3 set `sliding_window` per layer type; Mistral keeps it on the config
         self.attention_window = (
             self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
@@ -232,9 +234,8 @@ class SparseMemAttentionMixin:
                     cos, sin = past_key_values.rotary_at(self, value_states, position_ids)
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
         call = settings_for(self)  # this thread's per-call settings (dense pass, query capture), if any
-        recorder = call.query_recorder if call is not None and call.query_recorder else getattr(self, "query_recorder", None)
-        if recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
-            recorder(self.layer_idx, query_states)
+        if call is not None and call.query_recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
+            call.query_recorder(self.layer_idx, query_states)
 
         if getattr(past_key_values, "is_static_sparsemem", False):
             output = self._static_attention(query_states, key_states, value_states, attention_mask, past_key_values, kwargs)

@@ -6,8 +6,8 @@ hard selection in the forward pass (so the forward pass is exactly the sparse mo
 gradient of a sigmoid of the score's distance to the selection boundary backwards (straight-through).
 The softmax is written with those gates as weights, so an unselected block still receives the gradient
 "how would the output change if this block were attended", which is what should move it across the
-boundary. Only used when a gradient is being computed and the attention module sets
-`selection_gate_temperature`; inference never takes this path.
+boundary. Only used when a gradient is being computed and the config sets `selection_gate_temperature`;
+inference never takes this path.
 """
 
 import torch

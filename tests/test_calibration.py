@@ -104,6 +104,44 @@ def test_phase_losses_reach_the_scorer(family):
         model.zero_grad(set_to_none=True)
 
 
+def test_gradient_checkpointing_recomputes_with_the_selection_gate():
+    """Phase 2 sets the gate on the config, so the layers gradient checkpointing recomputes during the
+    backward pass take the gated path again: the scorer gets the same gradient as without checkpointing,
+    none once the phase has ended, and the gate is off afterwards."""
+    from accelerate import Accelerator
+
+    from sparsemem.training.recipe import Phase2
+    from sparsemem.training.trainer import end_phase2
+
+    ids = torch.randint(3, 256, (1, 96), generator=torch.Generator().manual_seed(0))
+    accelerator = Accelerator(cpu=True)
+    grads = {}
+    for checkpointing in (False, True):
+        model = sparsemem.convert(make_base_model("llama"), scorer="learned", scorer_dim=8, **OPTIONS)
+        perturb_learned_modules(model)
+        model.requires_grad_(False)
+        for module in scorers(model):
+            module.requires_grad_(True)
+        loss, _ = _phase2_loss(model, ids, Phase2(kl_tokens=32, gate_temperature=0.5), checkpointing, accelerator)
+        assert model.config.selection_gate_temperature == 0.5 and model.is_gradient_checkpointing == checkpointing
+        loss.backward()  # with checkpointing, each layer runs again here
+        grads[checkpointing] = [p.grad.clone() for m in scorers(model) for p in m.parameters() if p.grad is not None]
+        end_phase2(model)
+        assert model.config.selection_gate_temperature is None and not model.training
+    assert grads[False] and sum(float(g.abs().sum()) for g in grads[False]) > 0
+    assert len(grads[True]) == len(grads[False])
+    for with_checkpoints, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_checkpoints, without, rtol=1e-5, atol=1e-7)
+    # with the gate off, the end-to-end loss gives the scorer no gradient (top-k selection is a step function)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(ids, use_cache=False, logits_to_keep=32).logits
+    out.float().pow(2).mean().backward()
+    assert all(p.grad is None or not p.grad.any() for m in scorers(model) for p in m.parameters())
+    with pytest.raises(ValueError, match="selection_gate_temperature"):
+        sparsemem.convert(make_base_model("llama"), selection_gate_temperature=0, **OPTIONS)
+
+
 def test_mass_weighted_distillation_weighs_rows_by_their_cold_mass():
     """The weighted phase-1 loss is sum_r m_r KL_r / sum_r m_r over (KV head, query) rows r, with m_r the
     dense attention mass of the row's cold blocks (recomputed here from plain softmax attention); the

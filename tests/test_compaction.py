@@ -251,8 +251,8 @@ def test_global_head_budgets_rank_all_heads_together_and_keep_the_ratio(filled):
     cache = copy.deepcopy(full)
     sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], head_budgets="global")
     counts = [torch.bincount(layer.slots.head, minlength=2).tolist() for layer in cache.layers]
-    assert counts == cache.compaction_info["slots_per_kv_head"]
-    nominal = sum(cache.compaction_info["slots_per_head"]) * 2
+    assert counts == cache.compaction.slots_per_kv_head
+    nominal = sum(cache.compaction.slots_per_head) * 2
     assert sum(map(sum, counts)) == nominal and min(map(min, counts)) >= 1
     assert len({c for layer in counts for c in layer}) > 1  # heads really differ
     assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 6) / 6 < 0.05
@@ -321,28 +321,28 @@ def test_whole_span_share_makes_heads_whole_by_share_until_the_others_would_lose
 def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled):
     model, ids, full = filled
     plain = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], whole_span_share=None)
-    info = plain.compaction_info
-    assert info["whole_span_share"] is None
-    span = [240 - info["keep_first"] - last for last in info["keep_last"]]
+    info = plain.compaction
+    assert info.whole_span_share is None
+    span = [240 - info.keep_first - last for last in info.keep_last]
     # just below the largest share a head wins: that head (at least) keeps its whole span
-    share = 0.99 * max(c / span[layer] for layer, counts in enumerate(info["slots_per_kv_head"]) for c in counts)
+    share = 0.99 * max(c / span[layer] for layer, counts in enumerate(info.slots_per_kv_head) for c in counts)
     cache = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], whole_span_share=share)
-    info = cache.compaction_info
-    whole = [(layer, head) for layer, counts in enumerate(info["slots_per_kv_head"]) for head, c in enumerate(counts) if c == span[layer]]
-    assert whole and info["slots_per_kv_head"] != plain.compaction_info["slots_per_kv_head"]
+    info = cache.compaction
+    whole = [(layer, head) for layer, counts in enumerate(info.slots_per_kv_head) for head, c in enumerate(counts) if c == span[layer]]
+    assert whole and info.slots_per_kv_head != plain.compaction.slots_per_kv_head
     assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 2) / 2 < 0.05
     layer, head = whole[0]
     # the head's span is kept exact: its slots are the span's own keys, in order, with no bias
     own = cache.layers[layer].slots.head == head
-    kept = full.layers[layer].keys[:, head, info["keep_first"] : info["keep_first"] + span[layer]]
+    kept = full.layers[layer].keys[:, head, info.keep_first : info.keep_first + span[layer]]
     torch.testing.assert_close(cache.layers[layer].slots.keys[:, own], kept)
     assert torch.all(cache.layers[layer].slots.beta[:, own] == 0)
     with torch.no_grad():
         assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()
     # "auto" (the default): 0.45 for Attention Matching with global budgets, none for a baseline or other budgets
-    auto = lambda **kw: sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], **kw).compaction_info  # noqa: E731
-    assert auto()["whole_span_share"] == 0.45 and auto(method="am-no-beta")["whole_span_share"] == 0.45
-    assert auto(method="kvzip")["whole_span_share"] is None and auto(head_budgets="uniform")["whole_span_share"] is None
+    auto = lambda **kw: sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], **kw).compaction  # noqa: E731
+    assert auto().whole_span_share == 0.45 and auto(method="am-no-beta").whole_span_share == 0.45
+    assert auto(method="kvzip", queries=("context",)).whole_span_share is None and auto(head_budgets="uniform").whole_span_share is None
     for bad in (0, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match="whole_span_share"):
             sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], whole_span_share=bad)
@@ -359,6 +359,60 @@ def test_ratio_one_below_one_and_bad_arguments(filled):
         sparsemem.compact(model, copy.deepcopy(full), ratio=4)
     with pytest.raises(ValueError, match="method"):
         sparsemem.compact(model, copy.deepcopy(full), ratio=4, method="magic", input_ids=ids[:, :240])
+
+
+def test_kvzip_ranks_by_its_repeat_pass_in_compact_and_in_the_evaluation(monkeypatch):
+    """`method="kvzip"` means one press with one query source: `compact` and `sparsemem eval compaction`
+    both rank by the repeat pass KVzip declares, so the evaluation's cache is the library's, slot for slot."""
+    from conftest import make_base_model
+    from sparsemem import evaluation_compaction
+    from sparsemem.corpus import python_reference_docs, token_window
+
+    model = sparsemem.convert(make_base_model("llama"), top_k_blocks=None, block_fraction=None)
+    tokenizer, corpus = ByteTokenizer(), python_reference_docs()
+    real, made = evaluation_compaction.compact, []
+    monkeypatch.setattr(evaluation_compaction, "compact", lambda *args, **kwargs: made.append(real(*args, **kwargs)) or made[-1])
+    results, _ = evaluation_compaction.evaluate_compaction(model, tokenizer, corpus, methods=["kvzip"], ratios=[4], length=192,
+                                                           continuation=32, needle_depths=(), queries=("context",))
+    assert len(made) == 1 and results[1].queries == ["repeat"] and made[0].compaction.queries == ["repeat"]
+
+    ids = torch.tensor([token_window(tokenizer, corpus, 192 + 32, offset=20000)])
+    full = sparsemem.SparseMemCache(model.config)  # read as the evaluation reads it
+    with torch.no_grad():
+        model(ids[:, :192], past_key_values=full)
+        reference = torch.log_softmax(model(ids[:, 192:], past_key_values=copy.deepcopy(full)).logits.float(), dim=-1)
+
+    def compacted(**options):
+        cache = sparsemem.compact(model, copy.deepcopy(full), 4, method="kvzip", input_ids=ids[:, :192], **options)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids[:, 192:], past_key_values=cache).logits.float(), dim=-1)
+        return cache, (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
+
+    library, kl = compacted(tokenizer=tokenizer)
+    assert library.compaction.queries == ["repeat"]
+    assert kl == pytest.approx(results[1].kl, abs=1e-6)
+    fields = ("keys", "values", "beta", "head", "position")
+    for ours, theirs in zip(library.layers, made[0].layers):  # both read the continuation after compaction
+        assert torch.equal(ours.positions, theirs.positions) and torch.equal(ours.keys, theirs.keys)
+        assert all(torch.equal(getattr(ours.slots, name), getattr(theirs.slots, name)) for name in fields)
+    # the context's own queries, asked for explicitly, are another ranking: the check above can tell them apart
+    other, _ = compacted(queries=("context",))
+    assert other.compaction.queries == ["context"]
+    assert any(not torch.equal(a.slots.position, b.slots.position) or not torch.equal(a.slots.head, b.slots.head)
+               for a, b in zip(other.layers, library.layers))
+    with pytest.raises(ValueError, match="kvzip.*tokenizer"):
+        sparsemem.compact(model, copy.deepcopy(full), 4, method="kvzip", input_ids=ids[:, :192])
+
+
+def test_read_document_gives_each_method_its_own_queries(filled):
+    """`read_document` reuses the prefill's context queries only where the press ranks by them."""
+    from sparsemem.corpus import python_reference_docs
+
+    model, _, _ = filled
+    text = python_reference_docs().text[20000:20200]
+    made = {method: sparsemem.read_document(model, ByteTokenizer(), text, ratio=4, method=method).compaction
+            for method in ("am", "kvzip", "h2o")}
+    assert {method: record.queries for method, record in made.items()} == {"am": ["context"], "kvzip": ["repeat"], "h2o": ["context"]}
 
 
 def test_chunked_compaction_keeps_the_ratio_and_every_chunk(filled):
@@ -395,7 +449,7 @@ def test_every_layer_and_head_keeps_slots_when_the_split_is_searched(filled):
     model, ids, full = filled
     cache = copy.deepcopy(full)
     sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], queries=("context",))
-    assert all(slots > 0 for slots in cache.compaction_info["slots_per_head"])
+    assert all(slots > 0 for slots in cache.compaction.slots_per_head)
     kv_heads = model.config.num_key_value_heads
     for layer in cache.layers:
         assert layer.slots is not None
@@ -555,7 +609,7 @@ def test_head_budgets_choose_the_press_fit(filled):
 
     model, ids, full = filled
     keys = ("query_weights", "exact_newest", "min_beta", "max_beta", "ridge")
-    fit = lambda cache: tuple(cache.compaction_info[key] for key in keys)  # noqa: E731
+    fit = lambda cache: tuple(getattr(cache.compaction, key) for key in keys)  # noqa: E731
     uniform = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="uniform")
     assert fit(uniform) == ("peak", 0.0, -1.0, 3.0, 1e-5)
     chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share", min_beta=None, max_beta=None, ridge=1e-2)

@@ -40,6 +40,27 @@ def test_round_trip_is_bitwise_and_answers_the_same(compacted, tmp_path):
         got = model(ids[:, 200:], past_key_values=loaded).logits
     assert torch.equal(expected, got)
     assert json.loads((tmp_path / "doc" / "document.json").read_text())["compaction"]["method"] == "am"
+    # what the compaction did comes back as the same record (JSON keeps every number exactly)
+    assert isinstance(loaded.compaction, sparsemem.CompactionRecord) and loaded.compaction == cache.compaction
+    assert loaded.compaction.slots_per_head and loaded.compaction.queries == ["context"]
+
+
+def test_a_document_whose_compaction_record_does_not_fit_is_refused(compacted, tmp_path):
+    model, _, cache = compacted
+    folder = save_document(cache, model, tmp_path / "doc")
+    meta = json.loads((folder / "document.json").read_text())
+    meta["compaction"]["slots"] = meta["compaction"].pop("slots_per_head")
+    meta["checksum"] = _meta_checksum(meta)
+    (folder / "document.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"compaction.*unknown compaction record field\(s\) \['slots'\]"):
+        load_document(folder, model)
+    # an uncompacted cache saves no record and loads with none
+    _, ids, _ = compacted
+    plain = sparsemem.SparseMemCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :50], past_key_values=plain)
+    assert plain.compaction is None
+    assert load_document(save_document(plain, model, tmp_path / "plain"), model).compaction is None
 
 
 def test_refuses_another_model(compacted, tmp_path):

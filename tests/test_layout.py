@@ -87,3 +87,18 @@ def test_no_module_imports_itself_through_others():
     assert not loops, f"modules on an import loop: {loops}"
     # the command line is imported by nothing but the `python -m sparsemem.training` entry point
     assert [n for n, deps in graph.items() if "sparsemem.cli" in deps] == ["sparsemem.training.__main__"]
+
+
+REPORT_SUFFIXES = (".md", ".json", ".jsonl", ".png")
+
+
+def test_reports_hold_results_only():
+    """reports/ holds results: markdown, JSON (lines) and PNG figures; code, logs, YAML or text files are
+    kept elsewhere or converted (a log into a fenced markdown block, a recipe as run into JSON)."""
+    from pathlib import Path
+
+    reports = Path(__file__).resolve().parents[1] / "reports"
+    files = [path for path in reports.rglob("*") if path.is_file()]
+    assert len(files) > 100  # the folder is really there
+    others = sorted(str(path.relative_to(reports)) for path in files if path.suffix not in REPORT_SUFFIXES)
+    assert not others, f"reports/ may hold only {REPORT_SUFFIXES} files, found {others}"

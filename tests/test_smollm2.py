@@ -85,7 +85,7 @@ def test_self_study_queries_drive_compaction(smollm2):
     model(ids, past_key_values=cache)
     full_bytes = cache.memory_bytes()["total"]
     sparsemem.compact(model, cache, ratio=5, method="am", queries=("self-study",), reference_queries=queries)
-    assert cache.compaction_info["queries"] == ["self-study"]
+    assert cache.compaction.queries == ["self-study"]
     assert abs(full_bytes / cache.memory_bytes()["total"] - 5) < 0.25
     assert torch.isfinite(model(ids[:, -1:], past_key_values=cache).logits).all()
 

@@ -176,6 +176,9 @@ def parse_recipe(values: dict, base_dir: Path | None = None) -> Recipe:
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise ValueError(f"recipe: unknown option(s) {['sparsemem.' + k for k in unknown]}; valid: {list(OPTION_NAMES)}")
+    if options.get("selection_gate_temperature") is not None:
+        raise ValueError("recipe: `sparsemem.selection_gate_temperature` is set by phase 2 while it trains; "
+                         "give its temperature as `phase2.gate_temperature`")
     if options.get("scorer", "learned") != "learned":
         raise ValueError("recipe: `sparsemem.scorer` must be 'learned' (the scorer being calibrated)")
     values["sparsemem"] = {**options, "scorer": "learned"}

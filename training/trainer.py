@@ -371,8 +371,7 @@ def _phase1_loss(model, config, ids, settings, generator, accelerator):
 
 
 def end_phase2(model) -> None:
-    for module in attention_modules(model):
-        module.selection_gate_temperature = None
+    _unwrap(model).config.selection_gate_temperature = None
     _unwrap(model).eval()
 
 
@@ -395,8 +394,7 @@ def _phase2_loss(model, ids, settings, gradient_checkpointing, accelerator):
             config._attn_implementation = implementation
     # the gates stay on (and the model in training mode) until `end_phase2`: gradient checkpointing
     # recomputes each layer during the backward pass, which must take the same path as the forward pass
-    for module in attention_modules(model):
-        module.selection_gate_temperature = settings.gate_temperature
+    config.selection_gate_temperature = settings.gate_temperature
     inner.train()
     with accelerator.autocast():
         student = model(ids, use_cache=False, logits_to_keep=keep).logits

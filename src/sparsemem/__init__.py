@@ -13,6 +13,7 @@ from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_
 from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SparseMemCache, SparseMemLayer
+from .modeling.compaction import CompactionRecord
 from .modeling.static_cache import StaticSparseMemCache
 from .modeling.slots import SlotTier
 from .modeling.online_compaction import OnlineCompaction
@@ -40,6 +41,7 @@ __all__ = [
     "AttentionStats",
     "BankIntegrityError",
     "BankModelMismatchError",
+    "CompactionRecord",
     "DocumentIntegrityError",
     "DocumentModelMismatchError",
     "MemoryBank",
@@ -47,7 +49,6 @@ __all__ = [
     "OnlineCompaction",
     "SlotTier",
     "SparseMemCache",
-    "StaticSparseMemCache",
     "SparseMemLayer",
     "SparseMemLlamaConfig",
     "SparseMemLlamaForCausalLM",
@@ -57,6 +58,7 @@ __all__ = [
     "SparseMemQwen2ForCausalLM",
     "SparseMemQwen3Config",
     "SparseMemQwen3ForCausalLM",
+    "StaticSparseMemCache",
     "ask",
     "compact",
     "convert",

@@ -18,7 +18,7 @@ import time
 import torch
 
 from .modeling.call_context import call_settings
-from .modeling.compaction import LayerAttention, compact_layer, group_queries, sees_whole_span
+from .modeling.compaction import CompactionRecord, LayerAttention, compact_layer, group_queries, sees_whole_span
 from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.presses import make_press
 
@@ -220,6 +220,25 @@ def _entries_per_head(cache) -> float:
     return total
 
 
+def query_sources_for(method, queries=None, default=("context",)) -> tuple[str, ...]:
+    """The reference-query sources `method` (a name or a `Press`) is compacted with: `queries` when given,
+    else the press's own (`Press.query_sources`), else `default`. `compact` and the evaluations resolve
+    them here, so a method ranks with the same queries in the library and in the benchmarks."""
+    if queries is None:
+        own = make_press(method).query_sources
+        queries = own if own is not None else default
+    if isinstance(queries, str) or not all(isinstance(source, str) for source in queries):
+        raise ValueError(f"`queries` must be a sequence of source names from {QUERY_SOURCES}, got {queries!r}")
+    unknown = [source for source in queries if source not in QUERY_SOURCES]
+    if unknown or not queries:
+        raise ValueError(f"unknown or no query source(s) {unknown or list(queries)}; choose from {QUERY_SOURCES}")
+    return tuple(queries)
+
+
+def _method_name(method) -> str:
+    return method if isinstance(method, str) else type(method).__name__
+
+
 def plan_budget(logical_length: int, ratio: float, sink_tokens: int, local_tokens: int, keep_first=None, keep_last=None):
     """Split the physical budget ceil(T / ratio) into kept first tokens, kept last tokens and slots per head."""
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio)) or ratio < 1:
@@ -260,7 +279,7 @@ def compact(
     ratio: float,
     method="am",
     input_ids: torch.Tensor | None = None,
-    queries=("context",),
+    queries=None,
     tokenizer=None,
     keep_first: int | None = None,
     keep_last: int | None = None,
@@ -275,13 +294,16 @@ def compact(
     whole_span_share: float | str | None = "auto",
 ):
     """Compact `cache` (a `SparseMemCache` filled by `model`) in place to about 1/`ratio` of its logical
-    length, and return it.
+    length, and return it. What the call did (settings, queries, slots per layer and head, seconds) is kept
+    as `cache.compaction`, a `CompactionRecord`.
 
     Everything but the first `keep_first` and the last `keep_last` positions becomes slots (defaults
     derive from the model's sink/local options and the budget). `method`: "am" (Attention Matching),
     "am-omp", "am-no-beta", "am-no-refit", "streaming-llm", "h2o", "snapkv", "kvzip", "random", or a
     `Press`. `queries`: the sources of the reference queries the press fits or scores with ("repeat" is
-    the best measured for "am"; it needs the `tokenizer`). `head_budgets`:
+    the best measured for "am"; it needs the `tokenizer`); default: the press's own (`Press.query_sources`:
+    the repeat pass for "kvzip", the context's queries for "h2o" and "snapkv"), else ("context",); see
+    `query_sources_for`. `head_budgets`:
     "uniform", "proportional" (slots per KV head in proportion to how much attention that head's reference
     queries give the span) or "global" (all layers' and heads' span entries ranked together by the largest
     attention a reference query gives them, as a share of all that query reads (`outside` of
@@ -336,13 +358,17 @@ def compact(
             raise ValueError("`whole_span_share` works on global head budgets: leave `head_budgets` and `chunk_size` unset")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    press = make_press(method)
+    sources = query_sources_for(press, queries)
     if on_policy:
-        if "repeat" not in queries or not set(queries) <= {"repeat", "context"}:
+        if "repeat" not in sources or not set(sources) <= {"repeat", "context"}:
             raise ValueError(f"`on_policy=True` refits the 'repeat' queries: `queries` must hold 'repeat' and may add "
-                             f"'context', got {list(queries)}")
+                             f"'context', got {list(sources)}")
         if input_ids is None or tokenizer is None:
             raise ValueError("`on_policy=True` makes a repeat pass over the context: give `input_ids` and `tokenizer`")
-    press = make_press(method)
+    if queries is None and reference_queries is None and tokenizer is None and {"repeat", "self-study"} & set(sources):
+        raise ValueError(f"method {_method_name(method)!r} ranks with the queries of {list(sources)} "
+                         "(`Press.query_sources`), which need the `tokenizer`: give it, or name other `queries`")
     if whole_span_share == "auto":
         whole_span_share = WHOLE_SPAN_SHARE if head_budgets == "global" and isinstance(press, AttentionMatchingPress) else None
     if isinstance(press, AttentionMatchingPress):
@@ -371,7 +397,6 @@ def compact(
     else:
         splits = [last]
     chosen: list[int] = []
-    sources = tuple(queries)
     if reference_queries is None:
         needs_model = [s for s in sources if s != "random"]
         if needs_model and input_ids is None:
@@ -405,7 +430,8 @@ def compact(
             # context queries (positions >= 0) given only to judge the split take no part in the fit
             fit = layer_positions < 0
             if not bool(fit.any()):
-                raise ValueError(f"no reference queries of the sources {list(sources)} for layer {layer_idx}")
+                raise ValueError(f"no reference queries of the sources {list(sources)} for layer {layer_idx} (the given "
+                                 "`reference_queries` hold only the context's own? then name `queries=('context',)`)")
             layer_queries, layer_positions, outside = layer_queries[..., fit, :], layer_positions[fit], outside[..., fit]
         groups = heads // layer.keys.shape[1]
         recent = splits[0]
@@ -456,25 +482,28 @@ def compact(
     else:
         for layer_idx, (layer_queries, layer_positions, _, _) in plans.items():
             fit_layer(layer_idx, layer_queries, layer_positions)
-    cache.compaction_info = {
-        "method": method if isinstance(method, str) else type(method).__name__,
-        "ratio": ratio,
-        "queries": list(sources),
-        "keep_first": first,
-        "keep_last": chosen,
-        "slots_per_head": [budget - first - c for c in chosen],
-        "head_budgets": head_budgets,
-        "slots_per_kv_head": kv_head_slots,  # per layer, with head_budgets="global"
-        "whole_span_share": whole_span_share,
-        "exact_newest": press.exact_share if isinstance(press, AttentionMatchingPress) else None,
-        "query_weights": press.query_weights if isinstance(press, AttentionMatchingPress) else None,
-        "min_beta": press.min_beta if isinstance(press, AttentionMatchingPress) else None,
-        "max_beta": press.max_beta if isinstance(press, AttentionMatchingPress) else None,
-        "ridge": press.ridge if isinstance(press, AttentionMatchingPress) else None,
-        "seconds": time.perf_counter() - start_time,
-    }
-    logger.info("compacted %d tokens with %s in %.2f s", length, cache.compaction_info["method"], cache.compaction_info["seconds"])
+    record = CompactionRecord(
+        method=_method_name(method),
+        ratio=ratio,
+        queries=list(sources),
+        keep_first=first,
+        keep_last=chosen,
+        slots_per_head=[budget - first - c for c in chosen],
+        head_budgets=head_budgets,
+        seconds=time.perf_counter() - start_time,
+        slots_per_kv_head=kv_head_slots,
+        whole_span_share=whole_span_share,
+        **(_press_options(press) if isinstance(press, AttentionMatchingPress) else {}),
+    )
+    cache.record_compaction(record)
+    logger.info("compacted %d tokens with %s in %.2f s", length, record.method, record.seconds)
     return cache
+
+
+def _press_options(press: AttentionMatchingPress) -> dict:
+    """The Attention Matching options a `CompactionRecord` keeps."""
+    return {"exact_newest": press.exact_share, "query_weights": press.query_weights, "min_beta": press.min_beta,
+            "max_beta": press.max_beta, "ridge": press.ridge}
 
 
 def _fit_on_policy(model, cache, input_ids, tokenizer, plans, fit_layer, max_queries, generator) -> None:

@@ -505,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--documents", type=int, default=1,
                      help="documents (consecutive corpus windows) averaged over, and pass-key haystacks per depth")
     com.add_argument("--queries", nargs="+", default=["repeat"],
-                     help="the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
-                          "SnapKV and H2O by the context's own queries)")
+                     help="the reference queries of the presses with none of their own, such as Attention Matching "
+                          "(KVzip ranks by its repeat pass, SnapKV and H2O by the context's own queries, as in compact())")
     com.add_argument("--needle-depths", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                      help="pass-key depths per document (none: KL, perplexity, bytes and time only)")
     com.add_argument("--needle-wording", default="pass-key", choices=["pass-key", "secret-number"],
@@ -555,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     rul.add_argument("--methods", nargs="+", default=list(RULER_METHODS), help="compaction methods (the full cache always runs)")
     rul.add_argument("--ratios", type=float, nargs="+", default=[5, 10], help="compaction ratios")
     rul.add_argument("--queries", nargs="+", default=["repeat"],
-                     help="the reference queries Attention Matching fits (KVzip always ranks by a repeat pass, "
-                          "SnapKV and H2O by the context's own queries)")
+                     help="the reference queries of the presses with none of their own, such as Attention Matching "
+                          "(KVzip ranks by its repeat pass, SnapKV and H2O by the context's own queries, as in compact())")
     rul.add_argument("--resume", action="store_true",
                      help="keep the results in OUTPUT/progress.jsonl measured with the same settings (an interrupted "
                           "run, or one over other tasks) and measure only the rest")

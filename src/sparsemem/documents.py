@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import recover, staged_directory
 from .modeling.cache import SparseMemCache, SparseMemLayer
+from .modeling.compaction import CompactionRecord
 from .modeling.slots import SlotTier
 
 FORMAT = "sparsemem-compacted-document/2"
@@ -103,7 +104,7 @@ def save_document(cache: SparseMemCache, model, path, overwrite: bool = False) -
         "rope_offset": [layer.rope_offset for layer in cache.layers],
         "sink_tokens": cache.sink_tokens,
         "local_tokens": cache.local_tokens,
-        "compaction": getattr(cache, "compaction_info", None),
+        "compaction": None if cache.compaction is None else cache.compaction.to_dict(),
         "bytes": cache.memory_bytes(),
     }
     with staged_directory(path, marker=META) as staging:
@@ -181,5 +182,9 @@ def load_document(path, model) -> SparseMemCache:
     if token_ids is not None and tuple(token_ids.shape) != (meta["batch_size"], meta["logical_length"]):
         raise ValueError(f"{path / TENSORS}: token_ids {tuple(token_ids.shape)} do not match the batch and length in {META}")
     cache.token_ids = None if token_ids is None else token_ids.to(device)
-    cache.compaction_info = meta.get("compaction")
+    if meta.get("compaction") is not None:
+        try:
+            cache.record_compaction(CompactionRecord.from_dict(meta["compaction"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path / META}: \"compaction\": {error}") from None
     return cache

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cache_compaction import capture_reference_queries, compact
+from .cache_compaction import capture_reference_queries, compact, query_sources_for
 from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.presses import make_press
 from .corpus import needle_question, passkey_case, token_window
@@ -42,6 +42,9 @@ class CompactionResult:
     needle_accuracy: float | None
     # one {"seed", "depth", "key", "answer"} per needle case, so a reader sees which ones were lost
     needle_answers: list | None = None
+    # the reference-query sources the method fitted or ranked with (None: the full cache, or a report written
+    # before rows named them)
+    queries: list | None = None
 
 
 def _prefill(model, ids):
@@ -57,15 +60,6 @@ def _prefill(model, ids):
 def _continuation_logprobs(model, cache, continuation):
     logits = model(continuation, past_key_values=cache).logits.float()
     return torch.log_softmax(logits, dim=-1)
-
-
-def _queries_for(method: str, sources) -> tuple:
-    # KVzip scores entries by a repeat pass; SnapKV and H2O by the context's own queries
-    if method == "kvzip":
-        return ("repeat",)
-    if method in ("snapkv", "h2o"):
-        return ("context",)
-    return tuple(sources)
 
 
 @torch.no_grad()
@@ -121,7 +115,8 @@ def evaluate_compaction(
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
         write_text(Path(progress), json.dumps({"meta": meta}) + "\n" + json.dumps(asdict(results[0])) + "\n")
     for method in tqdm(methods, desc="methods"):
-        sources = _queries_for(method, queries)
+        # the press's own sources where it declares them (KVzip's repeat pass), as `compact` would use
+        sources = query_sources_for(method, default=queries)
         # only Attention Matching fits slots to queries; the eviction baselines just rank entries
         fitted = on_policy and isinstance(make_press(method), AttentionMatchingPress)
         for ratio in ratios:
@@ -148,7 +143,7 @@ def evaluate_compaction(
                         input_ids=doc, tokenizer=tokenizer, whole_span_share=whole_span_share)
                 answers.append(_answer(model, tokenizer, needle_cache, question, case, index // len(needle_depths)))
             results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
-                                            _accuracy(answers), answers or None))
+                                            _accuracy(answers), answers or None, list(sources)))
             if progress is not None:
                 with Path(progress).open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(asdict(results[-1])) + "\n")
@@ -183,6 +178,9 @@ def render_compaction_markdown(results, meta) -> str:
     methods = list(dict.fromkeys(r.method for r in results if r.method != "full"))
     by = {(r.method, r.ratio): r for r in results}
     full = by[("full", 1.0)]
+    sources = {r.method: r.queries for r in results if r.queries is not None}
+    if sources:
+        lines += ["Reference queries: " + "; ".join(f"{m}: {', '.join(q)}" for m, q in sources.items()), ""]
     tables = [
         ("Mean next-token KL to the full cache (lower is better)", lambda r: f"{r.kl:.4f}"),
         (f"Continuation perplexity (full cache: {full.perplexity:.3f})", lambda r: f"{r.perplexity:.3f}"),

@@ -278,13 +278,6 @@ def make_samples(tokenizer, corpus, tasks, lengths, samples: int, seed: int = 0)
             for task in tasks for length in lengths for index in range(samples)]
 
 
-def _queries_for(method: str, queries: tuple) -> tuple:
-    # as in the compaction suite: KVzip ranks by a repeat pass, SnapKV and H2O by the context's own queries
-    from .evaluation_compaction import _queries_for as compaction_queries
-
-    return compaction_queries(method, queries)
-
-
 # settings a resumed run must share with the results it keeps
 RESUME_KEYS = ("model", "corpus", "seed", "am_queries", "dtype", "options")
 
@@ -315,7 +308,7 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
     `meta`, then each result as soon as it is measured. `done`: results measured before (`read_progress`);
     those of these samples and configurations are kept (when their expected answers match) and not
     measured again; all of them stay in `progress`."""
-    from .cache_compaction import capture_reference_queries, compact, prefill
+    from .cache_compaction import capture_reference_queries, compact, prefill, query_sources_for
     from .questions import ask
 
     window = getattr(model.config, "max_position_embeddings", None)
@@ -353,7 +346,7 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
             if method == "full":
                 cache = full  # ask() leaves it as it was
             else:
-                sources = tuple(_queries_for(method, queries))
+                sources = query_sources_for(method, default=queries)  # as `compact` resolves them
                 if sources not in captured:
                     captured[sources] = capture_reference_queries(model, ids, sources, tokenizer)
                 cache = copy.deepcopy(full)

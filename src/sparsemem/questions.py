@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cache_compaction import compact, prefill
+from .cache_compaction import compact, prefill, query_sources_for
 from .documents import save_document
 from .modeling.cache import SparseMemCache
 
@@ -35,7 +35,8 @@ def read_document(model, tokenizer, context, ratio: float | None = None, method:
     ids = ids.to(model.device)
     cache, queries = prefill(model, ids)
     if ratio is not None:
-        if "queries" in compact_options:  # other reference queries: a pass over the document of their own
+        if "queries" in compact_options or query_sources_for(method) != ("context",):
+            # other reference queries (given, or the press's own, e.g. KVzip's repeat pass): a pass of their own
             compact_options.setdefault("input_ids", ids)
         else:
             compact_options.setdefault("reference_queries", queries)
