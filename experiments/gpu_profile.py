@@ -6,6 +6,9 @@ Measures, on random bf16 tensors of Llama-3-8B's attention shape (32 query / 8 K
   and block fraction 0.125: host time to enqueue, wall time per call, then the profiler's kernel table;
 - `prefill`: `--context` (64K) queries at block fraction 0.1: planning (`plan_block_sparse`: scores and
   top-k), the kernel alone and the whole call in milliseconds, then the profiler's table of the planning.
+- `step`: one whole decode step of a Llama-3-8B-shaped model (random bf16 weights, block fraction 0.125) over a
+  `StaticSparseMemCache` filled to `--context` (128K) at `--batch` (1), replayed from its CUDA graph: ms per
+  step, then the kernel table of the replays (what the step spends on weights, attention, selection).
 
 Prints the tables of `reports/bench-h100/decode_profile.md` and `prefill_profile.md` (kept there as the
 output, in a fenced block):
@@ -77,9 +80,35 @@ def prefill(batch: int, context: int) -> None:
     print(profile_table(lambda: plan_block_sparse(query, key, scorer, opts), calls=3, rows=25))
 
 
+@torch.no_grad()
+def step(batch: int, context: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsemem import StaticSparseMemCache, convert
+    from sparsemem.bench import LLAMA3_8B
+
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        base = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, max_position_embeddings=context + 64)).eval()
+    torch.set_default_dtype(torch.float32)
+    model = convert(base, **options(0.125), attention_backend="flex")
+    cache = StaticSparseMemCache(model.config, max_cache_len=context + 64)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, KV_HEADS, context, DIM)
+    for layer in range(LLAMA3_8B["num_hidden_layers"]):
+        keys, values = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
+        cache.update(keys, values, layer)
+    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (batch, 1), device="cuda", generator=generator)
+    run = lambda: model(input_ids=ids, past_key_values=cache)  # noqa: E731
+    for _ in range(3):  # capture
+        run()
+    print(f"ms per step {cuda_time_ms(run, warmup=2, repeats=10):.3f}")
+    print(profile_table(run, calls=5, rows=30))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("decode", "prefill"))
+    parser.add_argument("mode", choices=("decode", "prefill", "step"))
     parser.add_argument("--context", type=int, default=None, help="tokens (decode: 131072, prefill: 65536)")
     parser.add_argument("--batch", type=int, default=None, help="sequences (decode: 16, prefill: 1)")
     args = parser.parse_args(argv)
@@ -87,6 +116,8 @@ def main(argv=None):
         raise SystemExit("gpu_profile.py profiles the CUDA kernels: no CUDA device is available")
     if args.mode == "decode":
         decode(args.batch or 16, args.context or 131072)
+    elif args.mode == "step":
+        step(args.batch or 1, args.context or 131072)
     else:
         prefill(args.batch or 1, args.context or 65536)
 
