@@ -78,11 +78,11 @@ class BlockSummaryCache:
             if triton is not None and readable and _triton_extents(size, dim):
                 # one launch instead of six: this runs at every decode step of every layer
                 _tail_summary_kernel[(batch * kv_heads,)](
-                    keys, key_min, key_max, key_sum,
+                    keys, key_min, key_max, key_sum, keys,
                     keys.stride(0), keys.stride(1), keys.stride(2),
                     key_min.stride(0), key_min.stride(1), key_min.stride(2),
                     whole * size, total, whole,
-                    KV_HEADS=kv_heads, D=dim, BS=size,
+                    KV_HEADS=kv_heads, D=dim, BS=size, LENGTH_ON_DEVICE=False,
                 )
             else:
                 tail = keys[:, :, whole * size :]
@@ -99,6 +99,22 @@ class BlockSummaryCache:
         count[-1] = total - (num_blocks - 1) * size
         key_mean = key_sum[:, :, :num_blocks] / count.view(1, 1, -1, 1).to(torch.float32)
         return BlockSummaries(key_min[:, :, :num_blocks], key_max[:, :, :num_blocks], key_mean, count)
+
+
+def refresh_newest_block_triton(keys, key_min, key_max, key_sum, length, block_size: int) -> bool:
+    """Summary (min, max, sum) of the block holding key `length` - 1 into the summary buffers, `length` ([1])
+    read on the device, in one launch; False where the kernel does not apply (not CUDA, other extents)."""
+    batch, kv_heads, _, dim = keys.shape
+    if triton is None or not keys.is_cuda or not _triton_extents(block_size, dim):
+        return False
+    _tail_summary_kernel[(batch * kv_heads,)](
+        keys, key_min, key_max, key_sum, length,
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        key_min.stride(0), key_min.stride(1), key_min.stride(2),
+        0, 0, 0,
+        KV_HEADS=kv_heads, D=dim, BS=block_size, LENGTH_ON_DEVICE=True,
+    )
+    return True
 
 
 def unsupported_decode_reason(query, attention_mask, sliding_window, contiguous: bool) -> str | None:
@@ -129,13 +145,18 @@ if triton is not None:
 
     @triton.jit
     def _tail_summary_kernel(
-        K, KMIN, KMAX, KSUM,
+        K, KMIN, KMAX, KSUM, LENGTH,
         stride_kb, stride_kh, stride_kn,
         stride_sb, stride_sh, stride_sn,
         start, total, block,
-        KV_HEADS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+        KV_HEADS: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, LENGTH_ON_DEVICE: tl.constexpr,
     ):
-        # min, max and sum of keys start..total-1 (fewer than BS) of one (sequence, KV head)
+        # min, max and sum of keys start..total-1 (fewer than BS) of one (sequence, KV head); with
+        # LENGTH_ON_DEVICE, those of the block holding the newest of LENGTH keys
+        if LENGTH_ON_DEVICE:
+            total = tl.load(LENGTH)
+            block = (total - 1) // BS
+            start = block * BS
         pid = tl.program_id(0)
         b = (pid // KV_HEADS).to(tl.int64)
         h = (pid % KV_HEADS).to(tl.int64)
@@ -154,12 +175,16 @@ if triton is not None:
         stride_qb, stride_qh, stride_qg,
         stride_sb, stride_sh, stride_sn,
         stride_ob, stride_oh,
-        num_blocks, first, last,
-        KV_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+        num_blocks, first, last, LENGTH, local, block_size,
+        KV_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, LENGTH_ON_DEVICE: tl.constexpr,
     ):
         # scores of NB blocks for one (sequence, KV head): max over the group's query heads of the
         # bound sum_d max(q_d max_d, q_d min_d); non-candidates get -inf. Elementwise, not tl.dot:
-        # a group has a few query heads, and the pass is bound by reading the summaries once.
+        # a group has a few query heads, and the pass is bound by reading the summaries once. With
+        # LENGTH_ON_DEVICE the last candidate is the block of key LENGTH - 1 - local (none if negative).
+        if LENGTH_ON_DEVICE:
+            high = tl.load(LENGTH) - 1 - local
+            last = tl.where(high >= 0, high // block_size, -1)
         pid = tl.program_id(0)
         tile = tl.program_id(1)
         b = (pid // KV_HEADS).to(tl.int64)
@@ -251,39 +276,39 @@ if triton is not None:
     @triton.jit
     def _merge_splits_kernel(
         ACC, M, L, OUT, LSE, num_splits,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+        G: tl.constexpr, D: tl.constexpr, SP: tl.constexpr,
     ):
-        # log-sum-exp merge of one (sequence, KV head)'s splits into normalised outputs and the LSE
+        # log-sum-exp merge of one query row's splits (one (sequence, KV head) program of the tiles
+        # kernel, one of its G rows) into its normalised output and LSE, every split at once
         pid = tl.program_id(0)
-        rows = tl.arange(0, GP)
+        row = tl.program_id(1)
+        splits = tl.arange(0, SP)
         dims = tl.arange(0, D)
-        row_ok = rows < G
-        m_run = tl.full([GP], float("-inf"), tl.float32)
-        l_run = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        for split in range(0, num_splits):
-            at = (pid * num_splits + split) * G + rows
-            m_s = tl.load(M + at, mask=row_ok, other=float("-inf"))
-            l_s = tl.load(L + at, mask=row_ok, other=0.0)
-            acc_s = tl.load(ACC + at[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-            m_new = tl.maximum(m_run, m_s)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            a = tl.exp(m_run - m_safe)
-            c = tl.exp(m_s - m_safe)
-            l_run = l_run * a + l_s * c
-            acc = acc * a[:, None] + acc_s * c[:, None]
-            m_run = m_new
-        has = l_run > 0
-        out = acc / tl.where(has, l_run, 1.0)[:, None]
-        lse = tl.where(has, m_run + tl.log(tl.where(has, l_run, 1.0)), float("-inf"))
-        at = pid * G + rows
-        tl.store(OUT + at[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
-        tl.store(LSE + at, lse, mask=row_ok)
+        ok = splits < num_splits
+        at = (pid * num_splits + splits) * G + row
+        m = tl.load(M + at, mask=ok, other=float("-inf"))
+        l = tl.load(L + at, mask=ok, other=0.0)
+        acc = tl.load(ACC + at[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+        m_max = tl.max(m, 0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_safe))
+        total = tl.sum(l * weight, 0)
+        has = total > 0
+        out = tl.sum(acc * weight[:, None], 0) / tl.where(has, total, 1.0)
+        lse = tl.where(has, m_safe + tl.log(tl.where(has, total, 1.0)), float("-inf"))
+        tl.store(OUT + (pid * G + row) * D + dims, out)
+        tl.store(LSE + pid * G + row, lse)
+
+
+MAX_SPLITS = 64  # the merge reduces a row's splits in one tile
 
 
 def _launch_width(num_tiles: int, programs: int) -> int:
-    """Tiles per program: enough programs to fill the GPU (a few thousand), at most 16 tiles each."""
-    return max(1, min(16, math.ceil(num_tiles * programs / 2048)))
+    """Tiles per program: enough programs to fill the GPU (a few thousand), yet at least 8 tiles each where
+    there are that many (a program's loop overlaps the loads of its next tile with the current one; one tile
+    per program leaves every load exposed), and at most MAX_SPLITS programs per (sequence, KV head)."""
+    width = max(min(16, math.ceil(num_tiles * programs / 2048)), min(8, num_tiles), math.ceil(num_tiles / MAX_SPLITS))
+    return max(1, width)
 
 
 def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None):
@@ -326,13 +351,15 @@ def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, ou
     )
     out = torch.empty(batch, kv_heads, groups, dim, dtype=out_dtype, device=device)
     lse = torch.empty(batch, kv_heads, groups, dtype=torch.float32, device=device)
-    _merge_splits_kernel[(programs,)](acc, m, l, out, lse, splits, G=groups, GP=gp, D=dim)
+    _merge_splits_kernel[(programs, groups)](acc, m, l, out, lse, splits, G=groups, D=dim, SP=triton.next_power_of_2(splits))
     return out, lse, count.sum()
 
 
-def _minmax_scores_triton(query, key_min, key_max, num_blocks: int, first: int, last: int) -> torch.Tensor:
+def _minmax_scores_triton(query, key_min, key_max, num_blocks: int, first: int, last: int, length=None,
+                          local: int = 0, block_size: int = 1) -> torch.Tensor:
     """The "minmax" scorer's scores [B, Hkv, nb] of query [B, Hkv, G, D] from the summary buffers,
-    -inf outside the candidate blocks [first, last]."""
+    -inf outside the candidate blocks [first, last]. With `length` ([1] on the device), `last` is the block of
+    key length - 1 - `local` instead (blocks of `block_size` keys): the launch is the same at every length."""
     batch, kv_heads, groups, dim = query.shape
     scores = torch.empty(batch, kv_heads, num_blocks, dtype=torch.float32, device=query.device)
     per_program = 32
@@ -341,8 +368,8 @@ def _minmax_scores_triton(query, key_min, key_max, num_blocks: int, first: int, 
         query.stride(0), query.stride(1), query.stride(2),
         key_min.stride(0), key_min.stride(1), key_min.stride(2),
         scores.stride(0), scores.stride(1),
-        num_blocks, first, last,
-        KV_HEADS=kv_heads, G=groups, D=dim, NB=per_program,
+        num_blocks, first, last, key_min if length is None else length, local, block_size,
+        KV_HEADS=kv_heads, G=groups, D=dim, NB=per_program, LENGTH_ON_DEVICE=length is not None,
     )
     return scores
 

@@ -19,6 +19,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .block_decode import refresh_newest_block_triton
 from .rope import trained_context
 from .scorer import BlockSummaries, summarize_contiguous_blocks
 
@@ -98,6 +99,8 @@ class StaticSparseMemLayer(CacheLayerMixin):
 
     def _refresh_newest_block(self) -> None:
         """Summary of the block holding the newest token, with its index on the device."""
+        if refresh_newest_block_triton(self.keys, self.key_min, self.key_max, self.key_sum, self.length, self.block_size):
+            return
         size = self.block_size
         newest = self.length - 1
         block = torch.div(newest, size, rounding_mode="floor")

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from .block_decode import _tiles_triton, _triton_extents, selection_budget, triton
+from .block_decode import _minmax_scores_triton, _tiles_triton, _triton_extents, selection_budget, triton
+from .scorer import PooledKeyScorer
 
 
 def selection_width(max_cache_len: int, options: dict) -> int:
@@ -38,21 +39,30 @@ def _gather_tokens(tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, tokens[..., None].expand(-1, -1, -1, tensor.shape[-1]))
 
 
-def _chosen_blocks(query_rows, layer, scorer, options, width, position):
+def _chosen_blocks(query_rows, layer, scorer, options, width, position, use_triton):
     """The `width` best candidate blocks [B, Hkv, width] of the query at `position`, and which of them the
     selection takes at this length (candidates: blocks holding a key in [sink, position - local])."""
     size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
-    summaries = layer.summaries()
-    blocks = torch.arange(summaries.num_blocks, device=position.device)
-    candidates = (blocks >= sink // size) & (blocks <= torch.div(position - local, size, rounding_mode="floor"))
-    scores = scorer(query_rows[:, :, :, None].float(), summaries, candidates.view(1, 1, 1, -1))[:, :, 0]
-    scores = scores.masked_fill(~candidates, float("-inf"))
+    first, last = sink // size, torch.div(position - local, size, rounding_mode="floor")
+    num_blocks = layer.key_min.shape[2]
+    if use_triton and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
+        # one launch: the bound straight from the summary buffers, -inf outside the candidates
+        scores = _minmax_scores_triton(query_rows, layer.key_min, layer.key_max, num_blocks, first, -1,
+                                       length=layer.length, local=local, block_size=size)
+    else:
+        blocks = torch.arange(num_blocks, device=position.device)
+        candidates = (blocks >= first) & (blocks <= last)
+        scores = scorer(query_rows[:, :, :, None].float(), layer.summaries(), candidates.view(1, 1, 1, -1))[:, :, 0]
+        scores = scores.masked_fill(~candidates, float("-inf"))
+    top = scores.topk(width, dim=-1, sorted=False)
+    chosen = top.values > float("-inf")  # fewer candidates than `width`: the rest are padding
     fraction = options["block_fraction"]
-    top = scores.topk(width, dim=-1, sorted=fraction is not None)  # best first when a budget cuts the ranks
-    chosen = candidates[top.indices]
     if fraction is not None:
-        budget = torch.ceil(candidates.sum() * fraction).clamp(min=options["top_k_blocks"])
-        chosen = chosen & (torch.arange(width, device=position.device) < budget)
+        # a budget of ceil(fraction x candidates), at least top_k: the ranks among the `width` best, from
+        # pairwise comparisons (a sort of the row costs more than these few thousand compares)
+        budget = torch.ceil((last - first + 1).clamp(min=0) * fraction).clamp(min=options["top_k_blocks"])
+        rank = (top.values[..., None, :] > top.values[..., :, None]).sum(-1)
+        chosen = chosen & (rank < budget)
     return top.indices, chosen
 
 
@@ -74,7 +84,7 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
         use_triton = triton is not None and query.is_cuda and _triton_extents(size, dim)
     if options["top_k_blocks"] is not None and use_triton:
         if width:
-            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position)
+            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position, True)
             index = index.masked_fill(~chosen, layer.key_min.shape[2])  # a block past the buffers attends nothing
         else:
             index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=query.device)
@@ -97,7 +107,7 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
             held = (tokens >= sink).expand(batch, kv_heads, -1)
             parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), held))
         if width:
-            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position)
+            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position, False)
             tokens = (index[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)
             attended = chosen.repeat_interleave(size, dim=-1) & (tokens >= sink) & (tokens <= position - local)
             parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), attended))
