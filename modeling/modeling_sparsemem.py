@@ -13,6 +13,7 @@ import os
 
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, load_state_dict
 from transformers.utils import GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
@@ -41,6 +42,7 @@ from .configuration_sparsemem import (
 from .learned_scorer import LearnedBlockScorer, build_scorer
 from .placement import Placement
 from .decode_graph import DecodeGraph
+from .static_cache import StaticSparseMemCache
 from .static_decode import selection_width, static_decode_attention
 
 logger = logging.getLogger(__name__)
@@ -549,12 +551,22 @@ class SparseMemForCausalLMMixin:
         return super().generate(*args, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if (
-            model_kwargs.get(CACHE_ARGUMENT) is None
-            and generation_config.cache_implementation is None
-            and generation_config.use_cache is not False
-        ):
+        own = model_kwargs.get(CACHE_ARGUMENT) is None and generation_config.use_cache is not False
+        implementation = generation_config.cache_implementation
+        if own and implementation is None:
             model_kwargs[CACHE_ARGUMENT] = SparseMemCache(self.config)
+        elif own and implementation == "static":
+            # transformers' switch for a fixed-shape cache: here the sparsemem one, whose decode steps replay a
+            # captured CUDA graph (a plain StaticCache holds no block summaries and would read its whole buffer)
+            length = kwargs.get("max_cache_length", args[2] if len(args) > 2 else None)
+            length = generation_config.max_cache_len or length or generation_config.max_length
+            model_kwargs[CACHE_ARGUMENT] = StaticSparseMemCache(self.config, max_cache_len=int(length))
+            generation_config.cache_implementation = None  # the cache is made; transformers refuses both at once
+        elif own and implementation in ALL_STATIC_CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"cache_implementation={implementation!r}: transformers' fixed-shape caches hold no block summaries; use "
+                "cache_implementation='static' (StaticSparseMemCache) or the default (SparseMemCache)"
+            )
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     # -- reporting ----------------------------------------------------------------------------------

@@ -58,6 +58,13 @@ def test_generate_with_a_static_cache_matches_the_default_cache():
     default = model.generate(ids, max_new_tokens=20, do_sample=False)
     static = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=StaticSparseMemCache(model.config, max_cache_len=64))
     assert torch.equal(default, static)
+    # transformers' switch for a fixed-shape cache gives the sparsemem one, sized for prompt + new tokens
+    out = model.generate(ids, max_new_tokens=20, do_sample=False, cache_implementation="static", return_dict_in_generate=True)
+    cache = out.get("cache", out.get("past_key_values"))
+    assert torch.equal(default, out.sequences)
+    assert isinstance(cache, StaticSparseMemCache) and cache.get_max_length() == 59  # the last token is never cached
+    with pytest.raises(ValueError, match="cache_implementation='offloaded_static'"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="offloaded_static")
 
 
 class _Recorder(TorchDispatchMode):
