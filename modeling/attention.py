@@ -204,7 +204,7 @@ def sparsemem_attention_forward(
                 module, query, key, value, padding, offsets, scaling, sparsemem, block_size, kwargs
             )
 
-    scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"))
+    scorer = getattr(module, "scorer", None) or PooledKeyScorer(_option(config, "scorer"), _option(config, "scorer_sub_block"))
     stats = getattr(module, "sparsemem_stats", None)
     backend = _option(config, "attention_backend")
     # calibration: the same sparse output with a straight-through gradient to the scorer, which only the
@@ -286,10 +286,11 @@ def sparsemem_attention_forward(
     summary_keys = key if free_keys is None else free_keys
     has_slots = slots is not None and len(slots) > 0
     free_slots = placement.free_slots(slots) if placement is not None and has_slots else slots
+    sub_block = getattr(scorer, "sub_block", None)  # the "subminmax" scorer reads sub-block extrema
     if contiguous:
-        summaries = summarize_contiguous_blocks(summary_keys, block_size, num_blocks)  # nothing evicted
+        summaries = summarize_contiguous_blocks(summary_keys, block_size, num_blocks, sub_block)  # nothing evicted
     else:
-        summaries = summarize_blocks(summary_keys, block_ids, num_blocks)
+        summaries = summarize_blocks(summary_keys, block_ids, num_blocks, key_positions, block_size, sub_block)
 
     query_groups = query.view(batch, kv_heads, groups, num_queries, dim).float()
     first_position = int(query_positions[0]) if query_block else 0

@@ -34,22 +34,46 @@ class BlockSummaryCache:
 
     Complete blocks are summarised once, into buffers that grow by doubling; the newest, incomplete
     block is re-summarised on every call (at most `block_size` keys). The owner drops the cache when its
-    keys change other than by appending (eviction, crop, beam reordering).
+    keys change other than by appending (eviction, crop, beam reordering). With `sub_block` set, the
+    extrema of every block's sub-blocks (for the "subminmax" scorer) are kept the same way.
     """
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, sub_block: int | None = None):
+        if sub_block is not None and (sub_block < 1 or block_size % sub_block):
+            raise ValueError(f"`scorer_sub_block` ({sub_block}) must divide `block_size` ({block_size})")
         self.block_size = block_size
+        self.sub_block = sub_block
         self.complete = 0  # complete blocks summarised
         self.buffers = None  # (min, max, sum) [B, Hkv, capacity, D] fp32
+        self.sub_buffers = None  # (min, max) [B, Hkv, capacity, block_size // sub_block, D] fp32, with sub_block
 
     def _grow(self, keys: torch.Tensor, needed: int, device: torch.device) -> None:
         batch, kv_heads, _, dim = keys.shape
         capacity = max(needed, 64, 2 * (0 if self.buffers is None else self.buffers[0].shape[2]))
         fresh = tuple(torch.empty(batch, kv_heads, capacity, dim, dtype=torch.float32, device=device) for _ in range(3))
+        fresh_sub = None
+        if self.sub_block is not None:
+            per_block = self.block_size // self.sub_block
+            fresh_sub = tuple(torch.empty(batch, kv_heads, capacity, per_block, dim, dtype=torch.float32, device=device) for _ in range(2))
         if self.buffers is not None and self.complete:
-            for new, old in zip(fresh, self.buffers):
+            for new, old in zip(fresh + (fresh_sub or ()), self.buffers + (self.sub_buffers or ())):
                 new[:, :, : self.complete] = old[:, :, : self.complete]
-        self.buffers = fresh
+        self.buffers, self.sub_buffers = fresh, fresh_sub
+
+    def _refresh_sub_blocks(self, keys: torch.Tensor, whole: int) -> None:
+        """Sub-block extrema of the newly complete blocks and of the incomplete newest one (in PyTorch:
+        the "subminmax" scorer reads them through `update`, not through the Triton kernels)."""
+        batch, kv_heads, total, dim = keys.shape
+        size, sub = self.block_size, self.sub_block
+        sub_min, sub_max = self.sub_buffers
+        start = self.complete * size
+        if whole > self.complete:
+            new = keys[:, :, start : whole * size].view(batch, kv_heads, whole - self.complete, size // sub, sub, dim)
+            sub_min[:, :, self.complete : whole] = new.amin(-2)
+            sub_max[:, :, self.complete : whole] = new.amax(-2)
+        if total > whole * size:
+            tail = summarize_contiguous_blocks(keys[:, :, whole * size :].to(sub_min.device), sub, size // sub)
+            sub_min[:, :, whole], sub_max[:, :, whole] = tail.key_min, tail.key_max
 
     def refresh(self, keys: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bring the summaries up to `keys` [B, Hkv, N, D]; returns the (min, max, sum) buffers
@@ -67,6 +91,8 @@ class BlockSummaryCache:
             self._grow(keys, num_blocks, device)
         key_min, key_max, key_sum = self.buffers
         whole = total // size
+        if self.sub_block is not None:
+            self._refresh_sub_blocks(keys, whole)
         if whole > self.complete:
             new = keys[:, :, self.complete * size : whole * size].view(batch, kv_heads, whole - self.complete, size, dim)
             key_min[:, :, self.complete : whole] = new.amin(-2)
@@ -98,7 +124,14 @@ class BlockSummaryCache:
         count = torch.full((num_blocks,), size, dtype=torch.long, device=key_min.device)
         count[-1] = total - (num_blocks - 1) * size
         key_mean = key_sum[:, :, :num_blocks] / count.view(1, 1, -1, 1).to(torch.float32)
-        return BlockSummaries(key_min[:, :, :num_blocks], key_max[:, :, :num_blocks], key_mean, count)
+        summaries = BlockSummaries(key_min[:, :, :num_blocks], key_max[:, :, :num_blocks], key_mean, count)
+        if self.sub_block is None:
+            return summaries
+        sub = self.sub_block
+        sub_first = torch.arange(num_blocks * (size // sub), device=key_min.device).view(num_blocks, -1) * sub
+        sub_count = (total - sub_first).clamp(min=0, max=sub)
+        sub_min, sub_max = (t[:, :, :num_blocks] for t in self.sub_buffers)
+        return BlockSummaries(summaries.key_min, summaries.key_max, key_mean, count, sub, sub_min, sub_max, sub_count)
 
 
 def refresh_newest_block_triton(keys, key_min, key_max, key_sum, length, block_size: int) -> bool:
@@ -441,12 +474,18 @@ def block_decode_attention(
             key_min, key_max, _ = summary_cache.refresh(key, device)
             scores = _minmax_scores_triton(q_rows, key_min, key_max, num_blocks, first, last)
         else:
+            sub_block = getattr(scorer, "sub_block", None)  # the "subminmax" scorer reads sub-block extrema
+            if incremental and summary_cache.sub_block != sub_block:
+                raise ValueError(
+                    f"the layer's block summary cache keeps sub-blocks of {summary_cache.sub_block} tokens, the scorer "
+                    f"needs {sub_block}: build it as BlockSummaryCache(block_size, sub_block={sub_block})"
+                )
             if incremental:
                 summaries = summary_cache.update(key, device)
             else:
-                summaries = summarize_contiguous_blocks(key, size, num_blocks)
+                summaries = summarize_contiguous_blocks(key, size, num_blocks, sub_block)
                 if key.device != device:
-                    summaries = BlockSummaries(*(t.to(device) for t in (summaries.key_min, summaries.key_max, summaries.key_mean, summaries.count)))
+                    summaries = summaries.to(device)
             block_ids = torch.arange(num_blocks, device=device)
             candidates = (block_ids >= first) & (block_ids <= last)
             rows = query.view(batch, kv_heads, groups, 1, dim)

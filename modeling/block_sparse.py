@@ -212,7 +212,7 @@ def _select_tiles(query, key, scorer, first_query: int, num_blocks: int, options
     query_block, block_size = options["query_block_size"], options["block_size"]
     sink, local = options["sink_tokens"], options["local_tokens"]
     num_q_blocks = math.ceil((first_query % query_block + num_queries) / query_block)
-    summaries = summarize_contiguous_blocks(key, block_size, num_blocks)
+    summaries = summarize_contiguous_blocks(key, block_size, num_blocks, getattr(scorer, "sub_block", None))
     pooled = pool_query_blocks(query.view(batch, kv_heads, groups, num_queries, dim), first_query, query_block)
     candidates = block_candidates(first_query, total, num_q_blocks, num_blocks, query_block, block_size, sink, local, query.device)
     _, selected = score_and_select(scorer, pooled, summaries, candidates[None, None], options["top_k_blocks"],

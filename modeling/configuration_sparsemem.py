@@ -12,7 +12,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from .placement import check_placement, check_placement_options
 from .rope import POSITION_POLICIES
 
-SCORERS = ("minmax", "hybrid", "mean", "learned")
+SCORERS = ("minmax", "hybrid", "mean", "subminmax", "learned")
 SCORER_INITS = ("minmax", "hybrid")
 SCORER_UNIONS = (None, "minmax")
 ATTENTION_BACKENDS = ("auto", "reference", "flex")
@@ -34,8 +34,14 @@ class SparseMemOptions:
         `block_fraction` budget when set): the density then follows the input, few blocks for a query
         that attends to one place, more for a diffuse one. Needs `scorer="learned"`.
     scorer: training-free block scorer: "minmax" (upper bound of q.k from per-block key extrema), "mean"
-        (q . mean key), "hybrid" (both, standardised and added), or "learned" (a trained per-KV-head mix of
-        both plus trained projections of queries and pooled block keys).
+        (q . mean key), "hybrid" (both, standardised and added), "subminmax" (the best "minmax" bound among
+        the sub-blocks of `scorer_sub_block` tokens of each block: large blocks scored as finely as small
+        ones), or "learned" (a trained per-KV-head mix of both plus trained projections of queries and
+        pooled block keys).
+    scorer_sub_block: tokens per sub-block of the "subminmax" scorer; needed by it and allowed with it
+        alone, and must divide `block_size`. 1 scores a block by the exact max of q.k over its keys,
+        `block_size` equals "minmax"; 8 or 16 keep the selection of 64- and 128-token blocks close to that
+        of 8- or 16-token blocks, for the summary memory of 8- or 16-token blocks.
     scorer_dim: width of the learned scorer's query/key projections (used when `scorer="learned"`).
     scorer_init: the training-free scorer an untrained learned scorer equals exactly ("minmax" or
         "hybrid"), so a calibration starts no worse than it. A trained checkpoint stores its own mix.
@@ -82,6 +88,7 @@ class SparseMemOptions:
     block_fraction: float | None = 0.195
     block_mass: float | None = None
     scorer: str = "minmax"
+    scorer_sub_block: int | None = None
     scorer_dim: int = 64
     scorer_init: str = "minmax"
     scorer_union: str | None = "minmax"
@@ -135,6 +142,17 @@ class SparseMemOptions:
             raise ValueError(f"`selection_gate_temperature` must be a positive number or None, got {gate!r}")
         if self.scorer not in SCORERS:
             raise ValueError(f"`scorer` must be one of {SCORERS}, got {self.scorer!r}")
+        if self.scorer == "subminmax":
+            if self.scorer_sub_block is None:
+                raise ValueError("scorer='subminmax' needs `scorer_sub_block` (tokens per sub-block, dividing `block_size`)")
+            _int("scorer_sub_block", self.scorer_sub_block, 1)
+            if self.block_size % self.scorer_sub_block:
+                raise ValueError(f"`scorer_sub_block` ({self.scorer_sub_block}) must divide `block_size` ({self.block_size})")
+        elif self.scorer_sub_block is not None:
+            raise ValueError(
+                f"`scorer_sub_block` is used by scorer='subminmax' alone, got scorer_sub_block={self.scorer_sub_block!r} "
+                f"with scorer={self.scorer!r}"
+            )
         if self.scorer_init not in SCORER_INITS:
             raise ValueError(f"`scorer_init` must be one of {SCORER_INITS}, got {self.scorer_init!r}")
         if self.scorer_union not in SCORER_UNIONS:

@@ -120,4 +120,4 @@ def build_scorer(config) -> nn.Module:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = config.num_key_value_heads or config.num_attention_heads
         return LearnedBlockScorer(kv_heads, head_dim, config.scorer_dim, config.scorer_init, config.scorer_union)
-    return PooledKeyScorer(config.scorer)
+    return PooledKeyScorer(config.scorer, getattr(config, "scorer_sub_block", None))

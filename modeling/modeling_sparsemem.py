@@ -262,8 +262,9 @@ class SparseMemAttentionMixin:
             summaries = None
             if layer is not None and hasattr(layer, "block_summaries"):
                 summaries = layer.block_summaries
-                if summaries is None or summaries.block_size != self.config.block_size:
-                    summaries = layer.block_summaries = BlockSummaryCache(self.config.block_size)
+                sub_block = getattr(self.scorer, "sub_block", None)  # sub-block extrema for "subminmax"
+                if summaries is None or (summaries.block_size, summaries.sub_block) != (self.config.block_size, sub_block):
+                    summaries = layer.block_summaries = BlockSummaryCache(self.config.block_size, sub_block)
             # a SparseMemLayer holds positions 0..L-1 exactly when it holds L entries (nothing evicted)
             contiguous = key_positions.shape[0] == total and key_states.shape[-2] == total
             slots = self._with_block_slots(slots, layer, key_states, value_states, key_positions, contiguous, query_states.device)

@@ -25,7 +25,8 @@ OPTIONS = dict(
 
 def module(**overrides):
     config = SimpleNamespace(**{**OPTIONS, **overrides})
-    return SimpleNamespace(config=config, scorer=PooledKeyScorer(config.scorer), sparsemem_stats=AttentionStats())
+    scorer = PooledKeyScorer(config.scorer, getattr(config, "scorer_sub_block", None))
+    return SimpleNamespace(config=config, scorer=scorer, sparsemem_stats=AttentionStats())
 
 
 def fast_options(mod):
@@ -47,13 +48,17 @@ def random_slots(total, block_size, seed=1, per_head=7):
     )
 
 
+SCORERS = [{"scorer": "hybrid"}, {"scorer": "subminmax", "scorer_sub_block": 4}]
+
+
 @pytest.mark.parametrize("total, num_queries", [(150, 150), (170, 37), (96, 96)])
 @pytest.mark.parametrize("with_slots", [False, True])
-def test_flex_function_equals_reference(total, num_queries, with_slots):
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: s["scorer"])
+def test_flex_function_equals_reference(total, num_queries, with_slots, scorer):
     torch.manual_seed(total + num_queries)
     q = torch.randn(B, H, num_queries, D)
     k, v = torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
-    mod = module()
+    mod = module(**scorer)
     slots = random_slots(total, mod.config.block_size) if with_slots else None
     positions = torch.arange(total)
     view = MemoryView(positions[total - num_queries :], positions, slots, None)
@@ -158,18 +163,19 @@ def test_flex_backend_refuses_what_it_cannot_compute():
 
 @pytest.mark.parametrize("total", [1, 77, 160, 203])
 @pytest.mark.parametrize("with_slots", [False, True])
-def test_block_decode_equals_reference(total, with_slots):
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: s["scorer"])
+def test_block_decode_equals_reference(total, with_slots, scorer):
     """The decode path (gather variant; the Triton kernel is checked on GPU) against the reference."""
     from sparsemem.modeling.block_decode import BlockSummaryCache, block_decode_attention
 
     torch.manual_seed(total)
-    mod = module(top_k_blocks=2, block_fraction=0.3)
+    mod = module(top_k_blocks=2, block_fraction=0.3, **scorer)
     k, v = torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
     q = torch.randn(B, H, 1, D)
     slots = random_slots(total, mod.config.block_size) if with_slots and total > 1 else None
     positions = torch.arange(total)
     ref, _ = sparsemem_attention_forward(mod, q, k, v, None, scaling=D**-0.5, sparsemem=MemoryView(positions[-1:], positions, slots))
-    cache = BlockSummaryCache(mod.config.block_size)
+    cache = BlockSummaryCache(mod.config.block_size, mod.scorer.sub_block)
     cache.update(k[:, :, : max(1, total - 40)])  # summaries built incrementally over earlier steps
     out, attended = block_decode_attention(q, k, v, D**-0.5, mod.scorer, fast_options(mod), cache, slots, use_triton=False)
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)

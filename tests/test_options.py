@@ -21,6 +21,12 @@ from sparsemem import SparseMemLlamaConfig, SparseMemLlamaForCausalLM
         ({"scorer": "oracle"}, "scorer"),
         ({"query_chunk_size": 0}, "query_chunk_size"),
         ({"topk_blocks": 4}, "topk_blocks"),
+        ({"scorer": "subminmax"}, "scorer_sub_block"),
+        ({"scorer": "subminmax", "scorer_sub_block": 0}, "scorer_sub_block"),
+        ({"scorer": "subminmax", "scorer_sub_block": 3}, "scorer_sub_block.*divide.*block_size"),
+        ({"scorer": "subminmax", "scorer_sub_block": True}, "scorer_sub_block"),
+        ({"scorer": "subminmax", "block_size": 64, "scorer_sub_block": 8.0}, "scorer_sub_block"),
+        ({"scorer": "minmax", "scorer_sub_block": 4}, "scorer_sub_block.*subminmax"),
     ],
 )
 def test_invalid_options(options, name):

@@ -68,6 +68,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-fraction", type=_share("--block-fraction"), default=defaults.block_fraction,
                         help="attend this fraction of each query's blocks, at least --top-k-blocks ('none' to use the count alone)")
     parser.add_argument("--scorer", default=defaults.scorer, choices=list(SCORERS), help="block scorer")
+    parser.add_argument("--scorer-sub-block", type=int, default=defaults.scorer_sub_block,
+                        help="tokens per sub-block of --scorer subminmax (a block scores its best sub-block's bound)")
     parser.add_argument("--block-slots", type=int, default=defaults.block_slots,
                         help="consolidate every complete block into this many slots that answer it when unselected")
     parser.add_argument("--memory-placement", default=defaults.memory_placement, choices=list(PLACEMENTS),
