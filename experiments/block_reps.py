@@ -4,9 +4,9 @@ Block-sparse GPU kernels want blocks of 64 or 128 tokens. The "minmax" bound of 
 (each dimension takes its extreme over every key of the block), so the block holding a needle no longer
 ranks high; "subminmax" scores each block by its best sub-block's bound. This script runs the pass-key
 cases and the perplexity of `sparsemem eval retrieval` (the same `evaluate_model`) for a list of
-configurations on one loaded model, the dense model first, and reports each configuration's measured
-attention density next to its quality. One JSON line per configuration on stdout; with `--output`, all of
-them in one JSON file (written atomically).
+configurations on one loaded model, and reports each configuration's measured attention density next
+to its quality. One JSON line per configuration on stdout; with `--output`, all of them in one JSON file
+(written atomically). reports/block-reps-cpu/ holds the results (README.md: the table and the commands).
 
     OMP_NUM_THREADS=1 python experiments/block_reps.py --configs '[{"name": "dense"},
         {"name": "b64-minmax", "block_size": 64, "top_k_blocks": 2, "block_fraction": 0.1}]' --output out.json

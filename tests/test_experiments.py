@@ -146,10 +146,37 @@ def test_bad_arguments_are_named_before_any_model_loads():
         compaction_kl.main(["{}", "{method: am}"])
     with pytest.raises(SystemExit, match="--cases: expected a JSON list of"):
         needles.main(["--cases", "[[1]]", "tokens"])
+    import block_reps
+
+    with pytest.raises(SystemExit, match='needs a "name"'):
+        block_reps.main(["--configs", '[{"block_size": 64}]'])
     from harness import build_press
 
     with pytest.raises(ValueError, match="no option"):
         build_press("am", {"exact_newst": 0.5})
+
+
+def test_block_reps_rows_follow_the_evaluation(tiny):
+    """Whole sub-blocks make "subminmax" the "minmax" scorer: the same answers, perplexity and density."""
+    from block_reps import run_config
+
+    model, _, corpus = tiny
+    tokenizer = ByteTokenizer()
+    tokenizer.pad_token_id = None  # generate() reads it
+    options = {"block_size": 16, "top_k_blocks": 1, "block_fraction": 0.1, "local_tokens": 16}
+    args = (model, tokenizer, corpus, [300], [0.5], 200)
+    dense = run_config({"name": "dense"}, *args)
+    minmax = run_config({"name": "minmax", **options}, *args)
+    whole = run_config({"name": "sub16", **options, "scorer": "subminmax", "scorer_sub_block": 16}, *args)
+    finer = run_config({"name": "sub2", **options, "scorer": "subminmax", "scorer_sub_block": 2}, *args)
+    assert dense["passkey_density"] == pytest.approx(1.0) and dense["perplexity_density"] == pytest.approx(1.0)
+    assert minmax["passkeys"] == 1 and minmax["options"]["block_size"] == 16
+    for name in ("perplexity", "passkey_density", "perplexity_density", "cases"):
+        assert whole[name] == minmax[name], name
+    assert 0 < minmax["perplexity_density"] < 0.6 and minmax["perplexity"] != dense["perplexity"]
+    assert finer["perplexity"] != minmax["perplexity"]
+    with pytest.raises(ValueError, match="scorer_sub_block"):
+        run_config({"name": "bad", **options, "scorer": "subminmax", "scorer_sub_block": 3}, *args)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="profiles the kernels on CUDA")

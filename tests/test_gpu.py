@@ -62,14 +62,18 @@ def test_flex_prefill_equals_reference(total, num_queries, with_slots):
     assert stats["flex"] < 0.75  # blocks were really skipped
 
 
-def test_model_prefill_and_decode_equal_reference():
+SCORERS = [{"scorer": "hybrid"}, {"scorer": "subminmax", "scorer_sub_block": 16}]
+
+
+@pytest.mark.parametrize("scorer", SCORERS, ids=lambda s: s["scorer"])
+def test_model_prefill_and_decode_equal_reference(scorer):
     from conftest import make_base_model
 
     base = make_base_model("llama", max_position_embeddings=4096).to("cuda", torch.bfloat16)
     ids = torch.randint(3, 256, (1, 1500), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     logits = {}
     for backend in ("auto", "reference"):
-        model = sparsemem.convert(base, **OPTIONS, attention_backend=backend)
+        model = sparsemem.convert(base, **{**OPTIONS, **scorer}, attention_backend=backend)
         with torch.no_grad():
             cache = sparsemem.SparseMemCache(model.config)
             first = model(ids[:, :1300], past_key_values=cache).logits
@@ -103,13 +107,13 @@ def test_block_decode_equals_reference(total, with_slots):
     assert float(attended) == float(mod.sparsemem_stats.attended["decode"])
 
 
-@pytest.mark.parametrize("scorer", ["minmax", "hybrid"])
+@pytest.mark.parametrize("scorer", [{"scorer": "minmax"}, *SCORERS], ids=lambda s: s["scorer"])
 def test_offloaded_block_store_decodes_like_the_gpu_cache(scorer):
     """offload_blocks=True: K/V in pinned host memory, read in place by the decode kernel; same tokens."""
     from conftest import make_base_model
 
     base = make_base_model("llama", max_position_embeddings=4096).to("cuda", torch.bfloat16)
-    model = sparsemem.convert(base, **{**OPTIONS, "scorer": scorer}, attention_backend="auto")
+    model = sparsemem.convert(base, **{**OPTIONS, **scorer}, attention_backend="auto")
     ids = torch.randint(3, 256, (2, 1300), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     runs = {}
     for offload in (False, True):
