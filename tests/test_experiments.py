@@ -179,6 +179,31 @@ def test_block_reps_rows_follow_the_evaluation(tiny):
         run_config({"name": "bad", **options, "scorer": "subminmax", "scorer_sub_block": 3}, *args)
 
 
+def test_block_reps_mass_recall_against_the_dense_attention(tiny):
+    """A budget above every block keeps all the attention; whole sub-blocks rank as "minmax"; the states are
+    the model's (its dense output is unchanged by the capture)."""
+    from block_reps import last_query_states, mass_recall
+
+    model, tokenizer, corpus = tiny
+    ids = torch.tensor([tokenizer(corpus.text[5000:5400])["input_ids"]])
+    with torch.no_grad():
+        before = model(ids).logits
+    states = last_query_states(model, ids)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert len(states) == model.config.num_hidden_layers and states[0][1].shape[-2] == 400
+    specs = [{"name": "minmax", "block_size": 16, "scorer": "minmax"},
+             {"name": "whole", "block_size": 16, "scorer": "subminmax", "scorer_sub_block": 16},
+             {"name": "exact", "block_size": 16, "scorer": "subminmax", "scorer_sub_block": 1},
+             {"name": "oracle", "block_size": 16, "scorer": "oracle"}]
+    everything = list(mass_recall(states, specs, [2.0], sink=4, local=16))  # room for every block
+    assert all(row["mass_recall"] == pytest.approx(1.0, abs=1e-5) for row in everything)
+    rows = {row["name"]: row for row in mass_recall(states, specs, [0.15], sink=4, local=16)}
+    assert rows["whole"]["mass_recall"] == rows["minmax"]["mass_recall"]
+    assert rows["minmax"]["tokens"] == 4 + 16 + rows["minmax"]["blocks"] * 16 <= 0.15 * 400
+    assert all(0 < row["mass_recall"] < 1 for row in rows.values())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="profiles the kernels on CUDA")
 def test_gpu_profile_needs_cuda():
     import gpu_profile
