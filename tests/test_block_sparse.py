@@ -25,7 +25,8 @@ OPTIONS = dict(
 
 def module(**overrides):
     config = SimpleNamespace(**{**OPTIONS, **overrides})
-    scorer = PooledKeyScorer(config.scorer, getattr(config, "scorer_sub_block", None))
+    # a learned scorer is the caller's to set
+    scorer = None if config.scorer == "learned" else PooledKeyScorer(config.scorer, getattr(config, "scorer_sub_block", None))
     return SimpleNamespace(config=config, scorer=scorer, sparsemem_stats=AttentionStats())
 
 
