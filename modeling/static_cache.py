@@ -9,7 +9,8 @@ number of keys chosen on the device (`static_decode.py`): every decode step laun
 same shapes and reads nothing back to the host, so the step can be captured once and replayed
 (`decode_graph.py`). A prefill (several tokens) runs the usual sparsemem attention over the filled part.
 
-What it does not hold: a slot tier (no eviction, online compaction or `block_slots`) and cache positions (every
+What it does not hold: a slot tier (no eviction, online compaction or `block_slots`), sub-block summaries (the
+"subminmax" scorer) and cache positions (every
 token keeps its logical RoPE position, so `max_cache_len` must fit the model's trained context unless
 `positions="logical"` is asked for). `SparseMemCache` does all of these.
 """
@@ -175,7 +176,7 @@ class StaticSparseMemCache(Cache):
         block_size = getattr(config, "block_size", None)
         if block_size is None:
             raise ValueError("StaticSparseMemCache needs the config of a sparsemem model (it has no `block_size`)")
-        for name in ("block_slots", "block_mass"):
+        for name in ("block_slots", "block_mass", "scorer_sub_block"):  # no sub-block summaries ("subminmax")
             if getattr(config, name, None) is not None:
                 raise ValueError(f"StaticSparseMemCache does not implement `{name}` (set in the config): use SparseMemCache")
         positions = getattr(config, "positions", "auto")

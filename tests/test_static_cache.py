@@ -112,6 +112,8 @@ def test_static_cache_refuses_what_it_does_not_implement():
         StaticSparseMemCache(model.config, max_cache_len=4096)  # the test models are trained on 1024 positions
     with pytest.raises(ValueError, match="block_slots"):
         StaticSparseMemCache(_model(**SETTINGS["top-k"], block_slots=4).config, max_cache_len=64)
+    with pytest.raises(ValueError, match="scorer_sub_block"):
+        StaticSparseMemCache(_model(**SETTINGS["top-k"], scorer="subminmax", scorer_sub_block=4).config, max_cache_len=64)
     with pytest.raises(ValueError, match="sparsemem model"):
         StaticSparseMemCache(make_base_model("llama").config, max_cache_len=64)
     cache = StaticSparseMemCache(model.config, max_cache_len=42)
