@@ -10,7 +10,7 @@ from conftest import fast_and_reference_on_the_gpu, make_base_model, perturb_lea
 
 import sparsemem
 from sparsemem.modeling.block_consolidation import BlockConsolidator, block_slots, complete_blocks
-from sparsemem.training.objectives import DISTILL_ATTENTION, ScorerDistillation, register_distillation_attention
+from sparsemem.training.objectives import DISTILL_ATTENTION, ScorerDistillation, distilling, register_distillation_attention
 from sparsemem.training.trainer import attention_modules, learned_modules
 
 OPTIONS = dict(block_size=8, sink_tokens=4, local_tokens=16, top_k_blocks=2, block_fraction=None)
@@ -98,10 +98,8 @@ def test_phase1_trains_the_consolidator():
     for step in range(30):
         collector = ScorerDistillation(config, 48, torch.Generator().manual_seed(step % 3))
         config._attn_implementation = DISTILL_ATTENTION
-        for module in attention_modules(model):
-            module.scorer_distillation = collector
         try:
-            with torch.no_grad():
+            with torch.no_grad(), distilling(collector):
                 model(ids, use_cache=False)
         finally:
             config._attn_implementation = "sparsemem"

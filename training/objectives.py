@@ -15,6 +15,9 @@ Phase 2, end to end: KL(dense teacher next-token distribution || sparse student)
 each sequence; the teacher is the same weights with dense attention (and, with LoRA, adapters off).
 """
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -29,6 +32,19 @@ from sparsemem.modeling.selection import score_and_select, select_blocks
 from sparsemem.modeling.slot_attention import slot_attention
 
 DISTILL_ATTENTION = "sparsemem_scorer_distillation"
+# the collector of the forward pass running in this thread (or asyncio task); set by `distilling`
+_COLLECTOR: contextvars.ContextVar = contextvars.ContextVar("sparsemem_scorer_distillation", default=None)
+
+
+@contextlib.contextmanager
+def distilling(collector):
+    """Within the block, in this thread only, `DISTILL_ATTENTION` hands every layer's (query, key) to `collector`
+    (nothing is set on the model's modules)."""
+    token = _COLLECTOR.set(collector)
+    try:
+        yield collector
+    finally:
+        _COLLECTOR.reset(token)
 
 
 class ScorerDistillation:
@@ -164,10 +180,10 @@ class ScorerDistillation:
 
 
 def distillation_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Dense SDPA attention; hands (query, key) to the module's `scorer_distillation` collector if set."""
+    """Dense SDPA attention; hands (query, key) to the collector of `distilling` if one is active."""
     kwargs.pop("sparsemem", None)
     output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    collector = getattr(module, "scorer_distillation", None)
+    collector = _COLLECTOR.get()
     if collector is not None:
         collector(module, query, key, scaling if scaling is not None else module.scaling, value)
     return output

@@ -26,7 +26,7 @@ from sparsemem.machine import device_name
 from .checkpoint import list_checkpoints, load_checkpoint, optimizer_from_flat, save_checkpoint
 from .data import build_data, hash_seed
 from .distributed import fsdp2_settings, local_parameter_count, shard_frozen_base
-from .objectives import DISTILL_ATTENTION, ScorerDistillation, next_token_kl, register_distillation_attention
+from .objectives import DISTILL_ATTENTION, ScorerDistillation, distilling, next_token_kl, register_distillation_attention
 from .recipe import Recipe, check_architecture
 
 logger = logging.getLogger(__name__)
@@ -348,19 +348,14 @@ def _load_trainable(model, state: dict[str, torch.Tensor], strict: bool = True) 
 
 def _phase1_loss(model, config, ids, settings, generator, accelerator):
     collector = ScorerDistillation(config, settings.queries_per_layer, generator, settings.mass_weighted)
-    modules = attention_modules(model)
     implementation = config._attn_implementation
     config._attn_implementation = DISTILL_ATTENTION
-    for module in modules:
-        module.scorer_distillation = collector
     try:
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), distilling(collector):
             model(ids, use_cache=False, logits_to_keep=1)
         loss = collector.loss()
     finally:
         config._attn_implementation = implementation
-        for module in modules:
-            module.scorer_distillation = None
     metrics = {
         "recall_learned": sum(collector.recall_learned) / len(collector.recall_learned),
         "recall_training_free": sum(collector.recall_training_free) / len(collector.recall_training_free),
