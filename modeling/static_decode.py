@@ -17,6 +17,9 @@ from .block_decode import _minmax_scores_triton, _tiles_triton, _triton_extents,
 from .scorer import PooledKeyScorer
 
 
+PAIRWISE_RANKS = 256
+
+
 def selection_width(max_cache_len: int, options: dict) -> int:
     """Blocks a static step gathers: the selection budget of a query that sees every block of the buffers
     (0 for the dense-equivalent setting, which attends the whole held range instead)."""
@@ -54,14 +57,19 @@ def _chosen_blocks(query_rows, layer, scorer, options, width, position, use_trit
         candidates = (blocks >= first) & (blocks <= last)
         scores = scorer(query_rows[:, :, :, None].float(), layer.summaries(), candidates.view(1, 1, 1, -1))[:, :, 0]
         scores = scores.masked_fill(~candidates, float("-inf"))
-    top = scores.topk(width, dim=-1, sorted=False)
-    chosen = top.values > float("-inf")  # fewer candidates than `width`: the rest are padding
     fraction = options["block_fraction"]
+    # a fraction budget cuts the `width` best by rank: up to PAIRWISE_RANKS wide, ranks from pairwise comparisons
+    # (cheaper than sorting the top-k); wider, a sorted top-k (the comparisons grow with the square)
+    by_sort = fraction is not None and width > PAIRWISE_RANKS
+    top = scores.topk(width, dim=-1, sorted=by_sort)
+    chosen = top.values > float("-inf")  # fewer candidates than `width`: the rest are padding
     if fraction is not None:
-        # a budget of ceil(fraction x candidates), at least top_k: the ranks among the `width` best, from
-        # pairwise comparisons (a sort of the row costs more than these few thousand compares)
+        # a budget of ceil(fraction x candidates), at least top_k
         budget = torch.ceil((last - first + 1).clamp(min=0) * fraction).clamp(min=options["top_k_blocks"])
-        rank = (top.values[..., None, :] > top.values[..., :, None]).sum(-1)
+        if by_sort:
+            rank = torch.arange(width, device=scores.device)
+        else:
+            rank = (top.values[..., None, :] > top.values[..., :, None]).sum(-1)
         chosen = chosen & (rank < budget)
     return top.indices, chosen
 

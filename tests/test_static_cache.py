@@ -164,3 +164,19 @@ def test_captured_decode_steps_equal_eager_steps_on_the_gpu(setting):
             outputs[name] = torch.cat(logits, 1)
     torch.testing.assert_close(outputs["graph"], outputs["eager"], rtol=0, atol=1e-5)
     torch.testing.assert_close(outputs["eager"], outputs["reference"], rtol=0, atol=2e-3)
+
+
+def test_a_wide_fraction_budget_ranks_by_sorting_with_the_same_result(monkeypatch):
+    """Past PAIRWISE_RANKS chosen blocks the budget is cut by a sorted top-k: same logits as pairwise ranks."""
+    import sparsemem.modeling.static_decode as static_decode
+
+    model = _model(**SETTINGS["fraction"])
+    ids = _ids(length=60)
+    outputs = []
+    with torch.no_grad():
+        for limit in (256, 0):
+            monkeypatch.setattr(static_decode, "PAIRWISE_RANKS", limit)
+            cache = StaticSparseMemCache(model.config, max_cache_len=80)
+            model(input_ids=ids[:, :40], past_key_values=cache)
+            outputs.append(torch.cat([model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(40, 60)], 1))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
