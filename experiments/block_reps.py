@@ -45,14 +45,11 @@ from harness import parse_json
 
 
 def load_base_model():
-    """SmolLM2-135M-Instruct (`sparsemem.default_model`) in fp32 with SDPA attention: (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct (`sparsemem.default_model`) in fp32 on the CPU with SDPA attention: (model, tokenizer)."""
+    from sparsemem.default_model import load_model
 
-    from sparsemem.default_model import resolve_model
-
-    path = resolve_model(None)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return base, AutoTokenizer.from_pretrained(path)
+    _, tokenizer, base = load_model(None, "cpu", "float32")
+    return base, tokenizer
 
 
 def run_config(spec: dict, base, tokenizer, corpus, lengths, depths, ppl_length) -> dict:

@@ -26,13 +26,10 @@ SIX_CASES = [(seed, depth) for seed in (0, 1) for depth in (0.25, 0.5, 0.75)]
 def load_default_model():
     """SmolLM2-135M-Instruct (`sparsemem.default_model`) in fp32 as a dense-equivalent sparsemem model:
     compaction, not block selection, is what these experiments measure. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sparsemem.default_model import load_model
 
-    from sparsemem.default_model import resolve_model
-
-    path = resolve_model(None)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return sparsemem.convert(base, top_k_blocks=None, block_fraction=None), AutoTokenizer.from_pretrained(path)
+    _, tokenizer, base = load_model(None, "cpu", "float32")
+    return sparsemem.convert(base, top_k_blocks=None, block_fraction=None), tokenizer
 
 
 def build_press(method: str = "am", options: dict | None = None):

@@ -32,14 +32,10 @@ SUMMARY_KEYS = ("tokens", "tokens_per_second", "loss_within_window", "loss_beyon
 
 def load(device: str, dtype: str, positions: str):
     """SmolLM2-135M-Instruct on `device` in `dtype` as a dense-equivalent sparsemem model, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sparsemem.default_model import load_model
 
-    from sparsemem.default_model import resolve_model
-
-    path = resolve_model(None)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
-    model = sparsemem.convert(base.to(device).eval(), top_k_blocks=None, block_fraction=None, positions=positions)
-    return model, AutoTokenizer.from_pretrained(path)
+    _, tokenizer, base = load_model(None, device, dtype)
+    return sparsemem.convert(base, top_k_blocks=None, block_fraction=None, positions=positions), tokenizer
 
 
 def run(model, tokenizer, config: dict, tokens: int, chunk: int, budget: int, passkeys=None, time_limit=None) -> dict:

@@ -103,13 +103,7 @@ class BlockSummaryCache:
             readable = keys.is_cuda or (key_min.is_cuda and keys.is_pinned())  # pinned host memory: read in place
             if triton is not None and readable and _triton_extents(size, dim):
                 # one launch instead of six: this runs at every decode step of every layer
-                _tail_summary_kernel[(batch * kv_heads,)](
-                    keys, key_min, key_max, key_sum, keys,
-                    keys.stride(0), keys.stride(1), keys.stride(2),
-                    key_min.stride(0), key_min.stride(1), key_min.stride(2),
-                    whole * size, total, whole,
-                    KV_HEADS=kv_heads, D=dim, BS=size, LENGTH_ON_DEVICE=False,
-                )
+                _tail_summary(keys, key_min, key_max, key_sum, size, start=whole * size, total=total, block=whole)
             else:
                 tail = keys[:, :, whole * size :]
                 key_min[:, :, whole] = tail.amin(-2)
@@ -137,17 +131,23 @@ class BlockSummaryCache:
 def refresh_newest_block_triton(keys, key_min, key_max, key_sum, length, block_size: int) -> bool:
     """Summary (min, max, sum) of the block holding key `length` - 1 into the summary buffers, `length` ([1])
     read on the device, in one launch; False where the kernel does not apply (not CUDA, other extents)."""
-    batch, kv_heads, _, dim = keys.shape
-    if triton is None or not keys.is_cuda or not _triton_extents(block_size, dim):
+    if triton is None or not keys.is_cuda or not _triton_extents(block_size, keys.shape[-1]):
         return False
+    _tail_summary(keys, key_min, key_max, key_sum, block_size, length=length)
+    return True
+
+
+def _tail_summary(keys, key_min, key_max, key_sum, block_size: int, start=0, total=0, block=0, length=None) -> None:
+    """One launch of `_tail_summary_kernel`: the summary of keys start..total-1 into block `block` of the
+    buffers, or, with `length` ([1] on the device), of the block holding key length - 1."""
+    batch, kv_heads, _, dim = keys.shape
     _tail_summary_kernel[(batch * kv_heads,)](
-        keys, key_min, key_max, key_sum, length,
+        keys, key_min, key_max, key_sum, keys if length is None else length,
         keys.stride(0), keys.stride(1), keys.stride(2),
         key_min.stride(0), key_min.stride(1), key_min.stride(2),
-        0, 0, 0,
-        KV_HEADS=kv_heads, D=dim, BS=block_size, LENGTH_ON_DEVICE=True,
+        start, total, block,
+        KV_HEADS=kv_heads, D=dim, BS=block_size, LENGTH_ON_DEVICE=length is not None,
     )
-    return True
 
 
 def unsupported_decode_reason(query, attention_mask, sliding_window, contiguous: bool) -> str | None:

@@ -10,11 +10,13 @@ import torch
 
 
 class DecodeGraph:
-    """The one-token forward of `model` over `cache`, for `batch_size` sequences on `cache`'s device.
+    """The one-token forward of a model over a fixed-shape cache, for `batch_size` sequences on `device`.
 
     Captured at the first call (after a warm-up on a side stream, as CUDA graphs need); the warm-up and capture
     steps write at the current position, which the first replay rewrites, and the cache is rewound after them.
-    `eager_forward` is the model's forward that runs the step as Python (the capture records it).
+    `eager_forward` is the model's forward over that cache, run as Python (the capture records it). `cache` is
+    what the runner needs of it: `device_length()` (the held tokens as a [1] device tensor, where the new token
+    goes), `get_seq_length()`, `rewind(length)` and `advance(steps)` (steps that ran on the device only).
     """
 
     def __init__(self, eager_forward, cache, batch_size: int, device: torch.device):
@@ -29,7 +31,7 @@ class DecodeGraph:
 
     def _step(self) -> torch.Tensor:
         # the new token's logical position is the device-side length: read in the graph, not baked into it
-        position_ids = self.cache.layers[0].length.view(1, 1).expand(self.input_ids.shape[0], 1).clone()
+        position_ids = self.cache.device_length().view(1, 1).expand(self.input_ids.shape[0], 1).clone()
         return self.eager_forward(input_ids=self.input_ids, position_ids=position_ids, use_cache=True).logits
 
     def capture(self) -> None:

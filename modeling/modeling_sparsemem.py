@@ -159,43 +159,26 @@ class SparseMemAttentionMixin:
             self.config.local_tokens, self.config.block_size,
         )
 
-    def _static_attention(self, query, key, value, attention_mask, cache, kwargs) -> torch.Tensor:
-        """Attention over a `StaticSparseMemCache` layer: one-token steps by `static_decode_attention` (fixed
-        shapes, nothing read back: capturable), several tokens by the usual attention over the filled part."""
+    def _static_decode(self, query, key, value, attention_mask, cache, implementation) -> torch.Tensor | None:
+        """The one-token sparsemem step over a `StaticSparseMemCache` layer, by `static_decode_attention` (fixed
+        shapes, nothing read back: capturable); None for every other call, which runs the usual path over the
+        held part of the buffers. Refuses what the fixed-shape step cannot honour, prefill included."""
         layer = cache.layers[self.layer_idx]
-        past = layer.get_seq_length()
-        keys, values = cache.update(key, value, self.layer_idx)
-        total, new = past + query.shape[-2], query.shape[-2]
-        call = settings_for(self)
-        dense = call.attn_implementation if call is not None else None
-        implementation = dense or self.config._attn_implementation
         if self.attention_window is not None and self.attention_window < layer.max_cache_len:
             raise ValueError(f"StaticSparseMemCache does not implement a sliding window ({self.attention_window} tokens, "
                              f"max_cache_len {layer.max_cache_len}): use SparseMemCache")
         if attention_mask is not None and implementation == ATTENTION_NAME:
             raise ValueError("StaticSparseMemCache does not take a padded batch: pass sequences of one length (or one "
                              "at a time), or use SparseMemCache")
-        if new == 1 and implementation == ATTENTION_NAME:
-            options = {name: getattr(self.config, name) for name in FAST_PATH_OPTIONS}
-            width = selection_width(layer.max_cache_len, options)
-            output, attended = static_decode_attention(query, layer, self.scaling, self.scorer, options, width)
-            if not (output.is_cuda and torch.cuda.is_current_stream_capturing()):
-                # a replayed step does not run Python: counts come from eager steps only
-                self.sparsemem_stats.add("decode", attended, total * query.shape[0] * query.shape[1])
-            return output
-        keys, values = keys[:, :, :total], values[:, :, :total]
-        if implementation == ATTENTION_NAME:
-            positions = torch.arange(total, device=keys.device)
-            kwargs["sparsemem"] = MemoryView(positions[past:], positions, None, self.attention_window, None, True,
-                                             queries_newest=True, logical_length=total)
-        elif dense is not None and self.config._attn_implementation == ATTENTION_NAME:
-            positions = torch.arange(total, device=keys.device)
-            attention_mask = dense_mask(attention_mask, positions[past:], positions, self.attention_window)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        output, _ = attention_interface(
-            self, query, keys, values, attention_mask, dropout=0.0, scaling=self.scaling,
-            sliding_window=self.attention_window, **kwargs,
-        )
+        if query.shape[-2] != 1 or implementation != ATTENTION_NAME:
+            return None
+        cache.update(key, value, self.layer_idx)
+        options = {name: getattr(self.config, name) for name in FAST_PATH_OPTIONS}
+        width = selection_width(layer.max_cache_len, options)
+        output, attended = static_decode_attention(query, layer, self.scaling, self.scorer, options, width)
+        if not (output.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # a replayed step does not run Python: counts come from eager steps only
+            self.sparsemem_stats.add("decode", attended, layer.get_seq_length() * query.shape[0] * query.shape[1])
         return output
 
     def forward(
@@ -238,10 +221,13 @@ class SparseMemAttentionMixin:
         call = settings_for(self)  # this thread's per-call settings (dense pass, query capture), if any
         if call is not None and call.query_recorder is not None:  # reference queries for compaction (post-RoPE, post-norm)
             call.query_recorder(self.layer_idx, query_states)
+        dense = call.attn_implementation if call is not None else None
+        implementation = dense or self.config._attn_implementation
 
         if getattr(past_key_values, "is_static_sparsemem", False):
-            output = self._static_attention(query_states, key_states, value_states, attention_mask, past_key_values, kwargs)
-            return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
+            output = self._static_decode(query_states, key_states, value_states, attention_mask, past_key_values, implementation)
+            if output is not None:
+                return self.o_proj(output.reshape(*input_shape, -1).contiguous()), None
 
         past, layer = 0, None
         if past_key_values is not None:
@@ -255,8 +241,6 @@ class SparseMemAttentionMixin:
         if key_positions is None:  # a transformers cache (or none): the newest `physical` tokens, in order
             key_positions = torch.arange(total - key_states.shape[-2], total, device=device)
 
-        dense = call.attn_implementation if call is not None else None
-        implementation = dense or self.config._attn_implementation
         if implementation == ATTENTION_NAME:
             query_positions = torch.arange(past, total, device=device)
             summaries = None

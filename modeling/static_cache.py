@@ -60,7 +60,8 @@ class StaticSparseMemLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write the new tokens after the held ones; returns the whole buffers (the attention reads `length`)."""
+        """Write the new tokens after the held ones; returns the held part of the buffers (a view). The one-token
+        step reads the whole buffers and `length` instead (`static_decode.py`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[:2] != self.keys.shape[:2]:
@@ -87,7 +88,7 @@ class StaticSparseMemLayer(CacheLayerMixin):
             self.length.fill_(stop)
             self._summarize(start, stop)
         self.seen += new
-        return self.keys, self.values
+        return self.keys[:, :, : self.seen], self.values[:, :, : self.seen]
 
     def _summarize(self, start: int, stop: int) -> None:
         """Summaries of the blocks holding positions start..stop-1, from the held keys (host-known range)."""
@@ -205,6 +206,10 @@ class StaticSparseMemCache(Cache):
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.get_max_length(layer_idx)
+
+    def device_length(self) -> torch.Tensor:
+        """Tokens held, as a [1] tensor on the device (what a captured step reads its position from)."""
+        return self.layers[0].length
 
     def advance(self, steps: int) -> None:
         for layer in self.layers:

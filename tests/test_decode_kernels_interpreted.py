@@ -53,12 +53,7 @@ SCRIPT = textwrap.dedent(
             kernel.values.index_copy_(2, kernel.length, new_v)
             kernel.length.add_(1)
             kernel.seen += 1
-            block_decode._tail_summary_kernel[(B * HKV,)](
-                kernel.keys, kernel.key_min, kernel.key_max, kernel.key_sum, kernel.length,
-                kernel.keys.stride(0), kernel.keys.stride(1), kernel.keys.stride(2),
-                kernel.key_min.stride(0), kernel.key_min.stride(1), kernel.key_min.stride(2), 0, 0, 0,
-                KV_HEADS=HKV, D=D, BS=BS, LENGTH_ON_DEVICE=True,
-            )
+            block_decode._tail_summary(kernel.keys, kernel.key_min, kernel.key_max, kernel.key_sum, BS, length=kernel.length)
             for a, b in ((layers[0].key_min, kernel.key_min), (layers[0].key_max, kernel.key_max), (layers[0].key_sum, kernel.key_sum)):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # blocks not yet written: +-inf in both
             q = torch.randn(B, H, 1, D)

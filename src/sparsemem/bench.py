@@ -14,6 +14,7 @@ Writes bench.json, bench.md and PNG plots to the output folder; timings are medi
 after warm-up (compilation excluded).
 """
 
+import functools
 import gc
 import json
 import logging
@@ -228,46 +229,47 @@ def _filled_cache(cache, layers: int, batch: int, total: int, gen):
     return cache
 
 
+class _StaticCacheLength:
+    """transformers' `StaticCache` as `DecodeGraph` sees a cache: its length lives on the device only."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def device_length(self) -> torch.Tensor:
+        return self.cache.layers[0].cumulative_length.view(1)
+
+    def get_seq_length(self) -> int:
+        return int(self.cache.layers[0].cumulative_length)
+
+    def rewind(self, length: int) -> None:
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(length)
+
+    def advance(self, steps: int) -> None:
+        pass  # a replay advanced the device-side length, the only one
+
+
 class CapturedDenseStep:
-    """transformers' model over its `StaticCache`, each one-token step replayed from a CUDA graph captured by
-    hand at the first one: dense attention with the launch overhead removed the way sparsemem's static cache
-    removes it (like compared with like). Called as the model is; returns an object with `.logits`."""
+    """transformers' model over its `StaticCache`, each one-token step replayed from a CUDA graph captured at the
+    first one (`DecodeGraph`, as sparsemem's static cache is): dense attention with the launch overhead removed the
+    same way (like compared with like). Called as the model is; returns an object with `.logits`."""
 
     def __init__(self, model):
         self.model = model
         self.cache = self.graph = None
 
-    def _step(self):
-        position = self.cache.layers[0].cumulative_length.view(1, 1).expand(self.ids.shape[0], 1).clone()
-        return self.model(input_ids=self.ids, position_ids=position, **{CACHE_ARGUMENT: self.cache}, use_cache=True,
-                          logits_to_keep=1).logits
-
-    def _rewind(self, length: int) -> None:
-        for layer in self.cache.layers:
-            layer.cumulative_length.fill_(length)
-
     def __call__(self, input_ids, **kwargs):
+        from .modeling.decode_graph import DecodeGraph
+
         cache = kwargs[CACHE_ARGUMENT]
         if self.graph is None or self.cache is not cache:
-            self.cache, self.ids = cache, input_ids.clone()
-            length = int(cache.layers[0].cumulative_length)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
-                    self._rewind(length)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._step()
-            self._rewind(length)
-        self.ids.copy_(input_ids)
-        self.graph.replay()
-        return SimpleNamespace(logits=self.logits)
+            self.cache = cache
+            forward = functools.partial(self.model, **{CACHE_ARGUMENT: cache}, logits_to_keep=1)
+            self.graph = DecodeGraph(forward, _StaticCacheLength(cache), input_ids.shape[0], input_ids.device)
+        return SimpleNamespace(logits=self.graph(input_ids))
 
     def release(self) -> None:
-        self.cache = self.graph = self.logits = None
+        self.cache = self.graph = None
 
 
 def _release(*objects) -> None:
