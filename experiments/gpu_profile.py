@@ -8,7 +8,9 @@ Measures, on random bf16 tensors of Llama-3-8B's attention shape (32 query / 8 K
   top-k), the kernel alone and the whole call in milliseconds, then the profiler's table of the planning.
 - `step`: one whole decode step of a Llama-3-8B-shaped model (random bf16 weights, block fraction 0.125) over a
   `StaticSparseMemCache` filled to `--context` (128K) at `--batch` (1), replayed from its CUDA graph: ms per
-  step, then the kernel table of the replays (what the step spends on weights, attention, selection).
+  step, then the kernel table of the replays (what the step spends on weights, attention, selection);
+  `--compile`: the step compiled before capture (`StaticSparseMemCache(compile=True)`);
+- `widths`: the decode call at batch 1, 4 and 16 for each lower bound on the tiles one program reads.
 
 Prints the tables of `reports/bench-h100/decode_profile.md` and `prefill_profile.md` (kept there as the
 output, in a fenced block):
@@ -42,6 +44,19 @@ def tensors(batch: int, queries: int, context: int):
     return make(HEADS, queries), make(KV_HEADS, context), make(KV_HEADS, context)
 
 
+def kernel_us(fn, names, calls: int = 20) -> float:
+    """Mean device microseconds per call of `fn` spent in kernels whose names contain any of `names` (launch gaps
+    of the host excluded)."""
+    for _ in range(3):
+        fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(event.device_time_total for event in profiler.key_averages() if any(name in event.key for name in names))
+    return total / calls
+
+
 def profile_table(fn, calls: int, rows: int) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         for _ in range(calls):
@@ -69,6 +84,29 @@ def decode(batch: int, context: int) -> None:
     print(profile_table(step, calls=5, rows=12))
 
 
+def widths(context: int) -> None:
+    """The decode call's time for each lower bound on tiles per program (`MIN_TILES_PER_PROGRAM`), batch 1, 4, 16:
+    few programs each reading many tiles leave the GPU's memory system idle at batch 1."""
+    import sparsemem.modeling.block_decode as block_decode
+
+    default = block_decode.MIN_TILES_PER_PROGRAM
+    scorer, opts = PooledKeyScorer("minmax"), options(0.125)
+    try:
+        for batch in (1, 4, 16):
+            query, key, value = tensors(batch, 1, context)
+            summaries = BlockSummaryCache(BLOCK)
+            summaries.update(key)
+            times = []
+            for tiles in (1, 2, 4, 8):
+                block_decode.MIN_TILES_PER_PROGRAM = tiles
+                step = lambda: block_decode_attention(query, key, value, DIM**-0.5, scorer, opts, summaries)  # noqa: E731
+                times.append(f"{tiles}: {kernel_us(step, ('_decode_tiles_kernel', '_merge_splits_kernel')):.1f} us")
+            print(f"batch {batch}, context {context}, min tiles per program -> " + ", ".join(times))
+            del query, key, value, summaries
+    finally:
+        block_decode.MIN_TILES_PER_PROGRAM = default
+
+
 @torch.no_grad()
 def prefill(batch: int, context: int) -> None:
     query, key, value = tensors(batch, context, context)
@@ -81,7 +119,7 @@ def prefill(batch: int, context: int) -> None:
 
 
 @torch.no_grad()
-def step(batch: int, context: int) -> None:
+def step(batch: int, context: int, compile: bool = False) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparsemem import StaticSparseMemCache, convert
@@ -92,7 +130,7 @@ def step(batch: int, context: int) -> None:
         base = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, max_position_embeddings=context + 64)).eval()
     torch.set_default_dtype(torch.float32)
     model = convert(base, **options(0.125), attention_backend="flex")
-    cache = StaticSparseMemCache(model.config, max_cache_len=context + 64)
+    cache = StaticSparseMemCache(model.config, max_cache_len=context + 64, compile=compile)
     generator = torch.Generator(device="cuda").manual_seed(0)
     shape = (batch, KV_HEADS, context, DIM)
     for layer in range(LLAMA3_8B["num_hidden_layers"]):
@@ -108,7 +146,8 @@ def step(batch: int, context: int) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("decode", "prefill", "step"))
+    parser.add_argument("mode", choices=("decode", "prefill", "step", "widths"))
+    parser.add_argument("--compile", action="store_true", help="step: StaticSparseMemCache(compile=True)")
     parser.add_argument("--context", type=int, default=None, help="tokens (decode: 131072, prefill: 65536)")
     parser.add_argument("--batch", type=int, default=None, help="sequences (decode: 16, prefill: 1)")
     args = parser.parse_args(argv)
@@ -117,7 +156,9 @@ def main(argv=None):
     if args.mode == "decode":
         decode(args.batch or 16, args.context or 131072)
     elif args.mode == "step":
-        step(args.batch or 1, args.context or 131072)
+        step(args.batch or 1, args.context or 131072, compile=args.compile)
+    elif args.mode == "widths":
+        widths(args.context or 131072)
     else:
         prefill(args.batch or 1, args.context or 65536)
 

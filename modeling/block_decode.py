@@ -334,13 +334,15 @@ if triton is not None:
 
 
 MAX_SPLITS = 64  # the merge reduces a row's splits in one tile
+MIN_TILES_PER_PROGRAM = 8  # see _launch_width
 
 
 def _launch_width(num_tiles: int, programs: int) -> int:
     """Tiles per program: enough programs to fill the GPU (a few thousand), yet at least 8 tiles each where
     there are that many (a program's loop overlaps the loads of its next tile with the current one; one tile
     per program leaves every load exposed), and at most MAX_SPLITS programs per (sequence, KV head)."""
-    width = max(min(16, math.ceil(num_tiles * programs / 2048)), min(8, num_tiles), math.ceil(num_tiles / MAX_SPLITS))
+    width = max(min(16, math.ceil(num_tiles * programs / 2048)), min(MIN_TILES_PER_PROGRAM, num_tiles),
+                math.ceil(num_tiles / MAX_SPLITS))
     return max(1, width)
 
 

@@ -25,6 +25,7 @@ class CallSettings:
 _SETTINGS: contextvars.ContextVar[CallSettings | None] = contextvars.ContextVar("sparsemem_call", default=None)
 
 
+@torch.compiler.disable  # a context variable is not traceable: a compiled step breaks its graph here
 def settings_for(module) -> CallSettings | None:
     settings = _SETTINGS.get()
     return settings if settings is not None and id(module) in settings.modules else None

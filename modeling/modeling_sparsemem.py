@@ -159,6 +159,7 @@ class SparseMemAttentionMixin:
             self.config.local_tokens, self.config.block_size,
         )
 
+    @torch.compiler.disable  # launches its own kernels; a compiled decode step fuses what lies around it
     def _static_decode(self, query, key, value, attention_mask, cache, implementation) -> torch.Tensor | None:
         """The one-token sparsemem step over a `StaticSparseMemCache` layer, by `static_decode_attention` (fixed
         shapes, nothing read back: capturable); None for every other call, which runs the usual path over the
@@ -503,7 +504,7 @@ class SparseMemForCausalLMMixin:
             return None
         if graph is None or graph.input_ids.shape[0] != input_ids.shape[0]:
             eager = functools.partial(self.forward, **{CACHE_ARGUMENT: cache})
-            graph = cache.graph = DecodeGraph(eager, cache, input_ids.shape[0], input_ids.device)
+            graph = cache.graph = DecodeGraph(eager, cache, input_ids.shape[0], input_ids.device, compile=cache.compile)
         return graph
 
     def generate(self, *args, max_kv_tokens: int | None = None, memory=None, **kwargs):

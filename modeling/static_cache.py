@@ -167,13 +167,18 @@ class StaticSparseMemCache(Cache):
         max_cache_len: most tokens (prompt + generated) a sequence may hold; every buffer is this long.
         cuda_graph: on a CUDA device, run one-token steps of the model's forward as replays of a captured
             CUDA graph (captured at the first decode step). False: eager steps over the same fixed shapes.
+        compile: compile the decode step with `torch.compile` before capturing it, which fuses the small ops between
+            the attention calls (norms, rotary embedding, activations, residual adds) into fewer kernels; the first
+            decode step then takes as long as compiling (tens of seconds). Needs `cuda_graph=True`.
     """
 
     is_static_sparsemem = True
 
-    def __init__(self, config, max_cache_len: int, cuda_graph: bool = True, **kwargs):
+    def __init__(self, config, max_cache_len: int, cuda_graph: bool = True, compile: bool = False, **kwargs):
         if not isinstance(max_cache_len, int) or max_cache_len < 1:
             raise ValueError(f"StaticSparseMemCache: max_cache_len must be a positive int, got {max_cache_len!r}")
+        if compile and not cuda_graph:
+            raise ValueError("StaticSparseMemCache: compile=True compiles the captured decode step; it needs cuda_graph=True")
         block_size = getattr(config, "block_size", None)
         if block_size is None:
             raise ValueError("StaticSparseMemCache needs the config of a sparsemem model (it has no `block_size`)")
@@ -191,6 +196,7 @@ class StaticSparseMemCache(Cache):
         layers = [StaticSparseMemLayer(max_cache_len, block_size) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.cuda_graph = cuda_graph
+        self.compile = compile
         self.graph = None  # the captured decode step (`decode_graph.DecodeGraph`), made at the first decode step
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

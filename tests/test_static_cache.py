@@ -1,5 +1,7 @@
 """StaticSparseMemCache: the fixed-shape decode step equals the reference path, and is capturable."""
 
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,6 +118,8 @@ def test_static_cache_refuses_what_it_does_not_implement():
         StaticSparseMemCache(_model(**SETTINGS["top-k"], scorer="subminmax", scorer_sub_block=4).config, max_cache_len=64)
     with pytest.raises(ValueError, match="sparsemem model"):
         StaticSparseMemCache(make_base_model("llama").config, max_cache_len=64)
+    with pytest.raises(ValueError, match="compile=True .* cuda_graph=True"):
+        StaticSparseMemCache(model.config, max_cache_len=64, cuda_graph=False, compile=True)
     cache = StaticSparseMemCache(model.config, max_cache_len=42)
     with torch.no_grad():
         model(input_ids=_ids(length=40), past_key_values=cache)
@@ -154,16 +158,43 @@ def test_captured_decode_steps_equal_eager_steps_on_the_gpu(setting):
             "reference": lambda: SparseMemCache(model.config),
             "eager": lambda: StaticSparseMemCache(model.config, max_cache_len=160, cuda_graph=False),
             "graph": lambda: StaticSparseMemCache(model.config, max_cache_len=160),
+            "compiled graph": lambda: StaticSparseMemCache(model.config, max_cache_len=160, compile=True),
         }.items():
             cache, tokens, logits = make_cache(), ids[:, :100], []
             for step in range(41):
                 logits.append(model(input_ids=tokens, past_key_values=cache).logits[:, -1:])
                 tokens = ids[:, 100 + step : 101 + step]
             if name != "reference":
-                assert (cache.graph is not None) == (name == "graph")
+                assert (cache.graph is not None) == (name != "eager")
             outputs[name] = torch.cat(logits, 1)
     torch.testing.assert_close(outputs["graph"], outputs["eager"], rtol=0, atol=1e-5)
+    # compiled norms and activations sum in another order
+    torch.testing.assert_close(outputs["compiled graph"], outputs["eager"], rtol=0, atol=1e-4)
     torch.testing.assert_close(outputs["eager"], outputs["reference"], rtol=0, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_equals_the_eager_one():
+    """What `StaticSparseMemCache(compile=True)` captures: the one-token forward through `torch.compile`, with the
+    attention step left out of the compiled graphs (it launches its own kernels). On the CPU (no capture), the
+    compiled steps give the eager steps' logits."""
+    from sparsemem.modeling.decode_graph import compiling
+
+    model = _model(**SETTINGS["fraction"])
+    ids = _ids()
+    outputs = []
+    for compiled in (False, True):
+        cache, logits = StaticSparseMemCache(model.config, max_cache_len=64, cuda_graph=False), []
+        with torch.no_grad(), compiling(compiled):
+            step = functools.partial(model.forward, past_key_values=cache)
+            step = torch.compile(step, dynamic=False) if compiled else step
+            tokens = model(input_ids=ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+            for _ in range(12):
+                position = torch.full_like(tokens, cache.get_seq_length())
+                logits.append(step(input_ids=tokens, position_ids=position, use_cache=True).logits)
+                tokens = logits[-1].argmax(-1)
+        outputs.append(torch.cat(logits, 1))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5)
 
 
 def test_a_wide_fraction_budget_ranks_by_sorting_with_the_same_result(monkeypatch):

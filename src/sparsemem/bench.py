@@ -252,20 +252,25 @@ class _StaticCacheLength:
 class CapturedDenseStep:
     """transformers' model over its `StaticCache`, each one-token step replayed from a CUDA graph captured at the
     first one (`DecodeGraph`, as sparsemem's static cache is): dense attention with the launch overhead removed the
-    same way (like compared with like). Called as the model is; returns an object with `.logits`."""
+    same way (like compared with like); `compile`: the step compiled with `torch.compile` before the capture, as
+    sparsemem's is with `StaticSparseMemCache(compile=True)` (gpt-fast style). Called as the model is; returns an
+    object with `.logits`."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         self.model = model
+        self.compile = compile
         self.cache = self.graph = None
 
     def __call__(self, input_ids, **kwargs):
         from .modeling.decode_graph import DecodeGraph
 
         cache = kwargs[CACHE_ARGUMENT]
+        if input_ids.shape[1] != 1:  # a prompt: read eagerly, as generate would
+            return self.model(input_ids=input_ids, **kwargs)
         if self.graph is None or self.cache is not cache:
             self.cache = cache
             forward = functools.partial(self.model, **{CACHE_ARGUMENT: cache}, logits_to_keep=1)
-            self.graph = DecodeGraph(forward, _StaticCacheLength(cache), input_ids.shape[0], input_ids.device)
+            self.graph = DecodeGraph(forward, _StaticCacheLength(cache), input_ids.shape[0], input_ids.device, compile=self.compile)
         return SimpleNamespace(logits=self.graph(input_ids))
 
     def release(self) -> None:
@@ -298,10 +303,10 @@ def bench_decode_model(args, bandwidth: float) -> list[dict]:
     sparse_models = {f: convert(dense, **_sparse_options(args, f), attention_backend="flex") for f in args.decode_model_densities}
     rows = []
     for batch in sorted({1, largest}):
-        # what users compare with: transformers' static cache compiled with CUDA graphs (gpt-fast style), and the
-        # same cache with its step captured by hand
-        compiled_dense = torch.compile(dense.forward, mode="reduce-overhead", fullgraph=True) if args.compile_dense else None
+        # what users compare with: transformers' static cache with its step captured, eager and compiled (gpt-fast
+        # style: compiled, then captured in a CUDA graph)
         captured_dense = CapturedDenseStep(dense)
+        compiled_dense = CapturedDenseStep(dense, compile=True)
         gen = torch.Generator(device="cuda").manual_seed(batch)
         ids = torch.randint(0, LLAMA3_8B["vocab_size"], (batch, steps + 3), device="cuda", generator=gen)
         static = lambda: StaticCache(config=dense.config, max_cache_len=total + steps + 8)  # noqa: E731
@@ -309,10 +314,12 @@ def bench_decode_model(args, bandwidth: float) -> list[dict]:
                 ("dense SDPA, DynamicCache", dense, 1.0, lambda: DynamicCache(config=dense.config))]
         runs.append(("dense SDPA, StaticCache + CUDA graph", captured_dense, 1.0, static))
         if args.compile_dense:
-            runs.append(("dense SDPA, StaticCache + torch.compile", compiled_dense, 1.0, static))
+            runs.append(("dense SDPA, StaticCache + torch.compile + CUDA graph", compiled_dense, 1.0, static))
         runs += [("sparsemem", m, f, lambda m=m: SparseMemCache(m.config)) for f, m in sparse_models.items()]
-        runs += [("sparsemem, static cache + CUDA graph", m, f,
-                  lambda m=m: StaticSparseMemCache(m.config, max_cache_len=total + steps + 8)) for f, m in sparse_models.items()]
+        for compiled in (False, True):
+            name = "sparsemem, static cache + torch.compile + CUDA graph" if compiled else "sparsemem, static cache + CUDA graph"
+            runs += [(name, m, f, lambda m=m, c=compiled: StaticSparseMemCache(m.config, max_cache_len=total + steps + 8, compile=c))
+                     for f, m in sparse_models.items()]
         # the block store in pinned host memory, read in place over the bus (GPU memory: weights + summaries);
         # batch 1 only: a 128K batch-3 store would pin over 50 GB of host memory
         first_fraction, first_model = next(iter(sparse_models.items()))
@@ -356,7 +363,7 @@ def bench_decode_model(args, bandwidth: float) -> list[dict]:
             del cache
             _release(model)
         del compiled_dense, captured_dense
-        torch._dynamo.reset()  # the compiled step's CUDA graphs and their memory pools
+        torch._dynamo.reset()  # compiled steps of this batch's shapes
         _release()
     _speedups(rows)
     return rows
@@ -414,11 +421,13 @@ def bench_decode_small(args) -> list[dict]:
     length = context + steps + 8
     sparse = convert(base)  # the model's default sparse settings, as a user gets them
     runs = [("transformers eager, DynamicCache", base, lambda: DynamicCache(config=base.config))]
+    static = lambda: StaticCache(config=base.config, max_cache_len=length)  # noqa: E731
     if args.compile_dense:
-        compiled = torch.compile(base.forward, mode="reduce-overhead", fullgraph=True)
-        runs.append(("transformers, StaticCache + torch.compile", compiled, lambda: StaticCache(config=base.config, max_cache_len=length)))
+        runs.append(("transformers, StaticCache + torch.compile + CUDA graph", CapturedDenseStep(base, compile=True), static))
     runs += [("sparsemem eager, SparseMemCache", sparse, lambda: SparseMemCache(sparse.config)),
-             ("sparsemem, static cache + CUDA graph", sparse, lambda: StaticSparseMemCache(sparse.config, max_cache_len=length))]
+             ("sparsemem, static cache + CUDA graph", sparse, lambda: StaticSparseMemCache(sparse.config, max_cache_len=length)),
+             ("sparsemem, static cache + torch.compile + CUDA graph", sparse,
+              lambda: StaticSparseMemCache(sparse.config, max_cache_len=length, compile=True))]
     rows = []
     for method, model, make_cache in runs:
         try:

@@ -428,8 +428,8 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--decode-model-densities", type=float, nargs="+", default=[0.125, 0.0625])
     bench.add_argument("--decode-steps", type=int, default=8)
     bench.add_argument("--no-compile-dense", dest="compile_dense", action="store_false",
-                       help="leave out dense transformers with StaticCache + torch.compile (mode reduce-overhead) from the "
-                            "decode sections (its compilation takes minutes)")
+                       help="leave out dense transformers with StaticCache + torch.compile (compiled, then captured in a CUDA "
+                            "graph) from the decode sections (its compilation takes minutes)")
     bench.add_argument("--small-context", type=int, default=4096,
                        help="decode-small section: real-text prompt tokens before the timed steps")
     bench.add_argument("--small-steps", type=int, default=256, help="decode-small section: one-token steps (3 untimed)")
