@@ -203,6 +203,37 @@ if triton is not None:
         tl.store(KSUM + at, tl.sum(k, 0))
 
     @triton.jit
+    def _select_blocks_kernel(
+        SCORES, INDEX, num_blocks, width, top_k, fraction,
+        NB: tl.constexpr, W: tl.constexpr, HAS_FRACTION: tl.constexpr,
+    ):
+        # one (sequence, KV head) per program: the best k of its finite scores, k = the selection budget for
+        # that many candidates, written in block order into `width` slots; the rest hold num_blocks (no block)
+        pid = tl.program_id(0)
+        blocks = tl.arange(0, NB)
+        scores = tl.load(SCORES + pid * num_blocks + blocks, mask=blocks < num_blocks, other=float("-inf"))
+        valid = scores > float("-inf")
+        count = tl.sum(valid.to(tl.int32), 0)
+        if HAS_FRACTION:
+            budget = tl.maximum(tl.ceil(count.to(tl.float32) * fraction), top_k * 1.0).to(tl.int32)
+        else:
+            budget = top_k + count * 0
+        k = tl.minimum(tl.minimum(budget, width), count)
+        ordered = tl.sort(scores, 0, descending=True)
+        threshold = tl.sum(tl.where(blocks == k - 1, ordered, 0.0), 0)
+        above = valid & (scores > threshold)
+        tied = valid & (scores == threshold)
+        room = k - tl.sum(above.to(tl.int32), 0)
+        tie_rank = tl.cumsum(tied.to(tl.int32), 0) - 1
+        take = tl.where(above, 1, 0) + tl.where(tied & (tie_rank < room), 1, 0)
+        chosen = tl.where(k > 0, take, 0) > 0
+        slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+        out = tl.arange(0, W)
+        tl.store(INDEX + pid * width + out, (out * 0 + num_blocks).to(tl.int64), mask=out < width)
+        tl.debug_barrier()  # the chosen blocks overwrite the padding
+        tl.store(INDEX + pid * width + slot, blocks.to(tl.int64), mask=chosen)
+
+    @triton.jit
     def _minmax_scores_kernel(
         Q, KMIN, KMAX, S,
         stride_qb, stride_qh, stride_qg,
@@ -407,6 +438,21 @@ def _minmax_scores_triton(query, key_min, key_max, num_blocks: int, first: int, 
         KV_HEADS=kv_heads, G=groups, D=dim, NB=per_program, LENGTH_ON_DEVICE=length is not None,
     )
     return scores
+
+
+def _select_blocks_triton(scores: torch.Tensor, width: int, top_k: int, fraction: float | None) -> torch.Tensor:
+    """Block indices [B, Hkv, width] (int64) chosen from `scores` [B, Hkv, nb] (-inf: not a candidate), in one
+    launch with nothing read back: the best min(budget, width) candidates, budget = top_k, or with a fraction
+    max(top_k, ceil(fraction x candidates)) as `selection_budget` computes it; in block order, the unused slots
+    hold nb (a block past the buffers, which attends nothing)."""
+    batch, kv_heads, num_blocks = scores.shape
+    scores = scores.contiguous()
+    index = torch.empty(batch, kv_heads, width, dtype=torch.int64, device=scores.device)
+    _select_blocks_kernel[(batch * kv_heads,)](
+        scores, index, num_blocks, width, top_k, 0.0 if fraction is None else fraction,
+        NB=triton.next_power_of_2(num_blocks), W=triton.next_power_of_2(width), HAS_FRACTION=fraction is not None,
+    )
+    return index
 
 
 def _selected_blocks_gather(query, key, value, index, low, high, scaling, block_size):

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .block_decode import _minmax_scores_triton, _tiles_triton, _triton_extents, selection_budget, triton
+from .block_decode import _minmax_scores_triton, _select_blocks_triton, _tiles_triton, _triton_extents, selection_budget, triton
 from .scorer import PooledKeyScorer
 
 
@@ -42,21 +42,25 @@ def _gather_tokens(tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return tensor.gather(2, tokens[..., None].expand(-1, -1, -1, tensor.shape[-1]))
 
 
-def _chosen_blocks(query_rows, layer, scorer, options, width, position, use_triton):
-    """The `width` best candidate blocks [B, Hkv, width] of the query at `position`, and which of them the
-    selection takes at this length (candidates: blocks holding a key in [sink, position - local])."""
+def _block_scores(query_rows, layer, scorer, options, position, use_triton):
+    """Scores [B, Hkv, nb] of every block of the buffers for the query at `position`, -inf outside the candidates
+    (blocks holding a key in [sink, position - local])."""
     size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
     first, last = sink // size, torch.div(position - local, size, rounding_mode="floor")
     num_blocks = layer.key_min.shape[2]
     if use_triton and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
         # one launch: the bound straight from the summary buffers, -inf outside the candidates
-        scores = _minmax_scores_triton(query_rows, layer.key_min, layer.key_max, num_blocks, first, -1,
-                                       length=layer.length, local=local, block_size=size)
-    else:
-        blocks = torch.arange(num_blocks, device=position.device)
-        candidates = (blocks >= first) & (blocks <= last)
-        scores = scorer(query_rows[:, :, :, None].float(), layer.summaries(), candidates.view(1, 1, 1, -1))[:, :, 0]
-        scores = scores.masked_fill(~candidates, float("-inf"))
+        return _minmax_scores_triton(query_rows, layer.key_min, layer.key_max, num_blocks, first, -1,
+                                     length=layer.length, local=local, block_size=size)
+    blocks = torch.arange(num_blocks, device=position.device)
+    candidates = (blocks >= first) & (blocks <= last)
+    scores = scorer(query_rows[:, :, :, None].float(), layer.summaries(), candidates.view(1, 1, 1, -1))[:, :, 0]
+    return scores.masked_fill(~candidates, float("-inf"))
+
+
+def _chosen_blocks(scores, options, width):
+    """The `width` best blocks [B, Hkv, width] by `scores`, and which of them the selection takes (its budget
+    for the number of candidates, the finite scores)."""
     fraction = options["block_fraction"]
     # a fraction budget cuts the `width` best by rank: up to PAIRWISE_RANKS wide, ranks from pairwise comparisons
     # (cheaper than sorting the top-k); wider, a sorted top-k (the comparisons grow with the square)
@@ -65,7 +69,8 @@ def _chosen_blocks(query_rows, layer, scorer, options, width, position, use_trit
     chosen = top.values > float("-inf")  # fewer candidates than `width`: the rest are padding
     if fraction is not None:
         # a budget of ceil(fraction x candidates), at least top_k
-        budget = torch.ceil((last - first + 1).clamp(min=0) * fraction).clamp(min=options["top_k_blocks"])
+        candidates = (scores > float("-inf")).sum(-1, keepdim=True)
+        budget = torch.ceil(candidates * fraction).clamp(min=options["top_k_blocks"])
         if by_sort:
             rank = torch.arange(width, device=scores.device)
         else:
@@ -92,8 +97,9 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
         use_triton = triton is not None and query.is_cuda and _triton_extents(size, dim)
     if options["top_k_blocks"] is not None and use_triton:
         if width:
-            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position, True)
-            index = index.masked_fill(~chosen, layer.key_min.shape[2])  # a block past the buffers attends nothing
+            # one launch: the budget's best blocks, in block order, padded with a block past the buffers
+            scores = _block_scores(query_rows, layer, scorer, options, position, True)
+            index = _select_blocks_triton(scores, width, options["top_k_blocks"], options["block_fraction"])
         else:
             index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=query.device)
         output, _, keys_attended = _tiles_triton(
@@ -115,7 +121,7 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
             held = (tokens >= sink).expand(batch, kv_heads, -1)
             parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), held))
         if width:
-            index, chosen = _chosen_blocks(query_rows, layer, scorer, options, width, position, False)
+            index, chosen = _chosen_blocks(_block_scores(query_rows, layer, scorer, options, position, False), options, width)
             tokens = (index[..., None] * size + torch.arange(size, device=keys.device)).flatten(-2)
             attended = chosen.repeat_interleave(size, dim=-1) & (tokens >= sink) & (tokens <= position - local)
             parts.append((_gather_tokens(keys, tokens), _gather_tokens(values, tokens), attended))

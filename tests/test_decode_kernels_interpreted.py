@@ -16,6 +16,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 SCRIPT = textwrap.dedent(
     """
+    import math
+
     import torch
     from sparsemem.modeling import block_decode
     from sparsemem.modeling.block_decode import BlockSummaryCache, block_decode_attention
@@ -61,6 +63,35 @@ SCRIPT = textwrap.dedent(
             out_kernel, n_kernel = static_decode_attention(q, kernel, D**-0.5, scorer, options, width, use_triton=True)
             assert (out_torch - out_kernel).abs().max() < 1e-5, (out_torch - out_kernel).abs().max()
             assert int(n_torch) == int(n_kernel)
+    # block selection in one launch: the same blocks as the top-k and budget of the torch path, for top-k and
+    # fraction budgets, few candidates (-inf elsewhere), and ties (which blocks win a tie may differ, not how many)
+    from sparsemem.modeling.block_decode import _select_blocks_triton
+    from sparsemem.modeling.static_decode import _chosen_blocks
+    for top_k, fraction, width in ((3, None, 3), (2, 0.3, 12), (1, 0.125, 30)):
+        for finite in (0, 2, 17, 37):
+            scores = torch.randn(2, 3, 37)
+            scores[..., finite:] = float("-inf")
+            for tie in (False, True):
+                if tie:
+                    scores = torch.where(scores > float("-inf"), scores.mul(2).round(), scores)
+                options = dict(top_k_blocks=top_k, block_fraction=fraction)
+                index, chosen = _chosen_blocks(scores, options, width)
+                kernel = _select_blocks_triton(scores, width, top_k, fraction)
+                rows = zip(index.flatten(0, 1), chosen.flatten(0, 1), kernel.flatten(0, 1), scores.flatten(0, 1))
+                for row_torch, keep, row_kernel, row_scores in rows:
+                    picked = row_kernel[row_kernel < 37]
+                    assert (row_kernel[len(picked):] == 37).all() and bool((picked.diff() > 0).all())
+                    expected = row_torch[keep]
+                    if tie:  # the torch path's pairwise ranks take every block tied at the cut; the kernel the budget
+                        count = int((row_scores > float("-inf")).sum())
+                        budget = top_k if fraction is None else max(top_k, math.ceil(count * fraction))
+                        assert len(picked) == min(budget, width, count) <= len(expected)
+                        left = torch.ones(37, dtype=torch.bool)
+                        left[picked] = False
+                        if len(picked) and bool(left.any()):  # nothing left out scores above what was taken
+                            assert row_scores[left].max() <= row_scores[picked].min()
+                    else:
+                        assert set(picked.tolist()) == set(expected.tolist()), (picked, expected)
     print("kernels agree")
     """
 )
