@@ -9,7 +9,8 @@ Measures, on random bf16 tensors of Llama-3-8B's attention shape (32 query / 8 K
 - `step`: one whole decode step of a Llama-3-8B-shaped model (random bf16 weights, block fraction 0.125) over a
   `StaticSparseMemCache` filled to `--context` (128K) at `--batch` (1), replayed from its CUDA graph: ms per
   step, then the kernel table of the replays (what the step spends on weights, attention, selection);
-  `--compile`: the step compiled before capture (`StaticSparseMemCache(compile=True)`);
+  `--compile`: the step compiled before capture (`StaticSparseMemCache(compile=True)`); `--shape smollm2`:
+  SmolLM2-135M's shape at the default sparse settings (8-token blocks: the gathering path);
 - `widths`: the decode call at batch 1, 4 and 16 for each lower bound on the tiles one program reads.
 
 Prints the tables of `reports/bench-h100/decode_profile.md` and `prefill_profile.md` (kept there as the
@@ -118,29 +119,37 @@ def prefill(batch: int, context: int) -> None:
     print(profile_table(lambda: plan_block_sparse(query, key, scorer, opts), calls=3, rows=25))
 
 
+SMOLLM2_135M = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
+)
+
+
 @torch.no_grad()
-def step(batch: int, context: int, compile: bool = False) -> None:
+def step(batch: int, context: int, compile: bool = False, shape: str = "llama3-8b") -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparsemem import StaticSparseMemCache, convert
     from sparsemem.bench import LLAMA3_8B
 
+    dims = LLAMA3_8B if shape == "llama3-8b" else SMOLLM2_135M
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        base = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, max_position_embeddings=context + 64)).eval()
+        base = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=max(context + 64, 8192))).eval()
     torch.set_default_dtype(torch.float32)
-    model = convert(base, **options(0.125), attention_backend="flex")
+    # the 8B shape at the bench's speed settings; SmolLM2's shape at the defaults a user gets
+    model = convert(base, **options(0.125), attention_backend="flex") if shape == "llama3-8b" else convert(base)
     cache = StaticSparseMemCache(model.config, max_cache_len=context + 64, compile=compile)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    shape = (batch, KV_HEADS, context, DIM)
-    for layer in range(LLAMA3_8B["num_hidden_layers"]):
-        keys, values = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
+    kv_shape = (batch, dims["num_key_value_heads"], context, dims.get("head_dim", DIM))
+    for layer in range(dims["num_hidden_layers"]):
+        keys, values = (torch.randn(kv_shape, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
         cache.update(keys, values, layer)
-    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (batch, 1), device="cuda", generator=generator)
+    ids = torch.randint(0, dims["vocab_size"], (batch, 1), device="cuda", generator=generator)
     run = lambda: model(input_ids=ids, past_key_values=cache)  # noqa: E731
     for _ in range(3):  # capture
         run()
-    print(f"ms per step {cuda_time_ms(run, warmup=2, repeats=10):.3f}")
+    print(f"{shape}, context {context}, batch {batch}: ms per step {cuda_time_ms(run, warmup=2, repeats=10):.3f}")
     print(profile_table(run, calls=5, rows=30))
 
 
@@ -148,6 +157,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("decode", "prefill", "step", "widths"))
     parser.add_argument("--compile", action="store_true", help="step: StaticSparseMemCache(compile=True)")
+    parser.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
+                        help="step: the model's shape (random bf16 weights); smollm2 runs the default sparse settings")
     parser.add_argument("--context", type=int, default=None, help="tokens (decode: 131072, prefill: 65536)")
     parser.add_argument("--batch", type=int, default=None, help="sequences (decode: 16, prefill: 1)")
     args = parser.parse_args(argv)
@@ -156,7 +167,7 @@ def main(argv=None):
     if args.mode == "decode":
         decode(args.batch or 16, args.context or 131072)
     elif args.mode == "step":
-        step(args.batch or 1, args.context or 131072, compile=args.compile)
+        step(args.batch or 1, args.context or 131072, compile=args.compile, shape=args.shape)
     elif args.mode == "widths":
         widths(args.context or 131072)
     else:

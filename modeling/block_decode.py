@@ -25,8 +25,9 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 
 def _triton_extents(block_size: int, dim: int) -> bool:
-    """Shapes the Triton kernels take: power-of-two extents (tl.arange) of at least 16 (tl.dot tiles)."""
-    return block_size >= 16 and dim >= 16 and not (block_size & (block_size - 1)) and not (dim & (dim - 1))
+    """Shapes the Triton kernels take: power-of-two extents (tl.arange), head dims of at least 16 (tl.dot tiles)
+    and blocks of at least 8 keys (narrower than 16, the decode kernel sums its products without tl.dot)."""
+    return block_size >= 8 and dim >= 16 and not (block_size & (block_size - 1)) and not (dim & (dim - 1))
 
 
 class BlockSummaryCache:
@@ -320,14 +321,20 @@ if triton is not None:
             valid = (tokens >= lo) & (tokens <= hi) & (tokens < total)
             k = tl.load(k_base + tokens[:, None] * stride_kn + dims[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + tokens[:, None] * stride_vn + dims[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            if BS >= 16:
+                s = tl.dot(q, tl.trans(k)) * scale
+            else:  # tiles narrower than a tensor-core tile: products summed on the CUDA cores (decode reads, not computes)
+                s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if BS >= 16:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
             m_i = m_new
             count += valid.to(tl.int32)
         out = (pid * num_splits + split) * G
@@ -505,7 +512,7 @@ def block_decode_attention(
         if not (use_triton and key.is_pinned() and value.is_pinned()):
             raise ValueError(
                 f"decode over keys on {key.device} for queries on {device} needs pinned host memory and the Triton "
-                f"kernel (CUDA, power-of-two block size and head dim >= 16; got block {size}, head dim {dim})"
+                f"kernel (CUDA, power-of-two block size >= 8 and head dim >= 16; got block {size}, head dim {dim})"
             )
 
     # candidates: blocks holding a key in [sink, position - local]

@@ -84,7 +84,7 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
     """query [B, H, 1, D] of the token the layer just wrote at position L-1 (L = `layer.length`).
 
     Returns (output [B, 1, H, D] in the query dtype, attended (query head, key) pairs as a 0-d tensor). On CUDA
-    (power-of-two block size and head dim) the block-sparse decode kernel reads the chosen blocks and the anchors
+    (power-of-two block size >= 8 and head dim >= 16) the block-sparse decode kernel reads the chosen blocks and the anchors
     in place, with L read from the device; elsewhere they are gathered."""
     batch, heads, _, dim = query.shape
     keys, values = layer.keys, layer.values

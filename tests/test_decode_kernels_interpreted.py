@@ -32,8 +32,11 @@ SCRIPT = textwrap.dedent(
         dict(block_size=BS, sink_tokens=16, local_tokens=32, top_k_blocks=2, block_fraction=None),
         dict(block_size=BS, sink_tokens=0, local_tokens=20, top_k_blocks=1, block_fraction=0.3),
         dict(block_size=BS, sink_tokens=5, local_tokens=40, top_k_blocks=3, block_fraction=None),
+        # blocks narrower than a tensor-core tile (SmolLM2's default 8): products summed without tl.dot
+        dict(block_size=8, sink_tokens=16, local_tokens=64, top_k_blocks=4, block_fraction=0.2),
     ]
     for options in settings:
+        BS = options["block_size"]
         # eager decode: the kernel (use_triton=True) against gathered keys, at lengths inside and past blocks
         for total in (20, 100, 173):
             q, k, v = torch.randn(B, H, 1, D), torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
