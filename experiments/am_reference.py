@@ -17,7 +17,7 @@ and "sinks" (the same exact first/last tokens as ours, the rest of the budget it
 only our side runs, and the output says so.
 
 Each of our configurations is a JSON object as in `compaction_kl.py` ("method", "press" options, other
-`sparsemem.compact` arguments, "tag"); `head_budgets` is always "uniform". Writes `results.json` and
+`sparsemem.compact` arguments, "tag"); `budgets` is always "uniform". Writes `results.json` and
 `table.md` into `--output` (the files of `reports/am-reference-cpu/`) and one JSON line per row on stdout.
 
     OMP_NUM_THREADS=2 python experiments/am_reference.py --reference /tmp/am-ref --output reports/am-reference-cpu
@@ -101,13 +101,13 @@ def run(model, tokenizer, corpus, configs, ratios, reference=None, length=3000, 
     for config in configs:
         options = dict(config)
         tag = options.pop("tag", json.dumps(config))
-        if options.pop("head_budgets", "uniform") != "uniform":
+        if options.pop("budgets", "uniform") != "uniform":
             raise ValueError(f"configuration {config}: this comparison is of uniform head budgets")
         press = build_press(options.pop("method", "am"), options.pop("press", None))
         rows.append(("sparsemem", tag, press, options))
     for side, tag, press, options in rows:
         for ratio in ratios:
-            result = doc.measure(ratio, queries=("repeat",), method=press, head_budgets="uniform", **options)
+            result = doc.measure(ratio, queries=("repeat",), method=press, budgets="uniform", **options)
             yield {"side": side, "config": tag, **result}
 
 

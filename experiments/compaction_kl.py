@@ -6,7 +6,8 @@ reference documentation from token 20000, 3000 context + 512 continuation tokens
 two-document harness of `sparsemem eval compaction --documents 2`, averaged). Each config is a JSON
 object: "method" (a press name, default "am"), "press" (that press's options, e.g. {"exact_newest": 0}),
 "queries" (reference query sources, default ["repeat"]; H2O and SnapKV are published with ["context"]),
-"ratios" (overrides `--ratios`), "tag", and any other `sparsemem.compact` argument. One JSON line per
+"ratios" (overrides `--ratios`), "tag", "budgets" (a head-budget policy's name, or {"policy": name, its
+options}), and any other `sparsemem.compact` argument. One JSON line per
 (config, ratio) on stdout. The configs come before the options.
 
 Writes the JSON-lines tables of `reports/compaction-cpu-global/` (kl_*.jsonl: head budgets, splits,
@@ -16,7 +17,8 @@ learned consolidation, on-policy fits) and the CPU rows of `reports/compaction-s
         '{"method": "am"}' '{"method": "kvzip"}' '{"method": "h2o", "queries": ["context"]}' > kl.jsonl
     OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"method": "am-learned", "press": {"max_ratio": null}}'
     OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"on_policy": true}' --ratios 10 20 50
-    OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"press": {"exact_newest": 0}, "whole_span_share": null}' --documents 2 --ratios 5 10 20
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"press": {"exact_newest": 0}, "budgets": {"policy": "global", "whole_span_share": null}}' --documents 2 --ratios 5 10 20
+    OMP_NUM_THREADS=2 python experiments/compaction_kl.py '{"budgets": "uniform"}' '{"budgets": {"policy": "uniform", "chunk_size": 512}}'
 """
 
 import argparse

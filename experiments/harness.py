@@ -2,8 +2,9 @@
 compacted cache is measured (next-token KL on a continuation, answers and answer log-probabilities).
 
 Everything goes through sparsemem's public API (`sparsemem.convert`, `sparsemem.prefill`,
-`sparsemem.compact`, `sparsemem.cache_compaction.capture_reference_queries`, the presses of
-`sparsemem.modeling.compaction`), so an experiment breaks loudly, in CI, when that API changes.
+`sparsemem.compact`, `sparsemem.query_sources.capture_reference_queries`, the head-budget policies of
+`sparsemem.head_budgets`, the presses of `sparsemem.modeling.compaction`), so an experiment breaks loudly,
+in CI, when that API changes.
 """
 
 import copy
@@ -15,7 +16,8 @@ import time
 import torch
 
 import sparsemem
-from sparsemem.cache_compaction import capture_reference_queries
+from sparsemem.head_budgets import budget_policy
+from sparsemem.query_sources import capture_reference_queries
 from sparsemem.corpus import load_corpus, needle_question, passkey_case, token_window
 from sparsemem.modeling.presses import make_press
 
@@ -44,6 +46,15 @@ def build_press(method: str = "am", options: dict | None = None):
     if unknown:
         raise ValueError(f"press {method!r} has no option(s) {unknown}; it has {sorted(known)}")
     return dataclasses.replace(press, **options)
+
+
+def head_budgets(spec=None):
+    """The head-budget policy of a JSON config's "budgets": a name ("uniform", ...), an object naming the
+    policy and its options ({"policy": "global", "whole_span_share": null}), or None (the default)."""
+    if isinstance(spec, dict):
+        options = dict(spec)
+        return budget_policy(options.pop("policy", None), **options)
+    return budget_policy(spec)
 
 
 def parse_json(text: str, what: str, kind: type):
@@ -92,14 +103,15 @@ class Document:
             self._captured[key] = capture_reference_queries(self.model, self.context, key, self.tokenizer)
         return self._captured[key]
 
-    def measure(self, ratio: float, queries=("repeat",), **compact_args) -> dict:
-        """Compact a copy of the full cache with `sparsemem.compact(**compact_args)`; the continuation's
-        mean next-token KL to the full cache, the seconds `compact` took and the physical bytes ratio
-        (unrounded)."""
+    def measure(self, ratio: float, queries=("repeat",), budgets=None, **compact_args) -> dict:
+        """Compact a copy of the full cache with `sparsemem.compact(**compact_args)` (`budgets`: see
+        `head_budgets`); the continuation's mean next-token KL to the full cache, the seconds `compact`
+        took and the physical bytes ratio (unrounded)."""
         cache = copy.deepcopy(self.full)
+        policy = head_budgets(budgets)
         start = time.perf_counter()
         sparsemem.compact(self.model, cache, ratio, queries=list(queries), reference_queries=self.reference_queries(tuple(queries)),
-                          input_ids=self.context, tokenizer=self.tokenizer, **compact_args)
+                          input_ids=self.context, tokenizer=self.tokenizer, budgets=policy, **compact_args)
         seconds = time.perf_counter() - start
         size = self.full.memory_bytes()["total"] / cache.memory_bytes()["total"]  # before the continuation is appended
         kl = mean_kl(self.reference, continuation_logprobs(self.model, cache, self.continuation))
@@ -121,13 +133,14 @@ class NeedleCase:
         self.answer_ids = tokenizer(" " + self.key + ".", add_special_tokens=False)["input_ids"]
         self._captured = {}
 
-    def compacted(self, ratio: float, method="am", queries=("repeat",), **compact_args):
+    def compacted(self, ratio: float, method="am", queries=("repeat",), budgets=None, **compact_args):
+        """A compacted copy of the full cache (`budgets`: see `head_budgets`)."""
         cache = copy.deepcopy(self.full)
         if ratio == 1:
             return cache
         references = self.reference_queries(tuple(queries))
         return sparsemem.compact(self.model, cache, ratio, method=method, queries=list(queries), reference_queries=references,
-                                 input_ids=self.document, tokenizer=self.tokenizer, **compact_args)
+                                 input_ids=self.document, tokenizer=self.tokenizer, budgets=head_budgets(budgets), **compact_args)
 
     def reference_queries(self, sources) -> dict:
         if sources not in self._captured:

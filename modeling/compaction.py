@@ -32,12 +32,16 @@ class CompactionRecord:
     metadata (`to_dict` / `from_dict`).
 
     method: the press's name (a press instance: its class name). ratio: the logical length over the
-    physical budget asked for. queries: the reference-query sources the press fitted or ranked with.
+    physical budget asked for. queries: the reference-query sources the press fitted or ranked with (a
+    source's name, with the settings it changed from their defaults).
     keep_first: exact first tokens of every layer. keep_last / slots_per_head: per compacted layer, the
     exact recent tokens and the slots per KV head of its budget (the mean with non-uniform head budgets).
-    head_budgets: "uniform", "proportional" or "global". slots_per_kv_head: with global budgets, the slots
-    of every KV head per layer (None otherwise). whole_span_share: the share at which a head kept its whole
-    span (None: none did). exact_newest, query_weights, min_beta, max_beta, ridge: the Attention Matching
+    head_budgets: the head-budget policy's name ("uniform", "proportional" or "global"), and its settings:
+    chunk_size (uniform and proportional: the tokens of each chunk, None: the whole span at once),
+    whole_span_share (global: the share at which a head kept its whole span, None: none did) and
+    whole_span_take (global: the most whole spans could take of the other heads' slots); a setting the
+    policy does not have is None. slots_per_kv_head: with global budgets, the slots of every KV head per
+    layer (None otherwise). exact_newest, query_weights, min_beta, max_beta, ridge: the Attention Matching
     press's options (None for other presses). seconds: wall time of the call.
     """
 
@@ -51,6 +55,8 @@ class CompactionRecord:
     seconds: float
     slots_per_kv_head: list | None = None
     whole_span_share: float | None = None
+    chunk_size: int | None = None
+    whole_span_take: float | None = None
     exact_newest: float | str | None = None
     query_weights: str | None = None
     min_beta: float | None = None

@@ -10,6 +10,7 @@ import torch
 from conftest import ByteTokenizer, prefilled
 
 import sparsemem
+from sparsemem.head_budgets import GlobalBudgets, UniformBudgets, budget_policy
 from sparsemem.modeling.attention_matching import SpanProblem, attention_matching, nnls
 from sparsemem.modeling.presses import PRESSES
 
@@ -240,7 +241,7 @@ def test_every_method_compacts_to_the_nominal_ratio(filled, method):
 def test_compaction_with_proportional_head_budgets_stays_at_ratio(filled):
     model, ids, full = filled
     cache = copy.deepcopy(full)
-    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], head_budgets="proportional")
+    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], budgets="proportional")
     counts = [torch.bincount(layer.slots.head, minlength=2).tolist() for layer in cache.layers]
     assert all(sum(c) == sum(counts[0]) for c in counts)
     assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 6) / 6 < 0.05
@@ -249,7 +250,7 @@ def test_compaction_with_proportional_head_budgets_stays_at_ratio(filled):
 def test_global_head_budgets_rank_all_heads_together_and_keep_the_ratio(filled):
     model, ids, full = filled
     cache = copy.deepcopy(full)
-    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], head_budgets="global")
+    sparsemem.compact(model, cache, ratio=6, input_ids=ids[:, :240], budgets="global")
     counts = [torch.bincount(layer.slots.head, minlength=2).tolist() for layer in cache.layers]
     assert counts == cache.compaction.slots_per_kv_head
     nominal = sum(cache.compaction.slots_per_head) * 2
@@ -258,12 +259,13 @@ def test_global_head_budgets_rank_all_heads_together_and_keep_the_ratio(filled):
     assert abs(full.memory_bytes()["total"] / cache.memory_bytes()["total"] - 6) / 6 < 0.05
     with torch.no_grad():
         assert torch.isfinite(model(ids[:, 240:], past_key_values=cache).logits).all()
-    with pytest.raises(ValueError, match="chunk_size"):
-        sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="global", chunk_size=64)
+    with pytest.raises(ValueError, match="`chunk_size` is not an option of 'global'"):
+        sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240],
+                          budgets=budget_policy("global", chunk_size=64))
 
 
 def test_allocation_by_scores_follows_the_global_ranking():
-    from sparsemem.cache_compaction import allocate_by_scores
+    from sparsemem.head_budgets import allocate_by_scores
 
     sharp = torch.tensor([0.9, 0.8, 0.7, 0.6])  # a head that singles entries out
     flat = torch.tensor([0.05, 0.04, 0.03, 0.02])
@@ -276,7 +278,7 @@ def test_allocation_by_scores_follows_the_global_ranking():
 
 
 def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total():
-    from sparsemem.cache_compaction import allocate_by_scores
+    from sparsemem.head_budgets import allocate_by_scores
 
     sharp = torch.tensor([0.9, 0.8, 0.7, 0.6])
     mild = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.01, 0.01, 0.01, 0.01])
@@ -301,7 +303,7 @@ def test_whole_span_share_gives_retrieval_heads_their_span_and_keeps_the_total()
 
 
 def test_whole_span_share_makes_heads_whole_by_share_until_the_others_would_lose_half():
-    from sparsemem.cache_compaction import WHOLE_SPAN_TAKE, allocate_by_scores
+    from sparsemem.head_budgets import WHOLE_SPAN_TAKE, allocate_by_scores
 
     assert WHOLE_SPAN_TAKE == 0.5
     # four retrieval-like heads winning 8, 7, 6 and 5 of their 10 entries, six flat heads 4 each (50 slots)
@@ -320,13 +322,14 @@ def test_whole_span_share_makes_heads_whole_by_share_until_the_others_would_lose
 
 def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled):
     model, ids, full = filled
-    plain = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], whole_span_share=None)
+    plain = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240],
+                              budgets=GlobalBudgets(whole_span_share=None))
     info = plain.compaction
     assert info.whole_span_share is None
     span = [240 - info.keep_first - last for last in info.keep_last]
     # just below the largest share a head wins: that head (at least) keeps its whole span
     share = 0.99 * max(c / span[layer] for layer, counts in enumerate(info.slots_per_kv_head) for c in counts)
-    cache = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], whole_span_share=share)
+    cache = sparsemem.compact(model, copy.deepcopy(full), ratio=2, input_ids=ids[:, :240], budgets=GlobalBudgets(share))
     info = cache.compaction
     whole = [(layer, head) for layer, counts in enumerate(info.slots_per_kv_head) for head, c in enumerate(counts) if c == span[layer]]
     assert whole and info.slots_per_kv_head != plain.compaction.slots_per_kv_head
@@ -342,12 +345,12 @@ def test_whole_span_share_on_a_model_keeps_the_ratio_and_the_heads_spans(filled)
     # "auto" (the default): 0.45 for Attention Matching with global budgets, none for a baseline or other budgets
     auto = lambda **kw: sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], **kw).compaction  # noqa: E731
     assert auto().whole_span_share == 0.45 and auto(method="am-no-beta").whole_span_share == 0.45
-    assert auto(method="kvzip", queries=("context",)).whole_span_share is None and auto(head_budgets="uniform").whole_span_share is None
+    assert auto(method="kvzip", queries=("context",)).whole_span_share is None and auto(budgets="uniform").whole_span_share is None
     for bad in (0, 1.5, True, "0.5"):
-        with pytest.raises(ValueError, match="whole_span_share"):
-            sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], whole_span_share=bad)
-    with pytest.raises(ValueError, match="whole_span_share"):
-        sparsemem.compact(model, copy.deepcopy(full), ratio=4, input_ids=ids[:, :240], head_budgets="uniform", whole_span_share=0.5)
+        with pytest.raises(ValueError, match="GlobalBudgets `whole_span_share`"):
+            GlobalBudgets(whole_span_share=bad)
+    with pytest.raises(ValueError, match="`whole_span_share` is not an option of 'uniform'"):
+        budget_policy("uniform", whole_span_share=0.5)
 
 
 def test_ratio_one_below_one_and_bad_arguments(filled):
@@ -418,7 +421,7 @@ def test_read_document_gives_each_method_its_own_queries(filled):
 def test_chunked_compaction_keeps_the_ratio_and_every_chunk(filled):
     model, ids, full = filled
     cache = copy.deepcopy(full)
-    sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :240], chunk_size=64, keep_last=16)
+    sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :240], budgets=UniformBudgets(chunk_size=64), keep_last=16)
     layer = cache.layers[0]
     # 4..223 is compacted in 4 chunks: the slots of each chunk stand at that chunk's last position
     assert sorted(set(layer.slots.position.tolist())) == [67, 131, 195, 223]
@@ -481,7 +484,7 @@ def test_context_queries_judge_the_split_but_only_the_sources_are_fitted(filled)
 def test_prefill_records_the_reference_queries_in_the_same_pass(filled):
     """`prefill` fills the cache like a dense pass and records the queries a separate capture pass would;
     compacting with them gives the same cache as compacting with `input_ids` (which captures them again)."""
-    from sparsemem.cache_compaction import capture_reference_queries
+    from sparsemem.query_sources import capture_reference_queries
 
     model, ids, full = filled
     cache, recorded = sparsemem.prefill(model, ids[:, :240])
@@ -610,10 +613,10 @@ def test_head_budgets_choose_the_press_fit(filled):
     model, ids, full = filled
     keys = ("query_weights", "exact_newest", "min_beta", "max_beta", "ridge")
     fit = lambda cache: tuple(getattr(cache.compaction, key) for key in keys)  # noqa: E731
-    uniform = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], head_budgets="uniform")
+    uniform = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], budgets="uniform")
     assert fit(uniform) == ("peak", 0.0, -1.0, 3.0, 1e-5)
     chosen = AttentionMatchingPress(exact_newest=0.5, query_weights="share", min_beta=None, max_beta=None, ridge=1e-2)
-    kept = sparsemem.compact(model, copy.deepcopy(full), ratio=6, method=chosen, input_ids=ids[:, :240], head_budgets="uniform")
+    kept = sparsemem.compact(model, copy.deepcopy(full), ratio=6, method=chosen, input_ids=ids[:, :240], budgets="uniform")
     assert fit(kept) == ("share", 0.5, None, None, 1e-2)
     press = AttentionMatchingPress().for_head_budgets("global")
     assert (press.query_weights, press.min_beta, press.max_beta, press.ridge) == ("share", None, None, 1e-3)
@@ -635,11 +638,11 @@ def test_on_policy_fits_each_layer_to_the_queries_of_its_compacted_lower_layers(
     """Layer l's queries depend only on layers < l, so a repeat pass over the finished on-policy cache
     yields exactly the queries each layer was fitted to: fitting the full cache to those (off-policy)
     must rebuild the on-policy cache, while the full cache's own repeat queries give other slots."""
-    from sparsemem.cache_compaction import REPEAT_PROMPT, recording_queries
+    from sparsemem.query_sources import REPEAT_PROMPT, recording_queries
 
     model, ids, full = filled
     context, tokenizer = ids[:, :240], ByteTokenizer()
-    options = dict(queries=("repeat",), tokenizer=tokenizer, input_ids=context, head_budgets="uniform", max_queries=10**6)
+    options = dict(queries=("repeat",), tokenizer=tokenizer, input_ids=context, budgets="uniform", max_queries=10**6)
     on = sparsemem.compact(model, copy.deepcopy(full), ratio=6, on_policy=True, **options)
     off = sparsemem.compact(model, copy.deepcopy(full), ratio=6, **options)
     assert on.get_seq_length() == 240 and all(int(layer.positions.max()) < 240 for layer in on.layers)
@@ -691,7 +694,7 @@ def test_repeat_queries_know_the_share_of_attention_the_context_gets(family):
     the last `REPEAT_REACH` tokens of the repetition (older ones copy the context and do not count)."""
     from conftest import make_base_model
 
-    from sparsemem.cache_compaction import REPEAT_PROMPT, REPEAT_REACH, capture_reference_queries
+    from sparsemem.query_sources import REPEAT_PROMPT, REPEAT_REACH, capture_reference_queries
 
     tokenizer = ByteTokenizer()
     model, ids, full = prefilled(family, 64, 64)
@@ -719,7 +722,7 @@ def test_repeat_queries_know_the_share_of_attention_the_context_gets(family):
 def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
     """A query that reads as much outside the cache (its `outside` log-sum-exp) as in it gives every entry
     half the weight it would give reading the cache alone: the ranking scores halve, exactly."""
-    from sparsemem.cache_compaction import _max_attention
+    from sparsemem.head_budgets import max_attention
     from sparsemem.modeling.compaction import LayerAttention
 
     model, _, full = filled
@@ -727,10 +730,10 @@ def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
     batch, kv_heads, entries, dim = layer.keys.shape
     queries = torch.randn(batch, model.config.num_attention_heads, 24, dim, generator=torch.Generator().manual_seed(0))
     span = torch.ones(entries, dtype=torch.bool)
-    alone = _max_attention(layer, queries, span, scaling, torch.full(queries.shape[:-1], float("-inf")))
+    alone = max_attention(layer, queries, span, scaling, torch.full(queries.shape[:-1], float("-inf")))
     lse = LayerAttention.measure(layer, queries, scaling).lse  # per KV head, [B, G * n]
     outside = torch.cat([head.view(batch, -1, queries.shape[-2]) for head in lse], dim=1)
-    halved = _max_attention(layer, queries, span, scaling, outside)
+    halved = max_attention(layer, queries, span, scaling, outside)
     for ours, reference in zip(halved, alone):
         torch.testing.assert_close(ours, reference / 2, rtol=1e-5, atol=1e-7)
 
@@ -739,7 +742,7 @@ def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
 def test_outside_log_sum_exp_in_chunks_matches_the_masked_dense_one(window, reach):
     """`_causal_lse` only multiplies each chunk of queries by the keys it may see; the result equals the
     log-sum-exp of the full masked logits (causal, sliding window, reach into the queries' own part)."""
-    from sparsemem.cache_compaction import _causal_lse
+    from sparsemem.query_sources import _causal_lse
 
     generator = torch.Generator().manual_seed(0)
     queries, keys, offset = torch.randn(1, 6, 300, 16, generator=generator), torch.randn(1, 2, 320, 16, generator=generator), 20

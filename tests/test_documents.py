@@ -20,7 +20,7 @@ from sparsemem.documents import (
 def compacted(request):
     # "global" leaves layers of different sizes, "proportional" heads of different sizes within a layer
     model, ids, cache = prefilled("qwen2", 220, 200, top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
-    sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :200], head_budgets=request.param)
+    sparsemem.compact(model, cache, ratio=5, input_ids=ids[:, :200], budgets=request.param)
     return model, ids, cache
 
 

@@ -113,7 +113,7 @@ def test_ask_refuses_what_it_cannot_honour(document):
     with pytest.raises(ValueError, match="already a cache"):
         sparsemem.ask(model, tokenizer, copy.deepcopy(filled), ["q"], ratio=4)
     with pytest.raises(ValueError, match="without a `ratio`"):
-        sparsemem.ask(model, tokenizer, ids[:, :50], ["q"], compact_options={"head_budgets": "uniform"})
+        sparsemem.ask(model, tokenizer, ids[:, :50], ["q"], compact_options={"budgets": "uniform"})
     with pytest.raises(ValueError, match="questions"):
         sparsemem.ask(model, tokenizer, ids[:, :50], [])
 

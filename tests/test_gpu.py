@@ -135,7 +135,7 @@ def test_on_policy_compaction_on_the_gpu_matches_the_cpu():
     from conftest import ByteTokenizer, prefilled
 
     model, ids, full = prefilled("llama", 260, 240, top_k_blocks=None, block_size=8, sink_tokens=4, local_tokens=16)
-    options = dict(queries=("repeat",), tokenizer=ByteTokenizer(), head_budgets="uniform", max_queries=64, on_policy=True)
+    options = dict(queries=("repeat",), tokenizer=ByteTokenizer(), budgets="uniform", max_queries=64, on_policy=True)
     cpu = sparsemem.compact(model, copy.deepcopy(full), ratio=6, input_ids=ids[:, :240], **options)
     model, ids = model.to("cuda"), ids.cuda()
     cache = sparsemem.SparseMemCache(model.config)

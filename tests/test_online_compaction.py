@@ -105,7 +105,7 @@ def test_online_am_preserves_attention_better_than_eviction():
 
 
 def _queries(model, ids, layer_idx):
-    from sparsemem.cache_compaction import recording_queries
+    from sparsemem.query_sources import recording_queries
 
     with torch.no_grad(), recording_queries(model) as captured:
         model(ids, use_cache=False)

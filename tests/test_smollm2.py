@@ -69,12 +69,12 @@ def test_demo_command(capsys):
 def test_self_study_queries_drive_compaction(smollm2):
     """The model writes about a real document; the queries of its own words are captured (standing for
     the future: position -1) and Attention Matching compacts the document with them alone."""
-    from sparsemem.cache_compaction import capture_reference_queries
+    from sparsemem.query_sources import SelfStudyQueries, capture_reference_queries
 
     tokenizer, base = smollm2
     model = sparsemem.convert(base)
     ids = torch.tensor([token_window(tokenizer, load_corpus(), 300, offset=9000)])
-    queries = capture_reference_queries(model, ids, ("self-study",), tokenizer, self_study_tokens=12)
+    queries = capture_reference_queries(model, ids, (SelfStudyQueries(max_new_tokens=12),), tokenizer)
     assert sorted(queries) == list(range(model.config.num_hidden_layers))
     layer0, positions, outside = queries[0]
     assert layer0.shape[:2] == (1, model.config.num_attention_heads) and 0 < layer0.shape[2] <= 12

@@ -8,6 +8,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .questions import ask, read_document
 from .cache_compaction import compact, prefill
+from .head_budgets import GlobalBudgets, ProportionalBudgets, UniformBudgets
+from .query_sources import ContextQueries, RandomQueries, RepeatQueries, SelfStudyQueries
 from .conversion import convert
 from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
 from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
@@ -42,11 +44,17 @@ __all__ = [
     "BankIntegrityError",
     "BankModelMismatchError",
     "CompactionRecord",
+    "ContextQueries",
     "DocumentIntegrityError",
     "DocumentModelMismatchError",
+    "GlobalBudgets",
     "MemoryBank",
     "MemoryView",
     "OnlineCompaction",
+    "ProportionalBudgets",
+    "RandomQueries",
+    "RepeatQueries",
+    "SelfStudyQueries",
     "SlotTier",
     "SparseMemCache",
     "SparseMemLayer",
@@ -59,6 +67,7 @@ __all__ = [
     "SparseMemQwen3Config",
     "SparseMemQwen3ForCausalLM",
     "StaticSparseMemCache",
+    "UniformBudgets",
     "ask",
     "compact",
     "convert",

@@ -53,15 +53,27 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise ValueError(f"--ratios must be finite numbers >= 1, got {ratio!r}")
     for name in ("depth", "depths", "needle_depths"):
         _fractions(args, name)
-    share = getattr(args, "whole_span_share", None)
-    if share not in (None, "auto") and not 0 < share <= 1:
-        raise ValueError(f"--whole-span-share must be a share in (0, 1], 'auto' or 'none', got {share!r}")
+    if hasattr(args, "head_budgets"):
+        head_budgets(args)
     for share in getattr(args, "block_masses", None) or []:
         if share is None or not 0 < share <= 1:
             raise ValueError(f"--block-mass must be a share in (0, 1], got {share!r}")
     if getattr(args, "command", None) == "eval":
         _eval_choices(args)
     _memory_values(args)
+
+
+def head_budgets(args):
+    """The head-budget policy --head-budgets names, with --whole-span-share where given ('auto', the default,
+    leaves the policy its own "auto"), made by the library's one resolver (`head_budgets.budget_policy`)."""
+    from .head_budgets import budget_policy
+
+    options = {} if args.whole_span_share == "auto" else {"whole_span_share": args.whole_span_share}
+    try:
+        return budget_policy(args.head_budgets, **options)
+    except ValueError as error:
+        message = str(error).replace("`whole_span_share`", "--whole-span-share")
+        raise ValueError(f"--head-budgets {args.head_budgets}: {message}") from None
 
 
 def _memory_values(args) -> None:
@@ -75,7 +87,7 @@ def _memory_values(args) -> None:
 
 
 def _eval_choices(args) -> None:
-    from .cache_compaction import QUERY_SOURCES
+    from .query_sources import QUERY_SOURCES
     from .modeling.presses import PRESSES
 
     known = sorted(PRESSES)

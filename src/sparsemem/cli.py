@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .arguments import check_arguments
+from .arguments import check_arguments, head_budgets
 from .bench import GPU_SECTIONS as BENCH_SECTIONS
 from .machine import model_label, run_info
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
@@ -190,9 +190,8 @@ def cmd_eval_compaction(args) -> int:
     results, meta = evaluate_compaction(
         model, tokenizer, load_corpus(args.text), methods=args.methods or DEFAULT_METHODS, ratios=args.ratios,
         length=args.context_tokens, continuation=args.continuation_tokens, queries=tuple(args.queries),
-        head_budgets=args.head_budgets, documents=args.documents, progress=Path(args.output) / "progress.jsonl",
+        budgets=head_budgets(args), documents=args.documents, progress=Path(args.output) / "progress.jsonl",
         on_policy=args.on_policy, needle_depths=tuple(args.needle_depths), needle_wording=args.needle_wording,
-        whole_span_share=args.whole_span_share,
     )
     meta.update({"model": model_label(args.model, path), **run_info(args.dtype, base)})
     paths = write_compaction_report(results, meta, Path(args.output))
@@ -498,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("--ppl-length", type=int, default=6000, help="tokens of real text for perplexity (0 to skip)")
     ret.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")
 
+    from .head_budgets import HEAD_BUDGETS
+
     com = suites.add_parser("compaction", formatter_class=HELP, help="compaction methods by ratio: KL, perplexity, needles, bytes, time")
     _add_model_args(com)
     com.add_argument("--methods", nargs="+", default=None, help="compaction presses (default: all of them)")
@@ -521,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with global head budgets, a head that wins this share of its span (a retrieval head) keeps "
                           "all of it exact, paid for by the other heads; 'auto': 0.45 for the Attention Matching "
                           "methods, none for the baselines; 'none': never")
-    com.add_argument("--head-budgets", default="global", choices=["global", "uniform", "proportional"],
+    com.add_argument("--head-budgets", default="global", choices=list(HEAD_BUDGETS),
                      help="slots per KV head: ranked over all layers and heads (global), equal per head, or in "
                           "proportion to the attention each head gives the span")
     com.add_argument("--output", default="reports/eval", help="folder for the JSON/markdown/PNG reports")

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cache_compaction import capture_reference_queries, compact, query_sources_for
+from .cache_compaction import compact
+from .head_budgets import budget_policy
+from .query_sources import capture_reference_queries, query_sources_for, resolve_query_sources
 from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.presses import make_press
 from .corpus import needle_question, passkey_case, token_window
@@ -65,20 +67,21 @@ def _continuation_logprobs(model, cache, continuation):
 @torch.no_grad()
 def evaluate_compaction(
     model, tokenizer, corpus, methods=DEFAULT_METHODS, ratios=(2, 5, 10, 20, 50, 100), length=3000,
-    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), head_budgets="global", documents=1,
+    continuation=512, needle_depths=(0.25, 0.5, 0.75), queries=("repeat",), budgets=None, documents=1,
     progress: Path | None = None, on_policy: bool = False, needle_wording: str = "pass-key",
-    whole_span_share: float | str | None = "auto",
 ) -> tuple[list[CompactionResult], dict]:
     """KL and perplexity are means over `documents` consecutive windows of the corpus (from token 20000);
     needle accuracy is over `documents` x `needle_depths` pass-key prompts (one haystack seed per document).
     `progress`: a JSON-lines file that gets the settings, then each result as soon as it is measured, so
     an interrupted run keeps what it measured (`merge_reports` reads it). `on_policy`: the Attention
     Matching presses fit each layer on-policy (`compact(on_policy=True)`; its pass is timed).
-    `needle_wording`: "pass-key" or "secret-number" (see `corpus.NEEDLE_WORDINGS`). `whole_span_share`:
-    passed to every `compact` call ("auto": retrieval heads keep their whole span with the Attention Matching
-    presses only, so the baselines are measured as published)."""
+    `needle_wording`: "pass-key" or "secret-number" (see `corpus.NEEDLE_WORDINGS`). `budgets`: the head-budget
+    policy (or its name) of every `compact` call; the default, `GlobalBudgets()`, keeps retrieval heads whole
+    with the Attention Matching presses only (`whole_span_share="auto"`), so the baselines are measured as
+    published."""
     if not isinstance(documents, int) or documents < 1:
         raise ValueError(f"`documents` must be a positive integer, got {documents!r}")
+    policy = budget_policy(budgets)
     device = model.device
     question = tokenizer(needle_question(needle_wording), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     docs, needles = [], []
@@ -108,8 +111,8 @@ def evaluate_compaction(
         return query_cache[(sources, key)]
 
     meta = {"context_tokens": length, "continuation_tokens": continuation, "documents": documents,
-            "needle_depths": list(needle_depths), "needle_cases": len(needles), "needle_wording": needle_wording, "am_queries": list(queries),
-            "head_budgets": head_budgets, "on_policy": on_policy, "whole_span_share": whole_span_share, "full_cache_bytes": full_bytes}
+            "needle_depths": list(needle_depths), "needle_cases": len(needles), "needle_wording": needle_wording, "am_queries": [source.label for source in resolve_query_sources(queries)],
+            **policy.record_fields(), "on_policy": on_policy, "full_cache_bytes": full_bytes}
     results = [CompactionResult("full", 1.0, 0.0, full_ppl, full_bytes, 1.0, 0.0, full_needle, full_answers or None)]
     if progress is not None:
         Path(progress).parent.mkdir(parents=True, exist_ok=True)
@@ -125,9 +128,8 @@ def evaluate_compaction(
                 cache = copy.deepcopy(full)
                 queries_for_doc = reference_queries(sources, context, f"doc{number}")  # captured once, not timed
                 start = time.perf_counter()
-                compact(model, cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
-                        reference_queries=queries_for_doc, on_policy=fitted, input_ids=context, tokenizer=tokenizer,
-                        whole_span_share=whole_span_share)
+                compact(model, cache, ratio, method=method, queries=sources, budgets=policy,
+                        reference_queries=queries_for_doc, on_policy=fitted, input_ids=context, tokenizer=tokenizer)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += (time.perf_counter() - start) / documents
@@ -138,12 +140,12 @@ def evaluate_compaction(
             answers = []
             for index, (case, doc, needle_full) in enumerate(needles):
                 needle_cache = copy.deepcopy(needle_full)
-                compact(model, needle_cache, ratio, method=method, queries=sources, head_budgets=head_budgets,
+                compact(model, needle_cache, ratio, method=method, queries=sources, budgets=policy,
                         reference_queries=reference_queries(sources, doc, f"needle{index}"), on_policy=fitted,
-                        input_ids=doc, tokenizer=tokenizer, whole_span_share=whole_span_share)
+                        input_ids=doc, tokenizer=tokenizer)
                 answers.append(_answer(model, tokenizer, needle_cache, question, case, index // len(needle_depths)))
             results.append(CompactionResult(method, ratio, kl, math.exp(nll), size, full_bytes / size, seconds,
-                                            _accuracy(answers), answers or None, list(sources)))
+                                            _accuracy(answers), answers or None, [source.label for source in sources]))
             if progress is not None:
                 with Path(progress).open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(asdict(results[-1])) + "\n")

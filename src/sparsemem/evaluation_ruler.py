@@ -308,7 +308,8 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
     `meta`, then each result as soon as it is measured. `done`: results measured before (`read_progress`);
     those of these samples and configurations are kept (when their expected answers match) and not
     measured again; all of them stay in `progress`."""
-    from .cache_compaction import capture_reference_queries, compact, prefill, query_sources_for
+    from .cache_compaction import compact, prefill
+    from .query_sources import ContextQueries, capture_reference_queries, query_sources_for
     from .questions import ask
 
     window = getattr(model.config, "max_position_embeddings", None)
@@ -339,7 +340,7 @@ def evaluate_ruler(model, tokenizer, samples: list[RulerSample], methods=DEFAULT
             continue
         ids = torch.tensor([sample.context], device=model.device)
         full, context_queries = prefill(model, ids)
-        captured = {("context",): context_queries}
+        captured = {(ContextQueries(),): context_queries}
         for method, ratio in todo:
             bar.set_postfix_str(f"{sample.task} {sample.length} #{sample.index} {method} {ratio:g}x")
             start = time.perf_counter()

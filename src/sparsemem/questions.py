@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .cache_compaction import compact, prefill, query_sources_for
+from .cache_compaction import compact, prefill
+from .query_sources import ContextQueries, query_sources_for
 from .documents import save_document
 from .modeling.cache import SparseMemCache
 
@@ -35,7 +36,7 @@ def read_document(model, tokenizer, context, ratio: float | None = None, method:
     ids = ids.to(model.device)
     cache, queries = prefill(model, ids)
     if ratio is not None:
-        if "queries" in compact_options or query_sources_for(method) != ("context",):
+        if "queries" in compact_options or query_sources_for(method) != (ContextQueries(),):
             # other reference queries (given, or the press's own, e.g. KVzip's repeat pass): a pass of their own
             compact_options.setdefault("input_ids", ids)
         else:
