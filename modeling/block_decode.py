@@ -206,33 +206,34 @@ if triton is not None:
     @triton.jit
     def _select_blocks_kernel(
         SCORES, INDEX, num_blocks, width, top_k, fraction,
-        NB: tl.constexpr, W: tl.constexpr, HAS_FRACTION: tl.constexpr,
+        BI: tl.constexpr, BJ: tl.constexpr, W: tl.constexpr, HAS_FRACTION: tl.constexpr,
     ):
-        # one (sequence, KV head) per program: the best k of its finite scores, k = the selection budget for
-        # that many candidates, written in block order into `width` slots; the rest hold num_blocks (no block)
-        pid = tl.program_id(0)
-        blocks = tl.arange(0, NB)
-        scores = tl.load(SCORES + pid * num_blocks + blocks, mask=blocks < num_blocks, other=float("-inf"))
-        valid = scores > float("-inf")
-        count = tl.sum(valid.to(tl.int32), 0)
+        # program (row, chunk): the ranks of BI blocks of one (sequence, KV head) row among all its scores
+        # (higher first, ties to the lower block), counted against every score; a block ranked below k goes to
+        # slot `rank`. k = the selection budget for the row's candidates (its finite scores), at most `width`.
+        row = tl.program_id(0)
+        chunk = tl.program_id(1)
+        base = SCORES + row * num_blocks
+        mine = chunk * BI + tl.arange(0, BI)
+        own = tl.load(base + mine, mask=mine < num_blocks, other=float("-inf"))
+        rank = tl.zeros([BI], tl.int32)
+        finite = tl.zeros([BJ], tl.int32)
+        for start in range(0, num_blocks, BJ):
+            other = start + tl.arange(0, BJ)
+            theirs = tl.load(base + other, mask=other < num_blocks, other=float("-inf"))
+            ahead = (theirs[None, :] > own[:, None]) | ((theirs[None, :] == own[:, None]) & (other[None, :] < mine[:, None]))
+            rank += tl.sum(ahead.to(tl.int32), 1)
+            finite += (theirs > float("-inf")).to(tl.int32)
+        count = tl.sum(finite, 0)
         if HAS_FRACTION:
             budget = tl.maximum(tl.ceil(count.to(tl.float32) * fraction), top_k * 1.0).to(tl.int32)
         else:
             budget = top_k + count * 0
         k = tl.minimum(tl.minimum(budget, width), count)
-        ordered = tl.sort(scores, 0, descending=True)
-        threshold = tl.sum(tl.where(blocks == k - 1, ordered, 0.0), 0)
-        above = valid & (scores > threshold)
-        tied = valid & (scores == threshold)
-        room = k - tl.sum(above.to(tl.int32), 0)
-        tie_rank = tl.cumsum(tied.to(tl.int32), 0) - 1
-        take = tl.where(above, 1, 0) + tl.where(tied & (tie_rank < room), 1, 0)
-        chosen = tl.where(k > 0, take, 0) > 0
-        slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-        out = tl.arange(0, W)
-        tl.store(INDEX + pid * width + out, (out * 0 + num_blocks).to(tl.int64), mask=out < width)
-        tl.debug_barrier()  # the chosen blocks overwrite the padding
-        tl.store(INDEX + pid * width + slot, blocks.to(tl.int64), mask=chosen)
+        tl.store(INDEX + row * width + rank, mine.to(tl.int64), mask=(rank < k) & (mine < num_blocks))
+        if chunk == 0:  # the slots past k: a block past the buffers, which attends nothing
+            slots = tl.arange(0, W)
+            tl.store(INDEX + row * width + slots, (slots * 0 + num_blocks).to(tl.int64), mask=(slots >= k) & (slots < width))
 
     @triton.jit
     def _minmax_scores_kernel(
@@ -450,14 +451,16 @@ def _minmax_scores_triton(query, key_min, key_max, num_blocks: int, first: int, 
 def _select_blocks_triton(scores: torch.Tensor, width: int, top_k: int, fraction: float | None) -> torch.Tensor:
     """Block indices [B, Hkv, width] (int64) chosen from `scores` [B, Hkv, nb] (-inf: not a candidate), in one
     launch with nothing read back: the best min(budget, width) candidates, budget = top_k, or with a fraction
-    max(top_k, ceil(fraction x candidates)) as `selection_budget` computes it; in block order, the unused slots
-    hold nb (a block past the buffers, which attends nothing)."""
+    max(top_k, ceil(fraction x candidates)) as `selection_budget` computes it, best first (ties to the lower
+    block); the unused slots hold nb (a block past the buffers, which attends nothing). Ranks come from pairwise
+    comparisons spread over many programs: a sort or a top-k runs one row per program, a few rows in all."""
     batch, kv_heads, num_blocks = scores.shape
     scores = scores.contiguous()
     index = torch.empty(batch, kv_heads, width, dtype=torch.int64, device=scores.device)
-    _select_blocks_kernel[(batch * kv_heads,)](
+    per_program = 64
+    _select_blocks_kernel[(batch * kv_heads, triton.cdiv(num_blocks, per_program))](
         scores, index, num_blocks, width, top_k, 0.0 if fraction is None else fraction,
-        NB=triton.next_power_of_2(num_blocks), W=triton.next_power_of_2(width), HAS_FRACTION=fraction is not None,
+        BI=per_program, BJ=256, W=triton.next_power_of_2(width), HAS_FRACTION=fraction is not None,
     )
     return index
 
