@@ -41,8 +41,10 @@ class SparseMemLayer(CacheLayerMixin):
         self.rope_positions: torch.Tensor | None = None
         self.rope_offset = 0
         self.entries_left = False  # entries left (eviction, compaction) since the positions were last laid out
-        self.block_summaries = None  # kept by the decode fast path; dropped when keys change other than by appending
-        self.block_slot_cache = None  # slots of complete blocks (`block_slots`); dropped with the summaries
+        # derived from the keys, kept across calls and dropped together by `_drop_derived` whenever the keys change
+        # other than by appending: block summaries (decode fast path) and slots of complete blocks (`block_slots`)
+        self.block_summaries = None
+        self.block_slot_cache = None
         # newest queries of the layer, kept only under online compaction (its reference queries)
         self.recent_queries: torch.Tensor | None = None
         self.recent_query_positions: torch.Tensor | None = None
@@ -117,6 +119,11 @@ class SparseMemLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def _drop_derived(self) -> None:
+        """Forget the state derived from the keys (see `__init__`): the keys changed other than by appending."""
+        self.block_summaries = None
+        self.block_slot_cache = None
+
     @property
     def physical_length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
@@ -125,8 +132,7 @@ class SparseMemLayer(CacheLayerMixin):
         self.keys = self.values = self.positions = None
         self.rope_positions, self.rope_offset, self.entries_left = None, 0, False
         self.slots = None
-        self.block_summaries = None
-        self.block_slot_cache = None
+        self._drop_derived()
         self._buffers_kv = None
         self.recent_queries = self.recent_query_positions = None
         self.logical_length = 0
@@ -160,8 +166,7 @@ class SparseMemLayer(CacheLayerMixin):
     def evict(self, drop: torch.Tensor) -> None:
         """Drop the full-resolution entries where the [N] boolean `drop` is True (their slots stay)."""
         keep = ~drop.to(self.positions.device)
-        self.block_summaries = None
-        self.block_slot_cache = None
+        self._drop_derived()
         self._buffers_kv = None  # the kept entries are copied out: do not hold the old buffers' memory too
         self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
         self.positions = self.positions[keep]
@@ -232,8 +237,7 @@ class SparseMemLayer(CacheLayerMixin):
             self.slots = self.slots.moved(slot_keys, slot_target.clone())
         self.rope_offset = self.logical_length - next_position
         self.entries_left = False
-        self.block_summaries = None
-        self.block_slot_cache = None
+        self._drop_derived()
 
     def same_layout_as(self, other: "SparseMemLayer") -> list:
         """Checks (0-dim bool tensors, to be read back together) that this layer holds its entries exactly
@@ -291,8 +295,7 @@ class SparseMemLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        self.block_summaries = None
-        self.block_slot_cache = None
+        self._drop_derived()
         self.keys, self.values = fn(self.keys), fn(self.values)
         if self.slots is not None:
             self.slots = self.slots.map(fn)
