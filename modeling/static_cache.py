@@ -167,9 +167,10 @@ class StaticSparseMemCache(Cache):
         max_cache_len: most tokens (prompt + generated) a sequence may hold; every buffer is this long.
         cuda_graph: on a CUDA device, run one-token steps of the model's forward as replays of a captured
             CUDA graph (captured at the first decode step). False: eager steps over the same fixed shapes.
-        compile: compile the decode step with `torch.compile` before capturing it, which fuses the small ops between
-            the attention calls (norms, rotary embedding, activations, residual adds) into fewer kernels; the first
-            decode step then takes as long as compiling (tens of seconds). Needs `cuda_graph=True`.
+        compile: where the step is captured (a CUDA device), compile it with `torch.compile` first, which fuses the
+            small ops between the attention calls (norms, rotary embedding, activations, residual adds) into fewer
+            kernels; the first decode step then takes as long as compiling (seconds to a minute). Needs
+            `cuda_graph=True`; elsewhere steps run eagerly, as with `cuda_graph`.
     """
 
     is_static_sparsemem = True
