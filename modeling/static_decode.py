@@ -97,7 +97,7 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
         use_triton = triton is not None and query.is_cuda and _triton_extents(size, dim)
     if options["top_k_blocks"] is not None and use_triton:
         if width:
-            # one launch: the budget's best blocks, in block order, padded with a block past the buffers
+            # one launch: the budget's best blocks, best first, padded with a block past the buffers
             scores = _block_scores(query_rows, layer, scorer, options, position, True)
             index = _select_blocks_triton(scores, width, options["top_k_blocks"], options["block_fraction"])
         else:
