@@ -3,14 +3,14 @@
 Every layer allocates once, at its first update:
 - keys/values [B, Hkv, max_cache_len, D] in the model's dtype,
 - block summaries (min, max and sum of each block's keys, fp32) [B, Hkv, ceil(max_cache_len / block_size), D],
+  or, for the "subminmax" scorer, of each sub-block of `scorer_sub_block` keys (blocks pool them when scored),
 - its length as a device tensor.
 A one-token step writes at that length, refreshes the summary of the block the token lands in and attends a fixed
 number of keys chosen on the device (`static_decode.py`): every decode step launches the same kernels on the
 same shapes and reads nothing back to the host, so the step can be captured once and replayed
 (`decode_graph.py`). A prefill (several tokens) runs the usual sparsemem attention over the filled part.
 
-What it does not hold: a slot tier (no eviction, online compaction or `block_slots`), sub-block summaries (the
-"subminmax" scorer) and cache positions (every
+What it does not hold: a slot tier (no eviction, online compaction or `block_slots`) and cache positions (every
 token keeps its logical RoPE position, so `max_cache_len` must fit the model's trained context unless
 `positions="logical"` is asked for). `SparseMemCache` does all of these.
 """
@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .block_decode import refresh_newest_block_triton
 from .rope import trained_context
-from .scorer import BlockSummaries, summarize_contiguous_blocks
+from .scorer import BlockSummaries, _with_sub_blocks, summarize_contiguous_blocks
 
 
 class StaticSparseMemLayer(CacheLayerMixin):
@@ -38,10 +38,16 @@ class StaticSparseMemLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, max_cache_len: int, block_size: int, **kwargs):
+    def __init__(self, max_cache_len: int, block_size: int, sub_block: int | None = None, **kwargs):
         super().__init__()
+        if sub_block is not None and block_size % sub_block:
+            raise ValueError(f"`scorer_sub_block` ({sub_block}) must divide `block_size` ({block_size})")
         self.max_cache_len = max_cache_len
         self.block_size = block_size
+        self.sub_block = sub_block
+        # the summaries' granularity: blocks, or their sub-blocks for "subminmax" (blocks pool them when scored)
+        self.summary_size = sub_block or block_size
+        self.num_blocks = math.ceil(max_cache_len / block_size)
         self.seen = 0
         self.length: torch.Tensor | None = None  # [1] long, on the device
         self.key_min = self.key_max = self.key_sum = None
@@ -52,7 +58,7 @@ class StaticSparseMemLayer(CacheLayerMixin):
         shape = (batch, kv_heads, self.max_cache_len, dim)
         self.keys = torch.zeros(shape, dtype=key_states.dtype, device=self.device)
         self.values = torch.zeros(shape[:-1] + value_states.shape[-1:], dtype=value_states.dtype, device=self.device)
-        blocks = (batch, kv_heads, math.ceil(self.max_cache_len / self.block_size), dim)
+        blocks = (batch, kv_heads, self.num_blocks * (self.block_size // self.summary_size), dim)
         self.key_min = torch.full(blocks, float("inf"), dtype=torch.float32, device=self.device)
         self.key_max = torch.full(blocks, float("-inf"), dtype=torch.float32, device=self.device)
         self.key_sum = torch.zeros(blocks, dtype=torch.float32, device=self.device)
@@ -91,8 +97,9 @@ class StaticSparseMemLayer(CacheLayerMixin):
         return self.keys[:, :, : self.seen], self.values[:, :, : self.seen]
 
     def _summarize(self, start: int, stop: int) -> None:
-        """Summaries of the blocks holding positions start..stop-1, from the held keys (host-known range)."""
-        size = self.block_size
+        """Summaries of the blocks (or sub-blocks) holding positions start..stop-1, from the held keys (host-known
+        range)."""
+        size = self.summary_size
         first, last = start // size, (stop - 1) // size
         fresh = summarize_contiguous_blocks(self.keys[:, :, first * size : stop], size, last - first + 1)
         self.key_min[:, :, first : last + 1] = fresh.key_min
@@ -100,10 +107,10 @@ class StaticSparseMemLayer(CacheLayerMixin):
         self.key_sum[:, :, first : last + 1] = fresh.key_mean * fresh.count.view(1, 1, -1, 1)
 
     def _refresh_newest_block(self) -> None:
-        """Summary of the block holding the newest token, with its index on the device."""
-        if refresh_newest_block_triton(self.keys, self.key_min, self.key_max, self.key_sum, self.length, self.block_size):
+        """Summary of the block (or sub-block) holding the newest token, with its index on the device."""
+        if refresh_newest_block_triton(self.keys, self.key_min, self.key_max, self.key_sum, self.length, self.summary_size):
             return
-        size = self.block_size
+        size = self.summary_size
         newest = self.length - 1
         block = torch.div(newest, size, rounding_mode="floor")
         tokens = block * size + torch.arange(size, device=self.device)
@@ -114,11 +121,15 @@ class StaticSparseMemLayer(CacheLayerMixin):
         self.key_sum.index_copy_(2, block, keys.masked_fill(~held, 0.0).sum(2, keepdim=True))
 
     def summaries(self) -> BlockSummaries:
-        """Summaries of every block of the buffers; blocks past the length are empty (count 0)."""
-        starts = torch.arange(self.key_min.shape[2], device=self.device) * self.block_size
-        count = (self.length - starts).clamp(min=0, max=self.block_size)
+        """Summaries of every block of the buffers; blocks past the length are empty (count 0). With sub-blocks,
+        pooled from them, which the "subminmax" scorer reads too."""
+        starts = torch.arange(self.key_min.shape[2], device=self.device) * self.summary_size
+        count = (self.length - starts).clamp(min=0, max=self.summary_size)
         key_mean = self.key_sum / count.clamp(min=1).view(1, 1, -1, 1).to(torch.float32)
-        return BlockSummaries(self.key_min, self.key_max, key_mean, count)
+        summaries = BlockSummaries(self.key_min, self.key_max, key_mean, count)
+        if self.sub_block is None:
+            return summaries
+        return _with_sub_blocks(summaries, self.sub_block, self.block_size // self.sub_block)
 
     def advance(self, steps: int) -> None:
         """Note `steps` one-token steps that ran on the device only (replays of a captured step)."""
@@ -183,7 +194,7 @@ class StaticSparseMemCache(Cache):
         block_size = getattr(config, "block_size", None)
         if block_size is None:
             raise ValueError("StaticSparseMemCache needs the config of a sparsemem model (it has no `block_size`)")
-        for name in ("block_slots", "block_mass", "scorer_sub_block"):  # no sub-block summaries ("subminmax")
+        for name in ("block_slots", "block_mass"):
             if getattr(config, name, None) is not None:
                 raise ValueError(f"StaticSparseMemCache does not implement `{name}` (set in the config): use SparseMemCache")
         positions = getattr(config, "positions", "auto")
@@ -194,7 +205,8 @@ class StaticSparseMemCache(Cache):
                 f"trained context ({window}) under positions={positions!r}: use SparseMemCache for cache positions, "
                 "or set positions='logical' in the config"
             )
-        layers = [StaticSparseMemLayer(max_cache_len, block_size) for _ in range(config.num_hidden_layers)]
+        sub_block = getattr(config, "scorer_sub_block", None)
+        layers = [StaticSparseMemLayer(max_cache_len, block_size, sub_block) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
         self.cuda_graph = cuda_graph
         self.compile = compile

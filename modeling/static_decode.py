@@ -47,7 +47,7 @@ def _block_scores(query_rows, layer, scorer, options, position, use_triton):
     (blocks holding a key in [sink, position - local])."""
     size, sink, local = options["block_size"], options["sink_tokens"], options["local_tokens"]
     first, last = sink // size, torch.div(position - local, size, rounding_mode="floor")
-    num_blocks = layer.key_min.shape[2]
+    num_blocks = layer.num_blocks
     if use_triton and isinstance(scorer, PooledKeyScorer) and scorer.kind == "minmax":
         # one launch: the bound straight from the summary buffers, -inf outside the candidates
         return _minmax_scores_triton(query_rows, layer.key_min, layer.key_max, num_blocks, first, -1,

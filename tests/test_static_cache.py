@@ -15,6 +15,8 @@ SETTINGS = {
     "dense-equivalent": dict(block_size=8, top_k_blocks=None, sink_tokens=4, local_tokens=8),
     "hybrid, no sinks": dict(block_size=8, top_k_blocks=2, sink_tokens=0, local_tokens=16, scorer="hybrid"),
     "learned scorer": dict(block_size=8, top_k_blocks=2, sink_tokens=4, local_tokens=8, scorer="learned"),
+    "sub-block scorer": dict(block_size=8, top_k_blocks=1, block_fraction=0.3, sink_tokens=4, local_tokens=8,
+                             scorer="subminmax", scorer_sub_block=2),
 }
 
 
@@ -114,8 +116,6 @@ def test_static_cache_refuses_what_it_does_not_implement():
         StaticSparseMemCache(model.config, max_cache_len=4096)  # the test models are trained on 1024 positions
     with pytest.raises(ValueError, match="block_slots"):
         StaticSparseMemCache(_model(**SETTINGS["top-k"], block_slots=4).config, max_cache_len=64)
-    with pytest.raises(ValueError, match="scorer_sub_block"):
-        StaticSparseMemCache(_model(**SETTINGS["top-k"], scorer="subminmax", scorer_sub_block=4).config, max_cache_len=64)
     with pytest.raises(ValueError, match="sparsemem model"):
         StaticSparseMemCache(make_base_model("llama").config, max_cache_len=64)
     with pytest.raises(ValueError, match="compile=True .* cuda_graph=True"):
@@ -141,6 +141,9 @@ GPU_SETTINGS = {
     # power-of-two blocks and head dim: the block-sparse decode kernel, length read on the device
     "kernel": dict(block_size=16, top_k_blocks=2, sink_tokens=16, local_tokens=32),
     "kernel, fraction": dict(block_size=16, top_k_blocks=1, block_fraction=0.25, sink_tokens=0, local_tokens=24),
+    # blocks scored by their sub-blocks (torch), chosen and attended by the kernels
+    "kernel, sub-blocks": dict(block_size=16, top_k_blocks=1, block_fraction=0.25, sink_tokens=16, local_tokens=32,
+                               scorer="subminmax", scorer_sub_block=4),
 }
 
 
