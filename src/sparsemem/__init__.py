@@ -10,7 +10,7 @@ from .questions import ask, read_document
 from .cache_compaction import compact, prefill
 from .conversion import convert
 from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
-from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
+from .memory_bank import BankFormatError, BankIntegrityError, BankModelMismatchError, MemoryBank
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SparseMemCache, SparseMemLayer
 from .modeling.compaction import CompactionRecord
@@ -39,6 +39,7 @@ for _config_class, _model_class in FAMILIES.values():
 
 __all__ = [
     "AttentionStats",
+    "BankFormatError",
     "BankIntegrityError",
     "BankModelMismatchError",
     "CompactionRecord",
