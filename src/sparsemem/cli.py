@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="memory bank vs BM25 RAG vs full cache on Python-source haystacks: needles, code questions")
     _add_bank_args(mem, ingest=True)
     mem.add_argument("--tokens", type=int, nargs="+", default=[50000], help="haystack sizes in tokens")
-    mem.add_argument("--ratio", type=float, default=16.0, help="Attention Matching ratio of the compacted bank (0: none)")
+    mem.add_argument("--ratio", type=float, default=8.0, help="Attention Matching ratio of the compacted bank (0: none)")
     mem.add_argument("--full-resolution-max-tokens", type=int, default=2_000_000,
                      help="build the full-resolution bank only for haystacks up to this size (23 KB/token for SmolLM2 in bf16)")
     mem.add_argument("--needles", type=int, default=20, help="needles (evenly spaced depths) per haystack")

@@ -317,7 +317,7 @@ def _summarise(method, tokens, answers, **extra) -> MemoryRow:
 
 
 @torch.no_grad()
-def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full_resolution_max_tokens: int = 2_000_000,
+def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_resolution_max_tokens: int = 2_000_000,
                     needles: int = 20, code_count: int = 100, chunk_tokens: int = 64, top_k: int = 32,
                     selections=("shared", "per-layer"), bm25: bool = True, workdir: Path = Path("reports/eval/banks"),
                     keep_banks: bool = False, batch_tokens: int = 32768, piece_tokens: int | None = None,

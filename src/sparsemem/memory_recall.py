@@ -126,7 +126,9 @@ def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor |
         for start in range(0, owner.numel(), _ROUTING_BLOCK):
             block = slice(start, start + _ROUTING_BLOCK)
             codes = bank.routing[row, :, block].float()  # [Hkv, r, D] int8 codes
-            # (q . codes) * scale: the key's scale applied to its logit, never to a dequantised copy of the keys
+            # (q . codes) * scale: the key's scale applied to its logit, never to a dequantised copy of the keys;
+            # the keys are stored minus the bank's center, which moves every logit of a (head, query) alike
+            # and so leaves the softmax over chunks as it is
             logits = q @ codes.transpose(-1, -2) * (bank.routing_scale[row, :, block].float()[:, None] * scaling)
             index = owner[block].long().expand_as(logits)
             best.scatter_reduce_(-1, index, logits, reduce="amax")
@@ -245,7 +247,6 @@ def build_cache(bank, chunks_per_layer: list[torch.Tensor]) -> tuple[SparseMemCa
     built = [_layer(bank, fetched, chunks, layer, rotary) for layer, chunks in enumerate(chunks_per_layer)]
     width = max(b[4] for b in built)
     cache = SparseMemCache(model.config, positions="logical")
-    heads = bank.num_kv_heads
     for key, value, positions, slot, layer_width in built:
         offset = width - layer_width
         if offset:
