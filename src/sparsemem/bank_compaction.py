@@ -17,10 +17,11 @@ of its entries keeps every chunk of the piece exact (a retrieval head, which cop
 from single entries; Attention Matching's slots blur them). Within a head, the same ranking splits its slots
 over the piece's chunks, so a chunk the head reads sharply keeps more.
 
-Measured on SmolLM2-135M (Python sources with secret-number needles, needle chunk forced into the read
-chunks, CPU): fitting each chunk to its own tokens' queries with the same slots for every head read 1 of 6
-needles back at 8x (12K tokens); this compaction reads them as the full-resolution bank does (see
-reports/memory-bank-cpu/).
+Measured on SmolLM2-135M at 8x (Python sources with 6 secret-number needles, the needle's chunks forced
+into the 8 read): fitting each chunk to its own tokens' queries with the same slots for every head read 1
+of 6 needles back at 12K tokens and 2 of 6 at 32K; this reads 6 of 6 at 12K and 4 of 6 at 32K, where the two
+missed needles are split across two chunks (the full-resolution bank: 6 of 6 at both; see
+reports/memory-bank-cpu/compacted/).
 """
 
 from dataclasses import dataclass
