@@ -224,10 +224,12 @@ def test_reopen_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("ratio", [None, 8])
+def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path, ratio):
     """Real text (two standard-library sources, ~2.5K tokens, ~40 chunks) with a secret number inside, read
     from the top 2 chunks (routing must rank the needle's chunk first or second): ingested by the
-    CLI in one process, asked by the CLI in another, which finds the bank's model by itself."""
+    CLI in one process, asked by the CLI in another, which finds the bank's model by itself. Compacted 8x,
+    the digits must still be read back (fitting each chunk to its own queries lost them)."""
     import difflib
     import string
 
@@ -244,13 +246,19 @@ def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "sparsemem.cli", *args], capture_output=True, text=True,  # noqa: E731
                                        env=env, timeout=600)
     bank = str(tmp_path / "bank")
-    ingest = run("memory", "ingest", "--bank", bank, "--device", "cpu", "--piece-tokens", "1024", "--batch-tokens", "2048",
-                 str(tmp_path / "docs"))
+    compacted = ["--ratio", str(ratio)] if ratio else []
+    ingest = run("memory", "ingest", "--bank", bank, "--device", "cpu", "--piece-tokens", "1024", "--batch-tokens", "4096",
+                 *compacted, str(tmp_path / "docs"))
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     info = run("memory", "info", "--bank", bank, "--device", "cpu")
     assert info.returncode == 0, info.stderr[-2000:]
     facts = json.loads(info.stdout)
-    assert facts["documents"] == 2 and facts["tokens"] > 2000 and facts["bytes"]["disk"] > facts["tokens"] * 20000
+    assert facts["documents"] == 2 and facts["tokens"] > 2000
+    full_resolution = facts["tokens"] * 46080  # 30 layers x 2 x 3 KV heads x 64 x 4 bytes (fp32)
+    if ratio:  # the slots (with beta, position, head), sinks and each piece's last chunk exact, routing keys
+        assert facts["bytes"]["disk"] < full_resolution / 4
+    else:
+        assert facts["bytes"]["disk"] > full_resolution
     ask = run("memory", "ask", "--bank", bank, "--device", "cpu", "--top-k", "2", "--max-new-tokens", "8", question)
     assert ask.returncode == 0, ask.stderr[-2000:]
     answer, _, read = ask.stdout.partition("documents read:")
@@ -259,9 +267,11 @@ def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path):
 
 
 @torch.no_grad()
-def _reference_scores(bank, question, pool):
+def _reference_scores(bank, question, pool, quantized=False):
     """Chunk scores computed the long way: every chunk's keys read back from the shards, rotated back to
-    position 0, pooled, and met by the question's centred queries, one chunk and head at a time."""
+    position 0, pooled, and met by the question's centred queries, one chunk and head at a time.
+    `quantized`: the routing keys rounded as the bank stores them (int8 codes times their scale)."""
+    from sparsemem.memory_bank import quantize_routing_keys
     from sparsemem.memory_recall import question_queries
     from sparsemem.modeling.rope import shift_keys
 
@@ -269,19 +279,22 @@ def _reference_scores(bank, question, pool):
     rotary, scaling = bank.model.model.rotary_emb, bank.model.model.layers[0].self_attn.scaling
     group = bank.model.config.num_attention_heads // bank.num_kv_heads
     rows = []
-    for layer in bank.routing_layers:
+    for number, layer in enumerate(bank.routing_layers):
         q = queries[layer] - queries[layer].mean(dim=1, keepdim=True)  # [H, n, D]
         logits = torch.empty(q.shape[0], q.shape[1], bank.num_chunks)
         for chunk in range(bank.num_chunks):
             _, start, length, row, _, _ = bank.chunk_table[chunk].tolist()
             kv = bank.read_rows(int(bank.chunk_shard[chunk]), "kv", row, length)  # full resolution: exact rows
             keys = shift_keys(rotary, kv[:, layer, 0].transpose(0, 1).float(), -torch.arange(start, start + length))
+            if pool == "mean":
+                keys = keys.mean(1, keepdim=True)
+            if quantized:  # [Hkv, n, D] keys of this routing layer, minus the bank's center, rounded
+                center = bank.routing_center[number][:, None]
+                codes, scale = quantize_routing_keys(keys, center)
+                keys = codes.float() * scale.float()[..., None] + center
             for head in range(q.shape[0]):
                 k = keys[head // group]
-                if pool == "mean":
-                    logits[head, :, chunk] = q[head] @ k.mean(0) * scaling
-                else:
-                    logits[head, :, chunk] = (q[head] @ k.T * scaling).amax(-1)
+                logits[head, :, chunk] = (q[head] @ k.T * scaling).amax(-1)
         rows.append(torch.softmax(logits, dim=-1).sum(dim=(0, 1)))
     return torch.stack(rows)
 
@@ -300,7 +313,16 @@ def test_routing_scores_match_a_dense_reference(tmp_path, monkeypatch, pool):
     question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(7))
     queries = memory_recall.question_queries(bank.model, question)
     scores = memory_recall.chunk_scores(MemoryBank.open(tmp_path / "bank", model), queries, exclude=None)
-    assert torch.allclose(scores, _reference_scores(bank, question, pool), atol=1e-5)
+    assert torch.allclose(scores, _reference_scores(bank, question, pool, quantized=True), atol=1e-5)
+    # int8 routing keys (minus the center) score every chunk as the exact keys do to within 0.1%, and rank the
+    # top three alike; the center is the mean routing key of the first pass, kept in the manifest
+    stored = json.loads((tmp_path / "bank" / "bank.json").read_text())["routing_center"]
+    assert bank.routing_center.shape == (2, bank.num_kv_heads, bank.head_dim)
+    assert torch.equal(torch.tensor(stored), bank.routing_center)
+    exact = _reference_scores(bank, question, pool)
+    assert torch.allclose(scores, exact, rtol=1e-3, atol=0)
+    assert torch.equal(scores.sum(0).topk(3).indices, exact.sum(0).topk(3).indices)
+    assert bank.routing.dtype == torch.int8 and bank.routing_chunk.dtype == torch.int32
     # exclude and include: never read / always read, whatever the score
     best = int(scores.sum(0).argmax())
     worst = scores.sum(0).argsort()[:2].tolist()
@@ -374,3 +396,116 @@ def test_text_generation_pipeline_reads_the_bank(tmp_path):
                                    do_sample=False, pad_token_id=0)
     alone = bank.model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert list(out) == expected[0].tolist() and not torch.equal(expected, alone)
+
+
+@torch.no_grad()
+def test_compacted_chunks_equal_compact_layer_on_the_repetition_queries(tmp_path):
+    """Each compacted chunk's slots are what `compact_layer` makes of that chunk of the piece's layer, given the
+    chunk's reference queries (the repetition pass's, `reference_window`) and the per-head budgets the bank
+    chose; the budgets spend the piece's slots exactly, and every (layer, KV head) keeps at least one."""
+    from sparsemem.bank_compaction import REPEAT_PROMPT, chunk_press, reference_window, repeat_rows
+    from sparsemem.cache_compaction import query_hook
+    from sparsemem.modeling.cache import SparseMemLayer
+    from sparsemem.modeling.compaction import compact_layer
+
+    model = _model()
+    piece = _documents()[2][:PIECE]  # one piece: 2 sinks, 3 whole chunks of 16 and a shorter last one
+    bank = _bank(tmp_path / "am", model, ratio=4)
+    bank.add([piece], progress=False)
+    sparse, hkv = bank.model, bank.num_kv_heads
+    scaling = sparse.model.layers[0].self_attn.scaling
+    prompt = torch.tensor(ByteTokenizer()(REPEAT_PROMPT)["input_ids"])
+    captured = {}
+    with query_hook(sparse, lambda layer, q: captured.__setitem__(layer, q)):
+        out = sparse(repeat_rows([piece], prompt), use_cache=True)
+    cache = out.past_key_values
+    n, reread = piece.numel(), PIECE + prompt.numel()
+    compacted = (bank.chunk_table[:, 5] == 1).nonzero()[:, 0].tolist()
+    assert len(compacted) == 3
+    total = compared = 0
+    for chunk in compacted:
+        _, start, length, row, rows, _ = bank.chunk_table[chunk].tolist()
+        stored = {name: bank.read_rows(0, name, row, rows) for name in ("slot_kv", "slot_beta", "slot_rope", "slot_head")}
+        head_of = stored["slot_head"].long()
+        total += rows
+        window = reference_window(torch.tensor([start]), torch.tensor([n]), CHUNK)[0]
+        for layer in range(model.config.num_hidden_layers):
+            budgets = [int((head_of == layer * hkv + h).sum()) for h in range(hkv)]
+            target = SparseMemLayer()
+            keys, values = cache.layers[layer].keys[:, :, :n], cache.layers[layer].values[:, :, :n]
+            target.lazy_initialization(keys, values)
+            target.keys, target.values, target.positions = keys, values, torch.arange(n)
+            target.logical_length = n
+            queries = captured[layer][:, :, reread + window]
+            span = (target.positions >= start) & (target.positions < start + length)
+            if min(budgets) == 0:
+                continue  # compact_layer gives every head at least the slots it asks; a head without any reads no slot
+            compact_layer(target, queries, torch.full((window.numel(),), -1), span, budgets, chunk_press(), scaling,
+                          fold_slots=False)
+            slots = target.slots
+            # sorted by (head, position) on both sides: the order slots are stored in carries no meaning
+            expected = (slots.head * 10_000 + slots.rope[0]).argsort()
+            own = (head_of // hkv == layer).nonzero()[:, 0]
+            got = own[((head_of[own] % hkv) * 10_000 + stored["slot_rope"][own].long()).argsort()]
+            assert torch.equal(stored["slot_rope"][got].long(), slots.rope[0, expected])
+            assert torch.equal(head_of[got] % hkv, slots.head[expected])
+            assert torch.allclose(stored["slot_kv"][got, 0], slots.keys[0, expected], atol=1e-5)
+            # the fits carry the two paths' float rounding (1e-7 in the attention weights) further: a slot
+            # with a tiny weight gets beta = log(weight) and a weakly determined value (measured: <= 0.01)
+            assert torch.allclose(stored["slot_kv"][got, 1], slots.values[0, expected], rtol=1e-2, atol=1e-3)
+            assert torch.allclose(stored["slot_beta"][got], slots.beta[0, expected], rtol=1e-2, atol=1e-3)
+            compared += 1
+    assert compared >= len(compacted)
+    layers_heads = model.config.num_hidden_layers * hkv
+    assert total == 3 * layers_heads * round(CHUNK / 4)
+    assert torch.unique(bank.read_rows(0, "slot_head", 0, total).long()).numel() == layers_heads
+
+
+def test_old_format_is_a_named_error(tmp_path):
+    from sparsemem.memory_bank import BankFormatError, _meta_checksum
+
+    model = _model()
+    bank = _bank(tmp_path / "bank", model)
+    bank.add(_documents()[:1], progress=False)
+    manifest = tmp_path / "bank" / "bank.json"
+    meta = json.loads(manifest.read_text())
+    meta["format"] = "sparsemem-memory-bank/2"
+    meta["checksum"] = _meta_checksum(meta)
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(BankFormatError, match="memory-bank/2"):
+        MemoryBank.open(tmp_path / "bank", model)
+    with pytest.raises(ValueError, match="tokenizer"):
+        MemoryBank.create(tmp_path / "no-tokenizer", model, None, ratio=4)
+    with pytest.raises(ValueError, match="whole_span_share"):
+        _bank(tmp_path / "share", model, whole_span_share=0.5)  # without ratio
+
+
+@torch.no_grad()
+def test_repetition_queries_measure_their_attention_as_compact_does():
+    """`RepeatedPieces.measure` on a padded batch of two pieces: each row's repetition queries, their
+    log-sum-exp over the piece's keys, and their share against what they read besides the piece, computed
+    as `compact` computes it for repeat queries (`_causal_lse` with `REPEAT_REACH`)."""
+    from sparsemem.bank_compaction import REPEAT_PROMPT, RepeatedPieces, repeat_rows
+    from sparsemem.cache_compaction import REPEAT_REACH, _causal_lse, query_hook
+    from sparsemem.conversion import convert
+
+    model = convert(_model(), top_k_blocks=None, block_fraction=None, positions="logical")
+    scaling = model.model.layers[0].self_attn.scaling
+    prompt = torch.tensor(ByteTokenizer()(REPEAT_PROMPT)["input_ids"])
+    pieces = [_documents()[2][:60], _documents()[0][:41]]
+    captured = {}
+    with query_hook(model, lambda layer, q: captured.__setitem__(layer, q)):
+        cache = model(repeat_rows(pieces, prompt), use_cache=True).past_key_values
+    keys = torch.stack([layer.keys for layer in cache.layers])
+    measured = RepeatedPieces.measure(captured, keys, torch.tensor([60, 41]), prompt.numel(), scaling, block=16)
+    for row, piece in enumerate(pieces):
+        n, p = piece.numel(), prompt.numel()
+        for layer in range(keys.shape[0]):
+            q = captured[layer][row : row + 1, :, n + p : 2 * n + p]  # [1, H, n, D]
+            k = keys[layer, row : row + 1]
+            assert torch.equal(measured.queries[layer, row, :, :n], q[0])
+            group = q.shape[1] // k.shape[1]
+            piece_lse = torch.logsumexp(q @ k[:, :, :n].repeat_interleave(group, 1).transpose(-1, -2) * scaling, dim=-1)
+            outside = _causal_lse(q, k[:, :, n : 2 * n + p], p, scaling, reach=REPEAT_REACH)
+            assert torch.allclose(measured.lse[layer, row, :, :n], piece_lse[0], atol=1e-5)
+            assert torch.allclose(measured.share[layer, row, :, :n], torch.sigmoid(piece_lse - outside)[0], atol=1e-5)

@@ -12,7 +12,7 @@ from .head_budgets import GlobalBudgets, ProportionalBudgets, UniformBudgets
 from .query_sources import ContextQueries, RandomQueries, RepeatQueries, SelfStudyQueries
 from .conversion import convert
 from .documents import DocumentIntegrityError, DocumentModelMismatchError, load_document, save_document
-from .memory_bank import BankIntegrityError, BankModelMismatchError, MemoryBank
+from .memory_bank import BankFormatError, BankIntegrityError, BankModelMismatchError, MemoryBank
 from .modeling.attention import AttentionStats, MemoryView, sparsemem_attention_forward
 from .modeling.cache import SparseMemCache, SparseMemLayer
 from .modeling.compaction import CompactionRecord
@@ -41,6 +41,7 @@ for _config_class, _model_class in FAMILIES.values():
 
 __all__ = [
     "AttentionStats",
+    "BankFormatError",
     "BankIntegrityError",
     "BankModelMismatchError",
     "CompactionRecord",

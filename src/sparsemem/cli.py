@@ -341,7 +341,8 @@ def cmd_memory(args) -> int:
         _, tokenizer, model = _memory_model(args)
         bank = MemoryBank.create(args.bank, model, tokenizer, chunk_tokens=args.chunk_tokens, ratio=args.ratio,
                                  piece_tokens=args.piece_tokens, batch_tokens=args.batch_tokens,
-                                 routing_layers=args.routing_layers, routing_pool=args.routing_pool, exist_ok=True)
+                                 routing_layers=args.routing_layers, routing_pool=args.routing_pool,
+                                 whole_span_share=args.whole_span_share, exist_ok=True)
         stats = bank.add(paths, progress=True)
         logger.warning("ingested %d documents (%d tokens, %.0f tokens/s); %d already in the bank", stats["documents"],
                        stats["tokens"], stats["tokens_per_second"], stats["skipped"])
@@ -376,7 +377,7 @@ def cmd_eval_memory(args) -> int:
         selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
         routing_layers=args.routing_layers, routing_pool=args.routing_pool, query_tokens=args.query_tokens,
-        min_relative_score=args.min_relative_score,
+        min_relative_score=args.min_relative_score, whole_span_share=args.whole_span_share,
     )
     meta.update({"model": model_label(args.model, path), **run_info(args.dtype, model)})
     paths = write_memory_report(rows, meta, output)
@@ -391,6 +392,15 @@ def _add_bank_args(parser, ingest: bool) -> None:
                         "local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model weights' dtype")
+
+
+def _share_or_auto(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'auto' or 'none', got {text!r}") from None
 
 
 def _layer_list(text: str) -> list[int]:
@@ -410,6 +420,9 @@ def _memory_read_args(parser) -> None:
                              "of the way up)")
     parser.add_argument("--routing-pool", default="max", choices=["max", "mean"],
                         help="score a chunk by its best-matching key (every key kept) or by its mean key")
+    parser.add_argument("--whole-span-share", type=_share_or_auto, default="auto", metavar="S|auto|none",
+                        help="compacted banks: a layer's KV head that wins this share of a piece's entries keeps them all "
+                             "exact (auto: 0.45)")
 
 
 def _add_bench_parser(sub) -> None:
@@ -571,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="memory bank vs BM25 RAG vs full cache on Python-source haystacks: needles, code questions")
     _add_bank_args(mem, ingest=True)
     mem.add_argument("--tokens", type=int, nargs="+", default=[50000], help="haystack sizes in tokens")
-    mem.add_argument("--ratio", type=float, default=16.0, help="Attention Matching ratio of the compacted bank (0: none)")
+    mem.add_argument("--ratio", type=float, default=8.0, help="Attention Matching ratio of the compacted bank (0: none)")
     mem.add_argument("--full-resolution-max-tokens", type=int, default=2_000_000,
                      help="build the full-resolution bank only for haystacks up to this size (23 KB/token for SmolLM2 in bf16)")
     mem.add_argument("--needles", type=int, default=20, help="needles (evenly spaced depths) per haystack")

@@ -317,14 +317,15 @@ def _summarise(method, tokens, answers, **extra) -> MemoryRow:
 
 
 @torch.no_grad()
-def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full_resolution_max_tokens: int = 2_000_000,
+def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_resolution_max_tokens: int = 2_000_000,
                     needles: int = 20, code_count: int = 100, chunk_tokens: int = 64, top_k: int = 32,
                     selections=("shared", "per-layer"), bm25: bool = True, workdir: Path = Path("reports/eval/banks"),
                     keep_banks: bool = False, batch_tokens: int = 32768, piece_tokens: int | None = None,
                     routing_layers: list[int] | None = None, routing_pool: str = "max", query_tokens: int | None = None,
-                    min_relative_score: float = 0.5, progress=None) -> tuple[list[MemoryRow], dict]:
+                    min_relative_score: float = 0.5, whole_span_share="auto", progress=None) -> tuple[list[MemoryRow], dict]:
     """Rows per haystack size (see the module docstring). Banks are built in `workdir` and removed after
-    their rows unless `keep_banks`. `routing_layers`, `routing_pool`: see `memory_bank.BankOptions`;
+    their rows unless `keep_banks`. `routing_layers`, `routing_pool`, `whole_span_share` (the compacted
+    bank's): see `memory_bank.BankOptions`;
     `query_tokens`, `min_relative_score`: see `memory_recall.RecallOptions`. `progress(row)` is called after every row."""
     from .memory_bank import MemoryBank
 
@@ -334,7 +335,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
             "needles": needles, "code_questions": code_count, "chunk_tokens": chunk_tokens, "top_k": top_k,
             "prompt_budget_tokens": top_k * chunk_tokens, "selections": list(selections), "trained_context": context,
             "routing_pool": routing_pool, "query_tokens": "all" if query_tokens is None else query_tokens,
-            "min_relative_score": min_relative_score,
+            "min_relative_score": min_relative_score, "whole_span_share": whole_span_share,
             "haystack": "Python sources: standard library, then installed packages (sorted paths)"}
     device = model.device
     for size in sizes:
@@ -354,7 +355,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 16.0, full
                 shutil.rmtree(folder)
             bank = MemoryBank.create(folder, model, tokenizer, chunk_tokens=chunk_tokens, ratio=variant,
                                      batch_tokens=batch_tokens, piece_tokens=piece_tokens, routing_layers=routing_layers,
-                                     routing_pool=routing_pool)
+                                     routing_pool=routing_pool, whole_span_share=whole_span_share if variant else None)
             meta["routing_layers"] = bank.options.routing_layers
             if device.type == "cuda":
                 torch.cuda.synchronize()

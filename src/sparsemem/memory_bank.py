@@ -6,12 +6,14 @@ Per piece the bank keeps
 - its first `sink_tokens` entries exact (attention sinks, laid out ahead of any chunk of the piece that
   a question reads), and
 - the rest in chunks of `chunk_tokens`, each either exact or, with `ratio`, compacted by Attention
-  Matching into `chunk_tokens / ratio` slots `(k, v, beta)` per layer and KV head (the last, shorter
-  chunk of a piece stays exact), and
+  Matching into slots `(k, v, beta)`, `chunk_tokens / ratio` per layer and KV head on average, ranked over
+  the piece's layers, heads and chunks and fitted to the queries of a pass that repeats the piece (see
+  `bank_compaction.py`; the last, shorter chunk of a piece stays exact), and
 - routing keys: at the routing layers (`routing_layers`), the chunk's keys rotated back to position 0,
   every one (`routing_pool="max"`: a question scores a chunk by its best-matching key) or their mean
   (`"mean"`: one key per chunk), so a question's queries (also at position 0) score every chunk with one
-  matmul, position-free.
+  matmul, position-free. They are stored as int8 with one fp16 scale per key and KV head (66 bytes per
+  key and KV head rather than 128 in bf16), which ranks chunks as the exact keys do up to rounding.
 
 Keys are stored as the model rotated them, at their position inside the piece (recorded), and moved to
 wherever a question lays them out with one re-rotation (`rope.shift_keys`). See `memory_recall.py` for
@@ -20,15 +22,18 @@ asking.
 On disk a bank is a folder with `bank.json` (format, model fingerprint, options, and per shard its file,
 SHA-256, and the documents it holds) and shards `shard-NNNNN.safetensors`, each holding whole documents:
 - `kv` [N, L, 2, Hkv, D]: exact entries, token-major so one chunk is one contiguous read;
-- `slot_kv` [S, L, 2, Hkv, D], `slot_beta` [S, L, Hkv] (fp32), `slot_rope` [S, L, Hkv]: compacted chunks;
-- `routing_keys` [R, Lr, Hkv, D] and `routing_chunk` [R] (the chunk each routing key belongs to);
+- `slot_kv` [S, 2, D], `slot_beta` [S] (fp32), `slot_rope` [S] (int32), `slot_head` [S] (int16: layer x
+  KV heads + KV head): compacted chunks, each chunk's slots sorted by layer and KV head;
+- `routing_keys` [R, Lr, Hkv, D] (int8), `routing_scale` [R, Lr, Hkv] (fp16) and `routing_chunk` [R]
+  (the chunk each routing key belongs to);
   `chunks` [C, 6] (piece, start, length, row, rows, compacted) and `pieces`
   [P, 4] (document, sink row, sinks, piece index in its document), all rows local to the shard.
 A shard is written under a temporary name and renamed, then `bank.json` is replaced atomically: a reader
 sees only whole shards, and an ingestion killed at any point resumes with the same `add` call (documents
 already in the bank, known by their token ids' SHA-256, are skipped; a shard file not in `bank.json` is
-written over). Reading checks every shard's SHA-256 (`BankIntegrityError`) and the model fingerprint
-(`BankModelMismatchError`). Shards are memory-mapped: only the chunks a question reads are paged in.
+written over). Reading checks every shard's SHA-256 (`BankIntegrityError`), the model fingerprint
+(`BankModelMismatchError`) and the format (`BankFormatError`: a bank of an older format is rebuilt, not
+read). Shards are memory-mapped: only the chunks a question reads are paged in.
 """
 
 import hashlib
@@ -54,14 +59,13 @@ from .modeling.rope import shift_keys, trained_context
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "sparsemem-memory-bank/2"
+FORMAT = "sparsemem-memory-bank/3"
 MANIFEST = "bank.json"
 SHARD_NAME = "shard-{:05d}.safetensors"
 # chunk table columns
 PIECE, START, LENGTH, ROW, ROWS, COMPACTED = range(6)
 # piece table columns
 DOCUMENT, SINK_ROW, SINKS, PIECE_INDEX = range(4)
-_CHUNKS_PER_FIT = 512  # chunks compacted per batched Attention Matching solve (x layers x KV heads problems)
 ROUTING_POOLS = ("max", "mean")
 
 
@@ -81,17 +85,26 @@ class BankModelMismatchError(ValueError):
     """A bank was built by a model whose weights or architecture differ from the one given."""
 
 
+class BankFormatError(ValueError):
+    """A bank was written in another on-disk format (an older sparsemem): rebuild it from its documents."""
+
+
 @dataclass
 class BankOptions:
     """How a bank reads and stores documents (fixed when the bank is created).
 
     chunk_tokens: tokens per chunk, the unit a question retrieves and the unit routing scores.
     piece_tokens: the longest span read in one pass with positions from 0; longer documents are read in
-        pieces of this size. Default: the model's trained context, at most 4096.
+        pieces of this size. Default: the model's trained context, at most 4096 (with `ratio`: a piece and
+        its repetition must fit the trained context).
     sink_tokens: first entries of every piece kept exact and laid out ahead of the piece's retrieved chunks
         (a model attends heavily to the first tokens it read; without them a retrieved chunk reads wrong).
-    ratio: compact every whole chunk `ratio` times by Attention Matching (fitted to the chunk's own
-        queries); None keeps full resolution.
+    ratio: compact every whole chunk `ratio` times on average by Attention Matching (see
+        `bank_compaction.py`: each piece is then read together with its repetition, about twice the tokens
+        per forward pass); None keeps full resolution.
+    whole_span_share: with `ratio`, a (layer, KV head) that wins this share of a piece's entries in the
+        budget ranking keeps all of them exact (see `cache_compaction.allocate_by_scores`); None: none.
+        "auto": `cache_compaction.WHOLE_SPAN_SHARE` with `ratio`, None without.
     batch_tokens: tokens (rows x longest piece) per forward pass while ingesting.
     shard_tokens: a shard is closed once it holds this many tokens (documents are never split across shards).
     routing_layers: layers whose keys route questions to chunks (their routing keys live on the model's
@@ -109,8 +122,11 @@ class BankOptions:
     shard_tokens: int = 262144
     routing_layers: list[int] | None = None
     routing_pool: str = "max"
+    whole_span_share: float | str | None = "auto"
 
-    def validate(self, model_config) -> "BankOptions":
+    def validate(self, model_config, repeat_prompt_tokens: int = 0) -> "BankOptions":
+        """Checks the options and resolves the defaults; `repeat_prompt_tokens`: the length of the prompt
+        between a piece and its repetition (compacted banks)."""
         for name in ("chunk_tokens", "batch_tokens", "shard_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -118,17 +134,32 @@ class BankOptions:
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"`sink_tokens` must be an integer >= 0, got {self.sink_tokens!r}")
         context = trained_context(model_config) or 4096
+        # a compacted bank reads a piece, the prompt and the piece again in one pass
+        longest = context if self.ratio is None else (context - repeat_prompt_tokens) // 2
         if self.piece_tokens is None:
-            self.piece_tokens = min(4096, context)
-        if not isinstance(self.piece_tokens, int) or not self.sink_tokens < self.piece_tokens <= context:
-            raise ValueError(f"`piece_tokens` must be an integer in ({self.sink_tokens}, {context}] (the trained "
-                             f"context), got {self.piece_tokens!r}")
+            self.piece_tokens = min(4096, longest)
+        if not isinstance(self.piece_tokens, int) or not self.sink_tokens < self.piece_tokens <= longest:
+            reason = "the trained context" if self.ratio is None else "a piece read twice must fit the trained context"
+            raise ValueError(f"`piece_tokens` must be an integer in ({self.sink_tokens}, {longest}] ({reason}), "
+                             f"got {self.piece_tokens!r}")
         if self.ratio is not None:
             if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and self.ratio > 1):
                 raise ValueError(f"`ratio` must be a finite number > 1 or None (full resolution), got {self.ratio!r}")
             if self.sink_tokens < 1:
                 raise ValueError("a compacted bank needs `sink_tokens` >= 1: the exact entries a piece is read from")
             self.ratio = float(self.ratio)
+        share = self.whole_span_share
+        if share == "auto":
+            from .bank_compaction import WHOLE_SPAN_SHARE
+
+            share = WHOLE_SPAN_SHARE if self.ratio is not None else None
+        elif share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(f"`whole_span_share` must be a fraction in (0, 1], 'auto' or None, got {share!r}")
+            if self.ratio is None:
+                raise ValueError("`whole_span_share` applies to compacted banks: give `ratio` too, or leave it unset")
+            share = float(share)
+        self.whole_span_share = share
         layers = model_config.num_hidden_layers
         if self.routing_layers is None:
             self.routing_layers = default_routing_layers(layers)
@@ -140,13 +171,38 @@ class BankOptions:
         self.routing_layers = sorted(routing)
         if self.routing_pool not in ROUTING_POOLS:
             raise ValueError(f"`routing_pool` must be one of {ROUTING_POOLS}, got {self.routing_pool!r}")
-        if self.batch_tokens < self.piece_tokens:
-            raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must hold one piece ({self.piece_tokens} tokens)")
+        if self.batch_tokens < self.read_tokens(self.piece_tokens, repeat_prompt_tokens):
+            raise ValueError(f"`batch_tokens` ({self.batch_tokens}) must hold one piece's pass "
+                             f"({self.read_tokens(self.piece_tokens, repeat_prompt_tokens)} tokens)")
         return self
+
+    def read_tokens(self, piece: int, repeat_prompt_tokens: int) -> int:
+        """Tokens of the forward pass that reads a piece of `piece` tokens (compacted: with its repetition)."""
+        return piece if self.ratio is None else 2 * piece + repeat_prompt_tokens
 
     @property
     def slots_per_chunk(self) -> int:
         return max(1, round(self.chunk_tokens / self.ratio)) if self.ratio else self.chunk_tokens
+
+
+def quantize_routing_keys(keys: torch.Tensor, center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing keys [..., Lr, Hkv, D] -> (int8 codes [..., Lr, Hkv, D], fp16 scales [..., Lr, Hkv]) of the keys
+    minus `center` [Lr, Hkv, D]: symmetric, one scale per key and head, so code * scale is the key minus the
+    center to within half a step (max |key - center| / 254).
+
+    The center is the bank's mean routing key per layer and KV head, fixed by its first forward pass. It
+    changes no routing score: a question's logit for every key of a head moves by the same q . center, and
+    scores are softmaxes over chunks. It takes out the part all keys share (on SmolLM2 layer 5: norm 14 of
+    keys of norm 17), so the step is about half as large: with 6 needles and 3 code questions in 32K tokens,
+    top-8 selections equal those of the exact keys for 9 of 9 questions (7 of 9 without the center; 9 of 9
+    in bf16). At 10M tokens one routing layer of SmolLM2 takes 1.9 GiB of device memory, not 3.6 in bf16."""
+    keys = keys.float() - center.to(keys.device, torch.float32)
+    if not bool(torch.isfinite(keys).all()):
+        raise FloatingPointError("routing keys hold non-finite values")
+    scale = (keys.abs().amax(dim=-1) / 127).to(torch.float16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero key: codes 0 at any scale
+    codes = (keys / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return codes, scale.to(torch.float16)
 
 
 def _token_sha(ids: torch.Tensor) -> str:
@@ -227,6 +283,7 @@ class MemoryBank:
         self.tokenizer = tokenizer
         self.meta = meta
         self.options = BankOptions(**meta["options"])
+        self.repeat_prompt = torch.tensor(meta["repeat_prompt_ids"], dtype=torch.long)  # compacted banks' repetition pass
         config = self.model.config
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads = config.num_key_value_heads
@@ -243,13 +300,21 @@ class MemoryBank:
     def create(cls, folder, model, tokenizer=None, chunk_tokens: int = 64, ratio: float | None = None,
                piece_tokens: int | None = None, sink_tokens: int = 4, batch_tokens: int = 32768,
                shard_tokens: int = 262144, routing_layers: list[int] | None = None, routing_pool: str = "max",
-               exist_ok: bool = False, **open_options) -> "MemoryBank":
+               whole_span_share: float | str | None = "auto", exist_ok: bool = False, **open_options) -> "MemoryBank":
         """A new, empty bank in `folder` (created; an existing bank there is refused unless `exist_ok`,
-        which opens it instead, checking that the options match). See `BankOptions` for the options."""
+        which opens it instead, checking that the options match). See `BankOptions` for the options; a
+        compacted bank (`ratio`) needs the `tokenizer` (for the prompt of its repetition pass)."""
         folder = Path(folder)
         sparse = _sparsemem_model(model)
+        repeat_prompt = []
+        if ratio is not None:
+            if tokenizer is None:
+                raise ValueError("a compacted bank (`ratio`) reads each piece again after a prompt: pass the `tokenizer`")
+            from .bank_compaction import REPEAT_PROMPT
+
+            repeat_prompt = list(tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"])
         options = BankOptions(chunk_tokens, piece_tokens, sink_tokens, ratio, batch_tokens, shard_tokens, routing_layers,
-                              routing_pool).validate(sparse.config)
+                              routing_pool, whole_span_share).validate(sparse.config, len(repeat_prompt))
         if (folder / MANIFEST).exists():
             if not exist_ok:
                 raise FileExistsError(f"{folder} already holds a memory bank; open it with MemoryBank.open")
@@ -272,6 +337,8 @@ class MemoryBank:
             "num_key_value_heads": config.num_key_value_heads,
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             "options": asdict(options),
+            "repeat_prompt_ids": repeat_prompt,
+            "routing_center": None,
             "shards": [],
         }
         meta["checksum"] = _meta_checksum(meta)
@@ -312,8 +379,11 @@ class MemoryBank:
         self.piece_shard = torch.zeros(0, dtype=torch.long)
         self.chunk_global_piece = torch.zeros(0, dtype=torch.long)
         self.piece_global_document = torch.zeros(0, dtype=torch.long)
-        self.routing = None  # [Lr, Hkv, R, D] routing keys, model's device
-        self.routing_chunk = torch.zeros(0, dtype=torch.long, device=self.model.device)  # [R] global chunk id
+        self.routing = None  # [Lr, Hkv, R, D] routing keys (int8 codes), model's device
+        self.routing_scale = None  # [Lr, Hkv, R] their scales (fp16)
+        center = self.meta.get("routing_center")  # [Lr, Hkv, D], set by the first `add`
+        self.routing_center = None if center is None else torch.tensor(center, device=self.model.device)
+        self.routing_chunk = torch.zeros(0, dtype=torch.int32, device=self.model.device)  # [R] global chunk id
         self.documents: list[dict] = []
         self._known = set()
         for index, shard in enumerate(self.meta["shards"]):
@@ -326,8 +396,11 @@ class MemoryBank:
         chunks, pieces = handle.get_tensor("chunks"), handle.get_tensor("pieces")
         device = self.model.device
         routing = handle.get_tensor("routing_keys").to(device).permute(1, 2, 0, 3).contiguous()  # [Lr, Hkv, R, D]
+        scale = handle.get_tensor("routing_scale").to(device).permute(1, 2, 0).contiguous()  # [Lr, Hkv, R]
         self.routing = routing if self.routing is None else torch.cat([self.routing, routing], dim=2)
-        owner = handle.get_tensor("routing_chunk").to(device) + self.chunk_table.shape[0]
+        self.routing_scale = scale if self.routing_scale is None else torch.cat([self.routing_scale, scale], dim=2)
+        # int32: 4 bytes per routing key on the device (a bank holds fewer than 2**31 chunks)
+        owner = (handle.get_tensor("routing_chunk").to(device) + self.chunk_table.shape[0]).to(torch.int32)
         self.routing_chunk = torch.cat([self.routing_chunk, owner])
         self.chunk_global_piece = torch.cat([self.chunk_global_piece, chunks[:, PIECE] + self.piece_table.shape[0]])
         self.piece_global_document = torch.cat([self.piece_global_document, pieces[:, DOCUMENT] + len(self.documents)])
@@ -470,7 +543,7 @@ class MemoryBank:
         for index in order + [None]:
             if index is not None:
                 longest = pieces[batch[0]][2].numel() if batch else pieces[index][2].numel()
-                if (len(batch) + 1) * longest <= self.options.batch_tokens:
+                if (len(batch) + 1) * self.options.read_tokens(longest, self.repeat_prompt.numel()) <= self.options.batch_tokens:
                     batch.append(index)
                     continue
             if batch:
@@ -485,17 +558,22 @@ class MemoryBank:
 
     def _read_pieces(self, pieces: list[torch.Tensor]) -> list[dict]:
         """One forward pass over right-padded pieces (padding comes after every real token, so causal
-        attention never lets a real token see it). Per piece: exact rows, routing keys, slots."""
+        attention never lets a real token see it); a compacted bank reads each piece, the repetition
+        prompt and the piece again (`bank_compaction.py`). Per piece: exact rows, routing keys, slots."""
         from transformers import DynamicCache
 
+        from .bank_compaction import RepeatedPieces, compact_pieces, repeat_rows
         from .cache_compaction import query_hook
         from .modeling.call_context import call_settings
 
         model, device = self.model, self.model.device
-        longest = max(p.numel() for p in pieces)
-        ids = torch.zeros(len(pieces), longest, dtype=torch.long)
-        for row, piece in enumerate(pieces):
-            ids[row, : piece.numel()] = piece
+        lengths = torch.tensor([p.numel() for p in pieces])
+        if self.options.ratio:
+            ids = repeat_rows(pieces, self.repeat_prompt)
+        else:
+            ids = torch.zeros(len(pieces), int(lengths.max()), dtype=torch.long)
+            for row, piece in enumerate(pieces):
+                ids[row, : piece.numel()] = piece
         ids = ids.to(device, non_blocking=True)
         queries: dict[int, torch.Tensor] = {}
         cache = DynamicCache()
@@ -515,25 +593,32 @@ class MemoryBank:
             k, v = keys[:, row, :, :n], values[:, row, :, :n]  # [L, Hkv, n, D]
             sinks = min(self.options.sink_tokens, n - 1)
             starts = list(range(sinks, n, self.options.chunk_tokens))
-            lengths = [min(self.options.chunk_tokens, n - s) for s in starts]
-            position = torch.arange(n, device=device)
+            lengths_of = [min(self.options.chunk_tokens, n - s) for s in starts]
             routing, routing_chunk = self._routing_keys(k, sinks, len(starts), rotary)
             out.append({"kv": torch.stack([k, v], dim=1).permute(3, 0, 1, 2, 4), "sinks": sinks, "starts": starts,
-                        "lengths": lengths, "routing": routing, "routing_chunk": routing_chunk, "slots": {}})  # kv: [n, L, 2, Hkv, D]
+                        "lengths": lengths_of, "routing": routing, "routing_chunk": routing_chunk,
+                        "slots": {}})  # kv: [n, L, 2, Hkv, D]
             # the last, shorter chunk of a piece stays exact
-            whole += [(row, chunk, start) for chunk, (start, length) in enumerate(zip(starts, lengths))
+            whole += [(row, chunk, start) for chunk, (start, length) in enumerate(zip(starts, lengths_of))
                       if length == self.options.chunk_tokens]
+        if self.routing_center is None:  # the bank's first pass fixes it (see `quantize_routing_keys`)
+            self.routing_center = torch.cat([piece["routing"] for piece in out]).float().mean(0)  # [Lr, Hkv, D]
+            self.meta["routing_center"] = self.routing_center.tolist()
+        for piece in out:
+            piece["routing"], piece["routing_scale"] = quantize_routing_keys(piece["routing"], self.routing_center)
         if self.options.ratio and whole:
-            queries = torch.stack([queries[i] for i in range(len(queries))])  # [L, B, H, T, D]
-            for first in range(0, len(whole), _CHUNKS_PER_FIT):
-                part = whole[first : first + _CHUNKS_PER_FIT]
-                for (row, chunk, _), slots in zip(part, self._compact_chunks(keys, values, queries, part)):
-                    out[row]["slots"][chunk] = slots
+            scaling = model.model.layers[0].self_attn.scaling
+            repeated = RepeatedPieces.measure(queries, keys, lengths, self.repeat_prompt.numel(), scaling)
+            del queries
+            slots = compact_pieces(keys, values, repeated, whole, self.options.chunk_tokens, self.options.slots_per_chunk,
+                                   scaling, self.options.whole_span_share)
+            for (row, chunk, _), chunk_slots in zip(whole, slots):
+                out[row]["slots"][chunk] = chunk_slots
         return out
 
     def _routing_keys(self, k: torch.Tensor, sinks: int, chunks: int, rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing keys of one piece's chunks (`k` [L, Hkv, n, D] as rotated at positions 0..n-1): at the
-        routing layers, rotated back to position 0 (token-major [R, Lr, Hkv, D], model dtype), and the
+        routing layers, rotated back to position 0, token-major [R, Lr, Hkv, D] in the model's dtype, and the
         piece-local chunk each belongs to [R]."""
         n = k.shape[2]
         position = torch.arange(sinks, n, device=k.device)
@@ -547,43 +632,9 @@ class MemoryBank:
             unrotated, chunk_of = pooled, torch.arange(chunks, device=k.device)
         return unrotated.permute(2, 0, 1, 3).to(k.dtype), chunk_of
 
-    def _compact_chunks(self, keys, values, queries, chunks) -> list[tuple]:
-        """Attention Matching of whole chunks (row, chunk, start) of a forward batch: keys/values
-        [L, B, Hkv, T, D], queries [L, B, H, T, D] (post-RoPE). Each (chunk, layer, KV head) is one problem,
-        fitted to the queries of the chunk's own tokens from every query head of its group. Returns per
-        chunk (kv [t, L, 2, Hkv, D], beta [t, L, Hkv] fp32, rope [t, L, Hkv]: positions the slot keys are
-        rotated at)."""
-        from .modeling.attention_matching import SpanProblem, attention_matching
-
-        size, budget = self.options.chunk_tokens, self.options.slots_per_chunk
-        L, _, hkv, _, dim = keys.shape
-        group = queries.shape[2] // hkv
-        device = keys.device
-        rows = torch.tensor([row for row, _, _ in chunks], device=device)
-        starts = torch.tensor([start for _, _, start in chunks], device=device)
-        index = starts[:, None] + torch.arange(size, device=device)  # [c, C]
-
-        def gather(tensor):  # [L, B, heads, T, D] -> [c, L, heads, C, D]
-            picked = tensor[:, rows[:, None], :, index]  # [c, C, L, heads, D]
-            return picked.permute(0, 2, 3, 1, 4)
-
-        k = gather(keys).reshape(-1, size, dim).float()  # [c*L*Hkv, C, D]
-        v = gather(values).reshape(-1, size, dim).float()
-        q = gather(queries).reshape(len(chunks), L, hkv, group, size, dim).reshape(-1, group * size, dim).float()
-        scaling = self.model.model.layers[0].self_attn.scaling
-        lse = torch.logsumexp(q @ k.transpose(-1, -2) * scaling, dim=-1)
-        problem = SpanProblem(q, k, v, torch.zeros(k.shape[:2], device=device), lse, scaling)
-        chosen, slot_keys, slot_values, beta = attention_matching(problem, budget)
-        shape = (len(chunks), L, hkv, budget)
-        kv = torch.stack([slot_keys.view(*shape, dim), slot_values.view(*shape, dim)], dim=2)  # [c, L, 2, Hkv, t, D]
-        kv = kv.permute(0, 4, 1, 2, 3, 5).to(keys.dtype)  # [c, t, L, 2, Hkv, D]
-        beta = beta.view(shape).permute(0, 3, 1, 2).float()  # [c, t, L, Hkv]
-        rope = (chosen.view(shape) + starts[:, None, None, None]).permute(0, 3, 1, 2)
-        return [(kv[i], beta[i], rope[i]) for i in range(len(chunks))]
-
     def _assemble(self, pieces, results) -> dict[str, torch.Tensor]:
         """The shard's tensors (on the host), pieces in document order."""
-        kv, slot_kv, slot_beta, slot_rope, routing, routing_chunk, chunk_rows, piece_rows = [], [], [], [], [], [], [], []
+        kv, slot_parts, routing, routing_scale, routing_chunk, chunk_rows, piece_rows = [], [], [], [], [], [], []
         rows = slot_rows = 0
         for piece_number, ((doc_index, piece_index, _), result) in enumerate(zip(pieces, results)):
             sinks = result["sinks"]
@@ -592,27 +643,29 @@ class MemoryBank:
             rows += sinks
             slots = result["slots"]
             routing.append(result["routing"])
+            routing_scale.append(result["routing_scale"])
             routing_chunk.append(result["routing_chunk"] + len(chunk_rows))
             for chunk, (start, length) in enumerate(zip(result["starts"], result["lengths"])):
                 if chunk in slots:
-                    chunk_kv, beta, rope = slots[chunk]
-                    slot_kv.append(chunk_kv)
-                    slot_beta.append(beta)
-                    slot_rope.append(rope)
-                    chunk_rows.append([piece_number, start, length, slot_rows, chunk_kv.shape[0], 1])
-                    slot_rows += chunk_kv.shape[0]
+                    part = slots[chunk]
+                    slot_parts.append(part)
+                    chunk_rows.append([piece_number, start, length, slot_rows, part.beta.shape[0], 1])
+                    slot_rows += part.beta.shape[0]
                 else:
                     kv.append(result["kv"][start : start + length])
                     chunk_rows.append([piece_number, start, length, rows, length, 0])
                     rows += length
         first = results[0]["kv"]
-        empty = first.new_zeros(0, *first.shape[1:])
+        device = first.device
+        cat = lambda name, empty: torch.cat([getattr(p, name) for p in slot_parts]) if slot_parts else empty  # noqa: E731
         tensors = {
             "kv": torch.cat(kv),
-            "slot_kv": torch.cat(slot_kv) if slot_kv else empty,
-            "slot_beta": torch.cat(slot_beta) if slot_beta else torch.zeros(0, *first.shape[1:2], first.shape[3]),
-            "slot_rope": torch.cat(slot_rope) if slot_rope else torch.zeros(0, *first.shape[1:2], first.shape[3], dtype=torch.long),
+            "slot_kv": cat("kv", first.new_zeros(0, 2, first.shape[-1])),
+            "slot_beta": cat("beta", torch.zeros(0, device=device)),
+            "slot_rope": cat("rope", torch.zeros(0, dtype=torch.long, device=device)).to(torch.int32),
+            "slot_head": cat("head", torch.zeros(0, dtype=torch.long, device=device)).to(torch.int16),
             "routing_keys": torch.cat(routing),
+            "routing_scale": torch.cat(routing_scale),
             "routing_chunk": torch.cat(routing_chunk),
             "chunks": torch.tensor(chunk_rows, dtype=torch.long),
             "pieces": torch.tensor(piece_rows, dtype=torch.long),
@@ -665,7 +718,7 @@ class MemoryBank:
         disk = sum(shard["bytes"] for shard in self.meta["shards"]) + (self.folder / MANIFEST).stat().st_size
         host = sum(t.numel() * t.element_size() for t in (self.chunk_table, self.chunk_shard, self.piece_table,
                                                            self.piece_shard, self.chunk_global_piece, self.piece_global_document))
-        device = 0 if self.routing is None else self.routing.numel() * self.routing.element_size()
+        device = sum(t.numel() * t.element_size() for t in (self.routing, self.routing_scale, self.routing_chunk) if t is not None)
         return {"folder": str(self.folder), "model": self.meta.get("model"), "documents": len(self.documents),
                 "tokens": self.num_tokens, "chunks": self.num_chunks, "shards": len(self.meta["shards"]),
                 "options": asdict(self.options), "selection": self.recall.selection,
@@ -700,7 +753,8 @@ def read_manifest(folder: Path) -> dict:
     except json.JSONDecodeError as error:
         raise BankIntegrityError(f"{path} is not valid JSON: {error}") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise BankFormatError(f"{path}: format {meta.get('format')!r}, this sparsemem reads {FORMAT!r}: build the bank "
+                              "again from its documents (MemoryBank.create, then add)")
     if meta.get("checksum") != _meta_checksum(meta):
         raise BankIntegrityError(f"{path} was edited or corrupted: its checksum does not match its content")
     return meta

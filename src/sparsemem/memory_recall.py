@@ -124,9 +124,13 @@ def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor |
         q = q.reshape(hkv, heads // hkv * n, dim)  # query head h reads KV head h // group
         best = torch.full((hkv, q.shape[1], count), float("-inf"), device=q.device)
         for start in range(0, owner.numel(), _ROUTING_BLOCK):
-            keys = bank.routing[row, :, start : start + _ROUTING_BLOCK].float()  # [Hkv, r, D]
-            logits = q @ keys.transpose(-1, -2) * scaling  # [Hkv, G*n, r]
-            index = owner[start : start + _ROUTING_BLOCK].expand_as(logits)
+            block = slice(start, start + _ROUTING_BLOCK)
+            codes = bank.routing[row, :, block].float()  # [Hkv, r, D] int8 codes
+            # (q . codes) * scale: the key's scale applied to its logit, never to a dequantised copy of the keys;
+            # the keys are stored minus the bank's center, which moves every logit of a (head, query) alike
+            # and so leaves the softmax over chunks as it is
+            logits = q @ codes.transpose(-1, -2) * (bank.routing_scale[row, :, block].float()[:, None] * scaling)
+            index = owner[block].long().expand_as(logits)
             best.scatter_reduce_(-1, index, logits, reduce="amax")
         if exclude is not None and exclude.numel():
             best[..., exclude.to(best.device)] = float("-inf")
@@ -173,14 +177,16 @@ class _Fetched:
     def __init__(self, bank, chunks: torch.Tensor):
         device = bank.model.device
         self.exact: dict[int, torch.Tensor] = {}
-        self.slots: dict[int, tuple] = {}
+        self.slots: dict[int, tuple] = {}  # chunk -> (kv [t, 2, D], beta [t], rope [t], layer [t], KV head [t])
         self.sinks: dict[int, torch.Tensor] = {}
         for chunk in chunks.tolist():
             shard = int(bank.chunk_shard[chunk])
             _, _, _, row, rows, compacted = bank.chunk_table[chunk].tolist()
             if compacted:
-                self.slots[chunk] = tuple(bank.read_rows(shard, name, row, rows).to(device, non_blocking=True)
-                                          for name in ("slot_kv", "slot_beta", "slot_rope"))
+                kv, beta, rope, head = (bank.read_rows(shard, name, row, rows).to(device, non_blocking=True)
+                                        for name in ("slot_kv", "slot_beta", "slot_rope", "slot_head"))
+                head = head.long()
+                self.slots[chunk] = (kv, beta, rope.long(), head // bank.num_kv_heads, head % bank.num_kv_heads)
             else:
                 self.exact[chunk] = bank.read_rows(shard, "kv", row, rows).to(device, non_blocking=True)
         for piece in torch.unique(bank.chunk_global_piece[chunks]).tolist():
@@ -192,7 +198,7 @@ class _Fetched:
 def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
     """(keys, values, positions, slots, width) of one layer reading `chunks`, positions from 0."""
     keys, values, deltas, positions = [], [], [], []
-    slot = {"keys": [], "values": [], "beta": [], "rope": [], "position": []}
+    slot = {"keys": [], "values": [], "beta": [], "rope": [], "position": [], "head": []}
     cursor = 0
     device = bank.model.device
     pieces = bank.chunk_global_piece[chunks].tolist()
@@ -215,12 +221,15 @@ def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
             deltas.append(torch.full((length,), delta, device=device))
             positions.append(torch.arange(cursor, cursor + length, device=device))
         else:
-            kv, beta, rope = fetched.slots[chunk]
-            slot["keys"].append(shift_keys(rotary, kv[:, layer, 0].transpose(0, 1), torch.full((kv.shape[0],), delta, device=device)))
-            slot["values"].append(kv[:, layer, 1].transpose(0, 1))  # [Hkv, t, D]
-            slot["beta"].append(beta[:, layer].transpose(0, 1))
-            slot["rope"].append(rope[:, layer].transpose(0, 1) + delta)
-            slot["position"].append(torch.full((kv.shape[0],), cursor + length - 1, device=device))
+            kv, beta, rope, slot_layer, head = fetched.slots[chunk]
+            own = slot_layer == layer
+            count = int(own.sum())
+            slot["keys"].append(shift_keys(rotary, kv[own, 0], torch.full((count,), delta, device=device)))  # [t, D]
+            slot["values"].append(kv[own, 1])
+            slot["beta"].append(beta[own])
+            slot["rope"].append(rope[own] + delta)
+            slot["head"].append(head[own])
+            slot["position"].append(torch.full((count,), cursor + length - 1, device=device))
         cursor += length
     key = torch.cat(keys).transpose(0, 1)  # [Hkv, n, D]
     key = shift_keys(rotary, key, torch.cat(deltas))
@@ -238,7 +247,6 @@ def build_cache(bank, chunks_per_layer: list[torch.Tensor]) -> tuple[SparseMemCa
     built = [_layer(bank, fetched, chunks, layer, rotary) for layer, chunks in enumerate(chunks_per_layer)]
     width = max(b[4] for b in built)
     cache = SparseMemCache(model.config, positions="logical")
-    heads = bank.num_kv_heads
     for key, value, positions, slot, layer_width in built:
         offset = width - layer_width
         if offset:
@@ -249,19 +257,19 @@ def build_cache(bank, chunks_per_layer: list[torch.Tensor]) -> tuple[SparseMemCa
         layer.lazy_initialization(key, value)
         layer.keys, layer.values, layer.positions = key, value, positions
         layer.logical_length = width
-        if slot["keys"]:
-            slot_keys = torch.cat(slot["keys"], dim=1)  # [Hkv, S, D]
+        if sum(part.shape[0] for part in slot["keys"]):
+            slot_keys = torch.cat(slot["keys"])  # [S, D], each slot with its own KV head
             if offset:
-                slot_keys = shift_keys(rotary, slot_keys, torch.full((slot_keys.shape[1],), offset, device=key.device))
-            count = slot_keys.shape[1]
+                slot_keys = shift_keys(rotary, slot_keys, torch.full((slot_keys.shape[0],), offset, device=key.device))
+            count = slot_keys.shape[0]
             layer.slots = SlotTier(
-                slot_keys.reshape(1, heads * count, -1),
-                torch.cat(slot["values"], dim=1).reshape(1, heads * count, -1),
-                torch.cat(slot["beta"], dim=1).float().reshape(1, heads * count),
-                torch.arange(heads, device=key.device).repeat_interleave(count),
-                torch.full((heads * count,), -1, dtype=torch.long, device=key.device),
-                (torch.cat(slot["position"]) + offset).repeat(heads),
-                (torch.cat(slot["rope"], dim=1) + offset).reshape(1, heads * count),
+                slot_keys[None],
+                torch.cat(slot["values"])[None],
+                torch.cat(slot["beta"]).float()[None],
+                torch.cat(slot["head"]),
+                torch.full((count,), -1, dtype=torch.long, device=key.device),
+                torch.cat(slot["position"]) + offset,
+                (torch.cat(slot["rope"]) + offset)[None],
             )
         cache.layers.append(layer)
     # the ids of the memory are not tokens the question could repeat: generate reads the question as new
