@@ -404,7 +404,7 @@ def test_compacted_chunks_equal_compact_layer_on_the_repetition_queries(tmp_path
     chunk's reference queries (the repetition pass's, `reference_window`) and the per-head budgets the bank
     chose; the budgets spend the piece's slots exactly, and every (layer, KV head) keeps at least one."""
     from sparsemem.bank_compaction import REPEAT_PROMPT, chunk_press, reference_window, repeat_rows
-    from sparsemem.cache_compaction import query_hook
+    from sparsemem.query_sources import query_hook
     from sparsemem.modeling.cache import SparseMemLayer
     from sparsemem.modeling.compaction import compact_layer
 
@@ -486,7 +486,7 @@ def test_repetition_queries_measure_their_attention_as_compact_does():
     log-sum-exp over the piece's keys, and their share against what they read besides the piece, computed
     as `compact` computes it for repeat queries (`_causal_lse` with `REPEAT_REACH`)."""
     from sparsemem.bank_compaction import REPEAT_PROMPT, RepeatedPieces, repeat_rows
-    from sparsemem.cache_compaction import REPEAT_REACH, _causal_lse, query_hook
+    from sparsemem.query_sources import REPEAT_REACH, _causal_lse, query_hook
     from sparsemem.conversion import convert
 
     model = convert(_model(), top_k_blocks=None, block_fraction=None, positions="logical")

@@ -12,7 +12,7 @@ prompt and the last `REPEAT_REACH` tokens of the repetition, which it reads too)
 
 Budgets. A piece holds `chunk_tokens / ratio` slots per whole chunk, layer and KV head on average. Every
 (layer, KV head) competes for them by the largest share of attention a reference query gives each of its
-entries (`allocate_by_scores`, as `compact(head_budgets="global")`), and a head that wins `whole_span_share`
+entries (`allocate_by_scores`, as `compact()` with `GlobalBudgets`), and a head that wins `whole_span_share`
 of its entries keeps every chunk of the piece exact (a retrieval head, which copies facts such as a number
 from single entries; Attention Matching's slots blur them). Within a head, the same ranking splits its slots
 over the piece's chunks, so a chunk the head reads sharply keeps more.
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache_compaction import REPEAT_PROMPT, REPEAT_REACH, WHOLE_SPAN_SHARE, allocate_by_scores
+from .head_budgets import WHOLE_SPAN_SHARE, allocate_by_scores
+from .query_sources import REPEAT_PROMPT, REPEAT_REACH
 from .modeling.attention_matching import SpanProblem
 from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.compaction import HeadSpan

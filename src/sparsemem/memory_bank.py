@@ -103,8 +103,8 @@ class BankOptions:
         `bank_compaction.py`: each piece is then read together with its repetition, about twice the tokens
         per forward pass); None keeps full resolution.
     whole_span_share: with `ratio`, a (layer, KV head) that wins this share of a piece's entries in the
-        budget ranking keeps all of them exact (see `cache_compaction.allocate_by_scores`); None: none.
-        "auto": `cache_compaction.WHOLE_SPAN_SHARE` with `ratio`, None without.
+        budget ranking keeps all of them exact (see `head_budgets.allocate_by_scores`); None: none.
+        "auto": `head_budgets.WHOLE_SPAN_SHARE` with `ratio`, None without.
     batch_tokens: tokens (rows x longest piece) per forward pass while ingesting.
     shard_tokens: a shard is closed once it holds this many tokens (documents are never split across shards).
     routing_layers: layers whose keys route questions to chunks (their routing keys live on the model's
@@ -563,7 +563,7 @@ class MemoryBank:
         from transformers import DynamicCache
 
         from .bank_compaction import RepeatedPieces, compact_pieces, repeat_rows
-        from .cache_compaction import query_hook
+        from .query_sources import query_hook
         from .modeling.call_context import call_settings
 
         model, device = self.model, self.model.device

@@ -94,7 +94,7 @@ class Recall:
 @torch.no_grad()
 def question_queries(model, question_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """{layer: queries [H, n, D]} of the question read alone, rotated back to position 0 (fp32)."""
-    from .cache_compaction import query_hook
+    from .query_sources import query_hook
     from .modeling.call_context import call_settings
 
     captured: dict[int, torch.Tensor] = {}
