@@ -48,6 +48,20 @@ def build_press(method: str = "am", options: dict | None = None):
     return dataclasses.replace(press, **options)
 
 
+def online_compaction(config: dict, budget: int, sinks: int):
+    """`sparsemem.OnlineCompaction` for a configuration: `method` (a press name), `online` (its fields) and `press`
+    (fields of the press it sets up, its guard included, changed)."""
+    unknown = set(config) - {"method", "online", "press"}
+    if unknown:
+        raise ValueError(f"unknown configuration keys {sorted(unknown)}; expected method, online, press")
+    method = config.get("method", "am")
+    online = sparsemem.OnlineCompaction(budget, keep_first=sinks, method=method, **config.get("online", {}))
+    if config.get("press"):
+        build_press(method, config["press"])  # names unknown fields
+        online.press = dataclasses.replace(online.press, **config["press"])
+    return online
+
+
 def head_budgets(spec=None):
     """The head-budget policy of a JSON config's "budgets": a name ("uniform", ...), an object naming the
     policy and its options ({"policy": "global", "whole_span_share": null}), or None (the default)."""

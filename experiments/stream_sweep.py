@@ -14,14 +14,13 @@ tokens/s and where the seconds went, and pass keys when `--passkeys` are given.
 """
 
 import argparse
-import dataclasses
 import json
 import time
 
 import torch
 
 import sparsemem
-from harness import build_press, parse_json
+from harness import online_compaction, parse_json
 from sparsemem.machine import device_name
 from sparsemem.stream import stream
 
@@ -40,15 +39,8 @@ def load(device: str, dtype: str, positions: str):
 
 def run(model, tokenizer, config: dict, tokens: int, chunk: int, budget: int, passkeys=None, time_limit=None) -> dict:
     """One stream under `config`; the summary's comparable fields."""
-    unknown = set(config) - {"method", "online", "press"}
-    if unknown:
-        raise ValueError(f"unknown configuration keys {sorted(unknown)}; expected method, online, press")
     method = config.get("method", "am")
-    online = sparsemem.OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method, **config.get("online", {}))
-    if config.get("press"):
-        # the press the online compaction set up (its guard included), with the given fields changed
-        build_press(method, config["press"])  # names unknown fields
-        online.press = dataclasses.replace(online.press, **config["press"])
+    online = online_compaction(config, budget, model.config.sink_tokens)
     start = time.perf_counter()
     result, _ = stream(model, tokenizer, tokens, chunk=chunk, budget=budget, method=method, progress=False, online=online,
                        passkeys=passkeys, time_limit=time_limit)

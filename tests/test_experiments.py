@@ -233,6 +233,23 @@ def test_stream_sweep_runs_each_configuration_on_a_tiny_model(tiny):
     assert rows[0]["loss_within_window"] != rows[1]["loss_within_window"]
     with pytest.raises(ValueError, match="unknown configuration keys"):
         stream_sweep.run(model, tokenizer, {"method": "am", "queries": 3}, tokens=200, chunk=40, budget=64)
+def test_online_sweep_matches_the_evaluation_and_reaches_the_options(tiny):
+    """The default configuration gives `evaluate_online`'s own numbers; options of the online compaction and its
+    press change them; unknown keys are refused."""
+    from sparsemem.evaluation_compaction import evaluate_online
+
+    online_sweep = importlib.import_module("online_sweep")
+    model, tokenizer, corpus = tiny
+    expected, _ = evaluate_online(model, tokenizer, corpus, methods=["am"], budgets=(48,), context=120, steps=24)
+    plain = online_sweep.run(model, tokenizer, corpus, {"method": "am"}, (48,), 120, 24)
+    assert [row["kl"] for row in plain] == [result.kl for result in expected if result.method == "am"]
+    changed = online_sweep.run(model, tokenizer, corpus, {"method": "am", "online": {"recent_fraction": 0.75},
+                                                          "press": {"exact_newest": 0.9}}, (48,), 120, 24)
+    assert changed[0]["kl"] != plain[0]["kl"] and changed[0]["compactions"] > 0
+    with pytest.raises(ValueError, match="unknown configuration keys"):
+        online_sweep.run(model, tokenizer, corpus, {"method": "am", "budget": 3}, (48,), 120, 24)
+
+
 STAND_IN_REFERENCE = '''
 import torch
 

@@ -258,11 +258,12 @@ class OnlineResult:
 
 @torch.no_grad()
 def evaluate_online(
-    model, tokenizer, corpus, methods=ONLINE_METHODS, budgets=(256, 512), context=1024, steps=512,
+    model, tokenizer, corpus, methods=ONLINE_METHODS, budgets=(256, 512), context=1024, steps=512, make_online=None,
 ) -> tuple[list[OnlineResult], dict]:
     """Decode a real text token by token (teacher-forced) under a physical budget `max_kv_tokens`; mean
     next-token KL and perplexity against the unbounded cache, and the largest physical size any layer
-    reached after a forward pass."""
+    reached after a forward pass. `make_online(budget, method)`: the `OnlineCompaction` to run (default: its
+    defaults, with the model's sinks kept exact)."""
     from .modeling.cache import SparseMemCache
     from .modeling.online_compaction import OnlineCompaction
 
@@ -286,7 +287,10 @@ def evaluate_online(
     for method in tqdm(methods, desc="methods"):
         for budget in budgets:
             start = time.perf_counter()
-            online = OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method)
+            if make_online is None:
+                online = OnlineCompaction(budget, keep_first=model.config.sink_tokens, method=method)
+            else:
+                online = make_online(budget, method)
             logprobs, peak = run(online)
             seconds = time.perf_counter() - start
             kl = (reference.exp() * (reference - logprobs)).sum(-1).mean().item()
