@@ -177,16 +177,21 @@ class _Fetched:
     def __init__(self, bank, chunks: torch.Tensor):
         device = bank.model.device
         self.exact: dict[int, torch.Tensor] = {}
-        self.slots: dict[int, tuple] = {}  # chunk -> (kv [t, 2, D], beta [t], rope [t], layer [t], KV head [t])
+        # chunk -> (kv [t, 2, D], beta [t], rope [t], KV head [t], layer ends): a chunk's slots are stored sorted by
+        # (layer, KV head), so layer l's are rows ends[l - 1]:ends[l], found once on the host, not per layer on the device
+        self.slots: dict[int, tuple] = {}
         self.sinks: dict[int, torch.Tensor] = {}
+        layers = bank.model.config.num_hidden_layers
         for chunk in chunks.tolist():
             shard = int(bank.chunk_shard[chunk])
             _, _, _, row, rows, compacted = bank.chunk_table[chunk].tolist()
             if compacted:
-                kv, beta, rope, head = (bank.read_rows(shard, name, row, rows).to(device, non_blocking=True)
-                                        for name in ("slot_kv", "slot_beta", "slot_rope", "slot_head"))
-                head = head.long()
-                self.slots[chunk] = (kv, beta, rope.long(), head // bank.num_kv_heads, head % bank.num_kv_heads)
+                kv, beta, rope = (bank.read_rows(shard, name, row, rows).to(device, non_blocking=True)
+                                  for name in ("slot_kv", "slot_beta", "slot_rope"))
+                head = bank.read_rows(shard, "slot_head", row, rows).long()
+                ends = [0] + torch.bincount(head // bank.num_kv_heads, minlength=layers).cumsum(0).tolist()
+                head = (head % bank.num_kv_heads).to(device, non_blocking=True)
+                self.slots[chunk] = (kv, beta, rope.long(), head, ends)
             else:
                 self.exact[chunk] = bank.read_rows(shard, "kv", row, rows).to(device, non_blocking=True)
         for piece in torch.unique(bank.chunk_global_piece[chunks]).tolist():
@@ -221,9 +226,9 @@ def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
             deltas.append(torch.full((length,), delta, device=device))
             positions.append(torch.arange(cursor, cursor + length, device=device))
         else:
-            kv, beta, rope, slot_layer, head = fetched.slots[chunk]
-            own = slot_layer == layer
-            count = int(own.sum())
+            kv, beta, rope, head, ends = fetched.slots[chunk]
+            own = slice(ends[layer], ends[layer + 1])
+            count = own.stop - own.start
             slot["keys"].append(shift_keys(rotary, kv[own, 0], torch.full((count,), delta, device=device)))  # [t, D]
             slot["values"].append(kv[own, 1])
             slot["beta"].append(beta[own])
