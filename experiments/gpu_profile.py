@@ -10,8 +10,9 @@ Measures, on random bf16 tensors of Llama-3-8B's attention shape (32 query / 8 K
   `StaticSparseMemCache` filled to `--context` (128K) at `--batch` (1), replayed from its CUDA graph: ms per
   step, then the kernel table of the replays (what the step spends on weights, attention, selection);
   `--compile`: the step compiled before capture (`StaticSparseMemCache(compile=True)`); `--shape smollm2`:
-  SmolLM2-135M's shape at the default sparse settings (8-token blocks: the gathering path);
-- `widths`: the decode call at batch 1, 4 and 16 for each lower bound on the tiles one program reads.
+  SmolLM2-135M's shape at the default sparse settings (8-token blocks);
+- `widths`: the decode kernel at batch 1, 4 and 16 for each launch shape (`DecodeLaunch`); `--shape smollm2`: at
+  SmolLM2's shape and default settings (8-token blocks, 4K context).
 
 Prints the tables of `reports/bench-h100/decode_profile.md` and `prefill_profile.md` (kept there as the
 output, in a fenced block):
@@ -85,27 +86,35 @@ def decode(batch: int, context: int) -> None:
     print(profile_table(step, calls=5, rows=12))
 
 
-def widths(context: int) -> None:
-    """The decode call's time for each lower bound on tiles per program (`MIN_TILES_PER_PROGRAM`), batch 1, 4, 16:
-    few programs each reading many tiles leave the GPU's memory system idle at batch 1."""
-    import sparsemem.modeling.block_decode as block_decode
+@torch.no_grad()
+def widths(context: int, shape: str = "llama3-8b") -> None:
+    """The decode kernel's time (tiles + merge) for each launch shape (`DecodeLaunch`: keys read per loop step,
+    least steps per program) at batch 1, 4 and 16, on the selection a step makes: few programs each waiting on
+    many loads leave the GPU's memory system idle at batch 1, many programs cost a wider merge."""
+    from sparsemem.modeling.block_decode import DecodeLaunch, _tiles_triton, selection_budget
 
-    default = block_decode.MIN_TILES_PER_PROGRAM
-    scorer, opts = PooledKeyScorer("minmax"), options(0.125)
-    try:
-        for batch in (1, 4, 16):
-            query, key, value = tensors(batch, 1, context)
-            summaries = BlockSummaryCache(BLOCK)
-            summaries.update(key)
-            times = []
-            for tiles in (1, 2, 4, 8):
-                block_decode.MIN_TILES_PER_PROGRAM = tiles
-                step = lambda: block_decode_attention(query, key, value, DIM**-0.5, scorer, opts, summaries)  # noqa: E731
-                times.append(f"{tiles}: {kernel_us(step, ('_decode_tiles_kernel', '_merge_splits_kernel')):.1f} us")
-            print(f"batch {batch}, context {context}, min tiles per program -> " + ", ".join(times))
-            del query, key, value, summaries
-    finally:
-        block_decode.MIN_TILES_PER_PROGRAM = default
+    if shape == "llama3-8b":
+        heads, kv_heads, dim, block, sink, local, top_k, fraction = HEADS, KV_HEADS, DIM, BLOCK, 128, 256, 1, 0.125
+        launches = [DecodeLaunch(128, steps) for steps in (1, 2, 4, 8)]
+    else:  # SmolLM2-135M at its default sparse settings
+        heads, kv_heads, dim, block, sink, local, top_k, fraction = 9, 3, 64, 8, 16, 64, 16, 0.195
+        launches = [DecodeLaunch(keys, steps) for keys in (16, 32, 64, 128) for steps in (1, 2, 4, 8)]
+    candidates = (context - 1 - local) // block - sink // block + 1
+    budget = selection_budget(candidates, top_k, fraction)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for batch in (1, 4, 16):
+        make = lambda *size: torch.randn(*size, device="cuda", dtype=torch.bfloat16, generator=generator)  # noqa: E731
+        query = make(batch, kv_heads, heads // kv_heads, dim)
+        key, value = make(batch, kv_heads, context, dim), make(batch, kv_heads, context, dim)
+        scores = torch.rand(batch, kv_heads, candidates, device="cuda", generator=generator)
+        index = scores.topk(budget, dim=-1).indices + sink // block
+        times = []
+        for launch in launches:
+            call = lambda: _tiles_triton(query, key, value, index, sink, local, dim**-0.5, block, torch.bfloat16, launch=launch)  # noqa: E731
+            us = kernel_us(call, ("_decode_tiles_kernel", "_merge_splits_kernel"))
+            times.append(f"({launch.keys_per_step} keys/step, >= {launch.min_steps_per_program} steps): {us:.1f} us")
+        print(f"{shape}, batch {batch}, context {context}, {budget} blocks of {block}: " + "; ".join(times))
+        del query, key, value
 
 
 @torch.no_grad()
@@ -158,7 +167,7 @@ def main(argv=None):
     parser.add_argument("mode", choices=("decode", "prefill", "step", "widths"))
     parser.add_argument("--compile", action="store_true", help="step: StaticSparseMemCache(compile=True)")
     parser.add_argument("--shape", choices=("llama3-8b", "smollm2"), default="llama3-8b",
-                        help="step: the model's shape (random bf16 weights); smollm2 runs the default sparse settings")
+                        help="step, widths: the model's shape (random bf16 weights); smollm2 runs the default sparse settings")
     parser.add_argument("--context", type=int, default=None, help="tokens (decode: 131072, prefill: 65536)")
     parser.add_argument("--batch", type=int, default=None, help="sequences (decode: 16, prefill: 1)")
     args = parser.parse_args(argv)
@@ -169,7 +178,7 @@ def main(argv=None):
     elif args.mode == "step":
         step(args.batch or 1, args.context or 131072, compile=args.compile, shape=args.shape)
     elif args.mode == "widths":
-        widths(args.context or 131072)
+        widths(args.context or (131072 if args.shape == "llama3-8b" else 4096), args.shape)
     else:
         prefill(args.batch or 1, args.context or 65536)
 

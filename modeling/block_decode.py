@@ -9,6 +9,7 @@ gathered. The slot tier is computed apart and merged by log-sum-exp. Same functi
 path, whatever `query_block_size` (a decode query forms its own query block)."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -26,7 +27,7 @@ except ImportError:  # pragma: no cover - CPU-only installs
 
 def _triton_extents(block_size: int, dim: int) -> bool:
     """Shapes the Triton kernels take: power-of-two extents (tl.arange), head dims of at least 16 (tl.dot tiles)
-    and blocks of at least 8 keys (narrower than 16, the decode kernel sums its products without tl.dot)."""
+    and blocks of at least 8 keys (the decode kernel reads narrow blocks several at a time: `DecodeLaunch`)."""
     return block_size >= 8 and dim >= 16 and not (block_size & (block_size - 1)) and not (dim & (dim - 1))
 
 
@@ -279,10 +280,10 @@ if triton is not None:
         stride_ib, stride_ih,
         num_selected, num_tiles, per_split, total, sink, local, sink_tiles, scale,
         KV_HEADS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-        LENGTH_ON_DEVICE: tl.constexpr,
+        TB: tl.constexpr, LENGTH_ON_DEVICE: tl.constexpr,
     ):
         # one program: one (sequence, KV head) and a range of its tiles of BS keys, G query heads as
-        # rows. Tiles [0, num_selected) are the selected blocks (keys in [sink, total - 1 - local]); then
+        # rows, TB tiles per step. Tiles [0, num_selected) are the selected blocks (keys in [sink, total - 1 - local]); then
         # the sink tiles (keys < sink), then the recent-window tiles (keys after the sinks and the
         # selectable range, up to the query). With LENGTH_ON_DEVICE the number of keys is read from
         # LENGTH, not passed: the launch is then the same at every length (CUDA graph replay), and
@@ -300,42 +301,37 @@ if triton is not None:
         h = (pid % KV_HEADS).to(tl.int64)
         rows = tl.arange(0, GP)
         dims = tl.arange(0, D)
-        offs = tl.arange(0, BS)
+        lanes = tl.arange(0, TB * BS)  # TB tiles read at once: their loads are in flight together
         q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qg + dims[None, :], mask=rows[:, None] < G, other=0.0)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
-        count = tl.zeros([BS], tl.int32)
+        count = tl.zeros([TB * BS], tl.int32)
         start = split * per_split
         stop = tl.minimum(start + per_split, num_tiles)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-        for t in range(start, stop):
+        for first_tile in range(start, stop, TB):
+            t = first_tile + lanes // BS  # each lane's tile
             is_selected = t < num_selected
             is_sink = (t >= num_selected) & (t < num_selected + sink_tiles)
-            block = tl.load(IDX + b * stride_ib + h * stride_ih + t, mask=is_selected, other=0).to(tl.int64)
+            block = tl.load(IDX + b * stride_ib + h * stride_ih + t, mask=is_selected & (t < stop), other=0).to(tl.int64)
             anchor_first = tl.where(is_sink, (t - num_selected) * BS, window_start + (t - num_selected - sink_tiles) * BS)
             tile_first = tl.where(is_selected, block * BS, anchor_first)
             lo = tl.where(is_selected, low, tl.where(is_sink, 0, window_start))
             hi = tl.where(is_selected, high, tl.where(is_sink, sink_end - 1, total - 1))
-            tokens = tile_first + offs
-            valid = (tokens >= lo) & (tokens <= hi) & (tokens < total)
+            tokens = tile_first + lanes % BS
+            valid = (t < stop) & (tokens >= lo) & (tokens <= hi) & (tokens < total)
             k = tl.load(k_base + tokens[:, None] * stride_kn + dims[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_base + tokens[:, None] * stride_vn + dims[None, :], mask=valid[:, None], other=0.0)
-            if BS >= 16:
-                s = tl.dot(q, tl.trans(k)) * scale
-            else:  # tiles narrower than a tensor-core tile: products summed on the CUDA cores (decode reads, not computes)
-                s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2) * scale
+            s = tl.dot(q, tl.trans(k)) * scale
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if BS >= 16:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
             count += valid.to(tl.int32)
         out = (pid * num_splits + split) * G
@@ -373,25 +369,53 @@ if triton is not None:
 
 
 MAX_SPLITS = 64  # the merge reduces a row's splits in one tile
-MIN_TILES_PER_PROGRAM = 8  # see _launch_width
 
 
-def _launch_width(num_tiles: int, programs: int) -> int:
-    """Tiles per program: enough programs to fill the GPU (a few thousand), yet at least 8 tiles each where
-    there are that many (a program's loop overlaps the loads of its next tile with the current one; one tile
-    per program leaves every load exposed), and at most MAX_SPLITS programs per (sequence, KV head)."""
-    width = max(min(16, math.ceil(num_tiles * programs / 2048)), min(MIN_TILES_PER_PROGRAM, num_tiles),
-                math.ceil(num_tiles / MAX_SPLITS))
-    return max(1, width)
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How the decode kernel spreads a step's tiles (blocks of keys) over programs.
+
+    keys_per_step: keys one loop step of a program reads; a step takes max(1, keys_per_step // block_size)
+        tiles at once, so narrow blocks (SmolLM2's 8 tokens) still fill a tensor-core tile and keep several
+        loads in flight, where one 8-key tile per step waits on each load in turn. At least 16 keys.
+    min_steps_per_program: a program runs at least this many steps where there are that many: its loop
+        overlaps the next step's loads with the current one's math, and one step per program leaves every
+        load exposed.
+    """
+
+    keys_per_step: int = 64
+    min_steps_per_program: int = 8
+
+    def tiles_per_step(self, block_size: int) -> int:
+        if self.keys_per_step < 16 or self.keys_per_step & (self.keys_per_step - 1):
+            raise ValueError(f"DecodeLaunch.keys_per_step must be a power of two >= 16, got {self.keys_per_step}")
+        if self.min_steps_per_program < 1:
+            raise ValueError(f"DecodeLaunch.min_steps_per_program must be >= 1, got {self.min_steps_per_program}")
+        return max(1, self.keys_per_step // block_size)
+
+    def width(self, num_tiles: int, programs: int, block_size: int) -> int:
+        """Tiles per program, a whole number of steps: enough programs to fill the GPU (a few thousand), at
+        least `min_steps_per_program` steps each where there are that many tiles, and at most MAX_SPLITS
+        programs per (sequence, KV head)."""
+        per_step = self.tiles_per_step(block_size)
+        steps = math.ceil(num_tiles / per_step)
+        width = max(min(16, math.ceil(steps * programs / 2048)), min(self.min_steps_per_program, steps),
+                    math.ceil(steps / MAX_SPLITS), 1)
+        return width * per_step
 
 
-def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None):
+DECODE_LAUNCH = DecodeLaunch()
+
+
+def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None,
+                  launch: DecodeLaunch = DECODE_LAUNCH):
     """Attention of query [B, Hkv, G, D] at position N-1 over the selected blocks index [B, Hkv, S] (keys in
     [sink, N-1-local]) and the anchors (keys < sink, keys > N-1-local), in one kernel and one merge:
     (output [B, Hkv, G, D] in `out_dtype`, lse [B, Hkv, G] fp32, attended keys per query head).
 
     N = key.shape[-2], or the value of `length` ([1] on the device) when given: then the keys are buffers
-    longer than N, every launch argument is independent of N, and the tiles are sized for any N."""
+    longer than N, every launch argument is independent of N, and the tiles are sized for any N. `launch`:
+    how the tiles are spread over programs (`DecodeLaunch`)."""
     batch, kv_heads, groups, dim = query.shape
     total = key.shape[-2]
     num_selected = index.shape[-1]
@@ -404,7 +428,7 @@ def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, ou
         sink_tiles, window_tiles = math.ceil(sink / block_size), math.ceil(local / block_size)
     num_tiles = num_selected + sink_tiles + window_tiles
     programs = batch * kv_heads
-    per_split = _launch_width(num_tiles, programs)
+    per_split = launch.width(num_tiles, programs, block_size)
     splits = max(1, math.ceil(num_tiles / per_split))
     device = query.device
     acc = torch.empty(programs * splits * groups, dim, dtype=torch.float32, device=device)
@@ -414,6 +438,7 @@ def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, ou
     if num_selected == 0:
         index = torch.zeros(batch, kv_heads, 1, dtype=torch.int64, device=device)
     gp = max(16, triton.next_power_of_2(groups))
+    tiles_per_step = launch.tiles_per_step(block_size)
     _decode_tiles_kernel[(programs, splits)](
         query, key, value, index, acc, m, l, count, index if length is None else length,
         query.stride(0), query.stride(1), query.stride(2),
@@ -421,7 +446,8 @@ def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, ou
         value.stride(0), value.stride(1), value.stride(2),
         index.stride(0), index.stride(1),
         num_selected, num_tiles, per_split, total, sink, local, sink_tiles, scaling,
-        KV_HEADS=kv_heads, G=groups, GP=gp, D=dim, BS=block_size, LENGTH_ON_DEVICE=length is not None,
+        KV_HEADS=kv_heads, G=groups, GP=gp, D=dim, BS=block_size, TB=tiles_per_step,
+        LENGTH_ON_DEVICE=length is not None,
     )
     out = torch.empty(batch, kv_heads, groups, dim, dtype=out_dtype, device=device)
     lse = torch.empty(batch, kv_heads, groups, dtype=torch.float32, device=device)

@@ -66,6 +66,19 @@ SCRIPT = textwrap.dedent(
             out_kernel, n_kernel = static_decode_attention(q, kernel, D**-0.5, scorer, options, width, use_triton=True)
             assert (out_torch - out_kernel).abs().max() < 1e-5, (out_torch - out_kernel).abs().max()
             assert int(n_torch) == int(n_kernel)
+    # every launch shape (tiles read per step, steps per program) gives the default launch's result, which the
+    # gather path checked above; uneven splits and tiles past the last one are masked
+    from sparsemem.modeling.block_decode import DecodeLaunch, _tiles_triton
+    for BS in (8, 16, 32):
+        total = 211
+        q, k, v = torch.randn(B, HKV, H // HKV, D), torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
+        picks = torch.randperm((total - 16 - 24) // BS)[:7] + 16 // BS
+        index = picks.expand(B, HKV, len(picks)).contiguous()
+        runs = [_tiles_triton(q, k, v, index, 16, 24, D**-0.5, BS, torch.float32, launch=DecodeLaunch(keys, steps))
+                for keys, steps in ((64, 8), (16, 1), (128, 3), (32, 2))]
+        for out, lse, count in runs[1:]:
+            assert (out - runs[0][0]).abs().max() < 1e-5 and (lse - runs[0][1]).abs().max() < 1e-5
+            assert int(count) == int(runs[0][2])
     # block selection in one launch: the same blocks as the top-k and budget of the torch path (best first), for top-k and
     # fraction budgets, few candidates (-inf elsewhere), and ties (which blocks win a tie may differ, not how many)
     from sparsemem.modeling.block_decode import _select_blocks_triton
