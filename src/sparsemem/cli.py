@@ -371,15 +371,20 @@ def cmd_eval_memory(args) -> int:
 
     path, tokenizer, model = _load(args)
     output = Path(args.output)
+    run = {"model": model_label(args.model, path), **run_info(args.dtype, model)}
+
+    def checkpoint(rows, meta):  # a long run killed midway keeps the rows it finished
+        write_memory_report(rows, {**meta, **run, "finished": False}, output)
+
     rows, meta = evaluate_memory(
         model, tokenizer, sizes=args.tokens, ratio=args.ratio or None, full_resolution_max_tokens=args.full_resolution_max_tokens,
         needles=args.needles, code_count=args.code_questions, chunk_tokens=args.chunk_tokens, top_k=args.top_k,
         selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
         routing_layers=args.routing_layers, routing_pool=args.routing_pool, query_tokens=args.query_tokens,
-        min_relative_score=args.min_relative_score, whole_span_share=args.whole_span_share,
+        min_relative_score=args.min_relative_score, whole_span_share=args.whole_span_share, progress=checkpoint,
     )
-    meta.update({"model": model_label(args.model, path), **run_info(args.dtype, model)})
+    meta.update({**run, "finished": True})
     paths = write_memory_report(rows, meta, output)
     print(render_memory_markdown(rows, meta))
     print("wrote " + ", ".join(map(str, paths)))

@@ -326,7 +326,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
     """Rows per haystack size (see the module docstring). Banks are built in `workdir` and removed after
     their rows unless `keep_banks`. `routing_layers`, `routing_pool`, `whole_span_share` (the compacted
     bank's): see `memory_bank.BankOptions`;
-    `query_tokens`, `min_relative_score`: see `memory_recall.RecallOptions`. `progress(row)` is called after every row."""
+    `query_tokens`, `min_relative_score`: see `memory_recall.RecallOptions`. `progress(rows, meta)` is called after every row with the rows so far."""
     from .memory_bank import MemoryBank
 
     context = trained_context(model.config)
@@ -388,7 +388,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                                        bytes=opened.info()["bytes"],
                                        peak_device_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else None))
                 if progress:
-                    progress(rows[-1])
+                    progress(rows, meta)
                 del opened
             del bank
             if not keep_banks:
@@ -404,7 +404,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                                 "seconds_to_first_token": seconds})
             rows.append(_summarise("BM25 RAG", size, answers))
             if progress:
-                progress(rows[-1])
+                progress(rows, meta)
         if context is None or size + 200 <= context:
             answers = []
             for question in questions:
@@ -417,7 +417,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                                 "seconds_to_first_token": seconds})
             rows.append(_summarise("full cache", size, answers))
             if progress:
-                progress(rows[-1])
+                progress(rows, meta)
     return rows, meta
 
 
