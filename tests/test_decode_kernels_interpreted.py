@@ -12,7 +12,24 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+def _old_interpreter_with_new_numpy() -> bool:
+    """Triton's interpreter before 3.8 turns one-element arrays into loop bounds with int(), which numpy 2.4
+    refuses (the kernels themselves are unaffected)."""
+    from importlib.metadata import version
+
+    def release(name):
+        return tuple(int(part) for part in version(name).split(".")[:2])
+
+    return release("triton") < (3, 8) and release("numpy") >= (2, 4)
+
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is not None and _old_interpreter_with_new_numpy(),
+                       reason="Triton < 3.8's interpreter cannot run these kernels with numpy >= 2.4"),
+]
 
 SCRIPT = textwrap.dedent(
     """
@@ -75,7 +92,7 @@ SCRIPT = textwrap.dedent(
         picks = torch.randperm((total - 16 - 24) // BS)[:7] + 16 // BS
         index = picks.expand(B, HKV, len(picks)).contiguous()
         runs = [_tiles_triton(q, k, v, index, 16, 24, D**-0.5, BS, torch.float32, launch=DecodeLaunch(keys, steps))
-                for keys, steps in ((64, 8), (16, 1), (128, 3), (32, 2))]
+                for keys, steps in ((128, 8), (16, 1), (64, 3), (32, 2))]
         for out, lse, count in runs[1:]:
             assert (out - runs[0][0]).abs().max() < 1e-5 and (lse - runs[0][1]).abs().max() < 1e-5
             assert int(count) == int(runs[0][2])
