@@ -54,12 +54,8 @@ def online_compaction(config: dict, budget: int, sinks: int):
     unknown = set(config) - {"method", "online", "press"}
     if unknown:
         raise ValueError(f"unknown configuration keys {sorted(unknown)}; expected method, online, press")
-    method = config.get("method", "am")
-    online = sparsemem.OnlineCompaction(budget, keep_first=sinks, method=method, **config.get("online", {}))
-    if config.get("press"):
-        build_press(method, config["press"])  # names unknown fields
-        online.press = dataclasses.replace(online.press, **config["press"])
-    return online
+    return sparsemem.OnlineCompaction(budget, keep_first=sinks, method=config.get("method", "am"),
+                                      press_options=config.get("press"), **config.get("online", {}))
 
 
 def head_budgets(spec=None):

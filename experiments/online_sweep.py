@@ -24,12 +24,18 @@ from sparsemem.evaluation_compaction import evaluate_online
 from sparsemem.machine import device_name
 
 
-def run(model, tokenizer, corpus, config: dict, budgets, context: int, steps: int) -> list[dict]:
-    """The rows of one configuration: one per budget (the full cache's row left out)."""
-    method = config.get("method", "am")
-    results, _ = evaluate_online(model, tokenizer, corpus, methods=[method], budgets=budgets, context=context, steps=steps,
-                                 make_online=lambda budget, _: online_compaction(config, budget, model.config.sink_tokens))
-    return [{"config": config, **dataclasses.asdict(result)} for result in results if result.method != "full"]
+def run(model, tokenizer, corpus, configs: list[dict], budgets, context: int, steps: int) -> list[dict]:
+    """The rows of the configurations, one per configuration and budget (the full cache's row left out), all
+    against one full-cache reference."""
+    for config in configs:  # every configuration is checked before the first run
+        online_compaction(config, max(budgets), model.config.sink_tokens)
+    labels = [json.dumps(config, sort_keys=True) for config in configs]
+    results, _ = evaluate_online(
+        model, tokenizer, corpus, methods=labels, budgets=budgets, context=context, steps=steps,
+        make_online=lambda budget, label: online_compaction(json.loads(label), budget, model.config.sink_tokens),
+    )
+    return [{**dataclasses.asdict(result), "config": json.loads(result.method), "method": json.loads(result.method).get("method", "am")}
+            for result in results if result.method != "full"]
 
 
 def main(argv=None):
@@ -48,9 +54,8 @@ def main(argv=None):
     _, tokenizer, base = load_model(None, args.device, args.dtype)
     model = convert(base, top_k_blocks=None, block_fraction=None)
     corpus = load_corpus(None)
-    for config in args.configs:
-        for row in run(model, tokenizer, corpus, config, args.budgets, args.context, args.steps):
-            print(json.dumps(row), flush=True)
+    for row in run(model, tokenizer, corpus, args.configs, args.budgets, args.context, args.steps):
+        print(json.dumps(row), flush=True)
     print(json.dumps({"device": device_name(args.device), "torch": torch.__version__, "dtype": args.dtype,
                       "context": args.context, "steps": args.steps}), flush=True)
 

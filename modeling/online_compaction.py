@@ -41,7 +41,9 @@ class OnlineCompaction:
     online compaction also fits values toward the chosen entries' own and bounds their length, see
     `value_prior`, `bound_values`, and solves beta's NNLS with `nnls_method="fast"`; a refined press such as
     "am-learned" refines values and beta only, `train_keys=False`);
-    "auto": 4 for Attention Matching presses, none for the others (which fit nothing); None: no guard."""
+    "auto": 4 for Attention Matching presses, none for the others (which fit nothing); None: no guard.
+    press_options: fields of the method's press changed after the online settings above (e.g.
+    {"exact_newest": 0.9} for "am"); a field the press does not have is an error."""
 
     max_kv_tokens: int
     keep_first: int = 16
@@ -51,6 +53,7 @@ class OnlineCompaction:
     num_queries: int = 256
     place_slots: bool = True
     guard_every: int | None | str = "auto"
+    press_options: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.max_kv_tokens, bool) or not isinstance(self.max_kv_tokens, int) or self.max_kv_tokens < 8:
@@ -79,6 +82,13 @@ class OnlineCompaction:
                 # (SmolLM2 stream: loss 2.8 at 90K tokens and a non-finite value fit; keys kept: 1.580 at 262K
                 # tokens, no memory 1.666)
                 self.press = dataclasses.replace(self.press, train_keys=False)
+        if self.press_options:
+            known = {field.name for field in dataclasses.fields(self.press)} if dataclasses.is_dataclass(self.press) else set()
+            unknown = sorted(set(self.press_options) - known)
+            if unknown:
+                raise ValueError(f"online compaction `press_options`: method={self.method!r} has no option(s) {unknown}; "
+                                 f"it has {sorted(known)}")
+            self.press = dataclasses.replace(self.press, **self.press_options)
         self.compactions = 0  # layer compactions done so far
         self.seconds = 0.0  # wall seconds spent in them (the compaction reads results back, so it ends synchronised)
         compacted = math.floor(self.target * self.max_kv_tokens)

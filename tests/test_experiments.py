@@ -241,13 +241,12 @@ def test_online_sweep_matches_the_evaluation_and_reaches_the_options(tiny):
     online_sweep = importlib.import_module("online_sweep")
     model, tokenizer, corpus = tiny
     expected, _ = evaluate_online(model, tokenizer, corpus, methods=["am"], budgets=(48,), context=120, steps=24)
-    plain = online_sweep.run(model, tokenizer, corpus, {"method": "am"}, (48,), 120, 24)
-    assert [row["kl"] for row in plain] == [result.kl for result in expected if result.method == "am"]
-    changed = online_sweep.run(model, tokenizer, corpus, {"method": "am", "online": {"recent_fraction": 0.75},
-                                                          "press": {"exact_newest": 0.9}}, (48,), 120, 24)
-    assert changed[0]["kl"] != plain[0]["kl"] and changed[0]["compactions"] > 0
+    plain, changed = online_sweep.run(model, tokenizer, corpus, [{"method": "am"}, {
+        "method": "am", "online": {"recent_fraction": 0.75}, "press": {"exact_newest": 0.9}}], (48,), 120, 24)
+    assert plain["kl"] == next(result.kl for result in expected if result.method == "am") and plain["method"] == "am"
+    assert changed["kl"] != plain["kl"] and changed["compactions"] > 0 and changed["config"]["press"] == {"exact_newest": 0.9}
     with pytest.raises(ValueError, match="unknown configuration keys"):
-        online_sweep.run(model, tokenizer, corpus, {"method": "am", "budget": 3}, (48,), 120, 24)
+        online_sweep.run(model, tokenizer, corpus, [{"method": "am"}, {"method": "am", "budget": 3}], (48,), 120, 24)
 
 
 STAND_IN_REFERENCE = '''

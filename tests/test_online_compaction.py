@@ -296,3 +296,14 @@ def test_value_fit_shrinks_toward_the_kept_values_and_stays_within_the_span_leng
     online = OnlineCompaction(64, method="am")
     assert online.press.value_prior == "kept" and online.press.bound_values and online.press.nnls_method == "fast"
 
+
+
+def test_online_press_options_change_the_press_after_the_online_settings():
+    online = OnlineCompaction(64, method="am", press_options={"exact_newest": 0.9})
+    assert online.press.exact_newest == 0.9
+    assert online.press.value_prior == "kept" and online.press.nnls_method == "fast"  # the online settings stay
+    assert OnlineCompaction(64, method="am").press.exact_newest != 0.9
+    with pytest.raises(ValueError, match="press_options.*no option\\(s\\) \\['exact_newst'\\]"):
+        OnlineCompaction(64, method="am", press_options={"exact_newst": 0.9})
+    with pytest.raises(ValueError, match="press_options"):
+        OnlineCompaction(64, method="streaming-llm", press_options={"exact_newest": 0.9})
