@@ -91,7 +91,7 @@ def widths(context: int, shape: str = "llama3-8b") -> None:
     """The decode kernel's time (tiles + merge) for each launch shape (`DecodeLaunch`: keys read per loop step,
     most steps per program) at batch 1, 4 and 16, on the selection a step makes: few programs each waiting on
     many loads leave the GPU's memory system idle at batch 1, many programs cost a wider merge."""
-    from sparsemem.modeling.block_decode import DecodeLaunch, _tiles_triton, selection_budget
+    from sparsemem.modeling.block_decode import DecodeLaunch, selected_tiles_attention, selection_budget
 
     if shape == "llama3-8b":
         heads, kv_heads, dim, block, sink, local, top_k, fraction = HEADS, KV_HEADS, DIM, BLOCK, 128, 256, 1, 0.125
@@ -110,7 +110,7 @@ def widths(context: int, shape: str = "llama3-8b") -> None:
         index = scores.topk(budget, dim=-1).indices + sink // block
         times = []
         for launch in launches:
-            call = lambda: _tiles_triton(query, key, value, index, sink, local, dim**-0.5, block, torch.bfloat16, launch=launch)  # noqa: E731
+            call = lambda: selected_tiles_attention(query, key, value, index, sink, local, dim**-0.5, block, torch.bfloat16, launch=launch)  # noqa: E731
             us = kernel_us(call, ("_decode_tiles_kernel", "_merge_splits_kernel"))
             times.append(f"({launch.keys_per_step} keys/step, <= {launch.steps_per_program} steps): {us:.1f} us")
         print(f"{shape}, batch {batch}, context {context}, {budget} blocks of {block}: " + "; ".join(times))

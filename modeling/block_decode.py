@@ -417,9 +417,9 @@ def _processors(device: torch.device) -> int:
 DECODE_LAUNCH = DecodeLaunch()
 
 
-def _tiles_triton(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None,
-                  launch: DecodeLaunch = DECODE_LAUNCH):
-    """Attention of query [B, Hkv, G, D] at position N-1 over the selected blocks index [B, Hkv, S] (keys in
+def selected_tiles_attention(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None,
+                             launch: DecodeLaunch = DECODE_LAUNCH):
+    """The decode kernel (Triton, CUDA tensors or Triton's interpreter). Attention of query [B, Hkv, G, D] at position N-1 over the selected blocks index [B, Hkv, S] (keys in
     [sink, N-1-local]) and the anchors (keys < sink, keys > N-1-local), in one kernel and one merge:
     (output [B, Hkv, G, D] in `out_dtype`, lse [B, Hkv, G] fp32, attended keys per query head).
 
@@ -601,7 +601,7 @@ def block_decode_attention(
             index = order[..., :width].masked_fill(torch.arange(width, device=device) >= count, num_blocks)
 
     if use_triton:
-        out, lse, keys_attended = _tiles_triton(
+        out, lse, keys_attended = selected_tiles_attention(
             q_rows, key, value, index, sink, local, scaling, size, torch.float32 if has_slots else query.dtype
         )
         attended = keys_attended * groups

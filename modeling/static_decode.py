@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .block_decode import _minmax_scores_triton, _select_blocks_triton, _tiles_triton, _triton_extents, selection_budget, triton
+from .block_decode import _minmax_scores_triton, _select_blocks_triton, _triton_extents, selected_tiles_attention, selection_budget, triton
 from .scorer import PooledKeyScorer
 
 
@@ -102,7 +102,7 @@ def static_decode_attention(query: torch.Tensor, layer, scaling: float, scorer, 
             index = _select_blocks_triton(scores, width, options["top_k_blocks"], options["block_fraction"])
         else:
             index = torch.zeros(batch, kv_heads, 0, dtype=torch.long, device=query.device)
-        output, _, keys_attended = _tiles_triton(
+        output, _, keys_attended = selected_tiles_attention(
             query_rows, keys, values, index, sink, local, scaling, size, query.dtype, length=layer.length
         )
         return output.view(batch, 1, heads, dim), keys_attended * groups

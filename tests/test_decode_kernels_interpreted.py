@@ -85,13 +85,13 @@ SCRIPT = textwrap.dedent(
             assert int(n_torch) == int(n_kernel)
     # every launch shape (tiles read per step, steps per program) gives the default launch's result, which the
     # gather path checked above; uneven splits and tiles past the last one are masked
-    from sparsemem.modeling.block_decode import DecodeLaunch, _tiles_triton
+    from sparsemem.modeling.block_decode import DecodeLaunch, selected_tiles_attention
     for BS in (8, 16, 32):
         total = 211
         q, k, v = torch.randn(B, HKV, H // HKV, D), torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
         picks = torch.randperm((total - 16 - 24) // BS)[:7] + 16 // BS
         index = picks.expand(B, HKV, len(picks)).contiguous()
-        runs = [_tiles_triton(q, k, v, index, 16, 24, D**-0.5, BS, torch.float32, launch=DecodeLaunch(keys, steps))
+        runs = [selected_tiles_attention(q, k, v, index, 16, 24, D**-0.5, BS, torch.float32, launch=DecodeLaunch(keys, steps))
                 for keys, steps in ((128, 8), (16, 1), (64, 3), (32, 2))]
         for out, lse, count in runs[1:]:
             assert (out - runs[0][0]).abs().max() < 1e-5 and (lse - runs[0][1]).abs().max() < 1e-5
