@@ -449,9 +449,29 @@ def small_models(base, args) -> dict[str, torch.nn.Module]:
     try:
         timed = convert(base, **options)
     except ValueError as error:
-        given = " ".join(f"--small-{name.replace('_', '-')} {value}" for name, value in options.items())
-        raise ValueError(f"sparsemem bench decode-small ({given}): {error}") from None
+        raise ValueError(f"sparsemem bench decode-small ({_small_flags(options)}): {error}") from None
     return {"dense": base, "default": convert(base), "GPU-sized": timed}
+
+
+def _small_flags(options: dict) -> str:
+    return " ".join(f"--small-{name.replace('_', '-')} {value}" for name, value in options.items())
+
+
+def check_small_options(args) -> None:
+    """Refuse decode-small settings no sparsemem model runs before the model is loaded (the options' checks
+    common to every family; `small_models` adds the family's own)."""
+    from .modeling.configuration_sparsemem import SparseMemLlamaConfig
+
+    options = small_timed_options(args)
+    try:
+        SparseMemLlamaConfig(**options)
+    except ValueError as error:
+        raise ValueError(f"sparsemem bench decode-small ({_small_flags(options)}): {error}") from None
+    if args.small_ppl_length is not None and args.small_ppl_length < 0:
+        raise ValueError(f"sparsemem bench --small-ppl-length must be >= 0 (0 skips the perplexity), got {args.small_ppl_length}")
+    outside = [depth for depth in args.small_depths if not 0.0 <= depth <= 1.0]
+    if outside:
+        raise ValueError(f"sparsemem bench --small-depths must lie in [0, 1], got {outside}")
 
 
 SETTING_NAMES = ("block_size", "scorer", "scorer_sub_block", "top_k_blocks", "block_fraction", "sink_tokens", "local_tokens")
@@ -810,11 +830,7 @@ def check_section_options(args, sections: list[str]) -> None:
     if any(name in sections for name in ("attention", "prefill", "decode")):
         _bench_scorer(args)
     if "decode-small" in sections:
-        if getattr(args, "small_ppl_length", None) is not None and args.small_ppl_length < 0:
-            raise ValueError(f"sparsemem bench --small-ppl-length must be >= 0 (0 skips the perplexity), got {args.small_ppl_length}")
-        bad = [d for d in args.small_depths if not 0.0 <= d <= 1.0]
-        if bad:
-            raise ValueError(f"sparsemem bench --small-depths must lie in [0, 1], got {bad}")
+        check_small_options(args)
 
 
 def _cuda_sections(args, sections: list[str]) -> list[str]:
