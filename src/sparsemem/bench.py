@@ -7,6 +7,10 @@ Sections (each optional):
   transformers with SDPA against the same weights converted to sparsemem.
 - decode: one layer's decode attention (dense SDPA against block-sparse decode), then decode steps of
   the 8B-shaped model over a filled 128K cache, at batch 1 and the largest batch dense fits.
+- decode-small: SmolLM2-135M (real weights) decoding real text at batch 1, teacher-forced, for the model's default
+  sparse settings and the GPU-sized configuration of the --small-* options, eager and with the static cache; then
+  each configuration's pass keys and perplexity (`evaluation.evaluate_model`) on the same models: quality at the
+  timed settings. Runs on CUDA, or on the CPU (`--device cpu`) without the CUDA-graph rows.
 - stream (`--stream-tokens N`): a constant-memory stream of N real-text tokens through SmolLM2-135M (or
   `--model`) with the cache compacted online to `--stream-budget` entries per layer and KV head; records
   per-chunk peak memory, cache bytes and loss (see stream.py). Runs on CUDA or CPU.
