@@ -8,7 +8,7 @@ import torch
 from conftest import ByteTokenizer, make_base_model
 
 import sparsemem
-from sparsemem.bench import _decode_run, _sparse_options, run_bench, settings_quality, small_models
+from sparsemem.bench import SMALL_TIMED_OPTIONS, _decode_run, _sparse_options, run_bench, settings_quality, small_models
 from sparsemem.cli import build_parser
 from sparsemem.corpus import load_corpus
 from sparsemem.evaluation import evaluate_model
@@ -43,14 +43,14 @@ def test_decode_small_options_reach_the_models_and_both_caches():
     sub-block summaries, and its teacher-forced loss equals that of a model converted with the same options by hand
     (eager and static cache alike) and differs from the default sub-block's."""
     base = make_base_model("llama", max_position_embeddings=512)
-    argv = ["--small-block-size", "16", "--small-top-k-blocks", "1", "--small-block-fraction", "0.1", "--small-scorer-sub-block", "2"]
+    argv = ["--small-block-size", "16", "--small-top-k-blocks", "1", "--small-block-fraction", "0.1", "--small-scorer-sub-block", "4"]
     models = small_models(base, bench_args(*argv))
     timed = models["GPU-sized"]
     assert models["dense"] is base and models["default"].config.block_size == SparseMemOptions().block_size
-    expected = dict(block_size=16, top_k_blocks=1, block_fraction=0.1, scorer="subminmax", scorer_sub_block=2)
+    expected = dict(block_size=16, top_k_blocks=1, block_fraction=0.1, scorer="subminmax", scorer_sub_block=4)
     assert {name: getattr(timed.config, name) for name in expected} == expected
     static = sparsemem.StaticSparseMemCache(timed.config, max_cache_len=320, cuda_graph=False)
-    assert (static.layers[0].block_size, static.layers[0].sub_block) == (16, 2)
+    assert (static.layers[0].block_size, static.layers[0].sub_block) == (16, 4)
 
     ids = torch.randint(3, 256, (1, 280), generator=torch.Generator().manual_seed(0))
     context = 256
@@ -65,7 +65,7 @@ def test_decode_small_options_reach_the_models_and_both_caches():
     # the same computation on the CPU gives the same bits; another selection moves the loss (by ~2e-5 here)
     assert loss(by_hand, sparsemem.SparseMemCache(by_hand.config)) == pytest.approx(eager, abs=1e-7)
     default_sub_block = small_models(base, bench_args(*argv[:-2]))["GPU-sized"]
-    assert default_sub_block.config.scorer_sub_block == 4
+    assert default_sub_block.config.scorer_sub_block == SMALL_TIMED_OPTIONS["scorer_sub_block"] == 2
     assert abs(loss(default_sub_block, sparsemem.SparseMemCache(default_sub_block.config)) - eager) > 5e-6
     wider = small_models(base, bench_args(*argv[:-4], "--small-block-fraction", "0.5"))["GPU-sized"]
     assert abs(loss(wider, sparsemem.SparseMemCache(wider.config)) - eager) > 1e-4
@@ -135,11 +135,11 @@ def test_bench_decode_small_on_the_cpu_with_smollm2(tmp_path, smollm2_dir):
         assert static["nll"] == pytest.approx(eager["nll"], abs=1e-4) and 0 < eager["decode_density"] < 1
     quality = {q["configuration"]: q for q in report["decode_small_quality"]}
     assert list(quality) == ["dense", "default", "GPU-sized"]
-    assert (quality["GPU-sized"]["block_size"], quality["GPU-sized"]["scorer"], quality["GPU-sized"]["scorer_sub_block"]) == (64, "subminmax", 4)
+    assert (quality["GPU-sized"]["block_size"], quality["GPU-sized"]["scorer"], quality["GPU-sized"]["scorer_sub_block"]) == (64, "subminmax", 2)
     assert quality["default"]["block_size"] == SparseMemOptions().block_size
     assert all(q["passkeys"] == 1 and q["passkey_length"] == 256 and q["perplexity_tokens"] == 96 for q in quality.values())
     _, tokenizer, base = load_model(None, "cpu", "float32")
     direct = perplexity(base, token_window(tokenizer, load_corpus(None), 96))
     assert quality["dense"]["perplexity"] == pytest.approx(direct, rel=1e-5)
     markdown = (tmp_path / "bench.md").read_text()
-    assert "Quality at the timed settings" in markdown and "| GPU-sized | 64 | subminmax (sub-blocks of 4) | 1 / 0.1 |" in markdown
+    assert "Quality at the timed settings" in markdown and "| GPU-sized | 64 | subminmax (sub-blocks of 2) | 1 / 0.1 |" in markdown
