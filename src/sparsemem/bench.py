@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 
 # decode-small: the GPU-sized configuration timed and evaluated next to the model's default settings (8-token
 # blocks). On SmolLM2 at the section's 4096-token context (CPU, fp32; reports/bench-quality-cpu), 64-token blocks
-# scored by 2-token sub-blocks answered dense's pass keys at 13.7% density, by 4-token ones one fewer; the
-# --small-* options override each entry.
+# scored by 2-token sub-blocks answered the pass keys dense answers (6 of these 9 depths) at 13.7% density; by
+# 4-token sub-blocks one fewer of 5. The --small-* options override each entry.
 SMALL_TIMED_OPTIONS = dict(block_size=64, top_k_blocks=1, block_fraction=0.1, scorer="subminmax", scorer_sub_block=2)
-SMALL_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SMALL_DEPTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
