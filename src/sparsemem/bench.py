@@ -459,7 +459,10 @@ def small_models(base, args) -> dict[str, torch.nn.Module]:
 
 
 def _small_flags(options: dict) -> str:
-    return " ".join(f"--small-{name.replace('_', '-')} {value}" for name, value in options.items())
+    """`options` as the --small-* command-line options that give them (a sub-block of None: not given)."""
+    spelled = {"top_k_blocks": "all", "block_fraction": "none"}
+    return " ".join(f"--small-{name.replace('_', '-')} {spelled[name] if value is None else value}"
+                    for name, value in options.items() if value is not None or name in spelled)
 
 
 def check_small_options(args) -> None:
