@@ -7,6 +7,10 @@ Sections (each optional):
   transformers with SDPA against the same weights converted to sparsemem.
 - decode: one layer's decode attention (dense SDPA against block-sparse decode), then decode steps of
   the 8B-shaped model over a filled 128K cache, at batch 1 and the largest batch dense fits.
+- decode-small: SmolLM2-135M (real weights) decoding real text at batch 1, teacher-forced, for the model's default
+  sparse settings and the GPU-sized configuration of the --small-* options, eager and with the static cache; then
+  each configuration's pass keys and perplexity (`evaluation.evaluate_model`) on the same models: quality at the
+  timed settings. Runs on CUDA, or on the CPU (`--device cpu`) without the CUDA-graph rows.
 - stream (`--stream-tokens N`): a constant-memory stream of N real-text tokens through SmolLM2-135M (or
   `--model`) with the cache compacted online to `--stream-budget` entries per layer and KV head; records
   per-chunk peak memory, cache bytes and loss (see stream.py). Runs on CUDA or CPU.
@@ -29,8 +33,16 @@ import torch
 from .atomic import write_text
 from .machine import device_name
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
+from .modeling.scorer import SCORER_KINDS as TRAINING_FREE_SCORERS
 
 logger = logging.getLogger(__name__)
+
+# decode-small: the GPU-sized configuration timed and evaluated next to the model's default settings (8-token
+# blocks). On SmolLM2 at the section's 4096-token context (CPU, fp32; reports/bench-quality-cpu), 64-token blocks
+# scored by 2-token sub-blocks answered the pass keys dense answers (6 of these 9 depths) at 13.7% density; by
+# 4-token sub-blocks one fewer of 5. The --small-* options override each entry.
+SMALL_TIMED_OPTIONS = dict(block_size=64, top_k_blocks=1, block_fraction=0.1, scorer="subminmax", scorer_sub_block=2)
+SMALL_DEPTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 LLAMA3_8B = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -61,16 +73,26 @@ def _sparse_options(args, fraction: float) -> dict:
     return dict(
         block_size=args.block_size, query_block_size=args.block_size, sink_tokens=args.sink_tokens,
         local_tokens=args.local_tokens, top_k_blocks=1, block_fraction=fraction, query_chunk_size=512,
+        scorer=args.scorer, scorer_sub_block=args.scorer_sub_block,
     )
+
+
+def _bench_scorer(args):
+    """The scorer of the attention, prefill and decode sections (`--scorer`, `--scorer-sub-block`)."""
+    from .modeling.scorer import PooledKeyScorer
+
+    try:
+        return PooledKeyScorer(args.scorer, args.scorer_sub_block)
+    except ValueError as error:
+        raise ValueError(f"sparsemem bench --scorer {args.scorer} --scorer-sub-block {args.scorer_sub_block}: {error}") from None
 
 
 @torch.no_grad()
 def bench_attention(args) -> list[dict]:
     from .modeling.block_sparse import attended_pairs, block_sparse_attention, plan_block_sparse, run_flex
-    from .modeling.scorer import PooledKeyScorer
 
     heads, kv_heads, dim = 32, 8, 128
-    scorer, scale = PooledKeyScorer(args.scorer), dim**-0.5
+    scorer, scale = _bench_scorer(args), dim**-0.5
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for total in args.contexts:
@@ -190,10 +212,9 @@ def copy_bandwidth_gbs() -> float:
 @torch.no_grad()
 def bench_decode_attention(args) -> list[dict]:
     from .modeling.block_decode import BlockSummaryCache, block_decode_attention
-    from .modeling.scorer import PooledKeyScorer
 
     heads, kv_heads, dim = 32, 8, 128
-    scorer, scale = PooledKeyScorer(args.scorer), dim**-0.5
+    scorer, scale = _bench_scorer(args), dim**-0.5
     sdpa = torch.nn.functional.scaled_dot_product_attention
     rows = []
     for total in args.decode_contexts:
@@ -206,7 +227,7 @@ def bench_decode_attention(args) -> list[dict]:
             rows.append(dict(context=total, batch=batch, method="dense SDPA", fraction=1.0, density=1.0, ms=dense_ms))
             for fraction in args.densities:
                 options = _sparse_options(args, fraction)
-                summaries = BlockSummaryCache(args.block_size)
+                summaries = BlockSummaryCache(args.block_size, args.scorer_sub_block)
                 summaries.update(k)  # built as tokens arrive; a step only re-reads the newest block
                 ms = cuda_time_ms(lambda: block_decode_attention(q, k, v, scale, scorer, options, summaries), warmup=3, repeats=20)
                 _, attended = block_decode_attention(q, k, v, scale, scorer, options, summaries)
@@ -380,72 +401,191 @@ def _speedups(rows: list[dict]) -> None:
             row["speedup_vs_best_dense"] = min(b["ms_per_step"] for b in base) / row["ms_per_step"]
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _decode_run(model, cache, ids: torch.Tensor, context: int) -> tuple[float, float, float]:
     """Prefill `ids[:, :context]`, then feed the following tokens one step at a time (teacher forcing).
     Returns (ms per step, mean NLL of the tokens the steps predict, seconds of the first three steps: warm-up,
     capture, compilation)."""
     model(input_ids=ids[:, :context], **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
     warm, steps = 3, ids.shape[1] - context - 1
+    if steps <= warm:
+        raise ValueError(f"decode-small needs more than {warm} steps (--small-steps), got {steps}")
     logits = []
-    torch.cuda.synchronize()
+    _synchronize(ids.device)
     start = time.perf_counter()
     for step in range(steps):
         if step == warm:
-            torch.cuda.synchronize()
+            _synchronize(ids.device)
             timed, warm_up = time.perf_counter(), time.perf_counter() - start
         at = context + step
         out = model(input_ids=ids[:, at : at + 1], **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
         logits.append(out.logits[:, -1])
-    torch.cuda.synchronize()
+    _synchronize(ids.device)
     ms = (time.perf_counter() - timed) * 1000 / (steps - warm)
     targets = ids[:, context + 1 : context + 1 + steps]
     nll = torch.nn.functional.cross_entropy(torch.stack(logits, 1).float().flatten(0, 1), targets.flatten())
+    if not torch.isfinite(nll):
+        raise FloatingPointError("non-finite loss over the decode-small steps")
     return ms, float(nll), warm_up
 
 
+def small_timed_options(args) -> dict:
+    """`sparsemem.convert` options of decode-small's GPU-sized configuration, from the --small-* options. The
+    sub-block defaults to SMALL_TIMED_OPTIONS' with the "subminmax" scorer and to none with the others; a
+    combination the model does not implement is refused when the model is converted (`small_models`)."""
+    sub_block = args.small_scorer_sub_block
+    if sub_block is None and args.small_scorer == "subminmax":
+        sub_block = SMALL_TIMED_OPTIONS["scorer_sub_block"]
+    return dict(block_size=args.small_block_size, top_k_blocks=args.small_top_k_blocks,
+                block_fraction=args.small_block_fraction, scorer=args.small_scorer, scorer_sub_block=sub_block)
+
+
+def small_models(base, args) -> dict[str, torch.nn.Module]:
+    """decode-small's configurations by name: "dense" (`base`), "default" (the model's default sparse settings,
+    as a user gets them) and "GPU-sized" (`small_timed_options`). Each is converted once: the timed steps and the
+    quality measurement run the same model."""
+    from . import convert
+
+    options = small_timed_options(args)
+    try:
+        timed = convert(base, **options)
+    except ValueError as error:
+        raise ValueError(f"sparsemem bench decode-small ({_small_flags(options)}): {error}") from None
+    return {"dense": base, "default": convert(base), "GPU-sized": timed}
+
+
+def _small_flags(options: dict) -> str:
+    """`options` as the --small-* command-line options that give them (a sub-block of None: not given)."""
+    spelled = {"top_k_blocks": "all", "block_fraction": "none"}
+    return " ".join(f"--small-{name.replace('_', '-')} {spelled[name] if value is None else value}"
+                    for name, value in options.items() if value is not None or name in spelled)
+
+
+def check_small_options(args) -> None:
+    """Refuse decode-small settings no sparsemem model runs before the model is loaded (the options' checks
+    common to every family; `small_models` adds the family's own)."""
+    from .modeling.configuration_sparsemem import SparseMemLlamaConfig
+
+    options = small_timed_options(args)
+    try:
+        SparseMemLlamaConfig(**options)
+    except ValueError as error:
+        raise ValueError(f"sparsemem bench decode-small ({_small_flags(options)}): {error}") from None
+    if args.small_ppl_length is not None and args.small_ppl_length < 0:
+        raise ValueError(f"sparsemem bench --small-ppl-length must be >= 0 (0 skips the perplexity), got {args.small_ppl_length}")
+    outside = [depth for depth in args.small_depths if not 0.0 <= depth <= 1.0]
+    if outside:
+        raise ValueError(f"sparsemem bench --small-depths must lie in [0, 1], got {outside}")
+
+
+SETTING_NAMES = ("block_size", "scorer", "scorer_sub_block", "top_k_blocks", "block_fraction", "sink_tokens", "local_tokens")
+
+
+def sparse_settings(model) -> dict:
+    """The sparse settings `model` runs with, read back from its config (all None for a dense model)."""
+    config = model.config
+    if getattr(config, "block_size", None) is None:  # not a sparsemem model
+        return dict.fromkeys(SETTING_NAMES)
+    return {name: getattr(config, name) for name in SETTING_NAMES}
+
+
+def settings_quality(models: dict, tokenizer, corpus, length: int, depths, ppl_length: int) -> list[dict]:
+    """Quality of each model of `models` (name -> model) as `sparsemem eval retrieval` measures it
+    (`evaluation.evaluate_model`): pass keys hidden at `depths` of `length`-token prompts (greedy answers) and the
+    perplexity of `ppl_length` tokens of `corpus` (0: none), with the densities measured on them and the settings
+    the model ran. One dict per model, in order."""
+    from dataclasses import asdict
+
+    from .evaluation import evaluate_model
+
+    rows = []
+    for name, model in models.items():
+        report = evaluate_model(name, model, tokenizer, corpus, [length], list(depths), ppl_length)
+        densities = [case.density for case in report.passkey if case.density is not None]
+        rows.append(dict(
+            configuration=name, **sparse_settings(model), passkeys_correct=sum(case.correct for case in report.passkey),
+            passkeys=len(report.passkey), passkey_length=length,
+            passkey_density=sum(densities) / len(densities) if densities else None, perplexity=report.perplexity,
+            perplexity_tokens=report.perplexity_tokens, perplexity_density=report.perplexity_density,
+            cases=[asdict(case) for case in report.passkey], seconds=report.seconds,
+        ))
+        logger.info("decode-small quality %s: pass keys %d/%d, perplexity %s", name, rows[-1]["passkeys_correct"],
+                    rows[-1]["passkeys"], report.perplexity)
+    return rows
+
+
 @torch.no_grad()
-def bench_decode_small(args) -> list[dict]:
+def bench_decode_small(args) -> dict:
     """SmolLM2-135M (real weights, or `--model`) decoding real text at batch 1, where launching kernels, not
     reading bytes, bounds a step: plain transformers (eager, and StaticCache compiled) against sparsemem (eager,
-    and its static cache with the step captured in a CUDA graph). The steps are teacher-forced on the text, so the
-    same run gives each method's loss on the tokens it predicted (quality at the timed settings)."""
+    and its static cache with the step captured in a CUDA graph), for the model's default sparse settings and the
+    GPU-sized configuration of the --small-* options. The steps are teacher-forced on the text, so the same run
+    gives each method's loss on the tokens it predicted; then each configuration's pass keys (prompts as long as
+    the timed context) and perplexity, measured on the same converted models (quality at the timed settings).
+
+    On a CUDA device (default) the steps are timed between synchronisations in bf16; with `--device cpu` the
+    section runs in fp32 without the CUDA-graph and compiled rows (the static cache then steps eagerly).
+    Returns {"rows": timed rows, "quality": `settings_quality` rows, "failed": methods that raised}."""
     from transformers import DynamicCache, StaticCache
 
-    from . import SparseMemCache, StaticSparseMemCache, convert
+    from . import SparseMemCache, StaticSparseMemCache
     from .corpus import load_corpus, token_window
     from .default_model import load_model
 
-    _, tokenizer, base = load_model(args.model, "cuda", "bfloat16")
+    device = torch.device(args.device or "cuda")
+    cuda = device.type == "cuda"
+    _, tokenizer, base = load_model(args.model, str(device), "bfloat16" if cuda else "float32")
+    corpus = load_corpus(args.stream_text)
     context, steps = args.small_context, args.small_steps
-    ids = torch.tensor([token_window(tokenizer, load_corpus(args.stream_text), context + steps + 1)], device="cuda")
+    ids = torch.tensor([token_window(tokenizer, corpus, context + steps + 1)], device=device)
     length = context + steps + 8
-    sparse = convert(base)  # the model's default sparse settings, as a user gets them
-    runs = [("transformers eager, DynamicCache", base, lambda: DynamicCache(config=base.config))]
+    models = small_models(base, args)  # options refused here, before anything is timed
+    runs = [("dense", "transformers eager, DynamicCache", base, lambda: DynamicCache(config=base.config))]
     static = lambda: StaticCache(config=base.config, max_cache_len=length)  # noqa: E731
-    if args.compile_dense:
-        runs.append(("transformers, StaticCache + torch.compile + CUDA graph", CapturedDenseStep(base, compile=True), static))
-    runs += [("sparsemem eager, SparseMemCache", sparse, lambda: SparseMemCache(sparse.config)),
-             ("sparsemem, static cache + CUDA graph", sparse, lambda: StaticSparseMemCache(sparse.config, max_cache_len=length)),
-             ("sparsemem, static cache + torch.compile + CUDA graph", sparse,
-              lambda: StaticSparseMemCache(sparse.config, max_cache_len=length, compile=True))]
-    rows = []
-    for method, model, make_cache in runs:
+    if cuda and args.compile_dense:
+        runs.append(("dense", "transformers, StaticCache + torch.compile + CUDA graph", CapturedDenseStep(base, compile=True), static))
+    for name, sparse in models.items():
+        if name == "dense":
+            continue
+        runs.append((name, "sparsemem eager, SparseMemCache", sparse, lambda m=sparse: SparseMemCache(m.config)))
+        if cuda:
+            runs += [(name, "sparsemem, static cache + CUDA graph", sparse,
+                      lambda m=sparse: StaticSparseMemCache(m.config, max_cache_len=length)),
+                     (name, "sparsemem, static cache + torch.compile + CUDA graph", sparse,
+                      lambda m=sparse: StaticSparseMemCache(m.config, max_cache_len=length, compile=True))]
+        else:
+            runs.append((name, "sparsemem, static cache (eager steps)", sparse,
+                         lambda m=sparse: StaticSparseMemCache(m.config, max_cache_len=length, cuda_graph=False)))
+    rows, failed = [], []
+    for configuration, method, model, make_cache in runs:
+        if cuda and "compile" in method:
+            torch._dynamo.reset()  # each configuration's step compiled afresh, not as a recompilation of the last
         try:
             if hasattr(model, "reset_sparsemem_stats"):
                 model.reset_sparsemem_stats()
             ms, nll, warm_up = _decode_run(model, make_cache(), ids, context)
         except Exception as error:  # noqa: BLE001 - one method failing (e.g. compilation) must not end the section
-            logger.warning("decode-small %s failed: %s", method, str(error)[:300])
+            logger.warning("decode-small %s %s failed: %s", configuration, method, str(error)[:300])
+            failed.append(dict(configuration=configuration, method=method, error=f"{type(error).__name__}: {str(error)[:300]}"))
             continue
+        finally:
+            _release(model)
         stats = model.sparsemem_stats() if hasattr(model, "sparsemem_stats") else {}
-        rows.append(dict(context=context, steps=steps, batch=1, method=method, ms_per_step=ms, tokens_per_s=1000 / ms,
-                         nll=nll, decode_density=stats.get("decode_density") or 1.0, warm_up_seconds=warm_up))
-        logger.info("decode-small %s: %.2f ms/step, nll %.4f", method, ms, nll)
+        rows.append(dict(configuration=configuration, context=context, steps=steps, batch=1, method=method,
+                         ms_per_step=ms, tokens_per_s=1000 / ms, nll=nll, decode_density=stats.get("decode_density") or 1.0,
+                         warm_up_seconds=warm_up, device=str(device)))
+        logger.info("decode-small %s %s: %.2f ms/step, nll %.4f", configuration, method, ms, nll)
     eager = next((r["ms_per_step"] for r in rows if r["method"] == "transformers eager, DynamicCache"), None)
     for row in rows:
         if eager is not None:
             row["speedup_vs_transformers_eager"] = eager / row["ms_per_step"]
-    return rows
+    ppl_length = context if args.small_ppl_length is None else args.small_ppl_length
+    quality = settings_quality(models, tokenizer, corpus, context, args.small_depths, ppl_length)
+    return {"rows": rows, "quality": quality, "failed": failed}
 
 
 GPU_SECTIONS = ("attention", "prefill", "decode", "decode-small")
@@ -455,9 +595,10 @@ def render_markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"# sparsemem bench on {meta['gpu']}", "", f"torch {meta['torch']}, transformers {meta['transformers']}."]
     if any(report.get(key) for key in ("attention", "prefill", "decode_attention", "decode_model")):
+        sub_blocks = f" (sub-blocks of {meta['scorer_sub_block']})" if meta.get("scorer_sub_block") else ""
         lines[-1] += (f" Block {meta['block_size']} (query blocks too), sinks {meta['sink_tokens']}, recent window "
-                      f"{meta['local_tokens']}, scorer {meta['scorer']}. Density = attended (query, key) pairs / dense causal "
-                      "pairs, measured.")
+                      f"{meta['local_tokens']}, scorer {meta['scorer']}{sub_blocks}. Density = attended (query, key) pairs / "
+                      "dense causal pairs, measured.")
     lines.append("")
     if report.get("attention"):
         lines += ["## Attention prefill, one layer (32 q / 8 KV heads, d=128, bf16)", "",
@@ -502,24 +643,71 @@ def render_markdown(report: dict) -> str:
         lines += ["", "bound = (weight bytes + attended KV bytes) / copy bandwidth: the step time a perfectly memory-bound "
                   "implementation would reach. DynamicCache (transformers' default) copies every layer's cache at each step; "
                   "StaticCache and SparseMemCache append in place. The row \"block store in host memory\" reads its selected blocks over the host bus, not from GPU memory: its bound column does not apply.", ""]
-    if report.get("decode_small"):
-        first = report["decode_small"][0]
-        lines += [f"## Decode at batch 1, SmolLM2-135M (real weights, bf16), {first['context']}-token real-text prompt, "
-                  f"{first['steps']} teacher-forced steps", "",
-                  "| method | decode density | ms/step | tokens/s | vs transformers eager | loss (nats/token) | warm-up s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in report["decode_small"]:
-            lines.append(f"| {r['method']} | {r['decode_density']:.1%} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
-                         f"{r.get('speedup_vs_transformers_eager', float('nan')):.2f}x | {r['nll']:.4f} | {r['warm_up_seconds']:.1f} |")
-        lines += ["", "Each step feeds the text's next token; loss = mean negative log-likelihood of the tokens the timed "
-                  "steps predicted, so speed and quality come from the same steps. sparsemem runs the model's default "
-                  "sparse settings; warm-up = the first three steps (compilation, graph capture).", ""]
+    if report.get("decode_small") or report.get("decode_small_quality"):
+        lines += render_decode_small(report)
     if report.get("stream"):
         from .stream import render_stream_markdown
 
         lines += render_stream_markdown(report["stream"]["runs"], report["stream"]["meta"])
     lines += [f"command: `{meta['command']}`", ""]
     return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _settings_cells(q: dict) -> str:
+    """Block, scorer, top-k / fraction and anchors of a `settings_quality` row, as table cells."""
+    if q["block_size"] is None:
+        return "- | dense (SDPA) | - | -"
+    scorer = q["scorer"] + (f" (sub-blocks of {q['scorer_sub_block']})" if q["scorer_sub_block"] else "")
+    top_k = "all" if q["top_k_blocks"] is None else q["top_k_blocks"]
+    fraction = "-" if q["block_fraction"] is None else f"{q['block_fraction']:g}"
+    return f"{q['block_size']} | {scorer} | {top_k} / {fraction} | {q['sink_tokens']} / {q['local_tokens']}"
+
+
+def render_decode_small(report: dict) -> list[str]:
+    """The decode-small section's markdown: the timed rows, then the quality of every configuration timed."""
+    rows, quality = report.get("decode_small") or [], report.get("decode_small_quality") or []
+    first = rows[0] if rows else {"context": quality[0]["passkey_length"], "steps": "-", "device": "-"}
+    dtype = "bf16" if str(first.get("device", "cuda")).startswith("cuda") else "fp32"
+    lines = [f"## Decode at batch 1, SmolLM2-135M (real weights, {dtype}), {first['context']}-token real-text prompt, "
+             f"{first['steps']} teacher-forced steps", "",
+             "| configuration | method | decode density | ms/step | tokens/s | vs transformers eager | loss (nats/token) | warm-up s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.get('configuration', 'default')} | {r['method']} | {r['decode_density']:.1%} | {r['ms_per_step']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r.get('speedup_vs_transformers_eager', float('nan')):.2f}x | {r['nll']:.4f} | "
+                     f"{r['warm_up_seconds']:.1f} |")
+    lines += ["", "Each step feeds the text's next token; loss = mean negative log-likelihood of the tokens the timed "
+              "steps predicted, so speed and quality come from the same steps. Configurations: \"default\" = the "
+              "model's default sparse settings, \"GPU-sized\" = the --small-* options (settings in the table below); "
+              "warm-up = the first three steps (compilation, graph capture).", ""]
+    for failure in report.get("decode_small_failed") or []:
+        lines.append(f"- failed: {failure['configuration']}, {failure['method']}: {failure['error']}")
+    if report.get("decode_small_failed"):
+        lines.append("")
+    if quality:
+        tokens = quality[0]["perplexity_tokens"]
+        lines += [f"### Quality at the timed settings ({quality[0]['passkey_length']}-token pass-key prompts, perplexity of "
+                  f"{tokens or 'no'} tokens)", "",
+                  "| configuration | block | scorer | top-k / fraction | sinks / recent | decode density (timed) | pass keys | "
+                  "pass-key density | perplexity | perplexity density | pass key by depth |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for q in quality:
+            timed = [r["decode_density"] for r in rows if r.get("configuration") == q["configuration"]]
+            cases = " ".join(f"{c['depth']:g}:{'✓' if c['correct'] else '✗'}" for c in q["cases"])
+            ppl = "-" if q["perplexity"] is None else f"{q['perplexity']:.3f}"
+            lines.append(f"| {q['configuration']} | {_settings_cells(q)} | {_percent(timed[0] if timed else None)} | "
+                         f"**{q['passkeys_correct']}/{q['passkeys']}** | {_percent(q['passkey_density'])} | {ppl} | "
+                         f"{_percent(q['perplexity_density'])} | {cases} |")
+        lines += ["", "Pass keys and perplexity as `sparsemem eval retrieval` measures them (`evaluate_model`: greedy "
+                  "8-token answers, one forward pass for perplexity), on the converted models the timed rows ran. "
+                  "Densities: attended (query head, key) pairs / dense causal pairs, counted by the attention function "
+                  "(pass keys: prefill and answer steps, mean over cases). The eager and static-cache steps compute "
+                  "the same function.", ""]
+    return lines
 
 
 def _save_context_plot(plt, fig, ax, path: Path, ylabel: str, title: str, log_y: bool, legend_size: int = 8) -> Path:
@@ -628,19 +816,51 @@ def resolve_sections(args) -> list[str]:
     return args.sections
 
 
+# options that some sections alone read, with their defaults: given to a run without those sections, they would
+# be ignored
+SECTION_OPTIONS = {
+    "scorer_sub_block": ("--scorer-sub-block", None, ("attention", "prefill", "decode")),
+    **{f"small_{name}": (f"--small-{name.replace('_', '-')}", value if name != "scorer_sub_block" else None, ("decode-small",))
+       for name, value in SMALL_TIMED_OPTIONS.items()},
+    "small_depths": ("--small-depths", list(SMALL_DEPTHS), ("decode-small",)),
+    "small_ppl_length": ("--small-ppl-length", None, ("decode-small",)),
+}
+
+
+def check_section_options(args, sections: list[str]) -> None:
+    """Refuse an option that no chosen section reads, and sparse settings the chosen sections cannot run, before
+    anything is loaded."""
+    for dest, (flag, default, readers) in SECTION_OPTIONS.items():
+        value = getattr(args, dest, default)
+        if value != default and not any(name in sections for name in readers):
+            raise ValueError(f"sparsemem bench {flag} is read by the {'/'.join(readers)} section(s) alone, which this run "
+                             f"does not include (--sections {' '.join(sections)})")
+    if any(name in sections for name in ("attention", "prefill", "decode")):
+        _bench_scorer(args)
+    if "decode-small" in sections:
+        check_small_options(args)
+
+
+def _cuda_sections(args, sections: list[str]) -> list[str]:
+    """The chosen sections that need a CUDA device (decode-small runs on the CPU with --device cpu)."""
+    on_cpu = args.device is not None and torch.device(args.device).type == "cpu"
+    return [n for n in sections if n in GPU_SECTIONS and not (n == "decode-small" and on_cpu)]
+
+
 def run_bench(args, command: str) -> dict:
     sections = resolve_sections(args)
-    if any(name in GPU_SECTIONS for name in sections) and not torch.cuda.is_available():
+    check_section_options(args, sections)
+    if _cuda_sections(args, sections) and not torch.cuda.is_available():
         raise ValueError(
-            f"sparsemem bench sections {[n for n in sections if n in GPU_SECTIONS]} need a CUDA device (no GPU is visible "
-            "to torch); the stream section (--stream-tokens N) also runs on the CPU"
+            f"sparsemem bench sections {_cuda_sections(args, sections)} need a CUDA device (no GPU is visible "
+            "to torch); the stream section (--stream-tokens N) and decode-small with --device cpu also run on the CPU"
         )
     import transformers
 
     meta = dict(
         gpu=device_name(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")), torch=torch.__version__, transformers=transformers.__version__,
         host=platform.node(), block_size=args.block_size, sink_tokens=args.sink_tokens, local_tokens=args.local_tokens,
-        scorer=args.scorer, chunk=args.chunk, command=command,
+        scorer=args.scorer, scorer_sub_block=args.scorer_sub_block, chunk=args.chunk, command=command,
     )
     report = {"meta": meta}
     if args.kernel_options:
@@ -670,7 +890,9 @@ def run_bench(args, command: str) -> dict:
         report["decode_model"] = bench_decode_model(args, meta["bandwidth_gbs"])
         save()
     if "decode-small" in args.sections:
-        report["decode_small"] = bench_decode_small(args)
+        section = bench_decode_small(args)
+        report["decode_small"], report["decode_small_quality"] = section["rows"], section["quality"]
+        report["decode_small_failed"] = section["failed"]
         save()
     if "stream" in args.sections:
         bench_stream(report, args, save)

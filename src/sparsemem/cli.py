@@ -11,6 +11,7 @@ import torch
 
 from .arguments import check_arguments, head_budgets
 from .bench import GPU_SECTIONS as BENCH_SECTIONS
+from .bench import SMALL_DEPTHS, SMALL_TIMED_OPTIONS, TRAINING_FREE_SCORERS
 from .machine import model_label, run_info
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
@@ -450,11 +451,30 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--small-context", type=int, default=4096,
                        help="decode-small section: real-text prompt tokens before the timed steps")
     bench.add_argument("--small-steps", type=int, default=256, help="decode-small section: one-token steps (3 untimed)")
+    timed = bench.add_argument_group(
+        "decode-small section: the sparse configuration timed and evaluated next to the model's default settings "
+        "(sparsemem.convert options; sinks and recent window stay the model's)")
+    small = SMALL_TIMED_OPTIONS
+    timed.add_argument("--small-block-size", type=int, default=small["block_size"], help="tokens per block")
+    timed.add_argument("--small-top-k-blocks", type=_top_k, default=small["top_k_blocks"],
+                       help="blocks attended at least per query: integer, or 'all' for every block")
+    timed.add_argument("--small-block-fraction", type=_share("--small-block-fraction"), default=small["block_fraction"],
+                       help="attend this fraction of each query's candidate blocks ('none': --small-top-k-blocks alone)")
+    timed.add_argument("--small-scorer", default=small["scorer"], choices=list(TRAINING_FREE_SCORERS), help="block scorer")
+    timed.add_argument("--small-scorer-sub-block", type=int, default=None,
+                       help=f"tokens per sub-block of --small-scorer subminmax (default: {small['scorer_sub_block']} with subminmax)")
+    timed.add_argument("--small-depths", type=float, nargs="+", default=list(SMALL_DEPTHS),
+                       help="pass-key depths of the quality measurement (prompts of --small-context tokens)")
+    timed.add_argument("--small-ppl-length", type=int, default=None,
+                       help="tokens of real text for the perplexity of each configuration (default: --small-context; 0 skips it)")
     bench.add_argument("--chunk", type=int, default=16384, help="prefill chunk (tokens per forward call)")
     bench.add_argument("--block-size", type=int, default=128, help="key and query block size (a multiple of 128)")
     bench.add_argument("--sink-tokens", type=int, default=128)
     bench.add_argument("--local-tokens", type=int, default=256)
-    bench.add_argument("--scorer", default="minmax", choices=["minmax", "hybrid", "mean"])
+    bench.add_argument("--scorer", default="minmax", choices=list(TRAINING_FREE_SCORERS),
+                       help="block scorer of the attention, prefill and decode sections")
+    bench.add_argument("--scorer-sub-block", type=int, default=None,
+                       help="tokens per sub-block of --scorer subminmax (attention, prefill and decode sections)")
     bench.add_argument("--kernel-options", type=json.loads, default=None,
                        help='FlexAttention kernel options as JSON, e.g. \'{"BLOCK_M": 128, "BLOCK_N": 64}\'')
     bench.add_argument("--output", default=None,
@@ -482,7 +502,8 @@ def _add_bench_parser(sub) -> None:
                              "(each held entry's rank, keys re-rotated as entries leave) or auto (logical inside the "
                              "model's trained context, cache beyond it)")
     stream.add_argument("--model", default=None, help="local folder or Hub repo id (default: embedded SmolLM2-135M-Instruct)")
-    stream.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    stream.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cuda when available); decode-small also runs on cpu (fp32, no CUDA-graph rows)")
     stream.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
 
