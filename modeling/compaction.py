@@ -316,8 +316,7 @@ def compact_layers(jobs: list[LayerCompaction], press: Press, scaling: float, fo
     """`compact_layer` for several layers at once: every (layer, KV head) with the same span positions and
     budget is solved in one batch, so a cache whose layers all reach their budget together (online
     compaction) runs one solve instead of one per layer."""
-    # the batched path measures the attention itself: a job's own `attention` is read by the per-head path
-    if all(job.attention is None for job in jobs) and _compact_uniform(jobs, press, scaling, fold_slots):
+    if _compact_uniform(jobs, press, scaling, fold_slots):
         return
     groups: list[tuple[list[tuple[int, int]], list[HeadSpan]]] = []
     last_positions = []

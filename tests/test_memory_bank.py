@@ -399,15 +399,16 @@ def test_text_generation_pipeline_reads_the_bank(tmp_path):
 
 
 @torch.no_grad()
-def test_compacted_chunks_equal_compact_layer_on_the_reference_queries(tmp_path):
-    """Each compacted chunk's slots are what `compact_layer` makes of that chunk of the piece's layer, given the
-    chunk's reference queries (the repetition pass's, `reference_window`, each over the piece, and the first
-    reading's right after the chunk, `following_window`, each over what it reads) and the per-head budgets the
-    bank chose; the budgets spend the piece's slots exactly, and every (layer, KV head) keeps at least one."""
+def test_compacted_chunks_equal_attention_matching_on_the_reference_queries(tmp_path):
+    """Each compacted chunk's slots, per layer and KV head, are what the bank's press makes of that chunk given
+    its reference queries (the repetition pass's, `reference_window`, each over the piece, and the first
+    reading's right after the chunk, `following_window`, each over the keys up to its own position, both
+    computed here from the forward pass) and the budget the bank chose; the budgets spend the piece's slots
+    exactly, and every (chunk, layer, KV head) keeps at least one slot."""
     from sparsemem.bank_compaction import REPEAT_PROMPT, chunk_press, following_window, reference_window, repeat_rows
     from sparsemem.query_sources import query_hook
-    from sparsemem.modeling.cache import SparseMemLayer
-    from sparsemem.modeling.compaction import LayerAttention, compact_layer, group_queries
+    from sparsemem.modeling.attention_matching import SpanProblem
+    from sparsemem.modeling.compaction import HeadSpan, group_queries
 
     model = _model()
     piece = _documents()[2][:PIECE]  # one piece: 2 sinks, 3 whole chunks of 16 and a shorter last one
@@ -420,7 +421,7 @@ def test_compacted_chunks_equal_compact_layer_on_the_reference_queries(tmp_path)
     with query_hook(sparse, lambda layer, q: captured.__setitem__(layer, q)):
         out = sparse(repeat_rows([piece], prompt), use_cache=True)
     cache = out.past_key_values
-    n, reread = piece.numel(), PIECE + prompt.numel()
+    n, read = piece.numel(), PIECE + prompt.numel()
     compacted = (bank.chunk_table[:, 5] == 1).nonzero()[:, 0].tolist()
     assert len(compacted) == 3
     total = compared = 0
@@ -431,51 +432,38 @@ def test_compacted_chunks_equal_compact_layer_on_the_reference_queries(tmp_path)
         total += rows
         window = reference_window(torch.tensor([start]), torch.tensor([n]), CHUNK)[0]
         following = following_window(torch.tensor([start]), torch.tensor([n]), prompt.numel(), CHUNK)[0]
-        assert following.max() < n + prompt.numel() and following.min() == start + CHUNK
+        assert following.max() < read and following.min() == start + CHUNK
+        # what each reference query reads: a repetition query the piece, a first-reading query the keys up to it
+        seen = torch.cat([(torch.arange(read)[None] < n).expand(window.numel(), -1), torch.arange(read)[None] <= following[:, None]])
         for layer in range(model.config.num_hidden_layers):
-            budgets = [int((head_of == layer * hkv + h).sum()) for h in range(hkv)]
-            target = SparseMemLayer()
-            keys, values = cache.layers[layer].keys[:, :, :n], cache.layers[layer].values[:, :, :n]
-            target.lazy_initialization(keys, values)
-            target.keys, target.values, target.positions = keys, values, torch.arange(n)
-            target.logical_length = n
-            queries = torch.cat([captured[layer][:, :, reread + window], captured[layer][:, :, following]], dim=2)
-            # log-sum-exp: a repetition query's over the piece, a first-reading query's over the keys up to it
-            every_key = cache.layers[layer].keys[:, :, : n + prompt.numel()].float()
-            seen = torch.cat([(torch.arange(n + prompt.numel())[None] < n).expand(window.numel(), -1),
-                              torch.arange(n + prompt.numel())[None] <= following[:, None]])  # [Q, n + prompt]
-            span = (target.positions >= start) & (target.positions < start + length)
-            attention = LayerAttention([], [], [])
+            queries = torch.cat([captured[layer][:, :, read + window], captured[layer][:, :, following]], dim=2)
+            keys, values = cache.layers[layer].keys[0, :, :read].float(), cache.layers[layer].values[0, :, :read].float()
             for head in range(hkv):
-                q = group_queries(queries, head, hkv)
-                logits = (q @ every_key[:, head].transpose(-1, -2) * scaling).masked_fill(~seen.repeat(q.shape[1] // seen.shape[0], 1), float("-inf"))
-                lse = torch.logsumexp(logits, dim=-1)
-                # the chunk's weights from its own keys, as the bank's fit computes them (the same float rounding)
-                phi = torch.zeros(1, q.shape[1], n)
-                phi[..., span] = torch.exp(q @ every_key[:, head, start : start + length].transpose(-1, -2) * scaling - lse[..., None])
-                attention.phi.append(phi)
-                attention.slot_phi.append(None)
-                attention.lse.append(lse)
-            if min(budgets) == 0:
-                continue  # compact_layer gives every head at least the slots it asks; a head without any reads no slot
-            compact_layer(target, queries, torch.full((queries.shape[2],), -1), span, budgets, chunk_press(), scaling,
-                          fold_slots=False, attention=attention)
-            slots = target.slots
-            # sorted by (head, position) on both sides: the order slots are stored in carries no meaning
-            expected = (slots.head * 10_000 + slots.rope[0]).argsort()
-            own = (head_of // hkv == layer).nonzero()[:, 0]
-            got = own[((head_of[own] % hkv) * 10_000 + stored["slot_rope"][own].long()).argsort()]
-            assert torch.equal(stored["slot_rope"][got].long(), slots.rope[0, expected])
-            assert torch.equal(head_of[got] % hkv, slots.head[expected])
-            assert torch.allclose(stored["slot_kv"][got, 0], slots.keys[0, expected], atol=1e-5)
-            # the fits carry the two paths' float rounding (1e-7 in the attention weights) further: a slot
-            # with a tiny weight gets beta = log(weight) and a weakly determined value
-            assert torch.allclose(stored["slot_kv"][got, 1], slots.values[0, expected], rtol=1e-2, atol=5e-3)
-            # compared as weights exp(beta): a slot of weight 0.01 may take beta -4.46 on one path, -4.32 on the other
-            # (measured: weights within 2.5%, values within 0.004: the two NNLS solves are batched differently)
-            assert torch.allclose(stored["slot_beta"][got].exp(), slots.beta[0, expected].exp(), rtol=5e-2, atol=2e-3)
-            compared += 1
-    assert compared >= len(compacted)
+                budget = int((head_of == layer * hkv + head).sum())
+                assert budget >= 1
+                q = group_queries(queries, head, hkv)  # [1, G*Q, D]
+                logits = (q @ keys[head].T * scaling).masked_fill(~seen.repeat(q.shape[1] // seen.shape[0], 1), float("-inf"))
+                span = torch.arange(start, start + length)
+                problem = SpanProblem(q, keys[head, span][None], values[head, span][None], torch.zeros(1, length),
+                                      torch.logsumexp(logits, dim=-1), scaling)
+                if budget >= length:
+                    index, slot_keys, slot_values, beta = span[None] - start, problem.keys, problem.values, problem.key_bias
+                else:
+                    index, slot_keys, slot_values, beta = chunk_press().compact(
+                        HeadSpan(problem, span, torch.full((q.shape[1],), -1), span[None]), budget)
+                # sorted by position on both sides: the order slots are stored in carries no meaning
+                expected = index[0].argsort()
+                own = (head_of == layer * hkv + head).nonzero()[:, 0]
+                got = own[stored["slot_rope"][own].long().argsort()]
+                assert torch.equal(stored["slot_rope"][got].long(), start + index[0, expected])
+                assert torch.allclose(stored["slot_kv"][got, 0].float(), slot_keys[0, expected], atol=1e-5)
+                # the fits carry the two paths' float rounding (1e-7 in the attention weights) further: the NNLS of
+                # the weights exp(beta) and the value fit are solved in differently composed batches (measured:
+                # weights within 2.5%, values within 0.004; a slot of weight 0.01 has beta -4.46 or -4.32)
+                assert torch.allclose(stored["slot_kv"][got, 1].float(), slot_values[0, expected], rtol=1e-2, atol=5e-3)
+                assert torch.allclose(stored["slot_beta"][got].exp(), beta[0, expected].exp(), rtol=5e-2, atol=2e-3)
+                compared += 1
+    assert compared == len(compacted) * model.config.num_hidden_layers * hkv
     layers_heads = model.config.num_hidden_layers * hkv
     assert total == 3 * layers_heads * round(CHUNK / 4)
     assert torch.unique(bank.read_rows(0, "slot_head", 0, total).long()).numel() == layers_heads
