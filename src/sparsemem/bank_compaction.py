@@ -28,9 +28,9 @@ full resolution, and got 0.4% of it over all layers where the exact chunk gets 6
 Measured on SmolLM2-135M at 8x (Python sources with 6 secret-number needles, the needle's chunks forced
 into the 8 read): fitting each chunk to its own tokens' queries with the same slots for every head read 1
 of 6 needles back at 12K tokens and 2 of 6 at 32K; the repetition's queries and ranked budgets read 6 of 6
-at 12K and 4 of 6 at 32K (the full-resolution bank: 6 of 6 at both). The two misses at 32K came from the
-other chunks read with the needle (compacted needle chunks with the others exact read both needles; see
-reports/memory-bank-cpu/compacted/).
+at 12K and 4 of 6 at 32K (the full-resolution bank: 6 of 6 at both), and so does this (see
+reports/memory-bank-cpu/compacted/): one miss is routing (with the chunks the compacted bank selects, exact
+K/V miss it too), the other comes from the other chunks read with the needle, not from the needle's chunks.
 """
 
 from dataclasses import dataclass
