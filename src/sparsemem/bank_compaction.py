@@ -8,20 +8,29 @@ is about to repeat. A chunk is fitted to the repetition's queries around its own
 it, `WINDOW_MARGIN` more on either side) and `SPREAD` queries spread evenly over the whole repetition. Each
 query's attention is measured against the whole piece (its log-sum-exp over every key of the piece), so a
 query that barely reads the chunk barely counts; its share of attention left for the piece (against the
-prompt and the last `REPEAT_REACH` tokens of the repetition, which it reads too) weighs the ranking.
+prompt and the last `REPEAT_REACH` tokens of the repetition, which it reads too) weighs the ranking. The
+repetition reads a chunk from a piece's length away; a question reads the chunk laid out right before it
+from up close, where heads that read their nearest tokens broadly give it much of their attention. So a
+chunk is also fitted to the `FOLLOWING` queries of the first reading right after it (into the prompt after
+the piece), each measured against what it reads: the keys up to its own position.
 
 Budgets. A piece holds `chunk_tokens / ratio` slots per whole chunk, layer and KV head on average. Every
 (layer, KV head) competes for them by the largest share of attention a reference query gives each of its
 entries (`allocate_by_scores`, as `compact()` with `GlobalBudgets`), and a head that wins `whole_span_share`
 of its entries keeps every chunk of the piece exact (a retrieval head, which copies facts such as a number
 from single entries; Attention Matching's slots blur them). Within a head, the same ranking splits its slots
-over the piece's chunks, so a chunk the head reads sharply keeps more.
+over the piece's chunks, so a chunk the head reads sharply keeps more; but every head keeps at least one
+slot in every chunk (its best-ranked entry there). A head that reads broadly wins no entry in the ranking,
+and the chunk then had no slot at all in it: on SmolLM2-135M, the chunk laid out right before a question kept
+none in layers 0, 1 and 11, which give it 26%, 38% and 25% of the question's attention to the memory at
+full resolution, and got 0.4% of it over all layers where the exact chunk gets 6.8%.
 
 Measured on SmolLM2-135M at 8x (Python sources with 6 secret-number needles, the needle's chunks forced
 into the 8 read): fitting each chunk to its own tokens' queries with the same slots for every head read 1
-of 6 needles back at 12K tokens and 2 of 6 at 32K; this reads 6 of 6 at 12K and 4 of 6 at 32K, where the two
-missed needles are split across two chunks (the full-resolution bank: 6 of 6 at both; see
-reports/memory-bank-cpu/compacted/).
+of 6 needles back at 12K tokens and 2 of 6 at 32K; the repetition's queries and ranked budgets read 6 of 6
+at 12K and 4 of 6 at 32K (the full-resolution bank: 6 of 6 at both), and so does this (see
+reports/memory-bank-cpu/compacted/): one miss is routing (with the chunks the compacted bank selects, exact
+K/V miss it too), the other comes from the other chunks read with the needle, not from the needle's chunks.
 """
 
 from dataclasses import dataclass
@@ -38,6 +47,8 @@ from .modeling.compaction import HeadSpan
 WINDOW_MARGIN = 32
 # repetition queries spread evenly over the whole piece that take part in every chunk's fit
 SPREAD = 64
+# queries of the first reading right after a chunk that take part in its fit
+FOLLOWING = 32
 # (chunk, layer, KV head) problems per batched measurement or solve (bounds the [P, queries, chunk] weights)
 PROBLEMS_PER_SOLVE = 8192
 
@@ -68,12 +79,17 @@ class RepeatedPieces:
     queries: [L, B, H, N, D] the queries of each row's second copy (N: the longest piece; a shorter row's
     last query is repeated); lse: [L, B, H, N] their log-sum-exp over the piece's keys (fp32); share:
     [L, B, H, N] the share of their attention that goes to the piece rather than to the prompt and the
-    repetition's last `REPEAT_REACH` tokens; lengths: [B] piece lengths."""
+    repetition's last `REPEAT_REACH` tokens; lengths: [B] piece lengths; following: [L, B, H, M, D] the
+    queries of the first reading (the piece, then the prompt; M: the longest piece + the prompt), which read
+    each chunk from right after it, as a question laid out after the chunk does; following_lse: [L, B, H, M]
+    their log-sum-exp over what they read (the keys up to their own position, fp32)."""
 
     queries: torch.Tensor
     lse: torch.Tensor
     share: torch.Tensor
     lengths: torch.Tensor
+    following: torch.Tensor
+    following_lse: torch.Tensor
 
     @classmethod
     @torch.no_grad()
@@ -90,6 +106,8 @@ class RepeatedPieces:
         queries = captured[0].new_empty(layers, batch, heads, longest, dim)
         lse = torch.empty(layers, batch, heads, longest, device=device)
         outside = torch.empty_like(lse)
+        following = captured[0].new_empty(layers, batch, heads, longest + prompt_tokens, dim)
+        following_lse = torch.empty(layers, batch, heads, longest + prompt_tokens, device=device)
         for row, n in enumerate(sizes):
             first = n + prompt_tokens  # the repetition's token j sits at first + j
             for lo in range(0, n, block):
@@ -113,7 +131,20 @@ class RepeatedPieces:
             # a shorter row repeats its last query (never read: windows stay inside the piece)
             for tensor in (queries, lse, outside):
                 tensor[:, row, :, n:] = tensor[:, row, :, n - 1 : n]
-        return cls(queries, lse, torch.sigmoid(lse - outside), lengths.to(device))
+            # the first reading's queries, each over the keys up to its own position (causal)
+            read = n + prompt_tokens
+            for lo in range(0, read, block):
+                hi = min(read, lo + block)
+                later = torch.arange(hi, device=device)[None] > torch.arange(lo, hi, device=device)[:, None]  # [b, hi]
+                for layer in range(layers):
+                    q = captured[layer][row, :, lo:hi]  # [H, b, D]
+                    following[layer, row, :, lo:hi] = q
+                    q = q.float().reshape(kv_heads, group * (hi - lo), dim)
+                    logits = (q @ keys[layer, row, :, :hi].float().transpose(-1, -2) * scaling).view(kv_heads, group, hi - lo, hi)
+                    following_lse[layer, row, :, lo:hi] = torch.logsumexp(logits.masked_fill(later, float("-inf")), dim=-1).view(heads, -1)
+            for tensor in (following, following_lse):
+                tensor[:, row, :, read:] = tensor[:, row, :, read - 1 : read]
+        return cls(queries, lse, torch.sigmoid(lse - outside), lengths.to(device), following, following_lse)
 
 
 def reference_window(starts: torch.Tensor, lengths: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
@@ -126,6 +157,13 @@ def reference_window(starts: torch.Tensor, lengths: torch.Tensor, chunk_tokens: 
     window = (first[:, None] + torch.arange(width, device=starts.device)).minimum(lengths[:, None] - 1)
     spread = (torch.linspace(0, 1, SPREAD, device=starts.device)[None] * (lengths[:, None] - 1).float()).round().long()
     return torch.cat([window, spread], dim=1)
+
+
+def following_window(starts: torch.Tensor, lengths: torch.Tensor, prompt_tokens: int, chunk_tokens: int) -> torch.Tensor:
+    """[c, FOLLOWING] first-reading offsets whose queries a chunk is fitted to besides the repetition's: the
+    `FOLLOWING` tokens right after the chunk (into the prompt after the piece, never past it)."""
+    offsets = starts[:, None] + chunk_tokens + torch.arange(FOLLOWING, device=starts.device)
+    return offsets.minimum(lengths[:, None] + prompt_tokens - 1)
 
 
 @dataclass
@@ -149,6 +187,8 @@ class _Problems:
         self.layers, _, self.kv_heads = keys.shape[:3]
         self.group = repeated.queries.shape[2] // self.kv_heads
         self.window = reference_window(starts, repeated.lengths[rows], chunk_tokens)  # [c, Q]
+        prompt_tokens = repeated.following.shape[3] - repeated.queries.shape[3]
+        self.following = following_window(starts, repeated.lengths[rows], prompt_tokens, chunk_tokens)  # [c, F]
 
     def __call__(self, units: torch.Tensor) -> tuple[SpanProblem, torch.Tensor, torch.Tensor]:
         """(problem, share [P, G*Q], rope [P, C]) of `units` [P]."""
@@ -159,11 +199,14 @@ class _Problems:
         keys = self.keys[layer[:, None], row[:, None], head[:, None], span]  # [P, C, D]
         values = self.values[layer[:, None], row[:, None], head[:, None], span]
         heads = head[:, None] * self.group + torch.arange(self.group, device=units.device)  # [P, G]
-        window = self.window[chunk]  # [P, Q]
-        pick = (layer[:, None, None], row[:, None, None], heads[:, :, None], window[:, None, :])
+        pick = lambda window: (layer[:, None, None], row[:, None, None], heads[:, :, None], window[chunk][:, None, :])  # noqa: E731
         flat = lambda t: t.reshape(units.numel(), -1, *t.shape[3:])  # noqa: E731 - [P, G, Q, ...] -> [P, G*Q, ...]
-        queries = flat(self.repeated.queries[pick])
-        lse, share = flat(self.repeated.lse[pick]), flat(self.repeated.share[pick])
+        repeated, following = pick(self.window), pick(self.following)
+        both = lambda first, second: flat(torch.cat([first, second], dim=2))  # noqa: E731 - per query head: window, then following
+        queries = both(self.repeated.queries[repeated], self.repeated.following[following])
+        lse = both(self.repeated.lse[repeated], self.repeated.following_lse[following])
+        # the first reading attends to nothing but the piece and the prompt: all of its attention counts
+        share = both(self.repeated.share[repeated], torch.ones_like(self.repeated.following_lse[following]))
         problem = SpanProblem(queries, keys, values, torch.zeros(keys.shape[:2], device=keys.device), lse, self.scaling)
         return problem, share, span
 
@@ -180,9 +223,13 @@ def allocate_piece(scores: torch.Tensor, slots_per_chunk: int, whole_span_share:
     chunks, layers, kv_heads, width = scores.shape
     per_head = scores.permute(1, 2, 0, 3).reshape(layers * kv_heads, chunks * width)  # chunk-major within a head
     total = chunks * layers * kv_heads * slots_per_chunk
-    counts = torch.tensor(allocate_by_scores(list(per_head.cpu()), total, whole_span_share=whole_span_share),
+    # every head keeps at least one slot per chunk: a chunk read right before a question gets a large share of
+    # the diffuse heads' attention, which no single entry of it wins in the ranking
+    counts = torch.tensor(allocate_by_scores(list(per_head.cpu()), total, minimum=chunks, whole_span_share=whole_span_share),
                           device=scores.device)
-    order = per_head.argsort(dim=1, descending=True, stable=True)
+    first = per_head.view(-1, chunks, width).clone()
+    first.scatter_(2, first.argmax(dim=2, keepdim=True), float("inf"))  # each chunk's best entry ranks first
+    order = first.view(-1, chunks * width).argsort(dim=1, descending=True, stable=True)
     chosen = (torch.arange(chunks * width, device=scores.device)[None] < counts[:, None]).long()
     budgets = torch.zeros(layers * kv_heads, chunks, dtype=torch.long, device=scores.device)
     budgets.scatter_add_(1, order // width, chosen)
