@@ -29,6 +29,8 @@ def bench_args(*argv):
     (["--sections", "decode-small", "--device", "cpu", "--scorer-sub-block", "4"],
      r"--scorer-sub-block is read by the attention/prefill/decode section\(s\) alone"),
     (["--sections", "attention", "--small-block-size", "32"], r"--small-block-size is read by the decode-small section\(s\) alone"),
+    (["--sections", "decode", "--small-steps", "64"], r"--small-steps is read by the decode-small section\(s\) alone"),
+    (["--sections", "prefill", "--small-context", "2048"], r"--small-context is read by the decode-small section\(s\) alone"),
     (["--sections", "attention", "--scorer", "subminmax"], r"--scorer subminmax --scorer-sub-block None: scorer='subminmax' needs"),
     (["--sections", "decode", "--scorer", "minmax", "--scorer-sub-block", "4"], r"`scorer_sub_block` is used by scorer='subminmax' alone"),
 ])

@@ -816,12 +816,16 @@ def resolve_sections(args) -> list[str]:
     return args.sections
 
 
+SMALL_CONTEXT, SMALL_STEPS = 4096, 256  # decode-small: prompt tokens, one-token steps
+
 # options that some sections alone read, with their defaults: given to a run without those sections, they would
 # be ignored
 SECTION_OPTIONS = {
     "scorer_sub_block": ("--scorer-sub-block", None, ("attention", "prefill", "decode")),
     **{f"small_{name}": (f"--small-{name.replace('_', '-')}", value if name != "scorer_sub_block" else None, ("decode-small",))
        for name, value in SMALL_TIMED_OPTIONS.items()},
+    "small_context": ("--small-context", SMALL_CONTEXT, ("decode-small",)),
+    "small_steps": ("--small-steps", SMALL_STEPS, ("decode-small",)),
     "small_depths": ("--small-depths", list(SMALL_DEPTHS), ("decode-small",)),
     "small_ppl_length": ("--small-ppl-length", None, ("decode-small",)),
 }

@@ -11,7 +11,7 @@ import torch
 
 from .arguments import check_arguments, head_budgets
 from .bench import GPU_SECTIONS as BENCH_SECTIONS
-from .bench import SMALL_DEPTHS, SMALL_TIMED_OPTIONS, TRAINING_FREE_SCORERS
+from .bench import SMALL_CONTEXT, SMALL_DEPTHS, SMALL_STEPS, SMALL_TIMED_OPTIONS, TRAINING_FREE_SCORERS
 from .machine import model_label, run_info
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
@@ -448,9 +448,9 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--no-compile-dense", dest="compile_dense", action="store_false",
                        help="leave out dense transformers with StaticCache + torch.compile (compiled, then captured in a CUDA "
                             "graph) from the decode sections (its compilation takes minutes)")
-    bench.add_argument("--small-context", type=int, default=4096,
+    bench.add_argument("--small-context", type=int, default=SMALL_CONTEXT,
                        help="decode-small section: real-text prompt tokens before the timed steps")
-    bench.add_argument("--small-steps", type=int, default=256, help="decode-small section: one-token steps (3 untimed)")
+    bench.add_argument("--small-steps", type=int, default=SMALL_STEPS, help="decode-small section: one-token steps (3 untimed)")
     timed = bench.add_argument_group(
         "decode-small section: the sparse configuration timed and evaluated next to the model's default settings "
         "(sparsemem.convert options; sinks and recent window stay the model's)")
