@@ -29,12 +29,12 @@ def run(model, tokenizer, corpus, configs: list[dict], budgets, context: int, st
     against one full-cache reference."""
     for config in configs:  # every configuration is checked before the first run
         online_compaction(config, max(budgets), model.config.sink_tokens)
-    labels = [json.dumps(config, sort_keys=True) for config in configs]
+    by_label = {f"config {index}": config for index, config in enumerate(configs)}  # the results' method names
     results, _ = evaluate_online(
-        model, tokenizer, corpus, methods=labels, budgets=budgets, context=context, steps=steps,
-        make_online=lambda budget, label: online_compaction(json.loads(label), budget, model.config.sink_tokens),
+        model, tokenizer, corpus, methods=list(by_label), budgets=budgets, context=context, steps=steps,
+        make_online=lambda budget, label: online_compaction(by_label[label], budget, model.config.sink_tokens),
     )
-    return [{**dataclasses.asdict(result), "config": json.loads(result.method), "method": json.loads(result.method).get("method", "am")}
+    return [{**dataclasses.asdict(result), "config": by_label[result.method], "method": by_label[result.method].get("method", "am")}
             for result in results if result.method != "full"]
 
 

@@ -388,11 +388,13 @@ class DecodeLaunch:
     keys_per_step: int = 128
     steps_per_program: int = 8
 
-    def tiles_per_step(self, block_size: int) -> int:
+    def __post_init__(self):
         if self.keys_per_step < 16 or self.keys_per_step & (self.keys_per_step - 1):
             raise ValueError(f"DecodeLaunch.keys_per_step must be a power of two >= 16, got {self.keys_per_step}")
         if self.steps_per_program < 1:
             raise ValueError(f"DecodeLaunch.steps_per_program must be >= 1, got {self.steps_per_program}")
+
+    def tiles_per_step(self, block_size: int) -> int:
         return max(1, self.keys_per_step // block_size)
 
     def width(self, num_tiles: int, pairs: int, block_size: int, processors: int) -> int:
@@ -419,8 +421,9 @@ DECODE_LAUNCH = DecodeLaunch()
 
 def selected_tiles_attention(query, key, value, index, sink, local, scaling, block_size, out_dtype, length=None,
                              launch: DecodeLaunch = DECODE_LAUNCH):
-    """The decode kernel (Triton, CUDA tensors or Triton's interpreter). Attention of query [B, Hkv, G, D] at position N-1 over the selected blocks index [B, Hkv, S] (keys in
-    [sink, N-1-local]) and the anchors (keys < sink, keys > N-1-local), in one kernel and one merge:
+    """The decode kernel (Triton: CUDA tensors, or any under Triton's interpreter). Attention of query
+    [B, Hkv, G, D] at position N-1 over the selected blocks index [B, Hkv, S] (keys in [sink, N-1-local]) and
+    the anchors (keys < sink, keys > N-1-local), in one kernel and one merge:
     (output [B, Hkv, G, D] in `out_dtype`, lse [B, Hkv, G] fp32, attended keys per query head).
 
     N = key.shape[-2], or the value of `length` ([1] on the device) when given: then the keys are buffers
