@@ -58,9 +58,11 @@ def _bank_logits(bank, question, **options):
     return bank.model(question, past_key_values=found.cache).logits
 
 
-def test_every_chunk_selected_equals_document_wise_reading(tmp_path):
+@pytest.mark.parametrize("store", [{}, {"store": "tokens", "reread_context": None}], ids=["kv", "tokens"])
+def test_every_chunk_selected_equals_document_wise_reading(tmp_path, store):
+    # a bank of token ids reading every chunk with its whole piece before it computes the same K/V again
     model, documents = _model(), _documents()
-    bank = _bank(tmp_path / "bank", model)
+    bank = _bank(tmp_path / "bank", model, **store)
     stats = bank.add(documents, progress=False)
     assert stats["documents"] == 4 and stats["tokens"] == sum(d.numel() for d in documents)
     assert len(bank.meta["shards"]) > 1  # several shards, and a document longer than a piece
@@ -223,9 +225,84 @@ def test_reopen_in_a_fresh_process(tmp_path):
     assert (child - expected[0, -1]).abs().max().item() <= 1e-5
 
 
+@torch.no_grad()
+def _kv_of(model, ids: torch.Tensor) -> torch.Tensor:
+    """K/V [n, L, 2, Hkv, D] of `ids` [n] read alone with positions from 0 (the plain model)."""
+    from transformers import DynamicCache
+
+    from sparsemem.modeling.modeling_sparsemem import CACHE_ARGUMENT
+
+    cache = DynamicCache()
+    model(ids[None], **{CACHE_ARGUMENT: cache}, use_cache=True)
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).permute(3, 0, 1, 2, 4)
+
+
+@torch.no_grad()
+def test_token_bank_reads_chunks_again_with_bounded_context(tmp_path):
+    from sparsemem.memory_recall import _Fetched
+
+    model, documents = _model(), _documents()
+    full = _bank(tmp_path / "kv", model)
+    full.add(documents, progress=False)
+    context = 5
+    calls = [0] * model.config.num_hidden_layers
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(model.model.layers)]
+    bank = _bank(tmp_path / "tokens", model, store="tokens", reread_context=context)
+    bank.add(documents, progress=False)
+    for hook in hooks:
+        hook.remove()
+    last = max(bank.routing_layers)
+    # ingestion stops after the last routing layer, and its routing keys are the full-resolution bank's
+    assert all(calls[: last + 1]) and not any(calls[last + 1 :])
+    assert torch.equal(bank.routing, full.routing) and torch.equal(bank.routing_scale, full.routing_scale)
+    assert bank.info()["bytes"]["disk"] < full.info()["bytes"]["disk"] / 5
+    # the third document (150 tokens): piece 0 holds chunks 7..10 (starts 2, 18, 34, 50)
+    piece_ids = documents[2][:PIECE]
+    sinks = piece_ids[:SINKS]
+    first_chunk = int((bank.piece_global_document[bank.chunk_global_piece] == 2).nonzero()[0])
+    assert bank.chunk_table[first_chunk, 1] == SINKS
+    chosen = torch.tensor([first_chunk + 1, first_chunk + 3])  # tokens 18..34 and 50..64
+    fetched = _Fetched(bank, chosen)
+    for chunk, start, end in ((first_chunk + 1, 18, 34), (first_chunk + 3, 50, 64)):
+        reference = _kv_of(model, torch.cat([sinks, piece_ids[start - context : end]]))
+        assert (fetched.exact[chunk] - reference[SINKS + context :]).abs().max().item() <= 1e-5
+        assert fetched.first_position[chunk] == SINKS + context
+    assert (fetched.sinks[int(bank.chunk_global_piece[first_chunk])] - reference[:SINKS]).abs().max().item() <= 1e-5
+    # a hidden chunk is not read as context either: the chunk after it is read from its own start
+    hidden = _Fetched(bank, chosen[:1], hidden=torch.tensor([first_chunk]))
+    reference = _kv_of(model, torch.cat([sinks, piece_ids[18:34]]))
+    assert (hidden.exact[first_chunk + 1] - reference[SINKS:]).abs().max().item() <= 1e-5
+    # asked through recall, the layout puts the re-read keys where the stored ones would go: with the whole piece
+    # as context the token bank answers as the full-resolution bank does, for a top-k choice too
+    whole = _bank(tmp_path / "whole", model, store="tokens", reread_context=None)
+    whole.add(documents, progress=False)
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    expected = full.model(question, past_key_values=recall(full, question, top_k=3).cache).logits
+    found = recall(whole, question, top_k=3)
+    assert (whole.model(question, past_key_values=found.cache).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_token_bank_options_are_checked(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="ratio"):
+        _bank(tmp_path / "a", model, store="tokens", ratio=4)
+    with pytest.raises(ValueError, match="reread_context"):
+        _bank(tmp_path / "b", model, store="tokens", reread_context=-1)
+    with pytest.raises(ValueError, match="reread_context.*store='tokens'"):
+        _bank(tmp_path / "c", model, reread_context=16)  # a K/V bank reads nothing again
+    with pytest.raises(ValueError, match="store"):
+        _bank(tmp_path / "d", model, store="text")
+    bank = _bank(tmp_path / "e", model, store="tokens")
+    from sparsemem.memory_bank import REREAD_CONTEXT
+
+    assert bank.options.reread_context == REREAD_CONTEXT
+    assert MemoryBank.open(tmp_path / "e", model).options.store == "tokens"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ratio", [None, 8])
-def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path, ratio):
+@pytest.mark.parametrize("storage", [[], ["--ratio", "8"], ["--store", "tokens"]], ids=["full", "am8", "tokens"])
+def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path, storage):
     """Real text (two standard-library sources, ~2.5K tokens, ~40 chunks) with a secret number inside, read
     from the top 2 chunks (routing must rank the needle's chunk first or second): ingested by the
     CLI in one process, asked by the CLI in another, which finds the bank's model by itself. Compacted 8x,
@@ -246,17 +323,18 @@ def test_smollm2_bank_answers_a_needle_from_a_fresh_process(tmp_path, ratio):
     run = lambda *args: subprocess.run([sys.executable, "-m", "sparsemem.cli", *args], capture_output=True, text=True,  # noqa: E731
                                        env=env, timeout=600)
     bank = str(tmp_path / "bank")
-    compacted = ["--ratio", str(ratio)] if ratio else []
     ingest = run("memory", "ingest", "--bank", bank, "--device", "cpu", "--piece-tokens", "1024", "--batch-tokens", "4096",
-                 *compacted, str(tmp_path / "docs"))
+                 *storage, str(tmp_path / "docs"))
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     info = run("memory", "info", "--bank", bank, "--device", "cpu")
     assert info.returncode == 0, info.stderr[-2000:]
     facts = json.loads(info.stdout)
     assert facts["documents"] == 2 and facts["tokens"] > 2000
     full_resolution = facts["tokens"] * 46080  # 30 layers x 2 x 3 KV heads x 64 x 4 bytes (fp32)
-    if ratio:  # the slots (with beta, position, head), sinks and each piece's last chunk exact, routing keys
+    if "--ratio" in storage:  # the slots (with beta, position, head), sinks and each piece's last chunk exact, routing keys
         assert facts["bytes"]["disk"] < full_resolution / 4
+    elif "--store" in storage:  # token ids and the routing keys (every key of one layer: 3 KV heads x (64 + 2) bytes)
+        assert facts["bytes"]["disk"] < facts["tokens"] * 300
     else:
         assert facts["bytes"]["disk"] > full_resolution
     ask = run("memory", "ask", "--bank", bank, "--device", "cpu", "--top-k", "2", "--max-new-tokens", "8", question)

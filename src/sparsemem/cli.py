@@ -13,6 +13,7 @@ from .arguments import check_arguments, head_budgets
 from .bench import GPU_SECTIONS as BENCH_SECTIONS
 from .bench import SMALL_CONTEXT, SMALL_DEPTHS, SMALL_STEPS, SMALL_TIMED_OPTIONS, TRAINING_FREE_SCORERS
 from .machine import model_label, run_info
+from .memory_bank import REREAD_CONTEXT
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.placement import PLACEMENTS
@@ -343,7 +344,8 @@ def cmd_memory(args) -> int:
         bank = MemoryBank.create(args.bank, model, tokenizer, chunk_tokens=args.chunk_tokens, ratio=args.ratio,
                                  piece_tokens=args.piece_tokens, batch_tokens=args.batch_tokens,
                                  routing_layers=args.routing_layers, routing_pool=args.routing_pool,
-                                 whole_span_share=args.whole_span_share, exist_ok=True)
+                                 whole_span_share=args.whole_span_share, store=args.store,
+                                 reread_context=args.reread_context, exist_ok=True)
         stats = bank.add(paths, progress=True)
         logger.warning("ingested %d documents (%d tokens, %.0f tokens/s); %d already in the bank", stats["documents"],
                        stats["tokens"], stats["tokens_per_second"], stats["skipped"])
@@ -383,7 +385,8 @@ def cmd_eval_memory(args) -> int:
         selections=args.selections, bm25=not args.no_bm25, workdir=Path(args.workdir or output / "banks"),
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
         routing_layers=args.routing_layers, routing_pool=args.routing_pool, query_tokens=args.query_tokens,
-        min_relative_score=args.min_relative_score, whole_span_share=args.whole_span_share, progress=checkpoint,
+        min_relative_score=args.min_relative_score, whole_span_share=args.whole_span_share,
+        reread_contexts=args.reread_contexts, progress=checkpoint,
     )
     meta.update({**run, "finished": True})
     paths = write_memory_report(rows, meta, output)
@@ -407,6 +410,18 @@ def _share_or_auto(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'auto' or 'none', got {text!r}") from None
+
+
+def _reread_context(text: str):
+    if text in ("auto", "piece"):
+        return None if text == "piece" else text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, 'piece' or 'auto', got {text!r}")
+    return value
 
 
 def _layer_list(text: str) -> list[int]:
@@ -613,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--ratio", type=float, default=8.0, help="Attention Matching ratio of the compacted bank (0: none)")
     mem.add_argument("--full-resolution-max-tokens", type=int, default=2_000_000,
                      help="build the full-resolution bank only for haystacks up to this size (23 KB/token for SmolLM2 in bf16)")
+    mem.add_argument("--reread-contexts", type=_reread_context, nargs="*", default=[REREAD_CONTEXT], metavar="N|piece",
+                     help="one bank of token ids (store tokens) per value: tokens of a chunk's piece read again before it "
+                          "('piece': all of them); give none to leave these banks out")
     mem.add_argument("--needles", type=int, default=20, help="needles (evenly spaced depths) per haystack")
     mem.add_argument("--code-questions", type=int, default=100, help="code questions per haystack")
     mem.add_argument("--top-k", type=int, default=32, help="chunks read per question (prompt budget = top-k x chunk-tokens)")
@@ -635,6 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     ing = actions.add_parser("ingest", formatter_class=HELP, help="read files (or folders) into a bank, creating it if needed")
     ing.add_argument("--bank", required=True, help="the bank's folder")
     ing.add_argument("--ratio", type=float, default=None, help="compact every chunk this many times (default: full resolution)")
+    ing.add_argument("--store", default="kv", choices=["kv", "tokens"],
+                     help="keep each chunk's K/V, or only its token ids and read the chunks a question needs again "
+                          "(4 bytes per token on disk; ingestion runs the model up to the last routing layer only)")
+    ing.add_argument("--reread-context", type=_reread_context, default="auto", metavar="N|piece|auto",
+                     help=f"--store tokens: tokens of a chunk's piece read again before it ('piece': all of them; "
+                          f"auto: {REREAD_CONTEXT})")
     _memory_read_args(ing)
     _add_bank_args(ing, ingest=True)
     ing.add_argument("paths", nargs="+", help="text files or folders (their files, sorted)")

@@ -44,6 +44,7 @@ import os
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,6 +68,9 @@ PIECE, START, LENGTH, ROW, ROWS, COMPACTED = range(6)
 # piece table columns
 DOCUMENT, SINK_ROW, SINKS, PIECE_INDEX = range(4)
 ROUTING_POOLS = ("max", "mean")
+STORES = ("kv", "tokens")
+# tokens of a chunk's piece read again before it (store="tokens"): measured in `sparsemem eval memory`
+REREAD_CONTEXT = 256
 
 
 def default_routing_layers(num_layers: int) -> list[int]:
@@ -112,6 +116,16 @@ class BankOptions:
     routing_pool: "max" keeps every key of a chunk at the routing layers and scores the chunk by the best
         match (a needle is a few tokens of a chunk; a mean over 64 keys washes it out); "mean" keeps one
         mean key per chunk (`chunk_tokens` times fewer routing bytes).
+    store: what the bank keeps of a chunk for reading it. "kv": its K/V as the model computed them (exact,
+        23 KB per token for SmolLM2 in bf16, or compacted with `ratio`). "tokens": its token ids only (4 bytes
+        per token); a question's chunks are read again when it is asked (see `reread_context`), and ingestion
+        runs the model only up to the last routing layer, since it keeps nothing above it. A 10M-token bank
+        then fits a disk, and every chunk a question reads is exact rather than compacted, at the price of
+        a forward pass over the chunks read (and their context) per question.
+    reread_context: with store="tokens", how many tokens of a chunk's piece before it are read again with it,
+        after the piece's sink tokens, so its K/V see the text that led to it. None: all of them, which gives
+        exactly the K/V the "kv" store keeps (a forward over up to a whole piece per chunk read). "auto":
+        `REREAD_CONTEXT` with store="tokens"; a "kv" bank reads nothing again, so it takes no other value.
     """
 
     chunk_tokens: int = 64
@@ -123,6 +137,8 @@ class BankOptions:
     routing_layers: list[int] | None = None
     routing_pool: str = "max"
     whole_span_share: float | str | None = "auto"
+    store: str = "kv"
+    reread_context: int | str | None = "auto"
 
     def validate(self, model_config, repeat_prompt_tokens: int = 0) -> "BankOptions":
         """Checks the options and resolves the defaults; `repeat_prompt_tokens`: the length of the prompt
@@ -142,6 +158,23 @@ class BankOptions:
             reason = "the trained context" if self.ratio is None else "a piece read twice must fit the trained context"
             raise ValueError(f"`piece_tokens` must be an integer in ({self.sink_tokens}, {longest}] ({reason}), "
                              f"got {self.piece_tokens!r}")
+        if self.store not in STORES:
+            raise ValueError(f"`store` must be one of {STORES}, got {self.store!r}")
+        if self.store == "tokens":
+            if self.ratio is not None:
+                raise ValueError("`ratio` compacts stored K/V: a bank with store='tokens' keeps token ids and reads "
+                                 "its chunks again exactly; give one of them")
+            if self.reread_context == "auto":
+                self.reread_context = REREAD_CONTEXT
+            elif self.reread_context is not None and (isinstance(self.reread_context, bool)
+                                                      or not isinstance(self.reread_context, int) or self.reread_context < 0):
+                raise ValueError(f"`reread_context` must be an integer >= 0, None (the whole piece before a chunk) or "
+                                 f"'auto', got {self.reread_context!r}")
+        elif self.reread_context not in ("auto", None):
+            raise ValueError(f"`reread_context` applies to banks with store='tokens' (a 'kv' bank reads nothing again), "
+                             f"got {self.reread_context!r}")
+        else:
+            self.reread_context = None
         if self.ratio is not None:
             if not (isinstance(self.ratio, (int, float)) and math.isfinite(self.ratio) and self.ratio > 1):
                 raise ValueError(f"`ratio` must be a finite number > 1 or None (full resolution), got {self.ratio!r}")
@@ -203,6 +236,30 @@ def quantize_routing_keys(keys: torch.Tensor, center: torch.Tensor) -> tuple[tor
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero key: codes 0 at any scale
     codes = (keys / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
     return codes, scale.to(torch.float16)
+
+
+class _StopForward(Exception):
+    """Ends a forward pass once the layers it needs have run."""
+
+
+@contextmanager
+def _stop_after(model, layer: int | None):
+    """Within it, a forward pass of `model` stops after decoder layer `layer` (None: runs to the end); the
+    layers it ran have filled their caches by then."""
+    if layer is None:
+        yield
+        return
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    handle = model.model.layers[layer].register_forward_hook(stop)
+    try:
+        yield
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
 
 
 def _token_sha(ids: torch.Tensor) -> str:
@@ -300,7 +357,8 @@ class MemoryBank:
     def create(cls, folder, model, tokenizer=None, chunk_tokens: int = 64, ratio: float | None = None,
                piece_tokens: int | None = None, sink_tokens: int = 4, batch_tokens: int = 32768,
                shard_tokens: int = 262144, routing_layers: list[int] | None = None, routing_pool: str = "max",
-               whole_span_share: float | str | None = "auto", exist_ok: bool = False, **open_options) -> "MemoryBank":
+               whole_span_share: float | str | None = "auto", store: str = "kv", reread_context: int | str | None = "auto",
+               exist_ok: bool = False, **open_options) -> "MemoryBank":
         """A new, empty bank in `folder` (created; an existing bank there is refused unless `exist_ok`,
         which opens it instead, checking that the options match). See `BankOptions` for the options; a
         compacted bank (`ratio`) needs the `tokenizer` (for the prompt of its repetition pass)."""
@@ -313,8 +371,10 @@ class MemoryBank:
             from .bank_compaction import REPEAT_PROMPT
 
             repeat_prompt = list(tokenizer(REPEAT_PROMPT, add_special_tokens=False)["input_ids"])
-        options = BankOptions(chunk_tokens, piece_tokens, sink_tokens, ratio, batch_tokens, shard_tokens, routing_layers,
-                              routing_pool, whole_span_share).validate(sparse.config, len(repeat_prompt))
+        options = BankOptions(chunk_tokens=chunk_tokens, piece_tokens=piece_tokens, sink_tokens=sink_tokens, ratio=ratio,
+                              batch_tokens=batch_tokens, shard_tokens=shard_tokens, routing_layers=routing_layers,
+                              routing_pool=routing_pool, whole_span_share=whole_span_share, store=store,
+                              reread_context=reread_context).validate(sparse.config, len(repeat_prompt))
         if (folder / MANIFEST).exists():
             if not exist_ok:
                 raise FileExistsError(f"{folder} already holds a memory bank; open it with MemoryBank.open")
@@ -559,14 +619,11 @@ class MemoryBank:
     def _read_pieces(self, pieces: list[torch.Tensor]) -> list[dict]:
         """One forward pass over right-padded pieces (padding comes after every real token, so causal
         attention never lets a real token see it); a compacted bank reads each piece, the repetition
-        prompt and the piece again (`bank_compaction.py`). Per piece: exact rows, routing keys, slots."""
-        from transformers import DynamicCache
-
+        prompt and the piece again (`bank_compaction.py`). Per piece: stored rows (K/V or token ids), routing
+        keys, slots."""
         from .bank_compaction import RepeatedPieces, compact_pieces, repeat_rows
-        from .query_sources import query_hook
-        from .modeling.call_context import call_settings
 
-        model, device = self.model, self.model.device
+        model = self.model
         lengths = torch.tensor([p.numel() for p in pieces])
         if self.options.ratio:
             ids = repeat_rows(pieces, self.repeat_prompt)
@@ -574,18 +631,11 @@ class MemoryBank:
             ids = torch.zeros(len(pieces), int(lengths.max()), dtype=torch.long)
             for row, piece in enumerate(pieces):
                 ids[row, : piece.numel()] = piece
-        ids = ids.to(device, non_blocking=True)
         queries: dict[int, torch.Tensor] = {}
-        cache = DynamicCache()
-        if self.options.ratio is None and self._plain is not None:
-            self._plain(ids, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)  # its own (dense) attention
-        else:
-            record = (lambda layer, q: queries.__setitem__(layer, q)) if self.options.ratio else None
-            with call_settings(model, attn_implementation="sdpa"), query_hook(model, record):
-                model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        keys = torch.stack([layer.keys for layer in cache.layers])  # [L, B, Hkv, T, D]
-        values = torch.stack([layer.values for layer in cache.layers])
-        del cache
+        record = (lambda layer, q: queries.__setitem__(layer, q)) if self.options.ratio else None
+        # a bank of token ids keeps nothing above its last routing layer
+        last = max(self.options.routing_layers) if self.options.store == "tokens" else None
+        keys, values = self.forward_kv(ids, record=record, last_layer=last)
         rotary = model.model.rotary_emb
         out, whole = [], []
         for row, piece in enumerate(pieces):
@@ -595,9 +645,10 @@ class MemoryBank:
             starts = list(range(sinks, n, self.options.chunk_tokens))
             lengths_of = [min(self.options.chunk_tokens, n - s) for s in starts]
             routing, routing_chunk = self._routing_keys(k, sinks, len(starts), rotary)
-            out.append({"kv": torch.stack([k, v], dim=1).permute(3, 0, 1, 2, 4), "sinks": sinks, "starts": starts,
-                        "lengths": lengths_of, "routing": routing, "routing_chunk": routing_chunk,
-                        "slots": {}})  # kv: [n, L, 2, Hkv, D]
+            # rows: what the bank stores per token, K/V [n, L, 2, Hkv, D] or token ids [n]
+            rows = piece.to(torch.int32) if self.options.store == "tokens" else torch.stack([k, v], dim=1).permute(3, 0, 1, 2, 4)
+            out.append({"rows": rows, "sinks": sinks, "starts": starts, "lengths": lengths_of, "routing": routing,
+                        "routing_chunk": routing_chunk, "slots": {}})
             # the last, shorter chunk of a piece stays exact
             whole += [(row, chunk, start) for chunk, (start, length) in enumerate(zip(starts, lengths_of))
                       if length == self.options.chunk_tokens]
@@ -615,6 +666,29 @@ class MemoryBank:
             for (row, chunk, _), chunk_slots in zip(whole, slots):
                 out[row]["slots"][chunk] = chunk_slots
         return out
+
+    @torch.no_grad()
+    def forward_kv(self, ids: torch.Tensor, record=None, last_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values), each [L, B, Hkv, T, D], of one forward pass over `ids` [B, T] with positions from 0:
+        a plain model with its own attention, or the sparsemem model with dense SDPA (`record(layer, queries)`
+        gets each layer's queries, for compaction). `last_layer`: stop after this layer (L = last_layer + 1)."""
+        from transformers import DynamicCache
+
+        from .query_sources import query_hook
+        from .modeling.call_context import call_settings
+
+        model = self.model
+        ids = ids.to(model.device, non_blocking=True)
+        cache = DynamicCache()
+        plain = record is None and self._plain is not None
+        with _stop_after(self._plain if plain else model, last_layer):
+            if plain:
+                self._plain(ids, **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)  # its own (dense) attention
+            else:
+                with call_settings(model, attn_implementation="sdpa"), query_hook(model, record):
+                    model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        layers = cache.layers if last_layer is None else cache.layers[: last_layer + 1]
+        return torch.stack([layer.keys for layer in layers]), torch.stack([layer.values for layer in layers])
 
     def _routing_keys(self, k: torch.Tensor, sinks: int, chunks: int, rotary) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing keys of one piece's chunks (`k` [L, Hkv, n, D] as rotated at positions 0..n-1): at the
@@ -639,7 +713,7 @@ class MemoryBank:
         for piece_number, ((doc_index, piece_index, _), result) in enumerate(zip(pieces, results)):
             sinks = result["sinks"]
             piece_rows.append([doc_index, rows, sinks, piece_index])
-            kv.append(result["kv"][:sinks])
+            kv.append(result["rows"][:sinks])
             rows += sinks
             slots = result["slots"]
             routing.append(result["routing"])
@@ -652,24 +726,31 @@ class MemoryBank:
                     chunk_rows.append([piece_number, start, length, slot_rows, part.beta.shape[0], 1])
                     slot_rows += part.beta.shape[0]
                 else:
-                    kv.append(result["kv"][start : start + length])
+                    kv.append(result["rows"][start : start + length])
                     chunk_rows.append([piece_number, start, length, rows, length, 0])
                     rows += length
-        first = results[0]["kv"]
-        device = first.device
-        cat = lambda name, empty: torch.cat([getattr(p, name) for p in slot_parts]) if slot_parts else empty  # noqa: E731
-        tensors = {
-            "kv": torch.cat(kv),
-            "slot_kv": cat("kv", first.new_zeros(0, 2, first.shape[-1])),
-            "slot_beta": cat("beta", torch.zeros(0, device=device)),
-            "slot_rope": cat("rope", torch.zeros(0, dtype=torch.long, device=device)).to(torch.int32),
-            "slot_head": cat("head", torch.zeros(0, dtype=torch.long, device=device)).to(torch.int16),
+        tensors = {}
+        if self.options.store == "tokens":
+            # a piece's rows are its tokens in order, so token t of a piece is row `sink row + t`
+            tensors["ids"] = torch.cat(kv)
+        else:
+            first = results[0]["rows"]
+            device = first.device
+            cat = lambda name, empty: torch.cat([getattr(p, name) for p in slot_parts]) if slot_parts else empty  # noqa: E731
+            tensors.update({
+                "kv": torch.cat(kv),
+                "slot_kv": cat("kv", first.new_zeros(0, 2, first.shape[-1])),
+                "slot_beta": cat("beta", torch.zeros(0, device=device)),
+                "slot_rope": cat("rope", torch.zeros(0, dtype=torch.long, device=device)).to(torch.int32),
+                "slot_head": cat("head", torch.zeros(0, dtype=torch.long, device=device)).to(torch.int16),
+            })
+        tensors.update({
             "routing_keys": torch.cat(routing),
             "routing_scale": torch.cat(routing_scale),
             "routing_chunk": torch.cat(routing_chunk),
             "chunks": torch.tensor(chunk_rows, dtype=torch.long),
             "pieces": torch.tensor(piece_rows, dtype=torch.long),
-        }
+        })
         # one copy to the host per shard; the writer thread serialises it
         return {name: t.to("cpu", non_blocking=False).contiguous() for name, t in tensors.items()}
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory_bank import LENGTH, START
 from .modeling.cache import SparseMemCache, SparseMemLayer
 from .modeling.slots import SlotTier
 from .modeling.rope import shift_keys, trained_context
@@ -172,15 +173,21 @@ def _pick(scores: torch.Tensor, options: RecallOptions) -> torch.Tensor:
 
 
 class _Fetched:
-    """Chunk and sink data read from the shards once per question, on the model's device."""
+    """Chunk and sink data read from the shards (or, for a bank of token ids, read again by the model) once
+    per question, on the model's device."""
 
-    def __init__(self, bank, chunks: torch.Tensor):
+    def __init__(self, bank, chunks: torch.Tensor, hidden: torch.Tensor | None = None):
         device = bank.model.device
-        self.exact: dict[int, torch.Tensor] = {}
+        self.exact: dict[int, torch.Tensor] = {}  # chunk -> K/V [t, L, 2, Hkv, D]
+        # chunk -> the position its first key is rotated at (stored K/V: its start in the piece)
+        self.first_position: dict[int, int] = {}
         # chunk -> (kv [t, 2, D], beta [t], rope [t], KV head [t], layer ends): a chunk's slots are stored sorted by
         # (layer, KV head), so layer l's are rows ends[l - 1]:ends[l], found once on the host, not per layer on the device
         self.slots: dict[int, tuple] = {}
         self.sinks: dict[int, torch.Tensor] = {}
+        if bank.options.store == "tokens":
+            self._read_again(bank, chunks, hidden)
+            return
         layers = bank.model.config.num_hidden_layers
         for chunk in chunks.tolist():
             shard = int(bank.chunk_shard[chunk])
@@ -194,10 +201,71 @@ class _Fetched:
                 self.slots[chunk] = (kv, beta, rope.long(), head, ends)
             else:
                 self.exact[chunk] = bank.read_rows(shard, "kv", row, rows).to(device, non_blocking=True)
+                self.first_position[chunk] = int(bank.chunk_table[chunk, START])
         for piece in torch.unique(bank.chunk_global_piece[chunks]).tolist():
             _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
             if sinks:
                 self.sinks[piece] = bank.read_rows(int(bank.piece_shard[piece]), "kv", sink_row, sinks).to(device, non_blocking=True)
+
+    def _read_again(self, bank, chunks: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """A bank of token ids: the chunks are read again, in rows of [the piece's sinks, then its tokens from
+        `reread_context` before a chunk to the chunk's end]; chunks of a piece whose spans touch share a row.
+        A hidden chunk is never read, not even as another chunk's context: a span starts after it."""
+        context = bank.options.reread_context
+        hidden_set = set() if hidden is None else set(hidden.tolist())
+        rows: list[torch.Tensor] = []
+        placed: list[tuple[int, int, list[tuple[int, int]]]] = []  # per row: (piece, sinks, [(chunk, offset in row)])
+        chunk_list = chunks.tolist()
+        pieces = bank.chunk_global_piece[chunks].tolist()
+        for piece in dict.fromkeys(pieces):
+            _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
+            shard = int(bank.piece_shard[piece])
+            piece_chunks = (bank.chunk_global_piece == piece).nonzero().flatten().tolist()  # in piece order
+            spans: list[list] = []  # [first token, end token, [chunks]]
+            for chunk in (c for c, p in zip(chunk_list, pieces) if p == piece):
+                _, start, length, _, _, _ = bank.chunk_table[chunk].tolist()
+                first = sinks if context is None else max(sinks, start - context)
+                for other in piece_chunks:
+                    if other in hidden_set:
+                        _, other_start, other_length, _, _, _ = bank.chunk_table[other].tolist()
+                        if other_start + other_length <= start:
+                            first = max(first, other_start + other_length)
+                if spans and first <= spans[-1][1]:
+                    spans[-1][1] = start + length
+                    spans[-1][2].append(chunk)
+                else:
+                    spans.append([first, start + length, [chunk]])
+            sink_ids = bank.read_rows(shard, "ids", sink_row, sinks)
+            for first, end, members in spans:
+                rows.append(torch.cat([sink_ids, bank.read_rows(shard, "ids", sink_row + first, end - first)]).long())
+                offsets = [(c, sinks + int(bank.chunk_table[c, START]) - first) for c in members]
+                placed.append((piece, sinks, offsets))
+        for batch in _batches([row.numel() for row in rows], bank.options.batch_tokens):
+            ids = torch.zeros(len(batch), max(rows[i].numel() for i in batch), dtype=torch.long)
+            for slot, i in enumerate(batch):
+                ids[slot, : rows[i].numel()] = rows[i]  # right-padded: causal attention never reads the padding
+            keys, values = bank.forward_kv(ids)  # [L, B, Hkv, T, D]
+            kv = torch.stack([keys, values], dim=2)  # [L, B, 2, Hkv, T, D]
+            for slot, i in enumerate(batch):
+                piece, sinks, offsets = placed[i]
+                if sinks and piece not in self.sinks:
+                    self.sinks[piece] = kv[:, slot, :, :, :sinks].permute(3, 0, 1, 2, 4)  # [s, L, 2, Hkv, D]
+                for chunk, offset in offsets:
+                    length = int(bank.chunk_table[chunk, LENGTH])
+                    self.exact[chunk] = kv[:, slot, :, :, offset : offset + length].permute(3, 0, 1, 2, 4)
+                    self.first_position[chunk] = offset
+
+
+def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` in groups of at most `batch_tokens` padded tokens (rows x longest), longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
@@ -218,14 +286,15 @@ def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
             cursor += data.shape[0]
         previous_piece = piece
         _, start, length, _, _, _ = bank.chunk_table[chunk].tolist()
-        delta = cursor - start
         if chunk in fetched.exact:
+            delta = cursor - fetched.first_position[chunk]
             data = fetched.exact[chunk][:, layer]
             keys.append(data[:, 0])
             values.append(data[:, 1])
             deltas.append(torch.full((length,), delta, device=device))
             positions.append(torch.arange(cursor, cursor + length, device=device))
         else:
+            delta = cursor - start
             kv, beta, rope, head, ends = fetched.slots[chunk]
             own = slice(ends[layer], ends[layer + 1])
             count = own.stop - own.start
@@ -242,13 +311,14 @@ def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
     return key, value, torch.cat(positions), slot, cursor
 
 
-def build_cache(bank, chunks_per_layer: list[torch.Tensor]) -> tuple[SparseMemCache, int]:
+def build_cache(bank, chunks_per_layer: list[torch.Tensor], hidden: torch.Tensor | None = None) -> tuple[SparseMemCache, int]:
     """A `SparseMemCache` (logical positions) with each layer's chunks laid out, right-aligned so every
-    layer ends at the same position, where the question starts."""
+    layer ends at the same position, where the question starts. `hidden`: chunk ids a bank of token ids
+    must not read again as context."""
     model = bank.model
     rotary = model.model.rotary_emb
     union = torch.unique(torch.cat(chunks_per_layer))
-    fetched = _Fetched(bank, union)
+    fetched = _Fetched(bank, union, hidden)
     built = [_layer(bank, fetched, chunks, layer, rotary) for layer, chunks in enumerate(chunks_per_layer)]
     width = max(b[4] for b in built)
     cache = SparseMemCache(model.config, positions="logical")
@@ -301,7 +371,7 @@ def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default"
     start = time.perf_counter()
     question_ids = question_ids.to(bank.model.device)
     chunks = select_chunks(bank, question_ids, options)
-    cache, width = build_cache(bank, chunks)
+    cache, width = build_cache(bank, chunks, options.exclude)
     context = trained_context(bank.model.config)
     if context is not None and width + question_ids.shape[1] + answer_tokens > context:
         raise ValueError(
