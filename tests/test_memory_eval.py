@@ -85,3 +85,16 @@ def test_rows_tell_routing_from_reading():
     assert "| bank full (per-layer) | 1000 | 50% | 75% | 50% | 100% | 1.000 |" in text
     assert "| BM25 RAG | 1000 | - | - | - | 100% |" in text
     assert "| bank full (per-layer) | 1000 | 1.00 | 22222 | 50% | '3.' | '2222.' |" in text
+
+
+def test_projection_scales_bytes_per_token_and_only_the_routing_time():
+    from sparsemem.evaluation_memory import _summarise, render_memory_markdown
+
+    answers = [{"kind": "code", "answer": "0", "correct": True, "seconds_to_first_token": 0.1, "routing_seconds": 0.01}]
+    small = _summarise("bank tokens (shared)", 500_000, answers, bytes={"disk": 2**29, "host": 0, "device": 2**28})
+    large = _summarise("bank tokens (shared)", 1_000_000, answers, bytes={"disk": 2**30, "host": 2**20, "device": 2**29})
+    text = render_memory_markdown([small, large, _summarise("BM25 RAG", 1_000_000, answers)], {})
+    # from the 1M row: x100 per tier, 0.1 s + 0.01 s x (100 - 1) = 1.09 s; BM25 has no bank bytes to project
+    assert "| bank tokens (shared) | 1000000 | 100.000 | 0.098 | 50.000 | 1.000 | 1.090 |" in text
+    assert text.count("| bank tokens (shared) | 500000 |") == 1  # the measured row only, not projected
+    assert "| BM25 RAG | 1000000 | 100.000" not in text

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 
 from .atomic import write_text
-from .machine import device_name
+from .machine import device_name, synchronize
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.scorer import SCORER_KINDS as TRAINING_FREE_SCORERS
 
@@ -401,11 +401,6 @@ def _speedups(rows: list[dict]) -> None:
             row["speedup_vs_best_dense"] = min(b["ms_per_step"] for b in base) / row["ms_per_step"]
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _decode_run(model, cache, ids: torch.Tensor, context: int) -> tuple[float, float, float]:
     """Prefill `ids[:, :context]`, then feed the following tokens one step at a time (teacher forcing).
     Returns (ms per step, mean NLL of the tokens the steps predict, seconds of the first three steps: warm-up,
@@ -415,16 +410,16 @@ def _decode_run(model, cache, ids: torch.Tensor, context: int) -> tuple[float, f
     if steps <= warm:
         raise ValueError(f"decode-small needs more than {warm} steps (--small-steps), got {steps}")
     logits = []
-    _synchronize(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     for step in range(steps):
         if step == warm:
-            _synchronize(ids.device)
+            synchronize(ids.device)
             timed, warm_up = time.perf_counter(), time.perf_counter() - start
         at = context + step
         out = model(input_ids=ids[:, at : at + 1], **{CACHE_ARGUMENT: cache}, use_cache=True, logits_to_keep=1)
         logits.append(out.logits[:, -1])
-    _synchronize(ids.device)
+    synchronize(ids.device)
     ms = (time.perf_counter() - timed) * 1000 / (steps - warm)
     targets = ids[:, context + 1 : context + 1 + steps]
     nll = torch.nn.functional.cross_entropy(torch.stack(logits, 1).float().flatten(0, 1), targets.flatten())

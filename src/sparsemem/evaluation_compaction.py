@@ -25,6 +25,7 @@ from .modeling.presses import make_press
 from .corpus import needle_question, passkey_case, token_window
 from .atomic import write_report, write_text
 from .plots import plot_online
+from .machine import synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +131,7 @@ def evaluate_compaction(
                 start = time.perf_counter()
                 compact(model, cache, ratio, method=method, queries=sources, budgets=policy,
                         reference_queries=queries_for_doc, on_policy=fitted, input_ids=context, tokenizer=tokenizer)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize(device)
                 seconds += (time.perf_counter() - start) / documents
                 size = cache.memory_bytes()["total"]  # the documents are the same length
                 logprobs = _continuation_logprobs(model, cache, cont)

@@ -36,6 +36,7 @@ import torch
 
 from .atomic import write_report
 from .corpus import needle_wording
+from .machine import synchronize
 from .memory_bank import REREAD_CONTEXT
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.rope import trained_context
@@ -70,6 +71,7 @@ class MemoryRow:
     needle_accuracy: float | None
     code_accuracy: float | None
     seconds_to_first_token: float
+    routing_seconds: float | None = None  # of the time to first token, scoring every chunk (bank rows)
     routing_recall: float | None = None  # needle cases whose needle chunk was read (bank rows)
     forced_needle_accuracy: float | None = None  # needle accuracy with the needle's chunks forced in (bank rows)
     ingest_tokens_per_second: float | None = None
@@ -283,8 +285,7 @@ def _generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> t
         first = model(ids, use_cache=True)
         cache = first.past_key_values
         token = first.logits[:, -1:].argmax(-1)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(model.device)
         seconds = time.perf_counter() - start
         out = [int(token)]
         for _ in range(max_new_tokens - 1):
@@ -311,7 +312,8 @@ def _summarise(method, tokens, answers, **extra) -> MemoryRow:
         return sum(values) / len(values) if values else None
 
     ttft = sum(a["seconds_to_first_token"] for a in answers) / max(len(answers), 1)
-    row = MemoryRow(method, tokens, accuracy("needle"), accuracy("code"), ttft, routing_recall=mean("routed"),
+    row = MemoryRow(method, tokens, accuracy("needle"), accuracy("code"), ttft, routing_seconds=mean("routing_seconds"),
+                    routing_recall=mean("routed"),
                     forced_needle_accuracy=mean("correct_when_forced"), answers=answers, **extra)
     logger.info("%s @%d tokens: needles %s (routed %s, forced %s), code %s, ttft %.3fs", method, tokens, row.needle_accuracy,
                 row.routing_recall, row.forced_needle_accuracy, row.code_accuracy, ttft)
@@ -371,8 +373,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                                      piece_tokens=piece_tokens, routing_layers=routing_layers, routing_pool=routing_pool,
                                      **{"whole_span_share": None, **options})
             meta["routing_layers"] = bank.options.routing_layers
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             stats = bank.add([d.ids for d in docs], progress=logger.isEnabledFor(logging.INFO))
             if len(bank.documents) != len(docs):
                 raise RuntimeError(f"the bank holds {len(bank.documents)} documents, the haystack {len(docs)}")
@@ -388,7 +389,8 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                     result = opened.ask(question.prompt, **asked)
                     row = {"kind": question.kind, **question.info, "answer": result["answer"],
                            "correct": is_correct(question, result["answer"]),
-                           "seconds_to_first_token": result["seconds_to_first_token"]}
+                           "seconds_to_first_token": result["seconds_to_first_token"],
+                           "routing_seconds": result["routing_seconds"]}
                     if question.kind == "needle":
                         target = set(_chunks_overlapping(opened, question.document, question.exclude_span))
                         read = [set(chunks) for chunks in result["chunks"]]
@@ -459,6 +461,7 @@ def render_memory_markdown(rows: list[MemoryRow], meta: dict) -> str:
                      f"{_fmt(r.forced_needle_accuracy)} | {_fmt(r.code_accuracy)} | "
                      f"{r.seconds_to_first_token:.3f} | {_fmt(r.ingest_tokens_per_second, '{:.0f}')} | {_gib(b.get('disk'))} | "
                      f"{_gib(b.get('host'))} | {_gib(b.get('device'))} | {_gib(r.peak_device_bytes)} |")
+    lines += _projection(rows, PROJECTED_TOKENS)
     missed = [(r, a) for r in rows for a in r.answers if a["kind"] == "needle" and not a["correct"]]
     if missed:
         lines += ["", "## Needles missed", "", "| method | tokens | depth | key | needle chunk routed | answer | answer, chunk forced |",
@@ -469,6 +472,33 @@ def render_memory_markdown(rows: list[MemoryRow], meta: dict) -> str:
             lines.append(f"| {r.method} | {r.tokens} | {a['depth']:.2f} | {a['key']} | {routed} | {a['answer'].strip()!r} | "
                          f"{forced} |".replace("\n", " "))
     return "\n".join(lines) + "\n"
+
+
+PROJECTED_TOKENS = 100_000_000
+
+
+def _projection(rows: list[MemoryRow], tokens: int) -> list[str]:
+    """Markdown lines: each bank measured at its largest haystack, scaled to `tokens`. Bytes per tier grow
+    with the tokens (per-token costs as measured); of the time to the first token only routing grows (its
+    matmul and top-k run over every routing key); reading the chosen chunks and the question do not."""
+    largest: dict[str, MemoryRow] = {}
+    for row in rows:
+        if row.bytes and row.routing_seconds is not None and (row.method not in largest or row.tokens > largest[row.method].tokens):
+            largest[row.method] = row
+    if not largest:
+        return []
+    lines = ["", f"## Projected to {tokens:,} tokens", "",
+             "Bytes scale per token from the largest haystack measured; the time to the first token keeps its reading "
+             "part and scales its routing part with the tokens.", "",
+             "| bank | measured at | disk GiB | host GiB | device GiB (routing) | routing s | time to first token (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for method, row in largest.items():
+        scale = tokens / row.tokens
+        tiers = {tier: row.bytes.get(tier, 0) * scale for tier in ("disk", "host", "device")}
+        ttft = row.seconds_to_first_token + row.routing_seconds * (scale - 1)
+        lines.append(f"| {method} | {row.tokens} | {_gib(tiers['disk'])} | {_gib(tiers['host'])} | {_gib(tiers['device'])} | "
+                     f"{row.routing_seconds * scale:.3f} | {ttft:.3f} |")
+    return lines
 
 
 def plot_memory(rows: list[MemoryRow], path: Path):

@@ -18,6 +18,14 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA; a no-op elsewhere), so a wall-clock reading after it counts
+    that work. `device`: a device, a device string, or anything with a `.device`."""
+    device = torch.device(getattr(device, "device", device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def model_label(model_argument, path) -> str:
     """The model a report names: the folder or repo given, else the embedded default."""
     return str(path) if model_argument else DEFAULT_MODEL_LABEL

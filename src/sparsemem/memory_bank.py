@@ -19,9 +19,14 @@ Keys are stored as the model rotated them, at their position inside the piece (r
 wherever a question lays them out with one re-rotation (`rope.shift_keys`). See `memory_recall.py` for
 asking.
 
+A bank with `store="tokens"` keeps no K/V: per piece its token ids (sinks and chunks alike) and the routing
+keys, and a question's chunks are read again by the model when it is asked (`memory_recall._Fetched`). Its
+ingestion needs only the routing keys, so the forward pass stops after the last routing layer.
+
 On disk a bank is a folder with `bank.json` (format, model fingerprint, options, and per shard its file,
 SHA-256, and the documents it holds) and shards `shard-NNNNN.safetensors`, each holding whole documents:
-- `kv` [N, L, 2, Hkv, D]: exact entries, token-major so one chunk is one contiguous read;
+- `kv` [N, L, 2, Hkv, D]: exact entries, token-major so one chunk is one contiguous read (`store="tokens"`:
+  `ids` [N] (int32) instead, a piece's tokens in order, and no slot tensors);
 - `slot_kv` [S, 2, D], `slot_beta` [S] (fp32), `slot_rope` [S] (int32), `slot_head` [S] (int16: layer x
   KV heads + KV head): compacted chunks, each chunk's slots sorted by layer and KV head;
 - `routing_keys` [R, Lr, Hkv, D] (int8), `routing_scale` [R, Lr, Hkv] (fp16) and `routing_chunk` [R]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .machine import synchronize
 from .memory_bank import LENGTH, START
 from .modeling.cache import SparseMemCache, SparseMemLayer
 from .modeling.slots import SlotTier
@@ -83,7 +84,8 @@ class Recall:
     cache: SparseMemCache
     chunks: list[torch.Tensor]  # per layer: the global chunk ids read, in layout order
     width: int  # positions the memory takes before the question
-    seconds: float
+    seconds: float  # routing and reading together
+    routing_seconds: float  # scoring every chunk and choosing (grows with the bank; reading does not)
 
     def documents(self, bank) -> list[str]:
         """Names of the documents read (any layer), in bank order."""
@@ -220,16 +222,14 @@ class _Fetched:
         for piece in dict.fromkeys(pieces):
             _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
             shard = int(bank.piece_shard[piece])
-            piece_chunks = (bank.chunk_global_piece == piece).nonzero().flatten().tolist()  # in piece order
+            # the ends of the piece's hidden chunks
+            hidden_ends = [int(bank.chunk_table[c, START] + bank.chunk_table[c, LENGTH]) for c in hidden_set
+                           if int(bank.chunk_global_piece[c]) == piece]
             spans: list[list] = []  # [first token, end token, [chunks]]
             for chunk in (c for c, p in zip(chunk_list, pieces) if p == piece):
                 _, start, length, _, _, _ = bank.chunk_table[chunk].tolist()
                 first = sinks if context is None else max(sinks, start - context)
-                for other in piece_chunks:
-                    if other in hidden_set:
-                        _, other_start, other_length, _, _, _ = bank.chunk_table[other].tolist()
-                        if other_start + other_length <= start:
-                            first = max(first, other_start + other_length)
+                first = max([first] + [end for end in hidden_ends if end <= start])
                 if spans and first <= spans[-1][1]:
                     spans[-1][1] = start + length
                     spans[-1][2].append(chunk)
@@ -371,6 +371,8 @@ def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default"
     start = time.perf_counter()
     question_ids = question_ids.to(bank.model.device)
     chunks = select_chunks(bank, question_ids, options)
+    synchronize(bank.model.device)
+    routed = time.perf_counter()
     cache, width = build_cache(bank, chunks, options.exclude)
     context = trained_context(bank.model.config)
     if context is not None and width + question_ids.shape[1] + answer_tokens > context:
@@ -378,7 +380,7 @@ def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default"
             f"the memory read ({width} positions) + question ({question_ids.shape[1]}) + answer ({answer_tokens}) exceed "
             f"the trained context ({context}): lower top_k"
         )
-    return Recall(cache, chunks, width, time.perf_counter() - start)
+    return Recall(cache, chunks, width, time.perf_counter() - start, routed - start)
 
 
 class _FirstToken:
@@ -432,7 +434,8 @@ def generate_from_memory(bank, ids: torch.Tensor, max_new_tokens: int, refresh_e
 def answer(bank, question: str, max_new_tokens: int = 64, refresh_every: int | None = None, **recall_options) -> dict:
     """Answer `question` from `bank` (greedy). Returns {"answer", "documents" (read in any round), "chunks"
     (the chunk ids the first round read: one list with shared selection, one per layer with per-layer),
-    "rounds" (the chunks of every round, as "chunks"), "seconds_to_first_token", "memory_positions"}.
+    "rounds" (the chunks of every round, as "chunks"), "seconds_to_first_token", "routing_seconds" (of the first
+    round: the part of the time to the first token that grows with the bank), "memory_positions"}.
     `refresh_every`: see `generate_from_memory`."""
     if bank.tokenizer is None:
         raise ValueError("asking in text needs the bank's tokenizer: pass tokenizer= to MemoryBank.open")
@@ -447,4 +450,5 @@ def answer(bank, question: str, max_new_tokens: int = 64, refresh_every: int | N
     chunks = [[c.tolist() for c in (found.chunks[:1] if shared else found.chunks)] for found in rounds]
     documents = list(dict.fromkeys(name for found in rounds for name in found.documents(bank)))
     return {"answer": text, "documents": documents, "chunks": chunks[0], "rounds": chunks,
-            "seconds_to_first_token": seconds, "memory_positions": rounds[0].width}
+            "seconds_to_first_token": seconds, "routing_seconds": rounds[0].routing_seconds,
+            "memory_positions": rounds[0].width}
