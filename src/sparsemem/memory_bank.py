@@ -243,6 +243,19 @@ def quantize_routing_keys(keys: torch.Tensor, center: torch.Tensor) -> tuple[tor
     return codes, scale.to(torch.float16)
 
 
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of rows of `lengths` tokens in groups of at most `batch_tokens` padded tokens (rows x longest
+    row), longest first so that each forward pass pads little; a row longer than `batch_tokens` goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class _StopForward(Exception):
     """Ends a forward pass once the layers it needs have run."""
 
@@ -602,20 +615,11 @@ class MemoryBank:
     def _ingest_shard(self, documents, writer: _ShardWriter, bar, stats) -> None:
         pieces = list(self._pieces(documents))
         results = [None] * len(pieces)
-        # longest first, so each forward pass pads little
-        order = sorted(range(len(pieces)), key=lambda i: -pieces[i][2].numel())
-        batch: list[int] = []
-        for index in order + [None]:
-            if index is not None:
-                longest = pieces[batch[0]][2].numel() if batch else pieces[index][2].numel()
-                if (len(batch) + 1) * self.options.read_tokens(longest, self.repeat_prompt.numel()) <= self.options.batch_tokens:
-                    batch.append(index)
-                    continue
-            if batch:
-                for i, result in zip(batch, self._read_pieces([pieces[i][2] for i in batch])):
-                    results[i] = result
-                bar.update(sum(pieces[i][2].numel() for i in batch))
-            batch = [] if index is None else [index]
+        lengths = [self.options.read_tokens(piece.numel(), self.repeat_prompt.numel()) for _, _, piece in pieces]
+        for batch in length_batches(lengths, self.options.batch_tokens):
+            for i, result in zip(batch, self._read_pieces([pieces[i][2] for i in batch])):
+                results[i] = result
+            bar.update(sum(pieces[i][2].numel() for i in batch))
         tensors = self._assemble(pieces, results)
         writer.put(tensors, [doc for doc, _ in documents])
         stats["documents"] += len(documents)

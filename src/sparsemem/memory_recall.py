@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .machine import synchronize
-from .memory_bank import LENGTH, START
+from .memory_bank import LENGTH, START, length_batches
 from .modeling.cache import SparseMemCache, SparseMemLayer
 from .modeling.slots import SlotTier
 from .modeling.rope import shift_keys, trained_context
@@ -240,7 +240,7 @@ class _Fetched:
                 rows.append(torch.cat([sink_ids, bank.read_rows(shard, "ids", sink_row + first, end - first)]).long())
                 offsets = [(c, sinks + int(bank.chunk_table[c, START]) - first) for c in members]
                 placed.append((piece, sinks, offsets))
-        for batch in _batches([row.numel() for row in rows], bank.options.batch_tokens):
+        for batch in length_batches([row.numel() for row in rows], bank.options.batch_tokens):
             ids = torch.zeros(len(batch), max(rows[i].numel() for i in batch), dtype=torch.long)
             for slot, i in enumerate(batch):
                 ids[slot, : rows[i].numel()] = rows[i]  # right-padded: causal attention never reads the padding
@@ -254,18 +254,6 @@ class _Fetched:
                     length = int(bank.chunk_table[chunk, LENGTH])
                     self.exact[chunk] = kv[:, slot, :, :, offset : offset + length].permute(3, 0, 1, 2, 4)
                     self.first_position[chunk] = offset
-
-
-def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices of `lengths` in groups of at most `batch_tokens` padded tokens (rows x longest), longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= batch_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
