@@ -76,14 +76,14 @@ def test_rows_tell_routing_from_reading():
          "answer_when_forced": " 11111.", "correct_when_forced": True, "seconds_to_first_token": 0.5},
         {"kind": "needle", "depth": 1.0, "key": 22222, "answer": " 3.", "correct": False, "routed": 0.5,
          "answer_when_forced": " 2222.", "correct_when_forced": False, "seconds_to_first_token": 1.5},
-        {"kind": "code", "answer": "0", "correct": True, "seconds_to_first_token": 1.0},
+        {"kind": "code", "answer": "0", "correct": True, "seconds_to_first_token": 1.0, "code_routed": 1.0},
     ]
     row = _summarise("bank full (per-layer)", 1000, answers)
     assert (row.needle_accuracy, row.routing_recall, row.forced_needle_accuracy, row.code_accuracy) == (0.5, 0.75, 0.5, 1.0)
     assert row.seconds_to_first_token == 1.0
     text = render_memory_markdown([row, _summarise("BM25 RAG", 1000, answers[2:])], {})
-    assert "| bank full (per-layer) | 1000 | 50% | 75% | 50% | 100% | 1.000 |" in text
-    assert "| BM25 RAG | 1000 | - | - | - | 100% |" in text
+    assert "| bank full (per-layer) | 1000 | 50% | 75% | 50% | 100% | 100% | 1.000 |" in text
+    assert "| BM25 RAG | 1000 | - | - | - | 100% | 100% |" in text
     assert "| bank full (per-layer) | 1000 | 1.00 | 22222 | 50% | '3.' | '2222.' |" in text
 
 
@@ -98,3 +98,19 @@ def test_projection_scales_bytes_per_token_and_only_the_routing_time():
     assert "| bank tokens (shared) | 1000000 | 100.000 | 0.098 | 50.000 | 1.000 | 1.090 |" in text
     assert text.count("| bank tokens (shared) | 500000 |") == 1  # the measured row only, not projected
     assert "| BM25 RAG | 1000000 | 100.000" not in text
+
+
+def test_answer_span_covers_the_definition_and_its_default():
+    tokenizer = BatchByteTokenizer()
+    docs = build_haystack(tokenizer, 300_000)
+    from sparsemem.evaluation_memory import answer_span
+
+    questions = code_questions(docs, 5)
+    assert len(questions) >= 3
+    for question in questions:
+        doc = docs[question.document]
+        start, end = answer_span(tokenizer, doc, question)
+        text = bytes(doc.ids[start + 2 : end - 2]).decode()  # byte tokens: the span's text without its slack
+        name = question.info["function"].rsplit(".", 1)[-1]
+        assert text.lstrip().startswith(("def " + name, "async def " + name))
+        assert question.info["parameter"] in text and text.endswith(question.accepted[0])

@@ -15,7 +15,8 @@ read, needle-free except the case's own) where the haystack fits the window. Als
 time to first token, bytes per tier (disk / host / device).
 
 For the bank, routing and reading are told apart: `routing_recall` is the share of needle cases whose
-needle chunk was among the chunks read (per-layer selection: averaged over the layers), and
+needle chunk was among the chunks read (per-layer selection: averaged over the layers; `code_routing_recall`
+the same for the chunks from a code question's `def` to its default value), and
 `forced_needle_accuracy` the needle accuracy when the needle's chunks are forced into the selection
 (`include`), so a miss shows whether the router or the reading lost the needle.
 """
@@ -73,6 +74,7 @@ class MemoryRow:
     seconds_to_first_token: float
     routing_seconds: float | None = None  # of the time to first token, scoring every chunk (bank rows)
     routing_recall: float | None = None  # needle cases whose needle chunk was read (bank rows)
+    code_routing_recall: float | None = None  # code questions whose answer's chunk was read (bank rows)
     forced_needle_accuracy: float | None = None  # needle accuracy with the needle's chunks forced in (bank rows)
     ingest_tokens_per_second: float | None = None
     bytes: dict | None = None
@@ -226,6 +228,19 @@ def code_questions(docs: list[Document], count: int, seed: int = 0) -> list[Ques
     return questions
 
 
+def answer_span(tokenizer, doc: Document, question: Question) -> tuple[int, int]:
+    """Token span in `doc` of a code question's answer, from its function's `def` to the default value (two
+    tokens of slack each side, as a needle's span): the chunks a reader must see to answer."""
+    name = question.info["function"].rsplit(".", 1)[-1]
+    start = re.search(rf"^[ \t]*(?:async\s+)?def\s+{re.escape(name)}\s*\(", doc.text, re.MULTILINE)
+    if start is None:
+        raise ValueError(f"no definition of {name} in {doc.name}")
+    parameter = doc.text.find(question.info["parameter"], start.end())
+    end = doc.text.find(question.accepted[0], parameter) + len(question.accepted[0])
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return max(len(encode(doc.text[: start.start()])) - 2, 0), min(len(encode(doc.text[:end])) + 2, len(doc.ids))
+
+
 def is_correct(question: Question, answer: str) -> bool:
     text = answer.lstrip()
     if question.kind == "needle":
@@ -313,10 +328,10 @@ def _summarise(method, tokens, answers, **extra) -> MemoryRow:
 
     ttft = sum(a["seconds_to_first_token"] for a in answers) / max(len(answers), 1)
     row = MemoryRow(method, tokens, accuracy("needle"), accuracy("code"), ttft, routing_seconds=mean("routing_seconds"),
-                    routing_recall=mean("routed"),
+                    routing_recall=mean("routed"), code_routing_recall=mean("code_routed"),
                     forced_needle_accuracy=mean("correct_when_forced"), answers=answers, **extra)
-    logger.info("%s @%d tokens: needles %s (routed %s, forced %s), code %s, ttft %.3fs", method, tokens, row.needle_accuracy,
-                row.routing_recall, row.forced_needle_accuracy, row.code_accuracy, ttft)
+    logger.info("%s @%d tokens: needles %s (routed %s, forced %s), code %s (routed %s), ttft %.3fs", method, tokens,
+                row.needle_accuracy, row.routing_recall, row.forced_needle_accuracy, row.code_accuracy, row.code_routing_recall, ttft)
     return row
 
 
@@ -354,6 +369,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
         questions = needle_qs + code_questions(plain, code_count)
         meta[f"questions@{size}"] = {"needles": len(needle_qs), "code": len(questions) - len(needle_qs), "documents": len(docs)}
         hidden = [(q.document, q.exclude_span) for q in needle_qs]
+        code_spans = {id(q): answer_span(tokenizer, docs[q.document], q) for q in questions if q.kind == "code"}
 
         def others(question):
             return [h for q, h in zip(needle_qs, hidden) if q is not question]
@@ -391,6 +407,9 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                            "correct": is_correct(question, result["answer"]),
                            "seconds_to_first_token": result["seconds_to_first_token"],
                            "routing_seconds": result["routing_seconds"]}
+                    if question.kind == "code":
+                        target = set(_chunks_overlapping(opened, question.document, code_spans[id(question)]))
+                        row["code_routed"] = sum(bool(target & set(chunks)) for chunks in result["chunks"]) / len(result["chunks"])
                     if question.kind == "needle":
                         target = set(_chunks_overlapping(opened, question.document, question.exclude_span))
                         read = [set(chunks) for chunks in result["chunks"]]
@@ -453,12 +472,13 @@ def _gib(n):
 def render_memory_markdown(rows: list[MemoryRow], meta: dict) -> str:
     lines = ["# sparsemem eval memory", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += ["| method | haystack tokens | needles | routing recall | needles, chunk forced | code questions | "
-              "time to first token (s) | ingest tokens/s | disk GiB | host GiB | device GiB (routing) | peak device GiB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "code routing recall | time to first token (s) | ingest tokens/s | disk GiB | host GiB | device GiB (routing) | "
+              "peak device GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r.bytes or {}
         lines.append(f"| {r.method} | {r.tokens} | {_fmt(r.needle_accuracy)} | {_fmt(r.routing_recall)} | "
-                     f"{_fmt(r.forced_needle_accuracy)} | {_fmt(r.code_accuracy)} | "
+                     f"{_fmt(r.forced_needle_accuracy)} | {_fmt(r.code_accuracy)} | {_fmt(r.code_routing_recall)} | "
                      f"{r.seconds_to_first_token:.3f} | {_fmt(r.ingest_tokens_per_second, '{:.0f}')} | {_gib(b.get('disk'))} | "
                      f"{_gib(b.get('host'))} | {_gib(b.get('device'))} | {_gib(r.peak_device_bytes)} |")
     lines += _projection(rows, PROJECTED_TOKENS)
