@@ -85,7 +85,7 @@ class Recall:
     chunks: list[torch.Tensor]  # per layer: the global chunk ids read, in layout order
     width: int  # positions the memory takes before the question
     seconds: float  # routing and reading together
-    routing_seconds: float  # scoring every chunk and choosing (grows with the bank; reading does not)
+    routing_seconds: float  # scoring every chunk and choosing (grows with the bank; the rest does not)
 
     def documents(self, bank) -> list[str]:
         """Names of the documents read (any layer), in bank order."""
@@ -141,8 +141,9 @@ def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor |
     return torch.stack(scores)
 
 
-def select_chunks(bank, question_ids: torch.Tensor, options: RecallOptions) -> list[torch.Tensor]:
-    """Per layer, the global ids of the chunks to read, sorted (bank order)."""
+def select_chunks(bank, question_ids: torch.Tensor, options: RecallOptions) -> tuple[list[torch.Tensor], float]:
+    """Per layer, the global ids of the chunks to read, sorted (bank order); and the seconds spent scoring
+    the chunks and choosing (after the question's own forward pass: the part that grows with the bank)."""
     count = bank.num_chunks
     if count == 0:
         raise ValueError(f"the memory bank {bank.folder} holds no documents yet: add some first")
@@ -153,14 +154,19 @@ def select_chunks(bank, question_ids: torch.Tensor, options: RecallOptions) -> l
             keep = torch.ones(count, dtype=torch.bool)
             keep[options.exclude.cpu()] = False
             chosen = chosen[keep]
-        return [chosen] * num_layers
-    scores = chunk_scores(bank, question_queries(bank.model, question_ids), options.exclude, options.query_tokens)
+        return [chosen] * num_layers, 0.0
+    queries = question_queries(bank.model, question_ids)
+    synchronize(bank.model.device)
+    start = time.perf_counter()
+    scores = chunk_scores(bank, queries, options.exclude, options.query_tokens)
     if options.selection == "shared":
-        return [_pick(scores.sum(0), options)] * num_layers
-    picks = [_pick(row, options) for row in scores]
-    routing = torch.tensor(bank.routing_layers)
-    nearest = [int((routing - layer).abs().argmin()) for layer in range(num_layers)]
-    return [picks[row] for row in nearest]
+        chosen = [_pick(scores.sum(0), options)] * num_layers  # `_pick` returns host tensors: the device has finished
+    else:
+        picks = [_pick(row, options) for row in scores]
+        routing = torch.tensor(bank.routing_layers)
+        nearest = [int((routing - layer).abs().argmin()) for layer in range(num_layers)]
+        chosen = [picks[row] for row in nearest]
+    return chosen, time.perf_counter() - start
 
 
 def _pick(scores: torch.Tensor, options: RecallOptions) -> torch.Tensor:
@@ -358,9 +364,7 @@ def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default"
         raise ValueError(f"a memory bank answers one question at a time: ids of shape [1, n], got {tuple(question_ids.shape)}")
     start = time.perf_counter()
     question_ids = question_ids.to(bank.model.device)
-    chunks = select_chunks(bank, question_ids, options)
-    synchronize(bank.model.device)
-    routed = time.perf_counter()
+    chunks, routing_seconds = select_chunks(bank, question_ids, options)
     cache, width = build_cache(bank, chunks, options.exclude)
     context = trained_context(bank.model.config)
     if context is not None and width + question_ids.shape[1] + answer_tokens > context:
@@ -368,7 +372,7 @@ def recall(bank, question_ids: torch.Tensor, top_k: int | None | str = "default"
             f"the memory read ({width} positions) + question ({question_ids.shape[1]}) + answer ({answer_tokens}) exceed "
             f"the trained context ({context}): lower top_k"
         )
-    return Recall(cache, chunks, width, time.perf_counter() - start, routed - start)
+    return Recall(cache, chunks, width, time.perf_counter() - start, routing_seconds)
 
 
 class _FirstToken:
