@@ -58,7 +58,7 @@ def _bank_logits(bank, question, **options):
     return bank.model(question, past_key_values=found.cache).logits
 
 
-@pytest.mark.parametrize("store", [{}, {"store": "tokens", "reread_context": None}], ids=["kv", "tokens"])
+@pytest.mark.parametrize("store", [{}, {"store": "tokens", "reread": "separate", "reread_context": None}], ids=["kv", "tokens"])
 def test_every_chunk_selected_equals_document_wise_reading(tmp_path, store):
     # a bank of token ids reading every chunk with its whole piece before it computes the same K/V again
     model, documents = _model(), _documents()
@@ -248,7 +248,7 @@ def test_token_bank_reads_chunks_again_with_bounded_context(tmp_path):
     calls = [0] * model.config.num_hidden_layers
     hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(model.model.layers)]
-    bank = _bank(tmp_path / "tokens", model, store="tokens", reread_context=context)
+    bank = _bank(tmp_path / "tokens", model, store="tokens", reread="separate", reread_context=context)
     bank.add(documents, progress=False)
     for hook in hooks:
         hook.remove()
@@ -275,7 +275,7 @@ def test_token_bank_reads_chunks_again_with_bounded_context(tmp_path):
     assert (hidden.exact[first_chunk + 1] - reference[SINKS:]).abs().max().item() <= 1e-5
     # asked through recall, the layout puts the re-read keys where the stored ones would go: with the whole piece
     # as context the token bank answers as the full-resolution bank does, for a top-k choice too
-    whole = _bank(tmp_path / "whole", model, store="tokens", reread_context=None)
+    whole = _bank(tmp_path / "whole", model, store="tokens", reread="separate", reread_context=None)
     whole.add(documents, progress=False)
     question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
     expected = full.model(question, past_key_values=recall(full, question, top_k=3).cache).logits
@@ -283,17 +283,43 @@ def test_token_bank_reads_chunks_again_with_bounded_context(tmp_path):
     assert (whole.model(question, past_key_values=found.cache).logits - expected).abs().max().item() <= 1e-4
 
 
+@torch.no_grad()
+def test_joint_rereading_equals_reading_the_chunks_as_one_prompt(tmp_path):
+    # reread="joint" (the default of a bank of token ids): the chosen chunks' tokens in bank order, then the
+    # question, read by the plain model as one prompt
+    model, documents = _model(), _documents()
+    bank = _bank(tmp_path / "tokens", model, store="tokens")
+    bank.add(documents, progress=False)
+    assert bank.options.reread == "joint" and bank.options.reread_context is None
+    question = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    found = recall(bank, question, top_k=3)
+    chunks = found.chunks[0]
+    assert len(chunks) == 3 and found.width == int(bank.chunk_table[chunks, 2].sum())  # no sinks
+    memory = [bank.read_rows(int(bank.chunk_shard[c]), "ids", int(bank.chunk_table[c, 3]), int(bank.chunk_table[c, 2]))
+              for c in chunks.tolist()]
+    prompt = torch.cat([torch.cat(memory).long(), question[0]])[None]
+    expected = model(prompt).logits[:, -question.shape[1]:]
+    logits = bank.model(question, past_key_values=found.cache).logits
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+
 def test_token_bank_options_are_checked(tmp_path):
     model = _model()
     with pytest.raises(ValueError, match="ratio"):
         _bank(tmp_path / "a", model, store="tokens", ratio=4)
     with pytest.raises(ValueError, match="reread_context"):
-        _bank(tmp_path / "b", model, store="tokens", reread_context=-1)
-    with pytest.raises(ValueError, match="reread_context.*store='tokens'"):
+        _bank(tmp_path / "b", model, store="tokens", reread="separate", reread_context=-1)
+    with pytest.raises(ValueError, match="reread_context.*reread='separate'"):
         _bank(tmp_path / "c", model, reread_context=16)  # a K/V bank reads nothing again
+    with pytest.raises(ValueError, match="reread_context.*reread='separate'"):
+        _bank(tmp_path / "c2", model, store="tokens", reread_context=16)  # joint reading reads no context
+    with pytest.raises(ValueError, match="reread.*store='tokens'"):
+        _bank(tmp_path / "c3", model, reread="joint")
+    with pytest.raises(ValueError, match="reread"):
+        _bank(tmp_path / "c4", model, store="tokens", reread="together")
     with pytest.raises(ValueError, match="store"):
         _bank(tmp_path / "d", model, store="text")
-    bank = _bank(tmp_path / "e", model, store="tokens")
+    bank = _bank(tmp_path / "e", model, store="tokens", reread="separate")
     from sparsemem.memory_bank import REREAD_CONTEXT
 
     assert bank.options.reread_context == REREAD_CONTEXT

@@ -344,7 +344,7 @@ def cmd_memory(args) -> int:
         bank = MemoryBank.create(args.bank, model, tokenizer, chunk_tokens=args.chunk_tokens, ratio=args.ratio,
                                  piece_tokens=args.piece_tokens, batch_tokens=args.batch_tokens,
                                  routing_layers=args.routing_layers, routing_pool=args.routing_pool,
-                                 whole_span_share=args.whole_span_share, store=args.store,
+                                 whole_span_share=args.whole_span_share, store=args.store, reread=args.reread,
                                  reread_context=args.reread_context, exist_ok=True)
         stats = bank.add(paths, progress=True)
         logger.warning("ingested %d documents (%d tokens, %.0f tokens/s); %d already in the bank", stats["documents"],
@@ -386,7 +386,7 @@ def cmd_eval_memory(args) -> int:
         keep_banks=args.keep_banks, batch_tokens=args.batch_tokens, piece_tokens=args.piece_tokens,
         routing_layers=args.routing_layers, routing_pool=args.routing_pool, query_tokens=args.query_tokens,
         min_relative_score=args.min_relative_score, whole_span_share=args.whole_span_share,
-        reread_contexts=args.reread_contexts, progress=checkpoint,
+        rereads=args.rereads, progress=checkpoint,
     )
     meta.update({**run, "finished": True})
     paths = write_memory_report(rows, meta, output)
@@ -412,16 +412,20 @@ def _share_or_auto(text: str):
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], 'auto' or 'none', got {text!r}") from None
 
 
-def _reread_context(text: str):
-    if text in ("auto", "piece"):
+def _reread_context(text: str, words=("auto", "piece")):
+    if text in words:
         return None if text == "piece" else text
     try:
         value = int(text)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0, 'piece' or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of tokens >= 0 or one of {', '.join(words)}, got {text!r}")
     return value
+
+
+def _reread(text: str):
+    return _reread_context(text, ("joint", "piece"))
 
 
 def _layer_list(text: str) -> list[int]:
@@ -628,9 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--ratio", type=float, default=8.0, help="Attention Matching ratio of the compacted bank (0: none)")
     mem.add_argument("--full-resolution-max-tokens", type=int, default=2_000_000,
                      help="build the full-resolution bank only for haystacks up to this size (23 KB/token for SmolLM2 in bf16)")
-    mem.add_argument("--reread-contexts", type=_reread_context, nargs="*", default=[REREAD_CONTEXT], metavar="N|piece",
-                     help="one bank of token ids (store tokens) per value: tokens of a chunk's piece read again before it "
-                          "('piece': all of them); give none to leave these banks out")
+    mem.add_argument("--rereads", type=_reread, nargs="*", default=["joint"], metavar="joint|N|piece",
+                     help="one bank of token ids (store tokens) per value: 'joint' reads the chosen chunks again as one "
+                          "text; N reads each separately with N tokens of its piece before it ('piece': all of them); "
+                          "give none to leave these banks out")
     mem.add_argument("--needles", type=int, default=20, help="needles (evenly spaced depths) per haystack")
     mem.add_argument("--code-questions", type=int, default=100, help="code questions per haystack")
     mem.add_argument("--top-k", type=int, default=32, help="chunks read per question (prompt budget = top-k x chunk-tokens)")
@@ -656,8 +661,11 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--store", default="kv", choices=["kv", "tokens"],
                      help="keep each chunk's K/V, or only its token ids and read the chunks a question needs again "
                           "(4 bytes per token on disk; ingestion runs the model up to the last routing layer only)")
+    ing.add_argument("--reread", default="auto", choices=["auto", "joint", "separate"],
+                     help="--store tokens: read the chosen chunks again as one text (joint; auto) or each with its own "
+                          "piece's start and --reread-context tokens before it (separate)")
     ing.add_argument("--reread-context", type=_reread_context, default="auto", metavar="N|piece|auto",
-                     help=f"--store tokens: tokens of a chunk's piece read again before it ('piece': all of them; "
+                     help=f"--reread separate: tokens of a chunk's piece read again before it ('piece': all of them; "
                           f"auto: {REREAD_CONTEXT})")
     _memory_read_args(ing)
     _add_bank_args(ing, ingest=True)

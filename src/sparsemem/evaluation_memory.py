@@ -9,7 +9,7 @@ order, identical files once), up to N tokens. Two kinds of questions with checka
   literal) of a named parameter of a function whose name occurs once in the haystack, in a named module.
 Rows, all at the same prompt budget (`top_k` x `chunk_tokens` tokens of memory before the question):
 the bank at full resolution, compacted (`ratio`) and holding token ids that a question's chunks are read
-again from (`reread_contexts`), with shared and per-layer selection; BM25 (`bm25s`)
+again from (`rereads`), with shared and per-layer selection; BM25 (`bm25s`)
 over the same token chunks, the retrieved text read in document order; the full cache (every token
 read, needle-free except the case's own) where the haystack fits the window. Also: ingest tokens/s,
 time to first token, bytes per tier (disk / host / device).
@@ -38,7 +38,6 @@ import torch
 from .atomic import write_report
 from .corpus import needle_wording
 from .machine import synchronize
-from .memory_bank import REREAD_CONTEXT
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.rope import trained_context
 
@@ -341,18 +340,19 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                     selections=("shared", "per-layer"), bm25: bool = True, workdir: Path = Path("reports/eval/banks"),
                     keep_banks: bool = False, batch_tokens: int = 32768, piece_tokens: int | None = None,
                     routing_layers: list[int] | None = None, routing_pool: str = "max", query_tokens: int | None = None,
-                    min_relative_score: float = 0.5, whole_span_share="auto", reread_contexts=(REREAD_CONTEXT,),
+                    min_relative_score: float = 0.5, whole_span_share="auto", rereads=("joint",),
                     progress=None) -> tuple[list[MemoryRow], dict]:
     """Rows per haystack size (see the module docstring). Banks are built in `workdir` and removed after
-    their rows unless `keep_banks`. `reread_contexts`: one bank of token ids (store="tokens") per value of
-    its `reread_context` (None: the whole piece; an empty list: none). `routing_layers`, `routing_pool`,
+    their rows unless `keep_banks`. `rereads`: one bank of token ids (store="tokens") per value, "joint"
+    (reread="joint") or its `reread_context` with reread="separate" (an integer; None: the whole piece); an
+    empty list: none. `routing_layers`, `routing_pool`,
     `whole_span_share` (the compacted bank's): see `memory_bank.BankOptions`;
     `query_tokens`, `min_relative_score`: see `memory_recall.RecallOptions`. `progress(rows, meta)` is called after every row with the rows so far."""
     from .memory_bank import MemoryBank
 
-    for value in reread_contexts:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"`reread_contexts` must hold integers >= 0 or None (the whole piece), got {value!r}")
+    for value in rereads:
+        if value not in ("joint", None) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"`rereads` must hold 'joint', integers >= 0 or None (the whole piece), got {value!r}")
     context = trained_context(model.config)
     rows: list[MemoryRow] = []
     meta = {"sizes": list(sizes), "ratio": ratio, "full_resolution_max_tokens": full_resolution_max_tokens,
@@ -360,7 +360,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
             "prompt_budget_tokens": top_k * chunk_tokens, "selections": list(selections), "trained_context": context,
             "routing_pool": routing_pool, "query_tokens": "all" if query_tokens is None else query_tokens,
             "min_relative_score": min_relative_score, "whole_span_share": whole_span_share,
-            "reread_contexts": ["piece" if c is None else c for c in reread_contexts],
+            "rereads": ["piece" if c is None else c for c in rereads],
             "haystack": "Python sources: standard library, then installed packages (sorted paths)"}
     device = model.device
     for size in sizes:
@@ -378,9 +378,13 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
         variants = [("full", "full", {})] if size <= full_resolution_max_tokens else []
         if ratio:
             variants.append((f"AM {ratio:g}x", f"am{ratio:g}", {"ratio": ratio, "whole_span_share": whole_span_share}))
-        for reread in reread_contexts:
+        for reread in rereads:
+            if reread == "joint":
+                variants.append(("tokens, joint", "tokens-joint", {"store": "tokens", "reread": "joint"}))
+                continue
             name = "piece" if reread is None else str(reread)
-            variants.append((f"tokens, re-read {name}", f"tokens-{name}", {"store": "tokens", "reread_context": reread}))
+            variants.append((f"tokens, separate {name}", f"tokens-{name}",
+                             {"store": "tokens", "reread": "separate", "reread_context": reread}))
         for label, folder_name, options in variants:
             folder = Path(workdir) / f"bank-{size}-{folder_name}"
             if folder.exists():

@@ -20,8 +20,8 @@ wherever a question lays them out with one re-rotation (`rope.shift_keys`). See 
 asking.
 
 A bank with `store="tokens"` keeps no K/V: per piece its token ids (sinks and chunks alike) and the routing
-keys, and a question's chunks are read again by the model when it is asked (`memory_recall._Fetched`). Its
-ingestion needs only the routing keys, so the forward pass stops after the last routing layer.
+keys, and a question's chunks are read again by the model when it is asked (`memory_recall._Fetched`,
+`reread`). Its ingestion needs only the routing keys, so the forward pass stops after the last routing layer.
 
 On disk a bank is a folder with `bank.json` (format, model fingerprint, options, and per shard its file,
 SHA-256, and the documents it holds) and shards `shard-NNNNN.safetensors`, each holding whole documents:
@@ -74,7 +74,9 @@ PIECE, START, LENGTH, ROW, ROWS, COMPACTED = range(6)
 DOCUMENT, SINK_ROW, SINKS, PIECE_INDEX = range(4)
 ROUTING_POOLS = ("max", "mean")
 STORES = ("kv", "tokens")
-# tokens of a chunk's piece read again before it (store="tokens"): measured in `sparsemem eval memory`
+REREADS = ("joint", "separate")
+# tokens of a chunk's piece read again before it (reread="separate"): on SmolLM2, 6 needles in 32K tokens,
+# 0 and 64 read 5 of 6 back, 256 all 6 (`reports/memory-bank-cpu/tokens-32k`)
 REREAD_CONTEXT = 256
 
 
@@ -123,14 +125,21 @@ class BankOptions:
         mean key per chunk (`chunk_tokens` times fewer routing bytes).
     store: what the bank keeps of a chunk for reading it. "kv": its K/V as the model computed them (exact,
         23 KB per token for SmolLM2 in bf16, or compacted with `ratio`). "tokens": its token ids only (4 bytes
-        per token); a question's chunks are read again when it is asked (see `reread_context`), and ingestion
-        runs the model only up to the last routing layer, since it keeps nothing above it. A 10M-token bank
-        then fits a disk, and every chunk a question reads is exact rather than compacted, at the price of
-        a forward pass over the chunks read (and their context) per question.
-    reread_context: with store="tokens", how many tokens of a chunk's piece before it are read again with it,
-        after the piece's sink tokens, so its K/V see the text that led to it. None: all of them, which gives
-        exactly the K/V the "kv" store keeps (a forward over up to a whole piece per chunk read). "auto":
-        `REREAD_CONTEXT` with store="tokens"; a "kv" bank reads nothing again, so it takes no other value.
+        per token); a question's chunks are read again when it is asked (see `reread`), and ingestion runs the
+        model only up to the last routing layer, since it keeps nothing above it. A 10M-token bank then fits
+        a disk and every chunk a question reads is exact, at the price of a forward pass over the chunks read
+        per question.
+    reread: with store="tokens", how the chosen chunks are read again. "joint": as one text, in bank order,
+        the question right after (each chunk also sees the chunks chosen before it, as a retrieval-augmented
+        prompt reads them). "separate": each chunk with its own piece's sink tokens and `reread_context`
+        tokens before it, laid out as stored K/V would be (document-wise, the other chunks unseen). Measured
+        on SmolLM2 (10 needles in 128K tokens of Python sources, top 8): the same chosen chunks answer 10 of
+        10 read jointly, 8 of 10 read separately with 256 tokens of context. "auto": "joint" for a bank of
+        token ids; a "kv" bank takes no other value.
+    reread_context: with reread="separate", how many tokens of a chunk's piece before it are read again with
+        it, after the piece's sink tokens. None: all of them, which gives exactly the K/V the "kv" store keeps
+        (a forward over up to a whole piece per chunk read). "auto": `REREAD_CONTEXT` with reread="separate";
+        otherwise nothing is read around a chunk, so it takes no other value.
     """
 
     chunk_tokens: int = 64
@@ -143,6 +152,7 @@ class BankOptions:
     routing_pool: str = "max"
     whole_span_share: float | str | None = "auto"
     store: str = "kv"
+    reread: str | None = "auto"
     reread_context: int | str | None = "auto"
 
     def validate(self, model_config, repeat_prompt_tokens: int = 0) -> "BankOptions":
@@ -169,6 +179,16 @@ class BankOptions:
             if self.ratio is not None:
                 raise ValueError("`ratio` compacts stored K/V: a bank with store='tokens' keeps token ids and reads "
                                  "its chunks again exactly; give one of them")
+            if self.reread == "auto":
+                self.reread = "joint"
+            elif self.reread not in REREADS:
+                raise ValueError(f"`reread` must be one of {REREADS} or 'auto', got {self.reread!r}")
+        elif self.reread not in ("auto", None):
+            raise ValueError(f"`reread` applies to banks with store='tokens' (a 'kv' bank reads nothing again), "
+                             f"got {self.reread!r}")
+        else:
+            self.reread = None
+        if self.reread == "separate":
             if self.reread_context == "auto":
                 self.reread_context = REREAD_CONTEXT
             elif self.reread_context is not None and (isinstance(self.reread_context, bool)
@@ -176,8 +196,8 @@ class BankOptions:
                 raise ValueError(f"`reread_context` must be an integer >= 0, None (the whole piece before a chunk) or "
                                  f"'auto', got {self.reread_context!r}")
         elif self.reread_context not in ("auto", None):
-            raise ValueError(f"`reread_context` applies to banks with store='tokens' (a 'kv' bank reads nothing again), "
-                             f"got {self.reread_context!r}")
+            raise ValueError(f"`reread_context` applies to banks with store='tokens' and reread='separate' (this bank "
+                             f"reads nothing around a chunk), got {self.reread_context!r}")
         else:
             self.reread_context = None
         if self.ratio is not None:
@@ -375,8 +395,8 @@ class MemoryBank:
     def create(cls, folder, model, tokenizer=None, chunk_tokens: int = 64, ratio: float | None = None,
                piece_tokens: int | None = None, sink_tokens: int = 4, batch_tokens: int = 32768,
                shard_tokens: int = 262144, routing_layers: list[int] | None = None, routing_pool: str = "max",
-               whole_span_share: float | str | None = "auto", store: str = "kv", reread_context: int | str | None = "auto",
-               exist_ok: bool = False, **open_options) -> "MemoryBank":
+               whole_span_share: float | str | None = "auto", store: str = "kv", reread: str | None = "auto",
+               reread_context: int | str | None = "auto", exist_ok: bool = False, **open_options) -> "MemoryBank":
         """A new, empty bank in `folder` (created; an existing bank there is refused unless `exist_ok`,
         which opens it instead, checking that the options match). See `BankOptions` for the options; a
         compacted bank (`ratio`) needs the `tokenizer` (for the prompt of its repetition pass)."""
@@ -392,7 +412,7 @@ class MemoryBank:
         options = BankOptions(chunk_tokens=chunk_tokens, piece_tokens=piece_tokens, sink_tokens=sink_tokens, ratio=ratio,
                               batch_tokens=batch_tokens, shard_tokens=shard_tokens, routing_layers=routing_layers,
                               routing_pool=routing_pool, whole_span_share=whole_span_share, store=store,
-                              reread_context=reread_context).validate(sparse.config, len(repeat_prompt))
+                              reread=reread, reread_context=reread_context).validate(sparse.config, len(repeat_prompt))
         if (folder / MANIFEST).exists():
             if not exist_ok:
                 raise FileExistsError(f"{folder} already holds a memory bank; open it with MemoryBank.open")

@@ -216,13 +216,48 @@ class _Fetched:
                 self.sinks[piece] = bank.read_rows(int(bank.piece_shard[piece]), "kv", sink_row, sinks).to(device, non_blocking=True)
 
     def _read_again(self, bank, chunks: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        """A bank of token ids: the chunks are read again, in rows of [the piece's sinks, then its tokens from
-        `reread_context` before a chunk to the chunk's end]; chunks of a piece whose spans touch share a row.
-        A hidden chunk is never read, not even as another chunk's context: a span starts after it."""
+        """A bank of token ids: the chunks are read again by the model (`BankOptions.reread`), in rows (token
+        ids) each placed as (piece, sinks, [(chunk, offset in the row)])."""
+        if bank.options.reread == "joint":
+            rows, placed = self._joint_row(bank, chunks)
+        else:
+            rows, placed = self._separate_rows(bank, chunks, hidden)
+        for batch in length_batches([row.numel() for row in rows], bank.options.batch_tokens):
+            ids = torch.zeros(len(batch), max(rows[i].numel() for i in batch), dtype=torch.long)
+            for slot, i in enumerate(batch):
+                ids[slot, : rows[i].numel()] = rows[i]  # right-padded: causal attention never reads the padding
+            keys, values = bank.forward_kv(ids)  # [L, B, Hkv, T, D]
+            kv = torch.stack([keys, values], dim=2)  # [L, B, 2, Hkv, T, D]
+            for slot, i in enumerate(batch):
+                piece, sinks, offsets = placed[i]
+                if sinks and piece not in self.sinks:
+                    self.sinks[piece] = kv[:, slot, :, :, :sinks].permute(3, 0, 1, 2, 4)  # [s, L, 2, Hkv, D]
+                for chunk, offset in offsets:
+                    length = int(bank.chunk_table[chunk, LENGTH])
+                    self.exact[chunk] = kv[:, slot, :, :, offset : offset + length].permute(3, 0, 1, 2, 4)
+                    self.first_position[chunk] = offset
+
+    @staticmethod
+    def _joint_row(bank, chunks: torch.Tensor):
+        """reread="joint": one row, the chunks' tokens one after the other in bank order, no sinks (the row's
+        first tokens take their part), so the layout's positions are the row's own."""
+        parts, offsets, cursor = [], [], 0
+        for chunk in chunks.tolist():
+            _, _, length, row, _, _ = bank.chunk_table[chunk].tolist()
+            parts.append(bank.read_rows(int(bank.chunk_shard[chunk]), "ids", row, length).long())
+            offsets.append((chunk, cursor))
+            cursor += length
+        return [torch.cat(parts)], [(None, 0, offsets)]
+
+    @staticmethod
+    def _separate_rows(bank, chunks: torch.Tensor, hidden: torch.Tensor | None):
+        """reread="separate": rows of [a piece's sinks, then its tokens from `reread_context` before a chunk to
+        the chunk's end]; chunks of a piece whose spans touch share a row. A hidden chunk is never read, not
+        even as another chunk's context: a span starts after it."""
         context = bank.options.reread_context
         hidden_set = set() if hidden is None else set(hidden.tolist())
         rows: list[torch.Tensor] = []
-        placed: list[tuple[int, int, list[tuple[int, int]]]] = []  # per row: (piece, sinks, [(chunk, offset in row)])
+        placed: list[tuple[int, int, list[tuple[int, int]]]] = []
         chunk_list = chunks.tolist()
         pieces = bank.chunk_global_piece[chunks].tolist()
         for piece in dict.fromkeys(pieces):
@@ -246,20 +281,7 @@ class _Fetched:
                 rows.append(torch.cat([sink_ids, bank.read_rows(shard, "ids", sink_row + first, end - first)]).long())
                 offsets = [(c, sinks + int(bank.chunk_table[c, START]) - first) for c in members]
                 placed.append((piece, sinks, offsets))
-        for batch in length_batches([row.numel() for row in rows], bank.options.batch_tokens):
-            ids = torch.zeros(len(batch), max(rows[i].numel() for i in batch), dtype=torch.long)
-            for slot, i in enumerate(batch):
-                ids[slot, : rows[i].numel()] = rows[i]  # right-padded: causal attention never reads the padding
-            keys, values = bank.forward_kv(ids)  # [L, B, Hkv, T, D]
-            kv = torch.stack([keys, values], dim=2)  # [L, B, 2, Hkv, T, D]
-            for slot, i in enumerate(batch):
-                piece, sinks, offsets = placed[i]
-                if sinks and piece not in self.sinks:
-                    self.sinks[piece] = kv[:, slot, :, :, :sinks].permute(3, 0, 1, 2, 4)  # [s, L, 2, Hkv, D]
-                for chunk, offset in offsets:
-                    length = int(bank.chunk_table[chunk, LENGTH])
-                    self.exact[chunk] = kv[:, slot, :, :, offset : offset + length].permute(3, 0, 1, 2, 4)
-                    self.first_position[chunk] = offset
+        return rows, placed
 
 
 def _layer(bank, fetched: _Fetched, chunks: torch.Tensor, layer: int, rotary):
