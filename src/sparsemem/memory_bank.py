@@ -263,19 +263,6 @@ def quantize_routing_keys(keys: torch.Tensor, center: torch.Tensor) -> tuple[tor
     return codes, scale.to(torch.float16)
 
 
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices of rows of `lengths` tokens in groups of at most `batch_tokens` padded tokens (rows x longest
-    row), longest first so that each forward pass pads little; a row longer than `batch_tokens` goes alone."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= batch_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
 class _StopForward(Exception):
     """Ends a forward pass once the layers it needs have run."""
 
@@ -636,7 +623,7 @@ class MemoryBank:
         pieces = list(self._pieces(documents))
         results = [None] * len(pieces)
         lengths = [self.options.read_tokens(piece.numel(), self.repeat_prompt.numel()) for _, _, piece in pieces]
-        for batch in length_batches(lengths, self.options.batch_tokens):
+        for batch in self.batches(lengths):
             for i, result in zip(batch, self._read_pieces([pieces[i][2] for i in batch])):
                 results[i] = result
             bar.update(sum(pieces[i][2].numel() for i in batch))
@@ -695,6 +682,18 @@ class MemoryBank:
             for (row, chunk, _), chunk_slots in zip(whole, slots):
                 out[row]["slots"][chunk] = chunk_slots
         return out
+
+    def batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of rows of `lengths` tokens in groups of at most `batch_tokens` padded tokens (rows x longest
+        row), longest first so that each forward pass pads little; a row longer than `batch_tokens` goes alone."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= self.options.batch_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
 
     @torch.no_grad()
     def forward_kv(self, ids: torch.Tensor, record=None, last_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 
 from .machine import synchronize
-from .memory_bank import LENGTH, START, length_batches
 from .modeling.cache import SparseMemCache, SparseMemLayer
 from .modeling.slots import SlotTier
 from .modeling.rope import shift_keys, trained_context
@@ -199,7 +198,7 @@ class _Fetched:
         layers = bank.model.config.num_hidden_layers
         for chunk in chunks.tolist():
             shard = int(bank.chunk_shard[chunk])
-            _, _, _, row, rows, compacted = bank.chunk_table[chunk].tolist()
+            _, start, _, row, rows, compacted = bank.chunk_table[chunk].tolist()
             if compacted:
                 kv, beta, rope = (bank.read_rows(shard, name, row, rows).to(device, non_blocking=True)
                                   for name in ("slot_kv", "slot_beta", "slot_rope"))
@@ -209,7 +208,7 @@ class _Fetched:
                 self.slots[chunk] = (kv, beta, rope.long(), head, ends)
             else:
                 self.exact[chunk] = bank.read_rows(shard, "kv", row, rows).to(device, non_blocking=True)
-                self.first_position[chunk] = int(bank.chunk_table[chunk, START])
+                self.first_position[chunk] = start
         for piece in torch.unique(bank.chunk_global_piece[chunks]).tolist():
             _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
             if sinks:
@@ -217,12 +216,12 @@ class _Fetched:
 
     def _read_again(self, bank, chunks: torch.Tensor, hidden: torch.Tensor | None) -> None:
         """A bank of token ids: the chunks are read again by the model (`BankOptions.reread`), in rows (token
-        ids) each placed as (piece, sinks, [(chunk, offset in the row)])."""
+        ids) each placed as (piece, sinks, [(chunk, offset in the row, length)])."""
         if bank.options.reread == "joint":
             rows, placed = self._joint_row(bank, chunks)
         else:
             rows, placed = self._separate_rows(bank, chunks, hidden)
-        for batch in length_batches([row.numel() for row in rows], bank.options.batch_tokens):
+        for batch in bank.batches([row.numel() for row in rows]):
             ids = torch.zeros(len(batch), max(rows[i].numel() for i in batch), dtype=torch.long)
             for slot, i in enumerate(batch):
                 ids[slot, : rows[i].numel()] = rows[i]  # right-padded: causal attention never reads the padding
@@ -232,8 +231,7 @@ class _Fetched:
                 piece, sinks, offsets = placed[i]
                 if sinks and piece not in self.sinks:
                     self.sinks[piece] = kv[:, slot, :, :, :sinks].permute(3, 0, 1, 2, 4)  # [s, L, 2, Hkv, D]
-                for chunk, offset in offsets:
-                    length = int(bank.chunk_table[chunk, LENGTH])
+                for chunk, offset, length in offsets:
                     self.exact[chunk] = kv[:, slot, :, :, offset : offset + length].permute(3, 0, 1, 2, 4)
                     self.first_position[chunk] = offset
 
@@ -245,7 +243,7 @@ class _Fetched:
         for chunk in chunks.tolist():
             _, _, length, row, _, _ = bank.chunk_table[chunk].tolist()
             parts.append(bank.read_rows(int(bank.chunk_shard[chunk]), "ids", row, length).long())
-            offsets.append((chunk, cursor))
+            offsets.append((chunk, cursor, length))
             cursor += length
         return [torch.cat(parts)], [(None, 0, offsets)]
 
@@ -257,29 +255,29 @@ class _Fetched:
         context = bank.options.reread_context
         hidden_set = set() if hidden is None else set(hidden.tolist())
         rows: list[torch.Tensor] = []
-        placed: list[tuple[int, int, list[tuple[int, int]]]] = []
+        placed: list[tuple[int, int, list[tuple[int, int, int]]]] = []
         chunk_list = chunks.tolist()
         pieces = bank.chunk_global_piece[chunks].tolist()
         for piece in dict.fromkeys(pieces):
             _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
             shard = int(bank.piece_shard[piece])
             # the ends of the piece's hidden chunks
-            hidden_ends = [int(bank.chunk_table[c, START] + bank.chunk_table[c, LENGTH]) for c in hidden_set
-                           if int(bank.chunk_global_piece[c]) == piece]
-            spans: list[list] = []  # [first token, end token, [chunks]]
+            hidden_ends = [start + length for c in hidden_set if int(bank.chunk_global_piece[c]) == piece
+                           for _, start, length, _, _, _ in [bank.chunk_table[c].tolist()]]
+            spans: list[list] = []  # [first token, end token, [(chunk, start, length)]]
             for chunk in (c for c, p in zip(chunk_list, pieces) if p == piece):
                 _, start, length, _, _, _ = bank.chunk_table[chunk].tolist()
                 first = sinks if context is None else max(sinks, start - context)
                 first = max([first] + [end for end in hidden_ends if end <= start])
                 if spans and first <= spans[-1][1]:
                     spans[-1][1] = start + length
-                    spans[-1][2].append(chunk)
+                    spans[-1][2].append((chunk, start, length))
                 else:
-                    spans.append([first, start + length, [chunk]])
+                    spans.append([first, start + length, [(chunk, start, length)]])
             sink_ids = bank.read_rows(shard, "ids", sink_row, sinks)
             for first, end, members in spans:
                 rows.append(torch.cat([sink_ids, bank.read_rows(shard, "ids", sink_row + first, end - first)]).long())
-                offsets = [(c, sinks + int(bank.chunk_table[c, START]) - first) for c in members]
+                offsets = [(c, sinks + start - first, length) for c, start, length in members]
                 placed.append((piece, sinks, offsets))
         return rows, placed
 
