@@ -113,7 +113,8 @@ class RepeatedPieces:
                 # placed past the piece's last key, each query reads all of it
                 lse[layer, row, :, :n] = causal_lse(q, k[:, :n], n, scaling, chunk=block)
                 # what it reads besides the piece: the prompt, and its own last REPEAT_REACH tokens
-                outside[layer, row, :, :n] = causal_lse(q, k[:, n : read + n], prompt_tokens, scaling, reach=REPEAT_REACH, chunk=block)
+                outside[layer, row, :, :n] = causal_lse(q, k[:, n : read + n], prompt_tokens, scaling,
+                                                        reach=REPEAT_REACH, chunk=block)
                 following[layer, row, :, :read] = captured[layer][row, :, :read]
             # a shorter row repeats its last query (never read: windows stay inside the piece)
             for tensor in (queries, lse, outside):

@@ -88,11 +88,11 @@ def _capture(model, input_ids, keep_from, outside_from=None, reach=None):
 def causal_lse(queries, keys, offset, scaling, window=None, reach=None, chunk: int = 512, positions=None) -> torch.Tensor:
     """[..., H, n] (fp32, on the keys' device): log-sum-exp of each query's logits over the keys
     [..., Hkv, T, d] it sees. Query j sits at index `positions[j]` of the keys' sequence (default
-    `offset + j`; one past the last key sees them all) and sees the keys up to it (causal); with a sliding
-    `window`, only the last `window` of them; with `reach`, of the queries' own part (indices >= `offset`),
-    only the last `reach`. Query head h reads KV head h // (H / Hkv): each KV head's keys meet its whole
-    group's queries in one product, never copied per query head. In fp32, `chunk` queries at a time, each
-    chunk against only the keys some query of it sees (memory [..., H, chunk, keys seen])."""
+    `offset + j`; an index at or past the end puts every key before it) and sees the keys up to it (causal);
+    with a sliding `window`, only the last `window` of them; with `reach`, of the queries' own part (indices
+    >= `offset`), only the last `reach`. Query head h reads KV head h // (H / Hkv): each KV head's keys meet
+    its whole group's queries in one product, never copied per query head. In fp32, `chunk` queries at a
+    time, each chunk against only the keys some query of it sees (memory [..., H, chunk, keys seen])."""
     *batch, heads, count, dim = queries.shape
     kv_heads, length = keys.shape[-3], keys.shape[-2]
     if heads % kv_heads:
@@ -120,7 +120,8 @@ def causal_lse(queries, keys, offset, scaling, window=None, reach=None, chunk: i
             out[..., lo : lo + at.numel()] = float("-inf")
             continue
         index = torch.cat([torch.arange(a, b, device=device) for a, b in spans])
-        k = torch.cat([keys[..., a:b, :] for a, b in spans], dim=-2) if len(spans) > 1 else keys[..., spans[0][0] : spans[0][1], :]
+        parts = [keys[..., a:b, :] for a, b in spans]
+        k = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # one span stays a view
         q = queries[..., lo : lo + chunk, :].to(device, torch.float32)
         size = q.shape[-2]
         q = q.reshape(*batch, kv_heads, group * size, dim)  # query head h reads KV head h // group
