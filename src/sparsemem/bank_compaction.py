@@ -51,6 +51,14 @@ SPREAD = 64
 FOLLOWING = 32
 # (chunk, layer, KV head) problems per batched measurement or solve (bounds the [P, queries, chunk] weights)
 PROBLEMS_PER_SOLVE = 8192
+# queries per block of a log-sum-exp measurement (`causal_lse`): on a CPU, 128-query blocks of logits took half
+# the time of 1024-query ones (SmolLM2-135M's heads, 4K keys, one thread); a GPU takes bigger ones, in fewer launches
+CPU_BLOCK, GPU_BLOCK = 128, 1024
+
+
+def measure_block(device: torch.device) -> int:
+    """Queries per block of a log-sum-exp measurement on `device`."""
+    return CPU_BLOCK if device.type == "cpu" else GPU_BLOCK
 
 __all__ = ["REPEAT_PROMPT", "WHOLE_SPAN_SHARE", "ChunkSlots", "RepeatedPieces", "compact_pieces"]
 
@@ -93,9 +101,11 @@ class RepeatedPieces:
     @classmethod
     @torch.no_grad()
     def measure(cls, captured: dict[int, torch.Tensor], keys: torch.Tensor, lengths: torch.Tensor, prompt_tokens: int,
-                scaling: float, block: int = 1024) -> "RepeatedPieces":
+                scaling: float, block: int | None = None) -> "RepeatedPieces":
         """From the forward pass's post-RoPE queries `captured` {layer: [B, H, T, D]} and its keys
-        [L, B, Hkv, T, D]; row by row and layer by layer, in blocks of `block` queries (`causal_lse`)."""
+        [L, B, Hkv, T, D]; row by row and layer by layer, in blocks of `block` queries (`causal_lse`;
+        default `measure_block`)."""
+        block = block or measure_block(keys.device)
         layers, batch, _, _, dim = keys.shape
         heads = captured[0].shape[1]
         sizes = lengths.tolist()
@@ -124,10 +134,11 @@ class RepeatedPieces:
 
     @torch.no_grad()
     def following_lse(self, keys: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, scaling: float,
-                      block: int = 1024) -> torch.Tensor:
+                      block: int | None = None) -> torch.Tensor:
         """[c, L, H, F] (fp32): the log-sum-exp of the first reading's queries at `offsets` [c, F] of row
         `rows` [c] (keys [L, B, Hkv, T, D] of the same pass) over the keys up to their own positions. Only
-        these offsets are measured, each row's distinct ones once."""
+        these offsets are measured, each row's distinct ones once, in blocks of `block` (default `measure_block`)."""
+        block = block or measure_block(keys.device)
         layers, _, heads = self.following.shape[:3]
         out = torch.empty(rows.numel(), layers, heads, offsets.shape[1], device=keys.device)
         for row in rows.unique().tolist():
