@@ -740,17 +740,41 @@ def test_global_ranking_weighs_attention_by_the_share_the_cache_gets(filled):
 
 @pytest.mark.parametrize("window, reach", [(None, None), (None, 32), (48, None), (48, 32), (None, 1)])
 def test_outside_log_sum_exp_in_chunks_matches_the_masked_dense_one(window, reach):
-    """`_causal_lse` only multiplies each chunk of queries by the keys it may see; the result equals the
-    log-sum-exp of the full masked logits (causal, sliding window, reach into the queries' own part)."""
-    from sparsemem.query_sources import _causal_lse
+    """`causal_lse` only multiplies each chunk of queries by the keys it may see, each KV head by its group's
+    queries at once; the result equals the log-sum-exp of the full masked logits (causal, sliding window,
+    reach into the queries' own part) with every KV head's keys repeated for its query heads, in fp32."""
+    from sparsemem.query_sources import causal_lse
 
     generator = torch.Generator().manual_seed(0)
-    queries, keys, offset = torch.randn(1, 6, 300, 16, generator=generator), torch.randn(1, 2, 320, 16, generator=generator), 20
-    logits = queries @ keys.repeat_interleave(3, dim=1).transpose(-1, -2) * 0.25
+    # two batch dims (as [L, B, ...]), 6 query heads over 2 KV heads
+    queries, keys, offset = torch.randn(2, 1, 6, 300, 16, generator=generator), torch.randn(2, 1, 2, 320, 16, generator=generator), 20
+    logits = queries.double() @ keys.double().repeat_interleave(3, dim=2).transpose(-1, -2) * 0.25
     index, at = torch.arange(320), offset + torch.arange(300)[:, None]
     seen = (index <= at) & ((index > at - window) if window else True)
     if reach is not None:
         seen &= (index > at - reach) | (index < offset)
-    expected = torch.logsumexp(logits.masked_fill(~seen, float("-inf")), dim=-1)
-    got = _causal_lse(queries, keys, offset, 0.25, window, reach, chunk=64)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    expected = torch.logsumexp(logits.masked_fill(~seen, float("-inf")), dim=-1).float()
+    got = causal_lse(queries, keys, offset, 0.25, window, reach, chunk=64)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # queries at chosen indices of the keys' sequence (unsorted, some past the last key: they read every key
+    # the mask lets through), in chunks that straddle them
+    positions = torch.tensor([319, 20, 21, 150, 151, 152, 40, 330, 25, 299, 300, 64])
+    picked = queries[..., :12, :]
+    logits = picked.double() @ keys.double().repeat_interleave(3, dim=2).transpose(-1, -2) * 0.25
+    at = positions[:, None]
+    seen = (index <= at) & ((index > at - window) if window else True)
+    if reach is not None:
+        seen &= (index > at - reach) | (index < offset)
+    expected = torch.logsumexp(logits.masked_fill(~seen, float("-inf")), dim=-1).float()
+    got = causal_lse(picked, keys, offset, 0.25, window, reach, chunk=5, positions=positions)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_lse_refuses_uneven_groups_and_misshapen_positions():
+    from sparsemem.query_sources import causal_lse
+
+    with pytest.raises(ValueError, match="5 query heads cannot share 2 KV heads"):
+        causal_lse(torch.zeros(5, 4, 8), torch.zeros(2, 6, 8), 0, 1.0)
+    with pytest.raises(ValueError, match="`positions` must give one index per query"):
+        causal_lse(torch.zeros(4, 4, 8), torch.zeros(2, 6, 8), 0, 1.0, positions=torch.arange(3))

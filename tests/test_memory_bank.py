@@ -596,9 +596,10 @@ def test_old_format_is_a_named_error(tmp_path):
 def test_repetition_queries_measure_their_attention_as_compact_does():
     """`RepeatedPieces.measure` on a padded batch of two pieces: each row's repetition queries, their
     log-sum-exp over the piece's keys, and their share against what they read besides the piece, computed
-    as `compact` computes it for repeat queries (`_causal_lse` with `REPEAT_REACH`)."""
+    as `compact` computes it for repeat queries (`causal_lse` with `REPEAT_REACH`); and the first reading's
+    log-sum-exps at chosen offsets, each over the keys up to its own position."""
     from sparsemem.bank_compaction import REPEAT_PROMPT, RepeatedPieces, repeat_rows
-    from sparsemem.query_sources import REPEAT_REACH, _causal_lse, query_hook
+    from sparsemem.query_sources import REPEAT_REACH, causal_lse, query_hook
     from sparsemem.conversion import convert
 
     model = convert(_model(), top_k_blocks=None, block_fraction=None, positions="logical")
@@ -610,6 +611,11 @@ def test_repetition_queries_measure_their_attention_as_compact_does():
         cache = model(repeat_rows(pieces, prompt), use_cache=True).past_key_values
     keys = torch.stack([layer.keys for layer in cache.layers])
     measured = RepeatedPieces.measure(captured, keys, torch.tensor([60, 41]), prompt.numel(), scaling, block=16)
+    # first-reading offsets of four chunks (two per row, in no order, sharing some), measured only there
+    generator, p = torch.Generator().manual_seed(0), prompt.numel()
+    rows = torch.tensor([0, 1, 0, 1])
+    chosen = torch.stack([torch.randperm(n + p, generator=generator)[:24] for n in (60, 41, 60, 41)])
+    following_lse = measured.following_lse(keys, rows, chosen, scaling, block=7)  # [c, L, H, F]
     for row, piece in enumerate(pieces):
         n, p = piece.numel(), prompt.numel()
         for layer in range(keys.shape[0]):
@@ -618,7 +624,7 @@ def test_repetition_queries_measure_their_attention_as_compact_does():
             assert torch.equal(measured.queries[layer, row, :, :n], q[0])
             group = q.shape[1] // k.shape[1]
             piece_lse = torch.logsumexp(q @ k[:, :, :n].repeat_interleave(group, 1).transpose(-1, -2) * scaling, dim=-1)
-            outside = _causal_lse(q, k[:, :, n : 2 * n + p], p, scaling, reach=REPEAT_REACH)
+            outside = causal_lse(q, k[:, :, n : 2 * n + p], p, scaling, reach=REPEAT_REACH)
             assert torch.allclose(measured.lse[layer, row, :, :n], piece_lse[0], atol=1e-5)
             assert torch.allclose(measured.share[layer, row, :, :n], torch.sigmoid(piece_lse - outside)[0], atol=1e-5)
             # the first reading (piece, then prompt): its queries, each over the keys up to its own position
@@ -626,7 +632,9 @@ def test_repetition_queries_measure_their_attention_as_compact_does():
             assert torch.equal(measured.following[layer, row, :, : n + p], first)
             logits = first @ k[0, :, : n + p].repeat_interleave(group, 0).transpose(-1, -2) * scaling
             causal = torch.triu(torch.full((n + p, n + p), float("-inf")), 1)
-            assert torch.allclose(measured.following_lse[layer, row, :, : n + p], torch.logsumexp(logits + causal, dim=-1), atol=1e-5)
+            expected = torch.logsumexp(logits + causal, dim=-1)  # [H, n + p]
+            for chunk in (rows == row).nonzero()[:, 0].tolist():
+                assert torch.allclose(following_lse[chunk, layer], expected[:, chosen[chunk]], atol=1e-5)
 
 
 def _chunk_shares(bank, chunk: int, question: torch.Tensor, queries: dict) -> torch.Tensor:

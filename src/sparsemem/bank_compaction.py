@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .head_budgets import WHOLE_SPAN_SHARE, allocate_by_scores
-from .query_sources import REPEAT_PROMPT, REPEAT_REACH
+from .query_sources import REPEAT_PROMPT, REPEAT_REACH, causal_lse
 from .modeling.attention_matching import SpanProblem
 from .modeling.attention_matching_press import AttentionMatchingPress
 from .modeling.compaction import HeadSpan
@@ -51,6 +51,14 @@ SPREAD = 64
 FOLLOWING = 32
 # (chunk, layer, KV head) problems per batched measurement or solve (bounds the [P, queries, chunk] weights)
 PROBLEMS_PER_SOLVE = 8192
+# queries per block of a log-sum-exp measurement (`causal_lse`): on a CPU, 128-query blocks of logits took half
+# the time of 1024-query ones (SmolLM2-135M's heads, 4K keys, one thread); a GPU takes bigger ones, in fewer launches
+CPU_BLOCK, GPU_BLOCK = 128, 1024
+
+
+def measure_block(device: torch.device) -> int:
+    """Queries per block of a log-sum-exp measurement on `device`."""
+    return CPU_BLOCK if device.type == "cpu" else GPU_BLOCK
 
 __all__ = ["REPEAT_PROMPT", "WHOLE_SPAN_SHARE", "ChunkSlots", "RepeatedPieces", "compact_pieces"]
 
@@ -81,70 +89,66 @@ class RepeatedPieces:
     [L, B, H, N] the share of their attention that goes to the piece rather than to the prompt and the
     repetition's last `REPEAT_REACH` tokens; lengths: [B] piece lengths; following: [L, B, H, M, D] the
     queries of the first reading (the piece, then the prompt; M: the longest piece + the prompt), which read
-    each chunk from right after it, as a question laid out after the chunk does; following_lse: [L, B, H, M]
-    their log-sum-exp over what they read (the keys up to their own position, fp32)."""
+    each chunk from right after it, as a question laid out after the chunk does (their log-sum-exps are
+    measured by `following_lse` at the offsets a fit reads, once the chunks are known)."""
 
     queries: torch.Tensor
     lse: torch.Tensor
     share: torch.Tensor
     lengths: torch.Tensor
     following: torch.Tensor
-    following_lse: torch.Tensor
 
     @classmethod
     @torch.no_grad()
     def measure(cls, captured: dict[int, torch.Tensor], keys: torch.Tensor, lengths: torch.Tensor, prompt_tokens: int,
-                scaling: float, block: int = 1024) -> "RepeatedPieces":
+                scaling: float, block: int | None = None) -> "RepeatedPieces":
         """From the forward pass's post-RoPE queries `captured` {layer: [B, H, T, D]} and its keys
-        [L, B, Hkv, T, D]; row by row, in blocks of `block` queries, each query group against its KV head's
-        keys (no [N, N] matrix per head is kept, no key is copied per query head)."""
-        layers, batch, kv_heads, _, dim = keys.shape
+        [L, B, Hkv, T, D]; row by row and layer by layer, in blocks of `block` queries (`causal_lse`;
+        default `measure_block`)."""
+        block = block or measure_block(keys.device)
+        layers, batch, _, _, dim = keys.shape
         heads = captured[0].shape[1]
-        group = heads // kv_heads
         sizes = lengths.tolist()
         longest, device = max(sizes), keys.device
         queries = captured[0].new_empty(layers, batch, heads, longest, dim)
         lse = torch.empty(layers, batch, heads, longest, device=device)
         outside = torch.empty_like(lse)
         following = captured[0].new_empty(layers, batch, heads, longest + prompt_tokens, dim)
-        following_lse = torch.empty(layers, batch, heads, longest + prompt_tokens, device=device)
         for row, n in enumerate(sizes):
-            first = n + prompt_tokens  # the repetition's token j sits at first + j
-            for lo in range(0, n, block):
-                hi = min(n, lo + block)
-                back = max(0, lo - REPEAT_REACH + 1)
-                # what a repetition query reads besides the piece: the prompt, and its own last REPEAT_REACH tokens
-                column = torch.arange(back, hi, device=device)
-                query = torch.arange(lo, hi, device=device)[:, None]
-                own = (column[None] <= query) & (column[None] > query - REPEAT_REACH)
-                reach = torch.cat([torch.ones(hi - lo, prompt_tokens, dtype=torch.bool, device=device), own], dim=1)
-                for layer in range(layers):
-                    q = captured[layer][row, :, first + lo : first + hi]  # [H, b, D]
-                    queries[layer, row, :, lo:hi] = q
-                    q = q.float().reshape(kv_heads, group * (hi - lo), dim)  # query head h reads KV head h // group
-                    k = keys[layer, row].float()  # [Hkv, T, D]
-                    piece = q @ k[:, :n].transpose(-1, -2) * scaling
-                    lse[layer, row, :, lo:hi] = torch.logsumexp(piece, dim=-1).view(heads, hi - lo)
-                    beyond = torch.cat([k[:, n:first], k[:, first + back : first + hi]], dim=1)
-                    rest = (q @ beyond.transpose(-1, -2) * scaling).view(kv_heads, group, hi - lo, -1)
-                    outside[layer, row, :, lo:hi] = torch.logsumexp(rest.masked_fill(~reach, float("-inf")), dim=-1).view(heads, -1)
+            read = n + prompt_tokens  # the repetition's token j sits at read + j
+            for layer in range(layers):
+                q = captured[layer][row, :, read : read + n]  # [H, n, D]
+                k = keys[layer, row]  # [Hkv, T, D]
+                queries[layer, row, :, :n] = q
+                # placed past the piece's last key, each query reads all of it
+                lse[layer, row, :, :n] = causal_lse(q, k[:, :n], n, scaling, chunk=block)
+                # what it reads besides the piece: the prompt, and its own last REPEAT_REACH tokens
+                outside[layer, row, :, :n] = causal_lse(q, k[:, n : read + n], prompt_tokens, scaling,
+                                                        reach=REPEAT_REACH, chunk=block)
+                following[layer, row, :, :read] = captured[layer][row, :, :read]
             # a shorter row repeats its last query (never read: windows stay inside the piece)
             for tensor in (queries, lse, outside):
                 tensor[:, row, :, n:] = tensor[:, row, :, n - 1 : n]
-            # the first reading's queries, each over the keys up to its own position (causal)
-            read = n + prompt_tokens
-            for lo in range(0, read, block):
-                hi = min(read, lo + block)
-                later = torch.arange(hi, device=device)[None] > torch.arange(lo, hi, device=device)[:, None]  # [b, hi]
-                for layer in range(layers):
-                    q = captured[layer][row, :, lo:hi]  # [H, b, D]
-                    following[layer, row, :, lo:hi] = q
-                    q = q.float().reshape(kv_heads, group * (hi - lo), dim)
-                    logits = (q @ keys[layer, row, :, :hi].float().transpose(-1, -2) * scaling).view(kv_heads, group, hi - lo, hi)
-                    following_lse[layer, row, :, lo:hi] = torch.logsumexp(logits.masked_fill(later, float("-inf")), dim=-1).view(heads, -1)
-            for tensor in (following, following_lse):
-                tensor[:, row, :, read:] = tensor[:, row, :, read - 1 : read]
-        return cls(queries, lse, torch.sigmoid(lse - outside), lengths.to(device), following, following_lse)
+            following[:, row, :, read:] = following[:, row, :, read - 1 : read]
+        return cls(queries, lse, torch.sigmoid(lse - outside), lengths.to(device), following)
+
+    @torch.no_grad()
+    def following_lse(self, keys: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, scaling: float,
+                      block: int | None = None) -> torch.Tensor:
+        """[c, L, H, F] (fp32): the log-sum-exp of the first reading's queries at `offsets` [c, F] of row
+        `rows` [c] (keys [L, B, Hkv, T, D] of the same pass) over the keys up to their own positions. Only
+        these offsets are measured, each row's distinct ones once, in blocks of `block` (default `measure_block`)."""
+        block = block or measure_block(keys.device)
+        layers, _, heads = self.following.shape[:3]
+        out = torch.empty(rows.numel(), layers, heads, offsets.shape[1], device=keys.device)
+        for row in rows.unique().tolist():
+            mine = (rows == row).nonzero()[:, 0]
+            at, inverse = offsets[mine].unique(sorted=True, return_inverse=True)  # [m], [c', F]
+            for layer in range(layers):
+                q = self.following[layer, row][:, at]  # [H, m, D]
+                lse = causal_lse(q, keys[layer, row, :, : int(at[-1]) + 1], 0, scaling, chunk=block, positions=at)
+                out[mine, layer] = lse[:, inverse].transpose(0, 1)  # [H, c', F] -> [c', H, F]
+        return out
 
 
 def reference_window(starts: torch.Tensor, lengths: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
@@ -189,6 +193,7 @@ class _Problems:
         self.window = reference_window(starts, repeated.lengths[rows], chunk_tokens)  # [c, Q]
         prompt_tokens = repeated.following.shape[3] - repeated.queries.shape[3]
         self.following = following_window(starts, repeated.lengths[rows], prompt_tokens, chunk_tokens)  # [c, F]
+        self.following_lse = repeated.following_lse(keys, rows, self.following, scaling)  # [c, L, H, F]
 
     def __call__(self, units: torch.Tensor) -> tuple[SpanProblem, torch.Tensor, torch.Tensor]:
         """(problem, share [P, G*Q], rope [P, C]) of `units` [P]."""
@@ -204,9 +209,10 @@ class _Problems:
         repeated, following = pick(self.window), pick(self.following)
         both = lambda first, second: flat(torch.cat([first, second], dim=2))  # noqa: E731 - per query head: window, then following
         queries = both(self.repeated.queries[repeated], self.repeated.following[following])
-        lse = both(self.repeated.lse[repeated], self.repeated.following_lse[following])
+        following_lse = self.following_lse[chunk[:, None], layer[:, None], heads]  # [P, G, F]
+        lse = both(self.repeated.lse[repeated], following_lse)
         # the first reading attends to nothing but the piece and the prompt: all of its attention counts
-        share = both(self.repeated.share[repeated], torch.ones_like(self.repeated.following_lse[following]))
+        share = both(self.repeated.share[repeated], torch.ones_like(following_lse))
         problem = SpanProblem(queries, keys, values, torch.zeros(keys.shape[:2], device=keys.device), lse, self.scaling)
         return problem, share, span
 

@@ -81,31 +81,59 @@ def _capture(model, input_ids, keep_from, outside_from=None, reach=None):
         queries = torch.cat(parts, dim=-2)
         keys = cache.layers[layer].keys[..., outside_from:, :]
         window = getattr(model.model.layers[layer].self_attn, "attention_window", None)
-        result[layer] = (queries, _causal_lse(queries, keys, keep_from - outside_from, scaling, window, reach))
+        result[layer] = (queries, causal_lse(queries, keys, keep_from - outside_from, scaling, window, reach).cpu())
     return result
 
 
-def _causal_lse(queries, keys, offset, scaling, window=None, reach=None, chunk: int = 512) -> torch.Tensor:
-    """[B, H, n]: log-sum-exp of query j's logits over `keys` [B, KV, T, d] up to index `offset + j` (causal;
-    the queries sit at those indices of the keys' sequence) and, with a sliding `window`, the last `window`
-    of them; with `reach`, of the queries' own part (indices >= `offset`) only the last `reach` count. In
-    fp32 and in chunks of queries."""
-    keys = keys.float().repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)
-    device = keys.device
-    parts = []
-    for lo in range(0, queries.shape[-2], chunk):
-        q = queries[..., lo : lo + chunk, :].to(device, torch.float32)
-        hi = lo + q.shape[-2]
-        # only the keys some query of the chunk may see: all before its own part, then up to its last
-        start = 0 if reach is None else offset + max(0, lo - reach + 1)
-        index = torch.cat([torch.arange(0, min(offset, start), device=device), torch.arange(start, offset + hi, device=device)])
-        logits = q @ keys[..., index, :].transpose(-1, -2) * scaling
-        at = offset + torch.arange(lo, hi, device=device)[:, None]
-        seen = (index[None, :] <= at) & (index[None, :] > at - window if window else True)
+def causal_lse(queries, keys, offset, scaling, window=None, reach=None, chunk: int = 512, positions=None) -> torch.Tensor:
+    """[..., H, n] (fp32, on the keys' device): log-sum-exp of each query's logits over the keys
+    [..., Hkv, T, d] it sees. Query j sits at index `positions[j]` of the keys' sequence (default
+    `offset + j`; an index at or past the end puts every key before it) and sees the keys up to it (causal);
+    with a sliding `window`, only the last `window` of them; with `reach`, of the queries' own part (indices
+    >= `offset`), only the last `reach`. Query head h reads KV head h // (H / Hkv): each KV head's keys meet
+    its whole group's queries in one product, never copied per query head. In fp32, `chunk` queries at a
+    time, each chunk against only the keys some query of it sees (memory [..., H, chunk, keys seen])."""
+    *batch, heads, count, dim = queries.shape
+    kv_heads, length = keys.shape[-3], keys.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(f"causal_lse: {heads} query heads cannot share {kv_heads} KV heads evenly")
+    device, group = keys.device, heads // kv_heads
+    if positions is None:
+        positions = offset + torch.arange(count, device=device)
+    elif tuple(positions.shape) != (count,):
+        raise ValueError(f"causal_lse: `positions` must give one index per query ({count}), got shape {tuple(positions.shape)}")
+    positions = positions.to(device)
+    out = torch.empty(*batch, heads, count, device=device)
+    for lo in range(0, count, chunk):
+        at = positions[lo : lo + chunk]
+        first, last = int(at.min()), int(at.max())
+        top = min(length, last + 1)
+        # the keys some query of the chunk sees: from the window's start on, and of the queries' own part only
+        # those within reach of one of them (the context before `offset` stays whole)
+        bottom = max(0, first - window + 1) if window else 0
+        spans = [(bottom, top)]
         if reach is not None:
-            seen &= (index[None, :] > at - reach) | (index[None, :] < offset)
-        parts.append(torch.logsumexp(logits.masked_fill_(~seen, float("-inf")), dim=-1).cpu())
-    return torch.cat(parts, dim=-1)
+            own = max(bottom, offset, first - reach + 1)
+            spans = [(bottom, min(offset, top)), (own, top)]
+        spans = [(a, b) for a, b in spans if a < b]
+        if not spans:  # no key before any query of the chunk
+            out[..., lo : lo + at.numel()] = float("-inf")
+            continue
+        index = torch.cat([torch.arange(a, b, device=device) for a, b in spans])
+        parts = [keys[..., a:b, :] for a, b in spans]
+        k = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)  # one span stays a view
+        q = queries[..., lo : lo + chunk, :].to(device, torch.float32)
+        size = q.shape[-2]
+        q = q.reshape(*batch, kv_heads, group * size, dim)  # query head h reads KV head h // group
+        logits = (q @ k.float().transpose(-1, -2) * scaling).view(*batch, kv_heads, group, size, -1)
+        at = at[:, None]
+        seen = index[None] <= at
+        if window:
+            seen &= index[None] > at - window
+        if reach is not None:
+            seen &= (index[None] > at - reach) | (index[None] < offset)
+        out[..., lo : lo + size] = torch.logsumexp(logits.masked_fill_(~seen, float("-inf")), dim=-1).view(*batch, heads, size)
+    return out
 
 
 def _prompt_ids(tokenizer, text: str, input_ids: torch.Tensor) -> torch.Tensor:
