@@ -51,7 +51,8 @@ def make_base_model(family: str, seed: int = 0, **overrides):
 
 class ByteTokenizer:
     """Bytes as token ids (mod a tiny vocabulary): real text, tokenized in microseconds. Plain calls give
-    {"input_ids": list}; `return_tensors="pt"` an object with `input_ids` [1, n]. Counts its calls."""
+    {"input_ids": list} (a list of texts: a list of lists, as a fast tokenizer batches them);
+    `return_tensors="pt"` an object with `input_ids` [1, n]. Counts its calls."""
 
     def __init__(self, vocab: int = 256):
         self.vocab = vocab
@@ -60,6 +61,8 @@ class ByteTokenizer:
     def __call__(self, text, add_special_tokens=False, return_tensors=None, verbose=True):
         from types import SimpleNamespace
 
+        if isinstance(text, list) and return_tensors is None:
+            return {"input_ids": [self(t)["input_ids"] for t in text]}
         self.calls += 1
         ids = [byte % self.vocab for byte in text.encode()]
         return {"input_ids": ids} if return_tensors is None else SimpleNamespace(input_ids=torch.tensor([ids]))

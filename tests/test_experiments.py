@@ -319,3 +319,21 @@ def test_memory_placement_rows_agree_inside_the_window(tiny):
     assert len({row["loss_within_window"] for row in placed}) == 1
     assert len({row["loss_beyond_window"] for row in placed}) == 3
     assert rows["dense (logical)"]["passkey_cases"][0]["key"] == placed[0]["passkey_cases"][0]["key"]
+
+
+def test_bank_routing_recall_is_whole_when_every_chunk_is_read(tiny, tmp_path):
+    import bank_routing
+
+    model, tokenizer, _ = tiny
+    layers = list(range(model.config.num_hidden_layers))
+    kwargs = dict(needles=3, code=4, piece_tokens=256, batch_tokens=2048, workdir=tmp_path)
+    # a top-k larger than the bank, no floor: every chunk is read, so every answer's chunks are among them
+    every = bank_routing.run(model, tokenizer, 60_000, layers, top_k=10**6, min_relative_score=0.0, **kwargs)
+    assert [row["layers"] for row in every] == [[layer] for layer in layers] + [layers]
+    assert all(row["needle_recall"] == 1.0 and row["code_recall"] == 1.0 for row in every)
+    assert every[0]["needles"] == 3 and every[0]["code_questions"] >= 1
+    # one chunk read per question: recall falls below 1 (3 needles hide each other, so routing must choose)
+    one = bank_routing.run(model, tokenizer, 60_000, layers, top_k=1, min_relative_score=0.0, **kwargs)
+    assert all(0.0 <= row["needle_recall"] <= 1.0 for row in one)
+    assert min(row["needle_recall"] + row["code_recall"] for row in one) < 2.0
+    assert not any(tmp_path.iterdir())  # the bank is removed

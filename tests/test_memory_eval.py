@@ -10,17 +10,8 @@ from conftest import ByteTokenizer
 from sparsemem.evaluation_memory import BM25Retriever, Document, build_haystack, code_questions, insert_needles, is_correct
 
 
-class BatchByteTokenizer(ByteTokenizer):
-    """Bytes as ids, for one text or a batch (as a fast tokenizer takes them)."""
-
-    def __call__(self, text, **kwargs):
-        if isinstance(text, list):
-            return {"input_ids": [super(BatchByteTokenizer, self).__call__(t, **kwargs)["input_ids"] for t in text]}
-        return super().__call__(text, **kwargs)
-
-
 def test_code_questions_match_the_live_signatures():
-    tokenizer = BatchByteTokenizer()
+    tokenizer = ByteTokenizer()
     docs = build_haystack(tokenizer, 1_500_000)
     questions = code_questions(docs, 30)
     assert len(questions) >= 20
@@ -46,7 +37,7 @@ def test_code_questions_match_the_live_signatures():
 
 
 def test_needles_sit_inside_the_kept_tokens():
-    tokenizer = BatchByteTokenizer()
+    tokenizer = ByteTokenizer()
     plain = build_haystack(tokenizer, 60_000)
     docs, questions = insert_needles(tokenizer, plain, 6)
     assert len({q.document for q in questions}) == 6 and sum(len(d.ids) for d in docs) > sum(len(d.ids) for d in plain)
@@ -58,7 +49,7 @@ def test_needles_sit_inside_the_kept_tokens():
 
 def test_bm25_finds_a_unique_word_and_hides_spans():
     pytest.importorskip("bm25s")
-    tokenizer = BatchByteTokenizer()
+    tokenizer = ByteTokenizer()
     texts = ["alpha beta gamma " * 10, "delta epsilon zebra quagga " * 10, "omega theta " * 10]
     docs = [Document(f"d{i}", t, tokenizer(t)["input_ids"]) for i, t in enumerate(texts)]
     retriever = BM25Retriever(tokenizer, docs, chunk_tokens=32)
@@ -101,7 +92,7 @@ def test_projection_scales_bytes_per_token_and_only_the_routing_time():
 
 
 def test_answer_span_covers_the_definition_and_its_default():
-    tokenizer = BatchByteTokenizer()
+    tokenizer = ByteTokenizer()
     docs = build_haystack(tokenizer, 300_000)
     from sparsemem.evaluation_memory import answer_span
 

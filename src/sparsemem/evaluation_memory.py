@@ -247,7 +247,8 @@ def is_correct(question: Question, answer: str) -> bool:
     return any(text.startswith(a) for a in question.accepted)
 
 
-def _chunks_overlapping(bank, document: int, span: tuple[int, int]) -> list[int]:
+def chunks_overlapping(bank, document: int, span: tuple[int, int]) -> list[int]:
+    """Global ids of `bank`'s chunks that hold any token of the token `span` of document number `document`."""
     piece_tokens = bank.options.piece_tokens
     pieces = (bank.piece_global_document == document).nonzero()[:, 0]
     found = []
@@ -403,7 +404,7 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                     torch.cuda.reset_peak_memory_stats()
                 answers = []
                 for question in questions:
-                    exclude = [c for d, span in others(question) for c in _chunks_overlapping(opened, d, span)]
+                    exclude = [c for d, span in others(question) for c in chunks_overlapping(opened, d, span)]
                     asked = dict(max_new_tokens=_tokens_for(question), top_k=top_k, exclude=exclude, query_tokens=query_tokens,
                                  min_relative_score=min_relative_score)
                     result = opened.ask(question.prompt, **asked)
@@ -412,10 +413,10 @@ def evaluate_memory(model, tokenizer, sizes=(50_000,), ratio: float = 8.0, full_
                            "seconds_to_first_token": result["seconds_to_first_token"],
                            "routing_seconds": result["routing_seconds"]}
                     if question.kind == "code":
-                        target = set(_chunks_overlapping(opened, question.document, code_spans[id(question)]))
+                        target = set(chunks_overlapping(opened, question.document, code_spans[id(question)]))
                         row["code_routed"] = sum(bool(target & set(chunks)) for chunks in result["chunks"]) / len(result["chunks"])
                     if question.kind == "needle":
-                        target = set(_chunks_overlapping(opened, question.document, question.exclude_span))
+                        target = set(chunks_overlapping(opened, question.document, question.exclude_span))
                         read = [set(chunks) for chunks in result["chunks"]]
                         row["routed"] = sum(bool(target & chunks) for chunks in read) / len(read)
                         forced = opened.ask(question.prompt, **asked, include=sorted(target))["answer"]
