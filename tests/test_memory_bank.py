@@ -301,6 +301,11 @@ def test_joint_rereading_equals_reading_the_chunks_as_one_prompt(tmp_path):
     expected = model(prompt).logits[:, -question.shape[1]:]
     logits = bank.model(question, past_key_values=found.cache).logits
     assert (logits - expected).abs().max().item() <= 1e-4
+    # generate(memory=bank) reads the same chunks again
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    bank.recall.top_k = 3
+    with_memory = bank.model.generate(question, memory=bank, **kwargs)
+    assert torch.equal(with_memory, model.generate(prompt, **kwargs)[:, -question.shape[1] - 3 :])
 
 
 def test_token_bank_options_are_checked(tmp_path):
