@@ -76,7 +76,7 @@ ROUTING_POOLS = ("max", "mean")
 STORES = ("kv", "tokens")
 REREADS = ("joint", "separate")
 # tokens of a chunk's piece read again before it (reread="separate"): on SmolLM2, 6 needles in 32K tokens,
-# 0 and 64 read 5 of 6 back, 256 all 6 (`reports/memory-bank-cpu/tokens-32k`)
+# 0 and 64 read 5 of 6 back, 256 all 6 (`reports/memory-bank-cpu/tokens/32k-separate`)
 REREAD_CONTEXT = 256
 
 
