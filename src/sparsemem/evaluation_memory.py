@@ -298,7 +298,7 @@ def _generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> t
     start = time.perf_counter()
     with torch.no_grad():
         first = model(ids, use_cache=True)
-        cache = first.past_key_values
+        cache = getattr(first, CACHE_ARGUMENT)  # the output names its cache as forward's argument does
         token = first.logits[:, -1:].argmax(-1)
         synchronize(model.device)
         seconds = time.perf_counter() - start
@@ -307,7 +307,7 @@ def _generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> t
             if out[-1] == tokenizer.eos_token_id:
                 break
             step = model(token, **{CACHE_ARGUMENT: cache}, use_cache=True)
-            cache = step.past_key_values
+            cache = getattr(step, CACHE_ARGUMENT)
             token = step.logits[:, -1:].argmax(-1)
             out.append(int(token))
     return tokenizer.decode(out, skip_special_tokens=True), seconds
