@@ -36,6 +36,7 @@ K/V miss it too), the other comes from the other chunks read with the needle, no
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .head_budgets import WHOLE_SPAN_SHARE, allocate_by_scores
 from .query_sources import REPEAT_PROMPT, REPEAT_REACH, causal_lse
@@ -72,12 +73,7 @@ def chunk_press() -> AttentionMatchingPress:
 def repeat_rows(pieces: list[torch.Tensor], prompt: torch.Tensor) -> torch.Tensor:
     """[B, T] token ids `piece + prompt + piece` per row, right-padded with 0 (padding comes after every
     real token: causal attention never lets a real token see it)."""
-    longest = max(2 * p.numel() for p in pieces) + prompt.numel()
-    ids = torch.zeros(len(pieces), longest, dtype=torch.long)
-    for row, piece in enumerate(pieces):
-        n = piece.numel()
-        ids[row, : 2 * n + prompt.numel()] = torch.cat([piece, prompt, piece])
-    return ids
+    return pad_sequence([torch.cat([piece, prompt, piece]) for piece in pieces], batch_first=True)
 
 
 @dataclass

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from .atomic import recover, write_text
@@ -644,9 +645,7 @@ class MemoryBank:
         if self.options.ratio:
             ids = repeat_rows(pieces, self.repeat_prompt)
         else:
-            ids = torch.zeros(len(pieces), int(lengths.max()), dtype=torch.long)
-            for row, piece in enumerate(pieces):
-                ids[row, : piece.numel()] = piece
+            ids = pad_sequence(pieces, batch_first=True)  # right-padded with 0
         queries: dict[int, torch.Tensor] = {}
         record = (lambda layer, q: queries.__setitem__(layer, q)) if self.options.ratio else None
         # a bank of token ids keeps nothing above its last routing layer

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .machine import synchronize
 from .modeling.cache import SparseMemCache, SparseMemLayer
@@ -222,9 +223,8 @@ class _Fetched:
         else:
             rows, placed = self._separate_rows(bank, chunks, hidden)
         for batch in bank.batches([row.numel() for row in rows]):
-            ids = torch.zeros(len(batch), max(rows[i].numel() for i in batch), dtype=torch.long)
-            for slot, i in enumerate(batch):
-                ids[slot, : rows[i].numel()] = rows[i]  # right-padded: causal attention never reads the padding
+            # right-padded: causal attention never lets a real token read the padding
+            ids = pad_sequence([rows[i] for i in batch], batch_first=True)
             keys, values = bank.forward_kv(ids)  # [L, B, Hkv, T, D]
             kv = torch.stack([keys, values], dim=2)  # [L, B, 2, Hkv, T, D]
             for slot, i in enumerate(batch):
@@ -261,9 +261,11 @@ class _Fetched:
         for piece in dict.fromkeys(pieces):
             _, sink_row, sinks, _ = bank.piece_table[piece].tolist()
             shard = int(bank.piece_shard[piece])
-            # the ends of the piece's hidden chunks
-            hidden_ends = [start + length for c in hidden_set if int(bank.chunk_global_piece[c]) == piece
-                           for _, start, length, _, _, _ in [bank.chunk_table[c].tolist()]]
+            hidden_ends = []  # where the piece's hidden chunks end
+            for other in hidden_set:
+                if int(bank.chunk_global_piece[other]) == piece:
+                    _, start, length, _, _, _ = bank.chunk_table[other].tolist()
+                    hidden_ends.append(start + length)
             spans: list[list] = []  # [first token, end token, [(chunk, start, length)]]
             for chunk in (c for c, p in zip(chunk_list, pieces) if p == piece):
                 _, start, length, _, _, _ = bank.chunk_table[chunk].tolist()
