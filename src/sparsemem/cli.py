@@ -13,7 +13,7 @@ from .arguments import check_arguments, head_budgets
 from .bench import GPU_SECTIONS as BENCH_SECTIONS
 from .bench import SMALL_CONTEXT, SMALL_DEPTHS, SMALL_STEPS, SMALL_TIMED_OPTIONS, TRAINING_FREE_SCORERS
 from .machine import model_label, run_info
-from .memory_bank import REREAD_CONTEXT
+from .memory_bank import REREAD_CONTEXT, REREADS, STORES
 from .modeling.configuration_sparsemem import OPTION_NAMES, SCORERS, SparseMemOptions
 from .modeling.modeling_sparsemem import CACHE_ARGUMENT
 from .modeling.placement import PLACEMENTS
@@ -658,10 +658,10 @@ def build_parser() -> argparse.ArgumentParser:
     ing = actions.add_parser("ingest", formatter_class=HELP, help="read files (or folders) into a bank, creating it if needed")
     ing.add_argument("--bank", required=True, help="the bank's folder")
     ing.add_argument("--ratio", type=float, default=None, help="compact every chunk this many times (default: full resolution)")
-    ing.add_argument("--store", default="kv", choices=["kv", "tokens"],
+    ing.add_argument("--store", default="kv", choices=list(STORES),
                      help="keep each chunk's K/V, or only its token ids and read the chunks a question needs again "
                           "(4 bytes per token on disk; ingestion runs the model up to the last routing layer only)")
-    ing.add_argument("--reread", default="auto", choices=["auto", "joint", "separate"],
+    ing.add_argument("--reread", default="auto", choices=["auto", *REREADS],
                      help="--store tokens: read the chosen chunks again as one text (joint; auto) or each with its own "
                           "piece's start and --reread-context tokens before it (separate)")
     ing.add_argument("--reread-context", type=_reread_context, default="auto", metavar="N|piece|auto",
