@@ -286,8 +286,9 @@ class BM25Retriever:
                   for i in range(lo // self.chunk_tokens, (hi - 1) // self.chunk_tokens + 1)
                   if self.first_span[doc] + i < len(self.spans) and self.spans[self.first_span[doc] + i][0] == doc}
         k = min(top_k + len(hidden), len(self.spans))
+        # numpy top-k: with jax installed, bm25s' automatic choice would reserve most of the GPU's memory
         results, _ = self.retriever.retrieve(self.bm25s.tokenize([question], stopwords="en", show_progress=False), k=k,
-                                             show_progress=False)
+                                             show_progress=False, backend_selection="numpy")
         chosen = sorted([int(i) for i in results[0] if int(i) not in hidden][:top_k])
         return [t for i in chosen for t in self.ids[i]]
 

@@ -108,7 +108,9 @@ def question_queries(model, question_ids: torch.Tensor) -> dict[int, torch.Tenso
     return {i: shift_keys(rotary, q.float(), -positions) for i, q in captured.items()}
 
 
-_ROUTING_BLOCK = 1 << 20  # routing keys scored per matmul (bounds the logits' memory on large banks)
+# routing keys scored per matmul: bounds the logits' memory (heads x query tokens x block, fp32) to a few
+# hundred MB whatever the bank's size, so a question's device memory grows only with the routing keys
+_ROUTING_BLOCK = 1 << 18
 
 
 def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor | None,
@@ -132,7 +134,7 @@ def chunk_scores(bank, queries: dict[int, torch.Tensor], exclude: torch.Tensor |
             # (q . codes) * scale: the key's scale applied to its logit, never to a dequantised copy of the keys;
             # the keys are stored minus the bank's center, which moves every logit of a (head, query) alike
             # and so leaves the softmax over chunks as it is
-            logits = q @ codes.transpose(-1, -2) * (bank.routing_scale[row, :, block].float()[:, None] * scaling)
+            logits = (q @ codes.transpose(-1, -2)).mul_(bank.routing_scale[row, :, block].float()[:, None] * scaling)
             index = owner[block].long().expand_as(logits)
             best.scatter_reduce_(-1, index, logits, reduce="amax")
         if exclude is not None and exclude.numel():
